@@ -1,0 +1,213 @@
+"""Activation hooks: capture pooled activations and steer them with per-neuron affine maps.
+
+One context manager, `hooked`, attaches forward hooks to modules chosen by name patterns and
+removes every one of them on exit, also after an exception:
+
+    layers = resolve_layers(pipe.transformer, ["transformer_blocks.*.norm2"])
+    with hooked(pipe.transformer, layers, capture=True, stop_early=True) as run:
+        pipe(prompt, num_inference_steps=1)      # stops right after the last hooked layer
+    run.pooled["transformer_blocks.3.norm2"]     # (B, D) float32
+
+Outputs may be (B, T, D) token sequences, (B, C, H, W) feature maps, or tuples whose first
+element is one of those (the hook returns the same type). Steering math runs in float32 and is
+cast back to the module's dtype, so fp16/bf16 models are safe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from htcli.errors import HTError
+from htcli.transport import apply_affine
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once every captured layer has run."""
+
+
+@dataclass
+class Steering:
+    """Affine maps per layer name: (omega, beta) of shape (D,) or (B, D) for per-sample maps."""
+
+    maps: Mapping[str, tuple[Tensor, Tensor]]
+    strength: float | Tensor = 1.0  # a float, or (B, 1) per-sample strengths
+
+    def __post_init__(self) -> None:
+        if isinstance(self.strength, (int, float)) and not torch.isfinite(torch.tensor(float(self.strength))):
+            raise HTError(f"strength must be a finite number, got {self.strength}")
+
+
+@dataclass
+class HookRun:
+    """What a hooked forward pass recorded."""
+
+    pooled: dict[str, Tensor] = field(default_factory=dict)  # layer name -> (B, D) float32
+    stopped_early: bool = False
+
+
+def _match(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
+    """Modules whose qualified names match any pattern (glob, or regex with a `re:` prefix).
+
+    Returned in the model's registration order. A pattern that matches nothing is an error
+    listing the closest module names, so a typo never means a silent no-op.
+    """
+    if not patterns:
+        raise HTError("no layer patterns given")
+    modules = dict(model.named_modules())
+    selected: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as error:
+                raise HTError(f"bad layer regex {pattern!r}: {error}") from None
+        hits = [name for name in modules if name and _match(pattern, name)]
+        if not hits:
+            close = difflib.get_close_matches(pattern.removeprefix("re:"), list(modules), n=5, cutoff=0.5)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise HTError(f"layer pattern {pattern!r} matches no module{hint}")
+        for name in hits:
+            selected[name] = modules[name]
+    return {name: selected[name] for name in modules if name in selected}
+
+
+def module_width(module: nn.Module) -> int:
+    """Number of output channels (neurons) of a module, known without running it."""
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if isinstance(module, nn.Conv2d):
+        return int(module.out_channels)
+    # Composite modules (blocks, attention, feed-forward): their last linear or conv layer.
+    last = None
+    for child in module.modules():
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            last = child
+    if last is None:
+        raise HTError(f"cannot infer the width of {type(module).__name__}; hook a norm or linear layer")
+    return module_width(last)
+
+
+def _activation(output: object) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise HTError(f"cannot hook a module returning {type(output).__name__}; expected a tensor or a tuple")
+
+
+def _replace_activation(output: object, new: Tensor) -> object:
+    if isinstance(output, Tensor):
+        return new
+    return type(output)([new, *output[1:]])
+
+
+def _pool(z: Tensor) -> Tensor:
+    """Mean over tokens or pixels: (B, T, D) or (B, C, H, W) -> (B, D), in float32."""
+    if z.ndim == 3:
+        return z.float().mean(dim=1)
+    if z.ndim == 4:
+        return z.float().mean(dim=(2, 3))
+    if z.ndim == 2:
+        return z.float()
+    raise HTError(f"cannot pool an activation of shape {tuple(z.shape)}")
+
+
+def _per_batch(param: Tensor, batch: int) -> Tensor:
+    """Repeat per-sample (B, D) maps over the copies classifier-free guidance stacks."""
+    if param.ndim < 2 or param.shape[0] == batch:
+        return param
+    if batch % param.shape[0]:
+        raise HTError(f"{param.shape[0]} per-sample maps do not divide a batch of {batch}")
+    return param.repeat(batch // param.shape[0], *([1] * (param.ndim - 1)))
+
+
+@contextmanager
+def hooked(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    *,
+    capture: bool = False,
+    steering: Steering | None = None,
+    stop_early: bool = False,
+    keep_cond_half: bool = False,
+) -> Iterator[HookRun]:
+    """Attach capture and/or steering hooks to `layers` of `model` for the `with` block.
+
+    capture: record each layer's pooled output (after steering) the first time it runs (the
+        first denoising step) in `run.pooled`, float32, with autograd intact (wrap in
+        `torch.no_grad()` when no gradient is wanted).
+    steering: apply its maps to the layers it names (each must be in `layers`).
+    stop_early: end the forward pass once every captured layer has run; the `with` block
+        swallows that stop, so code after the model call inside the block does not run.
+    keep_cond_half: under classifier-free guidance the batch is [uncond, cond]; keep only
+        the conditional half of what is captured.
+    """
+    if steering is not None:
+        unknown = set(steering.maps) - set(layers)
+        if unknown:
+            raise HTError(f"steering maps name layers that are not hooked: {', '.join(sorted(unknown))}")
+    if stop_early and not capture:
+        raise HTError("stop_early needs capture=True: it stops once every captured layer has run")
+    run = HookRun()
+    stop = StopForward()
+    remaining = set(layers)
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            z = _activation(output)
+            changed = False
+            if steering is not None and name in steering.maps:
+                omega, beta = steering.maps[name]
+                batch = z.shape[0]
+                strength = steering.strength
+                if isinstance(strength, Tensor):
+                    strength = _per_batch(strength.to(z.device), batch)
+                channel_dim = 1 if z.ndim == 4 else -1
+                z = apply_affine(
+                    z,
+                    _per_batch(omega.to(z.device), batch),
+                    _per_batch(beta.to(z.device), batch),
+                    strength,
+                    channel_dim=channel_dim,
+                )
+                changed = True
+            if capture and name not in run.pooled:  # the first call: the first denoising step
+                pooled = _pool(z)
+                if keep_cond_half:
+                    pooled = pooled[pooled.shape[0] // 2 :]
+                run.pooled[name] = pooled
+                remaining.discard(name)
+                if stop_early and not remaining:
+                    run.stopped_early = True
+                    raise stop
+            return _replace_activation(output, z) if changed else None
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
+    try:
+        yield run
+    except StopForward as raised:
+        if raised is not stop:
+            raise
+    finally:
+        for handle in handles:
+            handle.remove()

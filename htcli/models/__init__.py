@@ -1,0 +1,138 @@
+"""Model specs: how to load each diffusion model, which modules to hook, and how to sample.
+
+A spec is data (`ModelSpec`) plus a loader. The denoiser architectures ship as JSON configs in
+`configs/`, so every model, real or tiny, can be built on the meta device without weights:
+
+    spec = get_model("pixart")
+    denoiser = build_meta_denoiser(spec)   # 28 blocks of width 1152, no memory, no download
+    pipe = load_pipeline(spec)             # the real thing (downloads from the Hub, or cache)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from htcli.errors import HTError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything `ht` needs to know about one diffusion model."""
+
+    id: str
+    description: str
+    family: str  # "pixart" (transformer, token outputs) or "sdxl" (UNet, feature maps)
+    denoiser_config: str  # file in configs/: the denoiser's architecture
+    hook_patterns: tuple[str, ...]  # default layers to steer (globs over module names)
+    timesteps: tuple[int, ...]
+    guidance_scale: float
+    resolution: int
+    dtype: str
+    loader: Callable[..., Any]  # (spec, model_path, device, dtype) -> diffusers pipeline
+    offline: bool = False  # runs with no download at all
+    base_repo: str | None = None
+    weights: tuple[str, ...] = ()  # Hub repos / files of the distilled weights, tried in order
+    licence: str = ""
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call arguments
+
+    @property
+    def denoiser_attr(self) -> str:
+        return "transformer" if self.family == "pixart" else "unet"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for one sampling call of the spec's pipeline."""
+        return {
+            "num_inference_steps": len(self.timesteps),
+            "timesteps": list(self.timesteps),
+            "guidance_scale": self.guidance_scale,
+            "height": self.resolution,
+            "width": self.resolution,
+            **self.call_kwargs,
+        }
+
+
+def denoiser_config(spec: ModelSpec) -> dict[str, Any]:
+    """The shipped architecture config of the spec's denoiser (keys starting with _ removed)."""
+    raw = json.loads((CONFIG_DIR / spec.denoiser_config).read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def denoiser_class(spec: ModelSpec) -> type[nn.Module]:
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+
+    return PixArtTransformer2DModel if spec.family == "pixart" else UNet2DConditionModel
+
+
+def build_meta_denoiser(spec: ModelSpec) -> nn.Module:
+    """The spec's denoiser on the meta device: real module names and shapes, no memory."""
+    with torch.device("meta"):
+        return denoiser_class(spec).from_config(denoiser_config(spec))
+
+
+def denoiser(pipe: Any, spec: ModelSpec) -> nn.Module:
+    return getattr(pipe, spec.denoiser_attr)
+
+
+def load_pipeline(
+    spec: ModelSpec,
+    model_path: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """Load the spec's diffusers pipeline on `device` (weights from a local path or the Hub).
+
+    `model_path` (or env `HT_MODEL_PATH`) replaces the base Hub repo with a local pipeline
+    directory. Raises HTError with one line when the weights cannot be had (e.g. offline).
+    """
+    model_path = model_path or os.environ.get("HT_MODEL_PATH") or None
+    pipe = spec.loader(spec, model_path=model_path, device=device, dtype=dtype or spec.torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# Registration happens in the loader modules, which import this one.
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.id in _REGISTRY:
+        raise ValueError(f"model spec {spec.id!r} registered twice")
+    _REGISTRY[spec.id] = spec
+    return spec
+
+
+def list_models() -> list[ModelSpec]:
+    return list(_REGISTRY.values())
+
+
+def get_model(name: str) -> ModelSpec:
+    """The spec called `name`; an unknown name is an error listing the known ones."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise HTError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}.{hint}")
+
+
+def default_model_name() -> str:
+    return os.environ.get("HT_MODEL", "pixart")
+
+
+from htcli.models import hub as _hub  # noqa: E402,F401  (registers pixart, dmd2)
+from htcli.models import tiny as _tiny  # noqa: E402,F401  (registers tiny, tiny-sdxl)

@@ -1,0 +1,169 @@
+"""Real models from the Hugging Face Hub: Nitro-1-PixArt and DMD2 (SDXL).
+
+Nothing downloads at import. Loading resolves the distilled weights file inside its Hub repo
+(names have changed over time), reads it with safetensors (a `.bin` only with
+`weights_only=True`), and loads it strictly: missing or unexpected keys are an error.
+These loaders are exercised here only up to the download; the shapes and layer names they
+produce are tested on the meta device from the shipped configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from htcli.errors import HTError
+from htcli.models import ModelSpec, denoiser_class, denoiser_config, register
+
+OFFLINE_HINT = "no network or Hub cache for its weights; use `--model tiny` for the offline model"
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    return (OSError, LocalEntryNotFoundError, HfHubHTTPError, ValueError)
+
+
+def _download_weights(spec: ModelSpec) -> Path:
+    """The first of `spec.weights` that resolves: a local file, or `repo_id[:filename]`.
+
+    A bare repo id means "the one safetensors file in that repo", so a renamed file is found.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    tried = []
+    for source in spec.weights:
+        if Path(source).is_file():
+            return Path(source)
+        repo, _, filename = source.partition(":")
+        try:
+            if filename:
+                return Path(hf_hub_download(repo, filename))
+            folder = Path(snapshot_download(repo, allow_patterns=["*.safetensors"]))
+        except _hub_errors() as error:
+            tried.append(f"{source} ({type(error).__name__})")
+            continue
+        files = sorted(folder.rglob("*.safetensors"))
+        if len(files) == 1:
+            return files[0]
+        tried.append(f"{source} ({len(files)} safetensors files: {', '.join(f.name for f in files)})")
+    raise HTError(f"cannot load {spec.id} weights: tried {'; '.join(tried)}; {OFFLINE_HINT}")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a pickle read with `weights_only=True`."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HTError(
+            f"{what} does not fit the architecture: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+def _distilled_denoiser(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
+    weights = _download_weights(spec)
+    denoiser = denoiser_class(spec).from_config(denoiser_config(spec))
+    load_strict(denoiser, read_state_dict(weights), f"{weights.name}")
+    return denoiser.to(dtype)
+
+
+def _from_pretrained(pipeline_class: Any, spec: ModelSpec, model_path: str | None, **components: Any) -> Any:
+    try:
+        return pipeline_class.from_pretrained(model_path or spec.base_repo, **components)
+    except _hub_errors() as error:
+        raise HTError(
+            f"cannot load {spec.id} base pipeline {model_path or spec.base_repo}: "
+            f"{type(error).__name__}; {OFFLINE_HINT}"
+        ) from None
+
+
+def _load_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
+    from diffusers import PixArtSigmaPipeline
+
+    transformer = _distilled_denoiser(spec, dtype)
+    pipe = _from_pretrained(PixArtSigmaPipeline, spec, model_path, transformer=transformer, torch_dtype=dtype)
+    return pipe.to(device)
+
+
+def _load_dmd2(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    unet = _distilled_denoiser(spec, dtype)
+    pipe = _from_pretrained(StableDiffusionXLPipeline, spec, model_path, unet=unet, torch_dtype=dtype)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    return pipe.to(device)
+
+
+SDXL_NORMS = ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3")
+DMD2_LICENCE = "DMD2 weights: CC BY-NC-SA 4.0 (non-commercial)"
+
+register(
+    ModelSpec(
+        id="pixart",
+        description="Nitro-1-PixArt (AMD): one-step distilled PixArt-Sigma, 1024 px",
+        family="pixart",
+        denoiser_config="pixart_sigma_transformer.json",
+        hook_patterns=("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"),
+        timesteps=(400,),
+        guidance_scale=0.0,
+        resolution=1024,
+        dtype="float16",
+        loader=_load_pixart,
+        base_repo="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+        weights=("amd/Nitro-1-PixArt", "amd/PixArt-Sigma-Nitro"),
+        licence="PixArt-Sigma: openrail++; Nitro-1-PixArt: Apache-2.0",
+        call_kwargs={"clean_caption": False},
+    )
+)
+
+register(
+    ModelSpec(
+        id="dmd2",
+        description="DMD2 on SDXL (Yin et al. 2024): 4-step distilled UNet, 1024 px",
+        family="sdxl",
+        denoiser_config="sdxl_unet.json",
+        hook_patterns=SDXL_NORMS,
+        timesteps=(999, 749, 499, 249),
+        guidance_scale=0.0,
+        resolution=1024,
+        dtype="float16",
+        loader=_load_dmd2,
+        base_repo="stabilityai/stable-diffusion-xl-base-1.0",
+        weights=(
+            "tianweiy/DMD2:dmd2_sdxl_4step_unet_fp16.safetensors",
+            "tianweiy/DMD2:dmd2_sdxl_4step_unet_fp16.bin",
+        ),
+        licence=DMD2_LICENCE,
+    )
+)
+
+register(
+    ModelSpec(
+        id="dmd2-1step",
+        description="DMD2 on SDXL: the 1-step distilled UNet, 1024 px",
+        family="sdxl",
+        denoiser_config="sdxl_unet.json",
+        hook_patterns=SDXL_NORMS,
+        timesteps=(399,),
+        guidance_scale=0.0,
+        resolution=1024,
+        dtype="float16",
+        loader=_load_dmd2,
+        base_repo="stabilityai/stable-diffusion-xl-base-1.0",
+        weights=(
+            "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.safetensors",
+            "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin",
+        ),
+        licence=DMD2_LICENCE,
+    )
+)

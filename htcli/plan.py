@@ -1,0 +1,121 @@
+"""Plan a run on the meta device: layers, neurons, hypernetwork outputs, disk and memory.
+
+Nothing is downloaded and no memory is allocated: the denoiser is built from the shipped
+config on the meta device and run once there, with the steering maps requiring gradients, to
+measure the activations training would keep for backpropagation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from htcli.hooks import Steering, hooked, module_width, resolve_layers
+from htcli.models import ModelSpec, build_meta_denoiser, denoiser_config
+
+TEXT_TOKENS = {"pixart": 300, "sdxl": 77}  # T5 max length for PixArt-Sigma, CLIP for SDXL
+TEXT_WIDTH = {"pixart": "caption_channels", "sdxl": "cross_attention_dim"}
+
+
+@dataclass
+class Layer:
+    name: str
+    width: int
+    tokens: int  # tokens (or pixels) per sample the layer emits
+
+
+@dataclass
+class Plan:
+    spec: ModelSpec
+    layers: list[Layer]
+    denoiser_params: int
+    weights_bytes: int  # denoiser in the spec's dtype
+    activation_bytes_per_sample: int  # kept for backward, up to the last hooked layer
+
+    @property
+    def neurons(self) -> int:
+        return sum(layer.width for layer in self.layers)
+
+    @property
+    def hyper_outputs(self) -> int:
+        return 2 * self.neurons  # omega - 1 and beta per neuron
+
+    def dataset_bytes_per_concept(self, samples: int, eval_samples: int, bytes_per_value: int = 2) -> int:
+        """Pooled targets (float16) for the fitting and the evaluation samples of one concept."""
+        return (samples + eval_samples) * self.neurons * bytes_per_value
+
+    def training_bytes(self, concepts_per_step: int, samples: int) -> int:
+        """Rough GPU memory of one training step without gradient checkpointing."""
+        return self.weights_bytes + concepts_per_step * samples * self.activation_bytes_per_sample
+
+
+def _meta_inputs(spec: ModelSpec, config: dict) -> dict:
+    """One sample of the denoiser's inputs at the spec's resolution and first timestep."""
+    dtype = spec.torch_dtype
+    latent = spec.resolution // 8
+    text = torch.randn(1, TEXT_TOKENS[spec.family], config[TEXT_WIDTH[spec.family]], dtype=dtype)
+    inputs = {
+        "encoder_hidden_states": text,
+        "timestep": torch.tensor([spec.timesteps[0]]),
+    }
+    if spec.family == "pixart":
+        inputs["hidden_states"] = torch.randn(1, config["in_channels"], latent, latent, dtype=dtype)
+        inputs["encoder_attention_mask"] = torch.ones(1, TEXT_TOKENS["pixart"])
+        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    else:
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs["sample"] = torch.randn(1, config["in_channels"], latent, latent, dtype=dtype)
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, dtype=dtype),
+            "time_ids": torch.zeros(1, 6, dtype=dtype),
+        }
+    return inputs
+
+
+def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None) -> Plan:
+    """Build the spec's denoiser on the meta device and measure one steered forward pass."""
+    config = denoiser_config(spec)
+    model = build_meta_denoiser(spec).to(spec.torch_dtype).requires_grad_(False)
+    layers = resolve_layers(model, patterns or spec.hook_patterns)
+    with torch.device("meta"):
+        maps = {
+            name: (torch.ones(module_width(m), requires_grad=True), torch.zeros(module_width(m), requires_grad=True))
+            for name, m in layers.items()
+        }
+        inputs = _meta_inputs(spec, config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    saved: list[tuple[int, int]] = []  # (numel, bytes) of every tensor kept for backward
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.numel(), t.numel() * t.element_size()))
+        return t
+
+    def record_shape(name):
+        def hook(module, args, out) -> None:
+            shapes.setdefault(name, tuple((out[0] if isinstance(out, tuple) else out).shape))
+
+        return hook
+
+    handles = [m.register_forward_hook(record_shape(n)) for n, m in layers.items()]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with hooked(model, layers, capture=True, steering=Steering(maps), stop_early=True):
+                model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    planned = [Layer(n, module_width(m), _tokens(shapes[n])) for n, m in layers.items()]
+    # Attention score matrices (tokens x tokens x heads) are only materialised by the math
+    # attention the meta device runs; fused GPU kernels never store them, so leave them out.
+    largest = max(layer.width * layer.tokens for layer in planned)
+    activation_bytes = sum(b for numel, b in saved if numel <= 4 * largest)
+    params = sum(p.numel() for p in model.parameters())
+    return Plan(spec, planned, params, params * torch.finfo(spec.torch_dtype).bits // 8, activation_bytes)
+
+
+def _tokens(shape: tuple[int, ...]) -> int:
+    if len(shape) == 4:  # (B, C, H, W)
+        return shape[2] * shape[3]
+    return shape[1] if len(shape) == 3 else 1

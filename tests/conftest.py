@@ -1,0 +1,32 @@
+"""Shared fixtures: everything runs offline on the CPU with the tiny models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from htcli.models import get_model, load_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(spec, pipeline) of the offline tiny PixArt world."""
+    spec = get_model("tiny")
+    return spec, load_pipeline(spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    spec = get_model("tiny-sdxl")
+    return spec, load_pipeline(spec)
+
+
+def generate(spec, pipe, prompt, seed=0, **kwargs) -> torch.Tensor:
+    """Images as a (B, 3, H, W) float tensor; sample i of a batch uses seed + i."""
+    count = len(prompt) if isinstance(prompt, list) else 1
+    generator = [torch.Generator().manual_seed(seed + i) for i in range(count)]
+    return pipe(prompt, generator=generator, output_type="pt", **spec.pipeline_kwargs(), **kwargs).images

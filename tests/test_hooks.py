@@ -1,0 +1,192 @@
+"""Hooks: capture, steering, per-sample maps, dtypes, tuple outputs, clean removal."""
+
+import pytest
+import torch
+from torch import nn
+
+from htcli.errors import HTError
+from htcli.hooks import Steering, hooked, module_width, resolve_layers
+from htcli.models import denoiser
+
+from conftest import generate
+
+
+class Tiny(nn.Module):
+    """Two token layers and a tuple-returning feature-map layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.conv = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):  # x: (B, T, 4)
+        h = self.b(self.a(x))
+        fmap = h.transpose(1, 2).reshape(x.shape[0], 4, 2, x.shape[1] // 2)
+        return TupleOut(self.conv)(fmap)[0]
+
+
+class TupleOut(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return (self.inner(x), "extra")
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_resolve_layers_glob_regex_and_typos():
+    model = Tiny()
+    assert list(resolve_layers(model, ["a", "b"])) == ["a", "b"]
+    assert list(resolve_layers(model, ["re:[ab]"])) == ["a", "b"]
+    with pytest.raises(HTError, match="close matches: conv"):
+        resolve_layers(model, ["conv2"])
+    with pytest.raises(HTError, match="bad layer regex"):
+        resolve_layers(model, ["re:("])
+
+
+def test_hooks_removed_after_exit_and_after_exception():
+    model = Tiny()
+    layers = resolve_layers(model, ["a", "b", "conv"])
+    x = torch.randn(2, 4, 4)
+    with hooked(model, layers, capture=True):
+        model(x)
+        assert _hook_count(model) == 3
+    assert _hook_count(model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooked(model, layers, capture=True):
+            raise RuntimeError("boom")
+    assert _hook_count(model) == 0
+    with pytest.raises(RuntimeError):
+        with hooked(model, layers, capture=True):
+            model(torch.randn(2, 4, 5))  # shape error inside the forward pass
+    assert _hook_count(model) == 0
+
+
+def test_capture_pools_tokens_and_pixels_and_tuples():
+    model = Tiny()
+    x = torch.randn(2, 4, 4)
+    with hooked(model, resolve_layers(model, ["b", "conv"]), capture=True) as run:
+        model(x)
+    h = model.b(model.a(x))
+    torch.testing.assert_close(run.pooled["b"], h.mean(1))
+    fmap = h.transpose(1, 2).reshape(2, 4, 2, 2)
+    torch.testing.assert_close(run.pooled["conv"], model.conv(fmap).mean((2, 3)))
+
+
+def test_steering_tuple_output_keeps_type_and_extra_items():
+    model = TupleOut(nn.Conv2d(2, 2, 1))
+    x = torch.randn(1, 2, 3, 3)
+    maps = {"inner": (torch.tensor([2.0, 1.0]), torch.tensor([0.0, 5.0]))}
+    wrapper = nn.ModuleDict({"m": model})
+    with hooked(wrapper, resolve_layers(wrapper, ["m"]), steering=Steering({"m": maps["inner"]})):
+        out = wrapper["m"](x)
+    plain = model(x)
+    assert isinstance(out, tuple) and out[1] == "extra"
+    torch.testing.assert_close(out[0][:, 0], plain[0][:, 0] * 2)
+    torch.testing.assert_close(out[0][:, 1], plain[0][:, 1] + 5)
+
+
+def test_stop_early_after_last_captured_layer():
+    model = Tiny()
+    calls = []
+    model.conv.register_forward_hook(lambda *a: calls.append("conv"))
+    with hooked(model, resolve_layers(model, ["a", "b"]), capture=True, stop_early=True) as run:
+        model(torch.randn(1, 4, 4))
+        calls.append("after")  # skipped: the stop unwinds the block
+    assert run.stopped_early and set(run.pooled) == {"a", "b"} and calls == []
+    model._forward_hooks.clear()
+
+
+def test_keep_cond_half_and_cfg_repeat_of_per_sample_maps():
+    model = Tiny()
+    layers = resolve_layers(model, ["a"])
+    x = torch.randn(4, 4, 4)  # [uncond(2), cond(2)]
+    omega, beta = torch.rand(2, 4) + 0.5, torch.randn(2, 4)
+    with hooked(model, layers, capture=True, keep_cond_half=True, steering=Steering({"a": (omega, beta)})) as run:
+        model(x)
+    steered = model.a(x) * omega.repeat(2, 1)[:, None] + beta.repeat(2, 1)[:, None]
+    torch.testing.assert_close(run.pooled["a"], steered[2:].mean(1))
+
+
+def test_module_width():
+    assert module_width(nn.LayerNorm(7)) == 7
+    assert module_width(Tiny()) == 3  # its last conv
+    with pytest.raises(HTError):
+        module_width(nn.GELU())
+
+
+def _random_maps(layers, batch=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = lambda d: (d,) if batch is None else (batch, d)  # noqa: E731
+    return {
+        name: (1 + 0.3 * torch.randn(shape(module_width(m)), generator=g), 0.5 * torch.randn(shape(module_width(m)), generator=g))
+        for name, m in layers.items()
+    }
+
+
+def test_strength_zero_bit_identical_image_and_one_changes_it(tiny):
+    spec, pipe = tiny
+    layers = resolve_layers(denoiser(pipe, spec), spec.hook_patterns)
+    plain = generate(spec, pipe, "a lighthouse on a cliff")
+    maps = _random_maps(layers)
+    with hooked(denoiser(pipe, spec), layers, steering=Steering(maps, strength=0.0)):
+        zero = generate(spec, pipe, "a lighthouse on a cliff")
+    with hooked(denoiser(pipe, spec), layers, steering=Steering(maps, strength=1.0)):
+        full = generate(spec, pipe, "a lighthouse on a cliff")
+    assert torch.equal(plain, zero)
+    assert (plain - full).abs().max() > 1e-3
+
+
+def test_per_sample_maps_equal_one_by_one(tiny):
+    spec, pipe = tiny
+    model = denoiser(pipe, spec)
+    layers = resolve_layers(model, spec.hook_patterns)
+    prompts = ["a red bicycle", "a bowl of soup", "an old bridge"]
+    maps = _random_maps(layers, batch=3)
+    strengths = torch.tensor([[1.0], [0.5], [0.0]])
+    with hooked(model, layers, steering=Steering(maps, strength=strengths), capture=True) as batched:
+        images = generate(spec, pipe, prompts)
+    for i, prompt in enumerate(prompts):
+        single = {name: (o[i], b[i]) for name, (o, b) in maps.items()}
+        with hooked(model, layers, steering=Steering(single, strength=float(strengths[i])), capture=True) as one:
+            image = generate(spec, pipe, prompt, seed=i)
+        torch.testing.assert_close(images[i : i + 1], image, atol=1e-4, rtol=1e-4)
+        for name in layers:
+            torch.testing.assert_close(batched.pooled[name][i], one.pooled[name][0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_steering_is_finite(tiny, dtype):
+    spec, pipe = tiny
+    model = denoiser(pipe, spec).to(dtype)
+    try:
+        layers = resolve_layers(model, spec.hook_patterns)
+        maps = _random_maps(layers)
+        x = torch.randn(2, 4, 16, 16, dtype=dtype)
+        text = torch.randn(2, 8, 384, dtype=dtype)
+        with hooked(model, layers, steering=Steering(maps, strength=0.8), capture=True) as run:
+            out = model(x, encoder_hidden_states=text, timestep=torch.tensor([400, 400]),
+                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in run.pooled.values())
+    finally:
+        model.to(torch.float32)
+
+
+def test_unet_feature_map_path(tiny_sdxl):
+    spec, pipe = tiny_sdxl
+    model = denoiser(pipe, spec)
+    # Hook the tuple-returning Transformer2DModel wrappers (B, C, H, W) and the token norms.
+    layers = resolve_layers(model, ["*.attentions.0", "*.transformer_blocks.0.norm2"])
+    maps = _random_maps(layers)
+    plain = generate(spec, pipe, "a teapot")
+    with hooked(model, layers, steering=Steering(maps), capture=True) as run:
+        steered = generate(spec, pipe, "a teapot")
+    assert not torch.equal(plain, steered)
+    assert {name: v.shape[-1] for name, v in run.pooled.items()} == {n: module_width(m) for n, m in layers.items()}
+    assert _hook_count(model) == 0

@@ -1,0 +1,104 @@
+"""Model specs: registry, real architectures on the meta device, tiny pipelines end to end."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from htcli.cli import app
+from htcli.errors import HTError
+from htcli.hooks import module_width, resolve_layers
+from htcli.models import build_meta_denoiser, get_model, list_models, load_pipeline
+
+from conftest import generate
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("spec", list_models(), ids=lambda s: s.id)
+def test_every_spec_builds_on_meta_and_its_patterns_resolve(spec):
+    model = build_meta_denoiser(spec)
+    assert next(model.parameters()).device.type == "meta"
+    layers = resolve_layers(model, spec.hook_patterns)
+    assert layers and all(module_width(m) > 0 for m in layers.values())
+    assert spec.pipeline_kwargs()["num_inference_steps"] == len(spec.timesteps)
+
+
+def test_pixart_default_layers_inside_28_blocks_of_width_1152():
+    spec = get_model("pixart")
+    model = build_meta_denoiser(spec)
+    assert len(model.transformer_blocks) == 28
+    layers = resolve_layers(model, spec.hook_patterns)
+    blocks = {name.split(".")[1] for name in layers}
+    assert blocks == {str(i) for i in range(28)}
+    assert {module_width(m) for m in layers.values()} == {1152}
+    assert len(layers) == 56 and sum(module_width(m) for m in layers.values()) == 64_512
+
+
+def test_dmd2_default_layers_cover_the_70_sdxl_transformer_blocks():
+    spec = get_model("dmd2")
+    model = build_meta_denoiser(spec)
+    layers = resolve_layers(model, spec.hook_patterns)
+    blocks = {name.rsplit(".", 1)[0] for name in layers}
+    assert len(blocks) == 70
+    widths = {module_width(m) for m in layers.values()}
+    assert widths == {640, 1280}
+    assert sum(module_width(m) for m in layers.values()) == 249_600
+    assert get_model("dmd2-1step").timesteps == (399,)
+
+
+@pytest.mark.parametrize("name,layers,neurons", [("pixart", 56, 64_512), ("dmd2", 210, 249_600)])
+def test_plan_prints_the_counts(name, layers, neurons):
+    result = runner.invoke(app, ["plan", "--model", name, "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert len(plan["layers"]) == layers and plan["neurons"] == neurons
+    assert plan["hyper_outputs"] == 2 * neurons
+    assert plan["dataset_bytes_per_concept"] == (32 + 128) * neurons * 2
+    table = runner.invoke(app, ["plan", "--model", name])
+    assert f"layers: {layers}" in table.output and f"neurons: {neurons:,}" in table.output
+
+
+def test_plan_with_custom_layers_and_errors():
+    result = runner.invoke(app, ["plan", "-m", "pixart", "-l", "transformer_blocks.*.norm2", "--json"])
+    assert json.loads(result.output)["neurons"] == 28 * 1152
+    bad = runner.invoke(app, ["plan", "-m", "pixart", "-l", "transformer_block.*.norm9"])
+    assert bad.exit_code == 1 and "matches no module" in bad.output
+    unknown = runner.invoke(app, ["plan", "-m", "pixrt"])
+    assert unknown.exit_code == 1 and "Did you mean 'pixart'" in unknown.output
+
+
+def test_models_command_lists_every_spec():
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0
+    assert {row["id"] for row in json.loads(result.output)} == {s.id for s in list_models()}
+
+
+def test_unknown_model():
+    with pytest.raises(HTError, match="known models"):
+        get_model("sd15")
+
+
+def test_real_model_offline_is_a_one_line_error_pointing_to_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(HTError, match="--model tiny") as error:
+        load_pipeline(get_model("pixart"))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl"])
+def test_tiny_models_generate_offline(fixture, request):
+    spec, pipe = request.getfixturevalue(fixture)
+    image = generate(spec, pipe, "a lighthouse on a cliff")
+    assert image.shape == (1, 3, spec.resolution, spec.resolution)
+    assert torch.isfinite(image).all()
+    again = generate(spec, pipe, "a lighthouse on a cliff")
+    assert torch.equal(image, again)  # seeded, deterministic
+
+
+def test_tiny_is_built_identically_every_time(tiny):
+    spec, pipe = tiny
+    other = load_pipeline(spec)
+    for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), other.transformer.state_dict().items()):
+        assert torch.equal(a, b), name
