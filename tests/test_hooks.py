@@ -1,5 +1,7 @@
 """Hooks: capture, steering, per-sample maps, dtypes, tuple outputs, clean removal."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -163,19 +165,16 @@ def test_per_sample_maps_equal_one_by_one(tiny):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_steering_is_finite(tiny, dtype):
     spec, pipe = tiny
-    model = denoiser(pipe, spec).to(dtype)
-    try:
-        layers = resolve_layers(model, spec.hook_patterns)
-        maps = _random_maps(layers)
-        x = torch.randn(2, 4, 16, 16, dtype=dtype)
-        text = torch.randn(2, 8, 384, dtype=dtype)
-        with hooked(model, layers, steering=Steering(maps, strength=0.8), capture=True) as run:
-            out = model(x, encoder_hidden_states=text, timestep=torch.tensor([400, 400]),
-                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-        assert out.dtype == dtype and torch.isfinite(out).all()
-        assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in run.pooled.values())
-    finally:
-        model.to(torch.float32)
+    model = copy.deepcopy(denoiser(pipe, spec)).to(dtype)  # leave the shared fixture in float32
+    layers = resolve_layers(model, spec.hook_patterns)
+    maps = _random_maps(layers)
+    x = torch.randn(2, 4, 16, 16, dtype=dtype)
+    text = torch.randn(2, 8, 384, dtype=dtype)
+    with hooked(model, layers, steering=Steering(maps, strength=0.8), capture=True) as run:
+        out = model(x, encoder_hidden_states=text, timestep=torch.tensor([400, 400]),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in run.pooled.values())
 
 
 def test_unet_feature_map_path(tiny_sdxl):

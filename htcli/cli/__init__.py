@@ -44,6 +44,7 @@ def _quiet_libraries() -> None:
 
 # Registration by import: each module adds its commands to `app`.
 from htcli.cli import concepts as _concepts  # noqa: E402,F401
+from htcli.cli import dataset as _dataset  # noqa: E402,F401
 from htcli.cli import models as _models  # noqa: E402,F401
 
 

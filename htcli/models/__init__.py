@@ -41,6 +41,7 @@ class ModelSpec:
     resolution: int
     dtype: str
     loader: Callable[..., Any]  # (spec, model_path, device, dtype) -> diffusers pipeline
+    concept_encoder: str = "open_clip:ViT-L-14/openai"  # see htcli.encoders
     offline: bool = False  # runs with no download at all
     base_repo: str | None = None
     weights: tuple[str, ...] = ()  # Hub repos / files of the distilled weights, tried in order

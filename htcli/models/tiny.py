@@ -109,6 +109,7 @@ register(
         resolution=128,
         dtype="float32",
         loader=_load_tiny_pixart,
+        concept_encoder="minilm",
         offline=True,
         call_kwargs={"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False},
     )
@@ -126,6 +127,7 @@ register(
         resolution=128,
         dtype="float32",
         loader=_load_tiny_sdxl,
+        concept_encoder="minilm",
         offline=True,
     )
 )

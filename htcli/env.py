@@ -1,0 +1,51 @@
+"""Where runs live and what they run on: `HT_RUNS`, devices, torch.distributed set-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from htcli.errors import HTError
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("HT_RUNS", "runs"))
+
+
+def run_path(model: str, kind: str) -> Path:
+    """Default location of a run artefact: `runs/<model>/<kind>` (dataset, baselines, hyper...)."""
+    return runs_root() / model / kind
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`--device`: default CUDA when available (this rank's GPU under torchrun), else CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise HTError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise HTError("--device cuda asked for, but no CUDA device is available")
+    return resolved
+
+
+def init_distributed() -> bool:
+    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,132 @@
+"""Run a denoiser at its first timestep from cached inputs, with steering and capture hooks.
+
+Dataset building, baseline fitting and hypernetwork training all need the same thing: the
+pooled activations of the hooked layers for a batch of samples, optionally steered. Inputs
+are encoded once with the pipeline's text encoder (`encode_inputs`) and stored; afterwards
+only the denoiser is needed (`pooled_activations`), so the text encoder can be freed.
+
+Inputs are a dict of tensors, batch first:
+    noise     (B, C, h, w)   initial latents from per-sample seeds (as the pipeline draws them)
+    text      (B, T, E)      text-encoder hidden states
+    mask      (B, T)         PixArt: attention mask of the text tokens
+    pooled    (B, P)         SDXL: pooled text embedding
+    time_ids  (B, 6)         SDXL: size/crop conditioning
+All specs use schedulers (DPM-Solver, LCM) whose first-step input scaling is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from htcli.hooks import Steering, hooked
+from htcli.models import ModelSpec
+
+
+def initial_noise(spec: ModelSpec, denoiser: nn.Module, seeds: Sequence[int]) -> Tensor:
+    """Initial latents, one seeded generator per sample: what the pipeline draws for those seeds."""
+    channels = denoiser.config.in_channels
+    size = spec.resolution // 8
+    return torch.cat(
+        [torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+
+
+@torch.no_grad()
+def encode_inputs(spec: ModelSpec, pipe: Any, prompts: Sequence[str], seeds: Sequence[int]) -> dict[str, Tensor]:
+    """Text-encoder outputs for `prompts` and initial noise for `seeds` (CPU tensors)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    device = pipe._execution_device
+    model = getattr(pipe, spec.denoiser_attr)
+    inputs = {"noise": initial_noise(spec, model, seeds)}
+    if spec.family == "pixart":
+        # The pipeline pads every prompt to max_sequence_length (300 T5 tokens); attention
+        # ignores masked padding, so pad only to the longest prompt: same result, far cheaper.
+        tokens = pipe.tokenizer(
+            list(prompts),
+            padding="longest",
+            max_length=spec.call_kwargs.get("max_sequence_length", 300),
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).to(device)
+        text = pipe.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        inputs |= {"text": text.cpu(), "mask": tokens.attention_mask.cpu()}
+    else:
+        text, _, pooled, _ = pipe.encode_prompt(
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        size = (spec.resolution, spec.resolution)
+        time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=text.dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
+        )
+        inputs |= {"text": text.cpu(), "pooled": pooled.cpu(), "time_ids": time_ids.repeat(len(prompts), 1).cpu()}
+    return inputs
+
+
+def pad_text(batches: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Pad PixArt text/mask of several input dicts to one length, so they can be concatenated."""
+    if "mask" not in batches[0]:
+        return [dict(b) for b in batches]
+    length = max(b["text"].shape[1] for b in batches)
+    out = []
+    for b in batches:
+        extra = length - b["text"].shape[1]
+        out.append(
+            dict(b)
+            | {
+                "text": torch.nn.functional.pad(b["text"], (0, 0, 0, extra)),
+                "mask": torch.nn.functional.pad(b["mask"], (0, extra)),
+            }
+        )
+    return out
+
+
+def _denoiser_call(spec: ModelSpec, model: nn.Module, inputs: Mapping[str, Tensor]) -> None:
+    device, dtype = model.device, model.dtype
+    batch = inputs["noise"].shape[0]
+    timestep = torch.full((batch,), spec.timesteps[0], device=device)
+    noise = inputs["noise"].to(device, dtype)
+    text = inputs["text"].to(device, dtype)
+    if spec.family == "pixart":
+        model(
+            noise,
+            encoder_hidden_states=text,
+            encoder_attention_mask=inputs["mask"].to(device),
+            timestep=timestep,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+    else:
+        model(
+            noise,
+            timestep,
+            encoder_hidden_states=text,
+            added_cond_kwargs={
+                "text_embeds": inputs["pooled"].to(device, dtype),
+                "time_ids": inputs["time_ids"].to(device, dtype),
+            },
+        )
+
+
+def pooled_activations(
+    spec: ModelSpec,
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    inputs: Mapping[str, Tensor],
+    steering: Steering | None = None,
+) -> dict[str, Tensor]:
+    """Pooled (B, D) float32 activations of `layers` at the first timestep, steered if asked.
+
+    The forward pass stops after the last hooked layer. Gradients flow to the steering maps
+    unless called under `torch.no_grad()`.
+    """
+    with hooked(model, layers, capture=True, steering=steering, stop_early=True) as run:
+        _denoiser_call(spec, model, inputs)
+    missing = set(layers) - set(run.pooled)
+    if missing:
+        raise RuntimeError(f"hooked layers never ran: {sorted(missing)[:3]}")
+    return run.pooled
