@@ -114,19 +114,22 @@ def fit_mean_shift(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def prox_sparse_group_lasso(
-    delta_omega: Tensor, beta: Tensor, l1: float, group: float, lr: float
+    delta_omega: Tensor, beta: Tensor, l1: float, group: float, lr: float | Tensor
 ) -> tuple[Tensor, Tensor]:
     """Proximal step of the sparse group lasso on one layer's (omega - 1, beta).
 
     First soft-thresholds every entry by `lr * l1`, then shrinks the layer's whole vector by
     `lr * group * sqrt(D)` in L2 norm (zeroing it if the norm is below that). Returns the new
-    (omega - 1, beta). The standard prox of `l1 * |v|_1 + group * sqrt(D) * |v|_2`.
+    (omega - 1, beta): the prox of `l1 * |v|_1 + group * sqrt(D) * |v|_2`. `lr` may be a
+    tensor of per-entry step sizes over the concatenated (2D,) vector (Adam's preconditioned
+    steps); the group step then uses their mean.
     """
     v = torch.cat([delta_omega.float(), beta.float()], dim=-1)
     if l1 > 0:
         v = torch.sign(v) * (v.abs() - lr * l1).clamp_min(0.0)
     if group > 0:
-        threshold = lr * group * math.sqrt(delta_omega.shape[-1])
+        step = lr.mean() if isinstance(lr, Tensor) else lr
+        threshold = step * group * math.sqrt(delta_omega.shape[-1])
         norm = v.norm(dim=-1, keepdim=True)
         v = v * (1.0 - threshold / norm.clamp_min(1e-12)).clamp_min(0.0)
     d = delta_omega.shape[-1]

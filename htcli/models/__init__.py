@@ -41,6 +41,7 @@ class ModelSpec:
     resolution: int
     dtype: str
     loader: Callable[..., Any]  # (spec, model_path, device, dtype) -> diffusers pipeline
+    denoiser_loader: Callable[..., nn.Module]  # (spec, dtype) -> the denoiser alone, on the CPU
     concept_encoder: str = "open_clip:ViT-L-14/openai"  # see htcli.encoders
     offline: bool = False  # runs with no download at all
     base_repo: str | None = None
@@ -105,6 +106,13 @@ def load_pipeline(
     pipe = spec.loader(spec, model_path=model_path, device=device, dtype=dtype or spec.torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Only the denoiser, frozen and in eval mode: all that fitting and training need once
+    the inputs are cached (no text encoder, no VAE)."""
+    model = spec.denoiser_loader(spec, dtype or spec.torch_dtype)
+    return model.to(device).eval().requires_grad_(False)
 
 
 # Registration happens in the loader modules, which import this one.

@@ -119,6 +119,7 @@ register(
         resolution=1024,
         dtype="float16",
         loader=_load_pixart,
+        denoiser_loader=_distilled_denoiser,
         base_repo="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
         weights=("amd/Nitro-1-PixArt", "amd/PixArt-Sigma-Nitro"),
         licence="PixArt-Sigma: openrail++; Nitro-1-PixArt: Apache-2.0",
@@ -138,6 +139,7 @@ register(
         resolution=1024,
         dtype="float16",
         loader=_load_dmd2,
+        denoiser_loader=_distilled_denoiser,
         base_repo="stabilityai/stable-diffusion-xl-base-1.0",
         weights=(
             "tianweiy/DMD2:dmd2_sdxl_4step_unet_fp16.safetensors",
@@ -159,6 +161,7 @@ register(
         resolution=1024,
         dtype="float16",
         loader=_load_dmd2,
+        denoiser_loader=_distilled_denoiser,
         base_repo="stabilityai/stable-diffusion-xl-base-1.0",
         weights=(
             "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.safetensors",

@@ -37,16 +37,26 @@ def minilm_tokenizer(max_length: int = 48):
     return tokenizer
 
 
+def _seeded(build, seed: int):
+    """Build a random module from a fixed seed without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32) -> torch.nn.Module:
+    model = _seeded(lambda: denoiser_class(spec).from_config(denoiser_config(spec)), SEED)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
 def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
     from transformers import AutoModel
 
     from htcli.encoders import minilm_path
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        transformer = denoiser_class(spec).from_config(denoiser_config(spec))
-        vae = _vae()
+    transformer = _tiny_denoiser(spec)
+    vae = _seeded(_vae, SEED + 1)
     pipe = PixArtSigmaPipeline(
         tokenizer=minilm_tokenizer(),
         text_encoder=AutoModel.from_pretrained(minilm_path()),
@@ -79,12 +89,10 @@ def _tiny_clip_text_encoder(with_projection: bool):
 def _load_tiny_sdxl(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        unet = denoiser_class(spec).from_config(denoiser_config(spec))
-        vae = _vae()
-        text_encoder = _tiny_clip_text_encoder(with_projection=False)
-        text_encoder_2 = _tiny_clip_text_encoder(with_projection=True)
+    unet = _tiny_denoiser(spec)
+    vae = _seeded(_vae, SEED + 1)
+    text_encoder = _seeded(lambda: _tiny_clip_text_encoder(with_projection=False), SEED + 2)
+    text_encoder_2 = _seeded(lambda: _tiny_clip_text_encoder(with_projection=True), SEED + 3)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -109,6 +117,7 @@ register(
         resolution=128,
         dtype="float32",
         loader=_load_tiny_pixart,
+        denoiser_loader=_tiny_denoiser,
         concept_encoder="minilm",
         offline=True,
         call_kwargs={"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False},
@@ -127,6 +136,7 @@ register(
         resolution=128,
         dtype="float32",
         loader=_load_tiny_sdxl,
+        denoiser_loader=_tiny_denoiser,
         concept_encoder="minilm",
         offline=True,
     )

@@ -1,0 +1,145 @@
+"""Intervention files: per-layer affine maps in safetensors, validated against the model.
+
+A file holds `NAME.omega` and `NAME.beta` (float32, shape (D,)) for every hooked layer, and
+string metadata: format, model spec id, layers and widths (JSON), pooling, method, concept,
+encoder, baked strength, package version. Loading checks the file against the model it is
+meant for; any mismatch is one clear error, never a silent partial application.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from htcli import __version__
+from htcli.errors import HTError
+from htcli.io import save_tensors
+
+FORMAT = "ht-intervention/1"
+METHODS = ("linear-act", "lineas", "mean-shift", "hypertransport")
+
+
+@dataclass
+class Intervention:
+    """Affine maps per layer name, plus what they were made for."""
+
+    maps: dict[str, tuple[Tensor, Tensor]]  # layer -> (omega, beta), each (D,)
+    model: str
+    method: str
+    concept: str
+    encoder: str = ""
+    strength: float | None = None  # baked into the maps, if any
+    info: dict = field(default_factory=dict)  # free-form: fit settings, residuals...
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {name: int(omega.shape[-1]) for name, (omega, _) in self.maps.items()}
+
+    def support(self, tol: float = 0.0) -> float:
+        """Fraction of neurons the maps change (omega != 1 or beta != 0)."""
+        changed = sum(int(((o - 1).abs() > tol).logical_or(b.abs() > tol).sum()) for o, b in self.maps.values())
+        return changed / max(sum(self.widths.values()), 1)
+
+    def save(self, path: Path) -> None:
+        tensors = {}
+        for name, (omega, beta) in self.maps.items():
+            tensors[f"{name}.omega"] = omega.float()
+            tensors[f"{name}.beta"] = beta.float()
+        metadata = {
+            "format": FORMAT,
+            "model": self.model,
+            "layers": json.dumps([{"name": n, "dim": d} for n, d in self.widths.items()]),
+            "pooling": "mean",
+            "method": self.method,
+            "concept": self.concept,
+            "encoder": self.encoder,
+            "strength": json.dumps(self.strength),
+            "info": json.dumps(self.info),
+            "ht_version": __version__,
+        }
+        save_tensors(Path(path), tensors, metadata)
+
+    def check(self, model: str, widths: Mapping[str, int], where: str = "intervention") -> None:
+        """Raise HTError unless every layer of the maps exists in `widths` with its width."""
+        if self.model != model:
+            raise HTError(f"{where} was made for model {self.model!r}, not {model!r}")
+        for name, width in self.widths.items():
+            if name not in widths:
+                raise HTError(f"{where} steers layer {name!r}, which model {model!r} does not have")
+            if widths[name] != width:
+                raise HTError(f"{where}: layer {name!r} has width {width} in the file but {widths[name]} in the model")
+
+
+def load_intervention(path: Path, model: str | None = None, widths: Mapping[str, int] | None = None) -> Intervention:
+    """Read and validate an intervention file; with `model`/`widths`, check it fits that model."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise HTError(f"intervention file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise HTError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    if meta.get("format") != FORMAT:
+        raise HTError(f"{path} is not an ht intervention file (format {meta.get('format')!r}, expected {FORMAT!r})")
+    try:
+        layers = json.loads(meta["layers"])
+        strength = json.loads(meta.get("strength", "null"))
+        info = json.loads(meta.get("info", "{}"))
+    except (KeyError, json.JSONDecodeError) as error:
+        raise HTError(f"{path}: damaged metadata ({error})") from None
+    maps = {}
+    for layer in layers:
+        name, dim = layer["name"], int(layer["dim"])
+        try:
+            omega, beta = tensors[f"{name}.omega"], tensors[f"{name}.beta"]
+        except KeyError:
+            raise HTError(f"{path}: layer {name!r} is listed but its tensors are missing") from None
+        for label, t in (("omega", omega), ("beta", beta)):
+            if t.shape != (dim,):
+                raise HTError(f"{path}: {name}.{label} has shape {tuple(t.shape)}, expected ({dim},)")
+            if not torch.isfinite(t).all():
+                raise HTError(f"{path}: {name}.{label} contains NaN or inf")
+        maps[name] = (omega.float(), beta.float())
+    intervention = Intervention(
+        maps=maps,
+        model=meta.get("model", ""),
+        method=meta.get("method", ""),
+        concept=meta.get("concept", ""),
+        encoder=meta.get("encoder", ""),
+        strength=strength,
+        info=info,
+    )
+    if model is not None:
+        intervention.check(model, widths or intervention.widths, where=str(path))
+    return intervention
+
+
+def layer_stats(intervention: Intervention) -> list[dict]:
+    """Per-layer summary statistics, for `ht inspect`."""
+    rows = []
+    for name, (omega, beta) in intervention.maps.items():
+        changed = ((omega - 1).abs() > 0).logical_or(beta.abs() > 0)
+        rows.append(
+            {
+                "layer": name,
+                "dim": int(omega.numel()),
+                "omega_mean": float(omega.mean()),
+                "omega_std": float(omega.std()) if omega.numel() > 1 else 0.0,
+                "omega_min": float(omega.min()),
+                "omega_max": float(omega.max()),
+                "beta_mean": float(beta.mean()),
+                "beta_std": float(beta.std()) if beta.numel() > 1 else 0.0,
+                "beta_abs_max": float(beta.abs().max()),
+                "support": float(changed.float().mean()),
+            }
+        )
+    return rows

@@ -1,0 +1,184 @@
+"""Per-concept baselines on the tiny world, and intervention files."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from htcli.baselines import Frozen, LineasConfig, fit_lineas, fit_linear_act_incremental, fit_method, residuals
+from htcli.cli import app
+from htcli.dataset import ActivationDataset
+from htcli.errors import HTError
+from htcli.hooks import Steering, hooked, resolve_layers
+from htcli.interventions import Intervention, load_intervention
+from htcli.models import denoiser, load_denoiser
+from htcli.transport import w2_loss
+
+from conftest import generate
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baselines") / "data"
+    result = runner.invoke(app, ["build-dataset", "-m", "tiny", "-o", str(out), "--limit-concepts", "3",
+                                 "--samples-per-concept", "16", "--eval-samples", "32"])
+    assert result.exit_code == 0, result.output
+    return ActivationDataset(out)
+
+
+@pytest.fixture(scope="module")
+def frozen(data):
+    from htcli.models import get_model
+
+    spec = get_model("tiny")
+    model = load_denoiser(spec)
+    return Frozen(spec, model, resolve_layers(model, data.settings.layers))
+
+
+def _concept(data):
+    name = data.names()[0]
+    return name, {k: v[0] for k, v in data.targets([name], "fit").items()}
+
+
+def test_linear_act_equals_an_independent_numpy_closed_form(data, frozen):
+    name, target = _concept(data)
+    source = data.source_activations("fit")
+    maps, _, _ = fit_method("linear-act", frozen, data.source_inputs("fit"), source, target)
+    for layer in data.settings.layers:
+        xs = np.sort(source[layer].numpy().astype(np.float64), axis=0)
+        ys = np.sort(target[layer].numpy().astype(np.float64), axis=0)
+        slopes, intercepts = [], []
+        for j in range(xs.shape[1]):
+            if np.ptp(xs[:, j]) == 0:
+                slopes.append(1.0), intercepts.append(ys[:, j].mean() - xs[:, j].mean())
+                continue
+            slope, intercept = np.polyfit(xs[:, j], ys[:, j], 1)
+            slopes.append(slope), intercepts.append(intercept)
+        omega, beta = maps[layer]
+        np.testing.assert_allclose(omega.numpy(), slopes, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(beta.numpy(), intercepts, rtol=1e-3, atol=1e-4)
+
+
+def test_incremental_linear_act_first_layer_matches_independent_fit(data, frozen):
+    name, target = _concept(data)
+    inputs = data.source_inputs("fit")
+    unsteered = frozen.pooled(inputs)  # float32 (the dataset stores float16)
+    independent, _, _ = fit_method("linear-act", frozen, inputs, unsteered, target)
+    incremental = fit_linear_act_incremental(frozen, inputs, target)
+    order = frozen.execution_order(inputs)
+    torch.testing.assert_close(incremental[order[0]], independent[order[0]])
+    assert set(incremental) == set(independent)
+    # Later layers see upstream maps, so they are fitted on other activations.
+    assert not torch.allclose(incremental[order[-1]][1], independent[order[-1]][1])
+
+
+def test_lineas_loss_decreases_and_beats_linear_act_end_to_end(data, frozen):
+    name, target = _concept(data)
+    inputs, source = data.source_inputs("fit"), data.source_activations("fit")
+    lineas, history = fit_lineas(frozen, inputs, target, LineasConfig(steps=150, lr=1e-2))
+    assert history[-1] < 0.7 * history[0]
+    linear_act, _, _ = fit_method("linear-act", frozen, inputs, source, target)
+    r_lineas, _ = residuals(frozen, inputs, source, target, lineas)
+    r_linear_act, _ = residuals(frozen, inputs, source, target, linear_act)
+    assert r_lineas < r_linear_act < 1.0
+
+
+def test_lineas_sparsity_shrinks_the_support(data, frozen):
+    name, target = _concept(data)
+    inputs = data.source_inputs("fit")
+    support = lambda maps: Intervention(maps, "tiny", "lineas", name).support()  # noqa: E731
+    # l1 is in units of the loss gradient: probe the gradient at the identity to pick one.
+    omega = {n: torch.ones(t.shape[-1], requires_grad=True) for n, t in target.items()}
+    pooled = frozen.pooled(inputs, {n: (omega[n], torch.zeros_like(omega[n])) for n in target}, grad=True)
+    torch.stack([w2_loss(pooled[n], target[n]) for n in target]).mean().backward()
+    typical = torch.cat([o.grad.abs() for o in omega.values()]).median().item()
+    dense, _ = fit_lineas(frozen, inputs, target, LineasConfig(steps=30))
+    sparse, _ = fit_lineas(frozen, inputs, target, LineasConfig(steps=30, l1=typical))
+    very_sparse, _ = fit_lineas(frozen, inputs, target, LineasConfig(steps=30, l1=10 * typical))
+    assert support(dense) > 0.95
+    assert 0 < support(very_sparse) < support(sparse) < 0.8 * support(dense)
+    grouped, _ = fit_lineas(frozen, inputs, target, LineasConfig(steps=30, group=1e3 * typical))
+    assert support(grouped) == 0  # every layer shrunk back to the identity
+
+
+@pytest.mark.parametrize("method", ["mean-shift", "linear-act", "lineas"])
+def test_cli_fit_round_trip_and_identical_steering_after_reload(data, tmp_path, method, tiny):
+    result = runner.invoke(app, ["fit-linear-baselines", "--data", str(data.root), "--method", method, "--split", "all",
+                                 "--out", str(tmp_path), "--steps", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert set(report["concepts"]) == set(data.names())
+    row = next(iter(report["concepts"].values()))
+    assert 0 < row["residual"] < 1.5 and row["fit_seconds"] >= 0 and len(row["residual_per_layer"]) == 8
+    summary = json.loads((tmp_path / method / "summary.json").read_text())
+    assert set(summary["concepts"]) == set(data.names())
+
+    path = tmp_path / method / row["file"]
+    loaded = load_intervention(path, model="tiny", widths=data.layers)
+    assert loaded.method == method and loaded.model == "tiny"
+    spec, pipe = tiny
+    layers = resolve_layers(denoiser(pipe, spec), list(loaded.maps))
+    with hooked(denoiser(pipe, spec), layers, steering=Steering(loaded.maps)):
+        first = generate(spec, pipe, "a red barn in a field")
+    reloaded = load_intervention(path, model="tiny", widths=data.layers)
+    with hooked(denoiser(pipe, spec), layers, steering=Steering(reloaded.maps)):
+        second = generate(spec, pipe, "a red barn in a field")
+    assert torch.equal(first, second)
+    inspected = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert inspected.exit_code == 0 and json.loads(inspected.output)["method"] == method
+
+
+def _saved(tmp_path, **changes):
+    maps = {"transformer_blocks.0.norm1": (torch.ones(64), torch.zeros(64)), "transformer_blocks.1.norm2": (torch.full((64,), 1.5), torch.ones(64))}
+    maps |= changes.pop("maps", {})
+    intervention = Intervention(maps, changes.pop("model", "tiny"), "mean-shift", "art deco")
+    path = tmp_path / "i.safetensors"
+    intervention.save(path)
+    return path
+
+
+WIDTHS = {f"transformer_blocks.{i}.norm{j}": 64 for i in range(4) for j in (1, 2)}
+
+
+def test_bad_intervention_files(tmp_path):
+    assert load_intervention(_saved(tmp_path), "tiny", WIDTHS).concept == "art deco"
+    with pytest.raises(HTError, match="made for model 'pixart', not 'tiny'"):
+        load_intervention(_saved(tmp_path, model="pixart"), "tiny", WIDTHS)
+    with pytest.raises(HTError, match="does not have"):
+        load_intervention(_saved(tmp_path, maps={"transformer_blocks.9.norm1": (torch.ones(64), torch.zeros(64))}), "tiny", WIDTHS)
+    with pytest.raises(HTError, match="width 32 in the file but 64"):
+        load_intervention(_saved(tmp_path, maps={"transformer_blocks.0.norm1": (torch.ones(32), torch.zeros(32))}), "tiny", WIDTHS)
+    with pytest.raises(HTError, match="NaN or inf"):
+        load_intervention(_saved(tmp_path, maps={"transformer_blocks.0.norm1": (torch.full((64,), math.inf), torch.zeros(64))}), "tiny", WIDTHS)
+    with pytest.raises(HTError, match="NaN or inf"):
+        load_intervention(_saved(tmp_path, maps={"transformer_blocks.0.norm1": (torch.ones(64), torch.full((64,), math.nan))}))
+    path = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(HTError, match="truncated or corrupt"):
+        load_intervention(path)
+    with pytest.raises(HTError, match="does not exist"):
+        load_intervention(tmp_path / "missing.safetensors")
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(2)}, str(other))
+    with pytest.raises(HTError, match="not an ht intervention file"):
+        load_intervention(other)
+
+
+def test_cli_bad_input(tmp_path, data):
+    path = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:50])
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 1 and result.output.count("Error:") == 1
+    no_data = runner.invoke(app, ["fit-linear-baselines", "--method", "lineas", "--data", str(tmp_path / "nope")])
+    assert no_data.exit_code == 1 and "ht build-dataset" in no_data.output
+    bad_method = runner.invoke(app, ["fit-linear-baselines", "--method", "pca", "--data", str(data.root), "--out", str(tmp_path)])
+    assert bad_method.exit_code == 1 and "unknown method" in bad_method.output
+    bad_lr = runner.invoke(app, ["fit-linear-baselines", "--method", "lineas", "--lr", "0", "--data", str(data.root)])
+    assert bad_lr.exit_code == 1 and "--lr" in bad_lr.output
