@@ -55,13 +55,19 @@ class Frozen:
     batch_size: int = 32
 
     def pooled(self, inputs: Mapping[str, Tensor], maps: Maps | None = None, grad: bool = False) -> dict[str, Tensor]:
-        """Pooled (N, D) activations of every hooked layer for all N samples of `inputs`."""
+        """Pooled (N, D) activations of every hooked layer for all N samples of `inputs`.
+
+        `maps` hold (D,) tensors shared by all samples, or (N, D) per-sample maps.
+        """
         n = inputs["noise"].shape[0]
-        steering = Steering(maps) if maps else None
         parts: dict[str, list[Tensor]] = {name: [] for name in self.layers}
         with torch.set_grad_enabled(grad):
             for start in range(0, n, self.batch_size):
-                batch = {k: v[start : start + self.batch_size] for k, v in inputs.items()}
+                rows = slice(start, start + self.batch_size)
+                batch = {k: v[rows] for k, v in inputs.items()}
+                steering = None
+                if maps:
+                    steering = Steering({name: (o[rows], b[rows]) if o.ndim == 2 else (o, b) for name, (o, b) in maps.items()})
                 out = pooled_activations(self.spec, self.model, self.layers, batch, steering)
                 for name in self.layers:
                     parts[name].append(out[name])

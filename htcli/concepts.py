@@ -86,6 +86,12 @@ class Concept:
         return slugify(self.name)
 
     @property
+    def phrase(self) -> str:
+        """What concept encoders embed: the first template without a prompt, e.g.
+        "in the style of Art Deco" (richer than the bare name)."""
+        return self.templates[0].replace("{prompt}", "").format(concept=self.name).strip(" ,")
+
+    @property
     def in_library(self) -> bool:
         return self.source_file is not None
 

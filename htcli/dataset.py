@@ -108,12 +108,6 @@ def select_concepts(
     return list(concepts)
 
 
-def concept_phrase(concept: Concept) -> str:
-    """What the concept encoder embeds: the concept's first template with no prompt,
-    e.g. "in the style of art deco" (richer than the bare name)."""
-    return concept.templates[0].replace("{prompt}", "").format(concept=concept.name).strip(" ,")
-
-
 # --- building ----------------------------------------------------------------------------
 
 
@@ -176,7 +170,7 @@ class Builder:
             applied = [concept.apply(p, i) for i, p in enumerate(prompts)]
             pooled, _ = self._run(applied, seeds)
             tensors |= {f"{part}.{name}": t.to(dtype) for name, t in pooled.items()}
-        tensors["embedding"] = self.encoder.encode_text([concept_phrase(concept)])[0]
+        tensors["embedding"] = self.encoder.encode_text([concept.phrase])[0]
         return tensors
 
     def source_tensors(self, source: Concept) -> dict[str, Tensor]:

@@ -95,3 +95,14 @@ def get_encoder(encoder_id: str, device: str = "cpu") -> MiniLMEncoder | OpenCli
         arch, _, pretrained = encoder_id.removeprefix("open_clip:").partition("/")
         return OpenClipEncoder(arch, pretrained or None, device)
     raise HTError(f"unknown concept encoder {encoder_id!r}; use 'minilm' or 'open_clip:ARCH/PRETRAINED'")
+
+
+def modality_gap(image_embeddings: Tensor, text_embeddings: Tensor) -> tuple[Tensor, Tensor]:
+    """Means of normalised image and text embeddings of a calibration set (the modality gap)."""
+    return F.normalize(image_embeddings.float(), dim=-1).mean(0), F.normalize(text_embeddings.float(), dim=-1).mean(0)
+
+
+def close_gap(image_embedding: Tensor, gap: tuple[Tensor, Tensor]) -> Tensor:
+    """Move image embeddings into the text region: `e - mu_img + mu_txt`, renormalised."""
+    image_mean, text_mean = gap
+    return F.normalize(F.normalize(image_embedding.float(), dim=-1) - image_mean + text_mean, dim=-1)

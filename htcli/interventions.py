@@ -18,7 +18,7 @@ from torch import Tensor
 
 from htcli import __version__
 from htcli.errors import HTError
-from htcli.io import save_tensors
+from htcli.io import read_tensors, save_tensors
 
 FORMAT = "ht-intervention/1"
 METHODS = ("linear-act", "lineas", "mean-shift", "hypertransport")
@@ -77,17 +77,8 @@ class Intervention:
 
 def load_intervention(path: Path, model: str | None = None, widths: Mapping[str, int] | None = None) -> Intervention:
     """Read and validate an intervention file; with `model`/`widths`, check it fits that model."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise HTError(f"intervention file {path} does not exist")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise HTError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    tensors, meta = read_tensors(path, "intervention file")
     if meta.get("format") != FORMAT:
         raise HTError(f"{path} is not an ht intervention file (format {meta.get('format')!r}, expected {FORMAT!r})")
     try:

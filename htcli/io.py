@@ -50,3 +50,18 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(payload, str(tmp), metadata=dict(metadata or {}))
+
+
+def read_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a missing, truncated or corrupt
+    file is one HTError that says which `what` (e.g. "intervention file") it was."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise HTError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise HTError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None

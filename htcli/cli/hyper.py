@@ -1,0 +1,175 @@
+"""`ht train-hyper` and `ht hyper export`: the HyperTransport hypernetwork."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from htcli.cli import app
+from htcli.cli.baselines import DataOption, resolve_data
+from htcli.cli.dataset import DeviceOption, SeedOption
+from htcli.cli.models import ModelOption
+from htcli.errors import HTError
+
+console = Console(stderr=True, soft_wrap=True)
+hyper_app = typer.Typer(help="Use a trained hypernetwork.", no_args_is_help=True)
+app.add_typer(hyper_app, name="hyper")
+
+HyperOption = Annotated[
+    Optional[Path], typer.Option("--hyper", help="Hypernetwork directory from `ht train-hyper`. Default: runs/<model>/hyper.")
+]
+
+
+def resolve_hyper(hyper: Path | None, model: str | None) -> Path:
+    """The checkpoint file: `--hyper` (a directory or the file), else the model's default."""
+    from htcli.env import run_path
+    from htcli.models import default_model_name
+
+    name = model or default_model_name()
+    folder = hyper or run_path(name, "hyper")
+    path = folder if folder.suffix == ".safetensors" else folder / "hyper.safetensors"
+    if not path.exists():
+        raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {name}` or pass --hyper")
+    return path
+
+
+@app.command("train-hyper")
+def train_hyper_command(
+    model: ModelOption = None,
+    data: DataOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory. Default: runs/<model>/hyper.")] = None,
+    arch: Annotated[str, typer.Option(help="Hypernetwork architecture.")] = "mlp",
+    hidden: Annotated[int, typer.Option(help="Trunk width.")] = 512,
+    depth: Annotated[int, typer.Option(help="Trunk layers.")] = 2,
+    rank: Annotated[int, typer.Option(help="Rank of the per-layer output heads; 0 for dense heads.")] = 64,
+    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 2000,
+    concepts_per_step: Annotated[int, typer.Option(help="Training concepts per step (K).")] = 8,
+    samples: Annotated[int, typer.Option(help="Source samples per concept (N).")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")] = 1e-3,
+    l1: Annotated[float, typer.Option(help="Sparsity: L1 weight on predicted (omega - 1, beta).")] = 0.0,
+    group: Annotated[float, typer.Option(help="Sparsity: group-lasso weight per layer.")] = 0.0,
+    eval_every: Annotated[int, typer.Option(help="Evaluate and checkpoint every E steps.")] = 250,
+    val_fraction: Annotated[float, typer.Option(help="Training concepts held aside to choose settings.")] = 0.1,
+    limit_train: Annotated[Optional[int], typer.Option(help="Train on only this many concepts (learning curves).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out after an interruption.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished or different run in --out.")] = False,
+    seed: SeedOption = 0,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast for the frozen model (maps and loss stay float32).")] = False,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute denoiser activations in backward (less memory).")] = False,
+    calibration_images: Annotated[
+        Optional[Path], typer.Option(help="Folder of images to estimate the modality gap (image-capable encoders).")
+    ] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Train the hypernetwork end to end with the W2 loss on the dataset's training concepts.
+
+    Held-out residuals (test concepts, evaluation samples) are logged every --eval-every steps
+    to history.json/csv; settings should be chosen on the validation concepts, never on test.
+    Runs under `torchrun --nproc_per_node K -m htcli train-hyper ...` with DDP.
+
+    Example: ht train-hyper --model tiny --steps 1500
+    """
+    import torch.distributed as dist
+
+    from htcli.baselines import Frozen
+    from htcli.dataset import ActivationDataset
+    from htcli.env import close_distributed, init_distributed, resolve_device, run_path
+    from htcli.hooks import resolve_layers
+    from htcli.hypernet import HyperConfig, parameter_count
+    from htcli.hypertrain import TrainConfig, Trainer
+    from htcli.models import get_model, load_denoiser
+
+    dataset = ActivationDataset(resolve_data(data, model))
+    spec = get_model(dataset.settings.model)
+    if model and model != spec.id:
+        raise HTError(f"--data {dataset.root} was built for model {spec.id!r}, not {model!r}")
+    out = out or run_path(spec.id, "hyper")
+    if (out / "hyper.safetensors").exists() and not (resume or overwrite):
+        raise HTError(f"{out} already holds a hypernetwork; pass --resume to continue it or --overwrite to replace it")
+    config = TrainConfig(steps=steps, concepts_per_step=concepts_per_step, samples=samples, lr=lr, l1=l1, group=group,
+                         eval_every=eval_every, val_fraction=val_fraction, limit_train=limit_train, seed=seed, bf16=bf16)
+    embed_dim = int(dataset.embeddings(dataset.names()[:1]).shape[-1])
+    hyper = HyperConfig(embed_dim=embed_dim, layers=tuple(dataset.layers.items()), arch=arch, hidden=hidden,
+                        depth=depth, rank=rank or None)
+    distributed = init_distributed()
+    rank_id, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    try:
+        torch_device = resolve_device(device)
+        denoiser = load_denoiser(spec, torch_device)
+        if grad_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+            denoiser.train()  # diffusers checkpoints only in training mode; the model has no dropout here
+        frozen = Frozen(spec, denoiser, resolve_layers(denoiser, dataset.settings.layers))
+        trainer = Trainer(frozen, dataset, hyper, config, out, spec.id, rank_id, world)
+        if resume:
+            trainer.resume()
+        if rank_id == 0:
+            console.print(
+                f"training {arch} hypernetwork ({parameter_count(hyper) / 1e6:.2f}M parameters, {hyper.neurons:,} neurons) on "
+                f"{len(trainer.train)} concepts ({len(trainer.val)} validation, {len(trainer.test)} held-out test), "
+                f"{world} process(es)"
+            )
+        with Progress(TextColumn("[bold]train-hyper[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), TextColumn("{task.description}"), console=console, disable=rank_id != 0) as bar:
+            task = bar.add_task("", total=config.steps, completed=trainer.step)
+            summary = trainer.fit(lambda step, loss: bar.update(task, completed=step, description=f"loss {loss:.3g}"))
+        if rank_id == 0 and calibration_images is not None:
+            _store_gap(trainer, calibration_images, dataset, out)
+    finally:
+        close_distributed()
+    if rank_id == 0:
+        console.print(
+            f"[green]hypernetwork[/] {out / 'hyper.safetensors'}: {trainer.step} steps in {summary['train_seconds']:.1f} s, "
+            f"held-out residual {summary['test_residual']:.3f} (validation {summary['val_residual']:.3f})"
+        )
+
+
+def _store_gap(trainer, folder: Path, dataset, out: Path) -> None:
+    """Estimate the modality gap of an image-capable encoder and store it in the checkpoint."""
+    from PIL import Image
+
+    from htcli.concepts import load_library
+    from htcli.encoders import get_encoder, modality_gap
+
+    encoder = get_encoder(dataset.settings.encoder)
+    if not encoder.has_images:
+        raise HTError(f"--calibration-images needs an encoder with an image tower; {encoder.id} has none")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not paths:
+        raise HTError(f"no images (.png, .jpg, .webp) in {folder}")
+    library = load_library()
+    phrases = [library.resolve(name).phrase for name in trainer.train]
+    images = encoder.encode_images([Image.open(p) for p in paths])
+    checkpoint = trainer.checkpoint(trainer.history[-1] if trainer.history else None)
+    checkpoint.gap = modality_gap(images, encoder.encode_text(phrases))
+    checkpoint.save(out / "hyper.safetensors")
+
+
+@hyper_app.command("export")
+def export_command(
+    concept: Annotated[str, typer.Option("--concept", "-c", help="Concept text (library name or free text).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Intervention file to write (.safetensors).")],
+    hyper: HyperOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Write the intervention the hypernetwork predicts for a concept, as a standard file.
+
+    Example: ht hyper export --model tiny --concept "art deco" --out art-deco.safetensors
+    """
+    from htcli.concepts import load_library
+    from htcli.encoders import get_encoder
+    from htcli.hypernet import load_checkpoint
+    from htcli.interventions import Intervention
+
+    checkpoint = load_checkpoint(resolve_hyper(hyper, model))
+    encoder = get_encoder(checkpoint.encoder)
+    resolved = load_library().resolve(concept)
+    maps = checkpoint.maps(encoder.encode_text([resolved.phrase]))
+    maps = {layer: (o[0], b[0]) for layer, (o, b) in maps.items()}
+    Intervention(maps, checkpoint.model, "hypertransport", resolved.name, checkpoint.encoder,
+                 info={"phrase": resolved.phrase}).save(out)
+    console.print(f"wrote {out} ({checkpoint.model}, {len(maps)} layers) for {resolved.name!r}")

@@ -1,0 +1,158 @@
+"""The HyperTransport hypernetwork: concept embedding -> per-layer affine maps, in one pass.
+
+`h(e) -> {(omega_l, beta_l)}_l` with e the L2-normalised concept embedding. The default (and
+so far only) architecture is an MLP trunk (Linear, LayerNorm, GELU) with a low-rank output
+head: a shared trunk state of width H is mapped to a rank-r code per layer, then to the
+layer's 2 * D_l outputs (omega - 1, beta). Dense heads from H to every neuron would cost
+H * 2 * sum(D_l) parameters (66M for PixArt at H = 512); the low-rank head costs
+L * H * r + r * 2 * sum(D_l). The last projection starts at zero, so the untrained network
+outputs the identity map for every concept.
+
+Architectures register in `ARCHITECTURES`; a checkpoint stores its `HyperConfig` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from htcli.errors import HTError
+from htcli.io import read_tensors, save_tensors
+
+FORMAT = "ht-hypernetwork/1"
+
+
+@dataclass(frozen=True)
+class HyperConfig:
+    embed_dim: int
+    layers: tuple[tuple[str, int], ...]  # (name, width) of every steered layer
+    arch: str = "mlp"
+    hidden: int = 512
+    depth: int = 2
+    rank: int | None = 64  # None: one dense head per layer
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise HTError(f"unknown hypernetwork architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        if self.hidden < 1 or self.depth < 1 or (self.rank is not None and self.rank < 1):
+            raise HTError("--hidden, --depth and --rank must be positive")
+
+    @property
+    def neurons(self) -> int:
+        return sum(width for _, width in self.layers)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> HyperConfig:
+        data = json.loads(text)
+        data["layers"] = tuple((name, int(width)) for name, width in data["layers"])
+        return cls(**data)
+
+
+class LowRankHead(nn.Module):
+    """Trunk state (K, H) -> per-layer (K, 2 D_l), through a rank-r code per layer."""
+
+    def __init__(self, hidden: int, widths: list[int], rank: int | None) -> None:
+        super().__init__()
+        self.widths = widths
+        if rank is None:
+            self.down = None
+            self.up = nn.ModuleList(nn.Linear(hidden, 2 * w) for w in widths)
+        else:
+            self.down = nn.ModuleList(nn.Linear(hidden, rank) for _ in widths)
+            self.up = nn.ModuleList(nn.Linear(rank, 2 * w) for w in widths)
+        for up in self.up:  # identity at initialisation: omega - 1 = 0, beta = 0
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+
+    def forward(self, h: Tensor) -> list[Tensor]:
+        if self.down is None:
+            return [up(h) for up in self.up]
+        return [up(down(h)) for down, up in zip(self.down, self.up)]
+
+
+class MLPHyper(nn.Module):
+    """MLP trunk on the normalised embedding, low-rank per-layer heads."""
+
+    def __init__(self, config: HyperConfig) -> None:
+        super().__init__()
+        self.config = config
+        blocks: list[nn.Module] = [nn.Linear(config.embed_dim, config.hidden)]
+        for _ in range(config.depth - 1):
+            blocks += [nn.LayerNorm(config.hidden), nn.GELU(), nn.Linear(config.hidden, config.hidden)]
+        blocks += [nn.LayerNorm(config.hidden), nn.GELU()]
+        self.trunk = nn.Sequential(*blocks)
+        self.head = LowRankHead(config.hidden, [w for _, w in config.layers], config.rank)
+
+    def forward(self, embedding: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """(K, E) embeddings -> {layer: (omega (K, D), beta (K, D))}."""
+        h = self.trunk(F.normalize(embedding.float(), dim=-1))
+        maps = {}
+        for (name, width), out in zip(self.config.layers, self.head(h)):
+            maps[name] = (1.0 + out[:, :width], out[:, width:])
+        return maps
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLPHyper}
+
+
+def build_hypernetwork(config: HyperConfig) -> nn.Module:
+    return ARCHITECTURES[config.arch](config)
+
+
+def parameter_count(config: HyperConfig) -> int:
+    """Parameters of the hypernetwork `config` describes, without building it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_hypernetwork(config).parameters())
+
+
+@dataclass
+class HyperCheckpoint:
+    """A trained hypernetwork and what it was trained for."""
+
+    network: nn.Module
+    config: HyperConfig
+    model: str
+    encoder: str
+    gap: tuple[Tensor, Tensor] | None = None  # modality-gap means (image, text), for references
+    info: dict = field(default_factory=dict)  # dataset digest, split, training summary
+
+    def save(self, path: Path) -> None:
+        tensors = {f"net.{k}": v for k, v in self.network.state_dict().items()}
+        if self.gap is not None:
+            tensors["gap.image_mean"], tensors["gap.text_mean"] = self.gap
+        metadata = {
+            "format": FORMAT,
+            "config": self.config.to_json(),
+            "model": self.model,
+            "encoder": self.encoder,
+            "info": json.dumps(self.info),
+        }
+        save_tensors(path, tensors, metadata)
+
+    @torch.no_grad()
+    def maps(self, embedding: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        self.network.eval()
+        return self.network(embedding)
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> HyperCheckpoint:
+    """Load a hypernetwork checkpoint strictly (missing or unexpected weights are an error)."""
+    tensors, meta = read_tensors(Path(path), "hypernetwork checkpoint")
+    if meta.get("format") != FORMAT:
+        raise HTError(f"{path} is not an ht hypernetwork checkpoint (format {meta.get('format')!r})")
+    config = HyperConfig.from_json(meta["config"])
+    network = build_hypernetwork(config)
+    state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HTError(f"{path}: weights do not fit the stored config ({len(missing)} missing, {len(unexpected)} unexpected)")
+    gap = (tensors["gap.image_mean"], tensors["gap.text_mean"]) if "gap.image_mean" in tensors else None
+    return HyperCheckpoint(network.to(device).eval(), config, meta["model"], meta["encoder"], gap, json.loads(meta["info"]))

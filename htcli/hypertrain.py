@@ -1,0 +1,262 @@
+"""Training the hypernetwork end to end with the W2 loss, over many concepts at once.
+
+Each step draws K training concepts, predicts their maps from their embeddings, runs the N
+cached source samples through the frozen denoiser once per concept (one batch of K * N, with
+per-sample maps), and matches each concept's cached targets at every hooked layer. The
+concepts a step draws depend only on (seed, step), so a resumed run repeats an uninterrupted
+one exactly; under DDP each rank takes its share of the same draw.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from htcli.baselines import Frozen, residuals
+from htcli.dataset import ActivationDataset
+from htcli.errors import HTError
+from htcli.hooks import Steering
+from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint
+from htcli.io import atomic_path, write_json
+from htcli.transport import w2_loss
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    concepts_per_step: int = 8
+    samples: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    clip: float = 1.0
+    l1: float = 0.0
+    group: float = 0.0
+    eval_every: int = 250
+    val_fraction: float = 0.1
+    limit_train: int | None = None  # train on a subset (learning curves)
+    seed: int = 0
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "concepts_per_step", "samples", "eval_every"):
+            if getattr(self, name) < 1:
+                raise HTError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise HTError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.val_fraction < 1:
+            raise HTError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def split_train_val(names: Sequence[str], fraction: float, seed: int, limit: int | None) -> tuple[list[str], list[str]]:
+    """A validation subset of the training concepts, for choosing settings: the held-out test
+    concepts are never used for that."""
+    order = sorted(names, key=str.lower)
+    random.Random(seed).shuffle(order)
+    n_val = round(fraction * len(order))
+    val, train = order[:n_val], order[n_val:]
+    if limit is not None:
+        train = train[:limit]
+    if not train:
+        raise HTError("no training concepts: build the dataset with --split train or all")
+    return train, val
+
+
+def draw(names: Sequence[str], k: int, seed: int, step: int) -> list[str]:
+    """The K concepts of one step: a function of (seed, step) only."""
+    rng = random.Random(seed * 1_000_003 + step)
+    return [names[i] for i in rng.sample(range(len(names)), k)] if k <= len(names) else rng.choices(list(names), k=k)
+
+
+def _schedule(config: TrainConfig) -> Callable[[int], float]:
+    warmup = min(config.warmup, config.steps // 10)  # short runs still get most of their steps at full rate
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def sparsity_penalty(maps: dict[str, tuple[Tensor, Tensor]], l1: float, group: float) -> Tensor:
+    """Sparse group lasso on predicted (omega - 1, beta), per concept, averaged over concepts."""
+    total = torch.zeros(())
+    for omega, beta in maps.values():
+        v = torch.cat([omega - 1, beta], dim=-1)  # (K, 2D)
+        if l1:
+            total = total + l1 * v.abs().sum(-1).mean()
+        if group:
+            total = total + group * math.sqrt(omega.shape[-1]) * v.norm(dim=-1).mean()
+    return total
+
+
+class Trainer:
+    def __init__(self, frozen: Frozen, dataset: ActivationDataset, hyper: HyperConfig, config: TrainConfig,
+                 out: Path, model_id: str, rank: int = 0, world: int = 1) -> None:
+        self.frozen, self.dataset, self.hyper_config, self.config = frozen, dataset, hyper, config
+        self.out, self.model_id, self.rank, self.world = out, model_id, rank, world
+        n_fit = len(dataset.settings.fit_seeds)
+        if config.samples > n_fit:
+            raise HTError(f"--samples {config.samples} exceeds the dataset's {n_fit} fitting samples")
+        if config.concepts_per_step % world:
+            raise HTError(f"--concepts-per-step {config.concepts_per_step} must divide over {world} processes")
+        self.train, self.val = split_train_val(dataset.names("train"), config.val_fraction, config.seed, config.limit_train)
+        self.test = dataset.names("test")
+        names = self.train + self.val + self.test
+        self.embeddings = dict(zip(names, dataset.embeddings(names)))
+        inputs = dataset.source_inputs("fit")
+        self.inputs = {k: v[: config.samples] for k, v in inputs.items()}
+        self.eval_inputs = dataset.source_inputs("eval")
+        self.source_eval = dataset.source_activations("eval")
+        device = frozen.model.device
+        torch.manual_seed(config.seed)
+        self.network = build_hypernetwork(hyper).to(device)
+        self.ddp = None
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.network, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        self.step = 0
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+
+    # --- one step --------------------------------------------------------------------
+
+    def loss(self, names: Sequence[str]) -> Tensor:
+        """Mean W2 loss over the concepts `names` and all hooked layers (+ sparsity)."""
+        device = self.frozen.model.device
+        k, n = len(names), self.config.samples
+        embedding = torch.stack([self.embeddings[name] for name in names]).to(device)
+        maps = (self.ddp or self.network)(embedding)  # {layer: ((K, D), (K, D))}
+        per_sample = {layer: (o.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for layer, (o, b) in maps.items()}
+        inputs = {key: value.repeat(k, *([1] * (value.ndim - 1))) for key, value in self.inputs.items()}
+        targets = self.dataset.targets(names, "fit")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            pooled = self.frozen.pooled(inputs, per_sample, grad=True)  # batch K * N, concept-major
+        losses = []
+        for layer, acts in pooled.items():
+            target = torch.sort(targets[layer][:, :n].to(device), dim=1).values
+            losses.append(w2_loss(acts.float().view(k, n, -1), target, y_is_sorted=True))
+        loss = torch.stack(losses).mean()
+        if self.config.l1 or self.config.group:
+            loss = loss + sparsity_penalty(maps, self.config.l1, self.config.group)
+        return loss
+
+    def train_step(self) -> float:
+        names = draw(self.train, self.config.concepts_per_step, self.config.seed, self.step)
+        start = time.perf_counter()
+        self.network.train()
+        loss = self.loss(names[self.rank :: self.world])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.train_seconds += time.perf_counter() - start
+        value = loss.detach()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(value)
+            value /= self.world
+        return value.item()
+
+    # --- evaluation ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, names: Sequence[str]) -> float:
+        """Mean held-out residual ratio on the evaluation samples of `names`."""
+        if not names:
+            return float("nan")
+        self.network.eval()
+        device = self.frozen.model.device
+        ratios = []
+        for name in names:
+            maps = self.network(self.embeddings[name][None].to(device))
+            maps = {layer: (o[0], b[0]) for layer, (o, b) in maps.items()}
+            target = {k: v[0] for k, v in self.dataset.targets([name], "eval").items()}
+            ratios.append(residuals(self.frozen, self.eval_inputs, self.source_eval, target, maps)[0])
+        return sum(ratios) / len(ratios)
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def checkpoint(self, summary: dict | None = None) -> HyperCheckpoint:
+        info = {
+            "dataset": str(self.dataset.root),
+            "dataset_digest": self.dataset.manifest["settings_digest"],
+            "train_concepts": len(self.train),
+            "val_concepts": self.val,
+            "test_concepts": len(self.test),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "config": asdict(self.config),
+            **(summary or {}),
+        }
+        return HyperCheckpoint(self.network, self.hyper_config, self.model_id, self.dataset.settings.encoder, None, info)
+
+    def save(self, summary: dict | None = None) -> None:
+        if self.rank != 0:
+            return
+        self.checkpoint(summary).save(self.out / "hyper.safetensors")
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "history": self.history,
+        }
+        with atomic_path(self.out / "optimizer.pt") as tmp:
+            torch.save(state, tmp)
+        write_json(self.out / "history.json", self.history)
+        with atomic_path(self.out / "history.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "val_residual", "test_residual", "seconds"])
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    def resume(self) -> None:
+        """Continue from `out`: weights, optimizer, schedule, step and history."""
+        path = self.out / "hyper.safetensors"
+        if not path.exists() or not (self.out / "optimizer.pt").exists():
+            raise HTError(f"nothing to resume in {self.out}: no hyper.safetensors and optimizer.pt there")
+        saved = load_checkpoint(path)
+        if saved.config != self.hyper_config:
+            raise HTError(f"{path} has another architecture or layer set than this run; drop --resume or change --out")
+        self.network.load_state_dict(saved.network.state_dict())
+        state = torch.load(self.out / "optimizer.pt", map_location=self.frozen.model.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.train_seconds, self.history = state["step"], state["train_seconds"], state["history"]
+
+    # --- the loop --------------------------------------------------------------------
+
+    def fit(self, on_step: Callable[[int, float], None] | None = None) -> dict:
+        config = self.config
+        loss = float("nan")
+        while self.step < config.steps:
+            loss = self.train_step()
+            if on_step:
+                on_step(self.step, loss)
+            if self.step % config.eval_every == 0 or self.step == config.steps:
+                if self.rank == 0:  # the other ranks go on to the next step and wait for it there
+                    self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                         "val_residual": self.evaluate(self.val),
+                                         "test_residual": self.evaluate(self.test), "seconds": self.train_seconds})
+                    self.save()
+        final = self.history[-1] if self.history else {}
+        summary = {"final_loss": final.get("loss"), "val_residual": final.get("val_residual"),
+                   "test_residual": final.get("test_residual"), "train_seconds": self.train_seconds}
+        self.save(summary)
+        return summary

@@ -1,0 +1,148 @@
+"""The hypernetwork: identity at init, training, checkpoints, resume, DDP, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from htcli.cli import app
+from htcli.concepts import load_library
+from htcli.dataset import ActivationDataset
+from htcli.errors import HTError
+from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint, parameter_count
+from htcli.interventions import load_intervention
+
+runner = CliRunner()
+LAYERS = (("a", 3), ("b", 5))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    library = load_library()
+    names = [c.name for c in library.targets("train")[:6] + library.targets("test")[:2]]
+    out = tmp_path_factory.mktemp("hyper") / "data"
+    args = [arg for name in names for arg in ("--concept", name)]
+    result = runner.invoke(app, ["build-dataset", "-m", "tiny", "-o", str(out), *args,
+                                 "--samples-per-concept", "8", "--eval-samples", "8", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    return ActivationDataset(out)
+
+
+TRAIN = ["--steps", "8", "--concepts-per-step", "2", "--samples", "8", "--eval-every", "4", "--hidden", "32",
+         "--rank", "4", "--val-fraction", "0.2", "--lr", "1e-2"]
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_identity_at_initialisation(rank):
+    config = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=rank)
+    maps = build_hypernetwork(config)(torch.randn(4, 7))
+    for name, width in LAYERS:
+        omega, beta = maps[name]
+        assert omega.shape == beta.shape == (4, width)
+        assert torch.equal(omega, torch.ones(4, width)) and torch.equal(beta, torch.zeros(4, width))
+
+
+def test_low_rank_head_is_small():
+    pixart = tuple((f"transformer_blocks.{i}.norm{j}", 1152) for i in range(28) for j in (1, 2))
+    dense = parameter_count(HyperConfig(embed_dim=768, layers=pixart, hidden=512, rank=None))
+    low = parameter_count(HyperConfig(embed_dim=768, layers=pixart, hidden=512, rank=64))
+    assert dense > 66e6 and low < 12e6
+
+
+def test_checkpoint_round_trip_and_strict_loading(tmp_path):
+    config = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=2)
+    network = build_hypernetwork(config)
+    torch.nn.init.normal_(network.head.up[0].weight)
+    gap = (torch.randn(7), torch.randn(7))
+    HyperCheckpoint(network, config, "tiny", "minilm", gap, {"step": 3}).save(tmp_path / "h.safetensors")
+    loaded = load_checkpoint(tmp_path / "h.safetensors")
+    e = torch.randn(2, 7)
+    for name in ("a", "b"):
+        torch.testing.assert_close(loaded.maps(e)[name], network(e)[name])
+    assert loaded.config == config and loaded.info == {"step": 3} and torch.equal(loaded.gap[0], gap[0])
+    # A checkpoint whose weights do not fit its config is refused, not half-loaded.
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    tensors = load_file(str(tmp_path / "h.safetensors"))
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
+        meta = f.metadata()
+    del tensors["net.head.up.1.weight"]
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(HTError, match="missing"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_train_loss_decreases_history_and_export(data, tmp_path):
+    out = tmp_path / "hyper"
+    result = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(out), *TRAIN, "--steps", "30",
+                                 "--eval-every", "10", "--concepts-per-step", "4"])
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [10, 20, 30]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(0 < h["test_residual"] < 2 for h in history)
+    assert (out / "history.csv").read_text().startswith("step,loss,lr,val_residual,test_residual,seconds")
+    again = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(out), *TRAIN])
+    assert again.exit_code == 1 and "--resume" in again.output
+
+    exported = tmp_path / "x.safetensors"
+    result = runner.invoke(app, ["hyper", "export", "--hyper", str(out), "--concept", "a city made of glass", "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+    intervention = load_intervention(exported, model="tiny", widths=data.layers)
+    assert intervention.method == "hypertransport" and intervention.concept == "a city made of glass"
+    assert any(not torch.equal(o, torch.ones_like(o)) for o, _ in intervention.maps.values())
+    missing = runner.invoke(app, ["hyper", "export", "--hyper", str(tmp_path / "none"), "--concept", "x", "--out", str(exported)])
+    assert missing.exit_code == 1 and "ht train-hyper" in missing.output
+
+
+def _train(data, out, *extra):
+    return [sys.executable, "-m", "htcli", "train-hyper", "--data", str(data.root), "--out", str(out), *TRAIN, *extra]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["--steps", "40", "--eval-every", "5"]
+    reference = tmp_path / "reference"
+    subprocess.run(_train(data, reference, *args), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "resumed"
+    process = subprocess.Popen(_train(data, out, *args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "history.json").exists():
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    steps_done = json.loads((out / "history.json").read_text())[-1]["step"]
+    assert steps_done < 40, "the kill must land mid-run for this test to mean anything"
+    subprocess.run(_train(data, out, *args, "--resume"), check=True, env=env, capture_output=True)
+    ours, theirs = load_checkpoint(out / "hyper.safetensors"), load_checkpoint(reference / "hyper.safetensors")
+    for (name, a), (_, b) in zip(ours.network.state_dict().items(), theirs.network.state_dict().items()):
+        assert torch.equal(a, b), name
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(json.loads((out / "history.json").read_text())) == strip(json.loads((reference / "history.json").read_text()))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(data, tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single"
+    subprocess.run(_train(data, single), check=True, env=env, capture_output=True)
+    ddp = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "htcli",
+               *_train(data, ddp)[3:]]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = json.loads((single / "history.json").read_text())
+    b = json.loads((ddp / "history.json").read_text())
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-3)
+        assert ra["test_residual"] == pytest.approx(rb["test_residual"], rel=1e-3)
