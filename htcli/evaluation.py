@@ -1,0 +1,82 @@
+"""Held-out comparison of methods: residual ratio and time per concept, side by side.
+
+`none` is the unsteered model (residual 1 by definition); per-concept baselines are read from
+the summaries `ht fit-linear-baselines` writes (their residuals use the same evaluation
+samples); HyperTransport is evaluated here, one forward pass per concept, timed from concept
+text to maps (embedding included).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from htcli.baselines import Frozen, residuals
+from htcli.concepts import ConceptLibrary
+from htcli.dataset import ActivationDataset
+from htcli.hypernet import HyperCheckpoint
+from htcli.io import read_json
+
+
+@dataclass
+class MethodResult:
+    method: str
+    residuals: list[float]
+    seconds: list[float]  # per concept: fit time, or text-to-maps time
+
+    @property
+    def row(self) -> dict:
+        spread = statistics.stdev(self.residuals) if len(self.residuals) > 1 else 0.0
+        return {
+            "method": self.method,
+            "concepts": len(self.residuals),
+            "residual_mean": statistics.fmean(self.residuals),
+            "residual_std": spread,
+            "seconds_median": statistics.median(self.seconds) if self.seconds else 0.0,
+        }
+
+
+def evaluate_hyper(
+    checkpoint: HyperCheckpoint, encoder, library: ConceptLibrary, frozen: Frozen, dataset: ActivationDataset,
+    names: Sequence[str],
+) -> MethodResult:
+    eval_inputs, source = dataset.source_inputs("eval"), dataset.source_activations("eval")
+    device = frozen.model.device
+    checkpoint.network.to(device)
+    result = MethodResult("hypertransport", [], [])
+    for name in names:
+        start = time.perf_counter()
+        embedding = encoder.encode_text([library.resolve(name).phrase])
+        maps = {k: (o[0], b[0]) for k, (o, b) in checkpoint.maps(embedding.to(device)).items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result.seconds.append(time.perf_counter() - start)
+        target = {k: v[0] for k, v in dataset.targets([name], "eval").items()}
+        result.residuals.append(residuals(frozen, eval_inputs, source, target, maps)[0])
+    return result
+
+
+def baseline_results(folder: Path, names: Sequence[str]) -> list[MethodResult]:
+    """Results of every baseline method under `folder` (runs/<model>/baselines), for `names`."""
+    results = []
+    for summary_path in sorted(folder.glob("*/summary.json")):
+        summary = read_json(summary_path)
+        rows = [summary["concepts"][n] for n in names if n in summary["concepts"]]
+        if rows:
+            results.append(MethodResult(summary["method"], [r["residual"] for r in rows], [r["fit_seconds"] for r in rows]))
+    return results
+
+
+def compare(hyper: MethodResult, baselines: Sequence[MethodResult]) -> list[dict]:
+    """Rows for none, each baseline and HyperTransport, with speed-ups against HyperTransport."""
+    none = MethodResult("none", [1.0] * len(hyper.residuals), [0.0])
+    rows = [none.row, *(b.row for b in baselines), hyper.row]
+    ht_seconds = hyper.row["seconds_median"]
+    for row in rows:
+        row["times_ht"] = row["seconds_median"] / ht_seconds if ht_seconds and row["method"] not in ("none",) else None
+    return rows
