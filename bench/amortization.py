@@ -1,0 +1,81 @@
+"""Benchmark: HyperTransport's one forward pass against per-concept fitting, on held-out concepts.
+
+Run (after building the tiny dataset and training a hypernetwork on it):
+    python -m bench.amortization --data runs/tiny/data --hyper runs/tiny/hyper [--concepts 20]
+In this one run it fits mean shift, Linear-AcT and LinEAS (1000 steps) on the first held-out
+test concepts, evaluates the hypernetwork on the same concepts (concept text -> maps, timed),
+and prints residual ratios on the evaluation samples, times per concept, the break-even
+number of concepts, and last:
+speed_ratio=<LinEAS fit / HT forward> quality_ratio=<HT / LinEAS held-out residual>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.common import quiet  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, default=Path("runs/tiny/data"))
+    parser.add_argument("--hyper", type=Path, default=Path("runs/tiny/hyper"))
+    parser.add_argument("--concepts", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    quiet()
+    from htcli.baselines import Frozen, LineasConfig, fit_method, residuals
+    from htcli.concepts import load_library
+    from htcli.dataset import ActivationDataset
+    from htcli.encoders import get_encoder
+    from htcli.evaluation import MethodResult, compare, evaluate_hyper
+    from htcli.hooks import resolve_layers
+    from htcli.hypernet import load_checkpoint
+    from htcli.models import get_model, load_denoiser
+
+    data = ActivationDataset(args.data)
+    checkpoint = load_checkpoint(args.hyper / "hyper.safetensors")
+    spec = get_model(data.settings.model)
+    model = load_denoiser(spec)
+    frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
+    names = data.names("test")[: args.concepts]
+    fit_inputs, source_fit = data.source_inputs("fit"), data.source_activations("fit")
+    eval_inputs, source_eval = data.source_inputs("eval"), data.source_activations("eval")
+    baselines = []
+    for method in ("mean-shift", "linear-act", "lineas"):
+        result = MethodResult(method, [], [])
+        for name in names:
+            target = {k: v[0] for k, v in data.targets([name], "fit").items()}
+            maps, seconds, _ = fit_method(method, frozen, fit_inputs, source_fit, target, LineasConfig(steps=args.steps))
+            target_eval = {k: v[0] for k, v in data.targets([name], "eval").items()}
+            result.residuals.append(residuals(frozen, eval_inputs, source_eval, target_eval, maps)[0])
+            result.seconds.append(seconds)
+        baselines.append(result)
+        print(f"{method:14s} residual {statistics.fmean(result.residuals):.3f} +- {statistics.stdev(result.residuals):.3f}, "
+              f"median {statistics.median(result.seconds):.4f} s/concept", flush=True)
+    encoder = get_encoder(checkpoint.encoder)
+    hyper = evaluate_hyper(checkpoint, encoder, load_library(), frozen, data, names)
+    rows = compare(hyper, baselines)
+    ht, lineas = rows[-1], next(r for r in rows if r["method"] == "lineas")
+    print(f"{'hypertransport':14s} residual {ht['residual_mean']:.3f} +- {ht['residual_std']:.3f}, "
+          f"median {ht['seconds_median'] * 1e3:.2f} ms/concept (text -> maps)")
+    train_seconds = checkpoint.info.get("train_seconds", float("nan"))
+    break_even = train_seconds / (lineas["seconds_median"] - ht["seconds_median"])
+    print(f"{len(names)} held-out concepts; hypernetwork training took {train_seconds:.0f} s on "
+          f"{checkpoint.info.get('train_concepts')} concepts: it pays for itself after {break_even:.1f} concepts")
+    speed, quality = lineas["seconds_median"] / ht["seconds_median"], ht["residual_mean"] / lineas["residual_mean"]
+    if args.json:
+        args.json.write_text(json.dumps({"concepts": names, "rows": rows, "break_even": break_even,
+                                         "speed_ratio": speed, "quality_ratio": quality}, indent=2))
+    print(f"speed_ratio={speed:.0f} quality_ratio={quality:.3f}")
+
+
+if __name__ == "__main__":
+    main()
