@@ -245,7 +245,7 @@ def build_dataset(
         # Adding concepts to a finished dataset keeps the ones already built.
         merged = list(concepts) + [library.resolve(n) for n in sorted(names - {c.name for c in concepts})]
         write_json(out / "manifest.json", _manifest(settings, merged, library, complete=False))
-        if not (out / "source.safetensors").exists():
+        if _file_digest(out / "source.safetensors") != digest:
             save_tensors(out / "source.safetensors", builder.source_tensors(library.source), {"settings_digest": digest})
     _barrier()
     mine = list(concepts)[rank::world]
@@ -287,6 +287,8 @@ def build_dataset(
 def _file_digest(path: Path) -> str | None:
     from safetensors import safe_open
 
+    if not path.exists():
+        return None
     try:
         with safe_open(str(path), "pt") as f:
             return (f.metadata() or {}).get("settings_digest")
