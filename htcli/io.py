@@ -65,3 +65,19 @@ def read_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[s
             return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
         raise HTError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def load_rgb_images(paths, what: str = "image") -> list:
+    """Open image files as RGB PIL images; a missing or unreadable one is one HTError."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise HTError(f"{what} {path} does not exist")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise HTError(f"cannot read {what} {path}: {error}") from None
+    return images

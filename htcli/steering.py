@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from htcli.errors import HTError
+from htcli.io import load_rgb_images
 from htcli.hooks import Steering, hooked, resolve_layers
 from htcli.models import ModelSpec
 
@@ -76,16 +77,7 @@ def combine(weighted: Sequence[tuple[Maps, float]]) -> Maps:
 
 
 def load_images(paths: Sequence[Path]) -> list[Image.Image]:
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise HTError(f"reference image {path} does not exist")
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise HTError(f"cannot read reference image {path}: {error}") from None
-    return images
+    return load_rgb_images(paths, "reference image")
 
 
 @dataclass
