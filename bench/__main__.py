@@ -44,6 +44,8 @@ def main() -> None:
         lines = result.stdout.strip().splitlines()
         last = lines[-1] if result.returncode == 0 and lines else f"FAILED (exit {result.returncode}): {result.stderr.strip()[-300:]}"
         print(f"{name}: {last}", flush=True)
+        if args.quick and name in QUICK:
+            what += f" [quick: {' '.join(QUICK[name])}]"
         rows.append((name, what, last, seconds))
     import torch
 
@@ -54,6 +56,8 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.",
         "Ratios are measured side by side in one run; absolute times vary between machines.",
+        "`--quick` shortens LinEAS to 200 steps, which shrinks the amortization speed ratio accordingly;",
+        "docs/results.md has the full-setting run (LinEAS 1000 steps, 20 held-out concepts).",
         "",
         "| benchmark | what | result (last line) | wall s |",
         "|---|---|---|---|",
