@@ -33,8 +33,11 @@ class LineasConfig:
     l1: float = 0.0
     group: float = 0.0
     seed: int = 0
+    micro_batch: int = 0  # samples per backward pass; 0 = all N at once
 
     def __post_init__(self) -> None:
+        if self.micro_batch < 0:
+            raise HTError(f"--micro-batch must be 0 (off) or positive, got {self.micro_batch}")
         if self.steps < 1:
             raise HTError(f"--steps must be positive, got {self.steps}")
         if not self.lr > 0:
@@ -79,6 +82,48 @@ class Frozen:
         one = {k: v[:1] for k, v in inputs.items()}
         with torch.no_grad():
             return list(pooled_activations(self.spec, self.model, self.layers, one))
+
+
+def w2_backward(
+    frozen: Frozen,
+    inputs: Mapping[str, Tensor],
+    maps_for: Callable[[slice], Maps],
+    sorted_targets: Mapping[str, Tensor],
+    groups: int,
+    micro_batch: int,
+    no_sync: Callable[[], object] | None = None,
+) -> Tensor:
+    """Back-propagate the W2 loss of `groups` concepts x N samples in micro-batches of samples.
+
+    Rows of `inputs` are concept-major (K * N). `maps_for(rows)` returns the maps of those rows
+    (shared (D,) or per-sample), built from whatever is being trained. Pass 1 runs every sample
+    without a graph and takes the gradient of the loss with respect to the pooled activations
+    (sorting fixes the pairing); pass 2 re-runs micro-batches with a graph and back-propagates
+    those gradients. Samples do not interact inside the denoiser, so the accumulated gradient
+    equals the one-pass gradient, while memory scales with `micro_batch` instead of K * N.
+    Returns the loss (mean over groups and layers), detached.
+    """
+    total = inputs["noise"].shape[0]
+    n = total // groups
+    with torch.no_grad():
+        pooled = frozen.pooled(inputs, maps_for(slice(0, total)))
+    leaves = {layer: p.float().requires_grad_() for layer, p in pooled.items()}
+    loss = torch.stack(
+        [w2_loss(leaves[layer].view(groups, n, -1), sorted_targets[layer], y_is_sorted=True) for layer in leaves]
+    ).mean()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    for start in range(0, total, micro_batch):
+        rows = slice(start, start + micro_batch)
+        batch = {key: value[rows] for key, value in inputs.items()}
+        out = frozen.pooled(batch, maps_for(rows), grad=True)
+        surrogate = sum((out[layer].float() * grads[layer][rows]).sum() for layer in out)
+        last = start + micro_batch >= total
+        if no_sync is not None and not last:  # DDP: all-reduce once, after the last micro-batch
+            with no_sync():
+                surrogate.backward()
+        else:
+            surrogate.backward()
+    return loss.detach()
 
 
 def _cpu(maps: Maps) -> Maps:
@@ -142,11 +187,14 @@ def fit_lineas(
     sorted_target = {n: torch.sort(t.float().to(device), dim=0).values for n, t in target.items()}
     history = []
     for step in range(config.steps):
-        maps = {n: (1 + delta[n], beta[n]) for n in target}
-        pooled = frozen.pooled(inputs, maps, grad=True)
-        loss = torch.stack([w2_loss(pooled[n], sorted_target[n], y_is_sorted=True) for n in target]).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if config.micro_batch:
+            shared = lambda rows: {n: (1 + delta[n], beta[n]) for n in target}  # noqa: E731
+            loss = w2_backward(frozen, inputs, shared, {n: t[None] for n, t in sorted_target.items()}, 1, config.micro_batch)
+        else:
+            pooled = frozen.pooled(inputs, {n: (1 + delta[n], beta[n]) for n in target}, grad=True)
+            loss = torch.stack([w2_loss(pooled[n], sorted_target[n], y_is_sorted=True) for n in target]).mean()
+            loss.backward()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         schedule.step()

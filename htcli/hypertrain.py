@@ -9,6 +9,7 @@ one exactly; under DDP each rank takes its share of the same draw.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import random
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from htcli.baselines import Frozen, residuals
+from htcli.baselines import Frozen, residuals, w2_backward
 from htcli.dataset import ActivationDataset
 from htcli.errors import HTError
 from htcli.hooks import Steering
@@ -45,6 +46,7 @@ class TrainConfig:
     limit_train: int | None = None  # train on a subset (learning curves)
     seed: int = 0
     bf16: bool = False
+    micro_batch: int = 0  # samples per backward pass (two-pass W2 gradient); 0 = all K * N at once
 
     def __post_init__(self) -> None:
         for name in ("steps", "concepts_per_step", "samples", "eval_every"):
@@ -52,6 +54,8 @@ class TrainConfig:
                 raise HTError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise HTError(f"--lr must be positive, got {self.lr}")
+        if self.micro_batch < 0:
+            raise HTError(f"--micro-batch must be 0 (off) or positive, got {self.micro_batch}")
         if not 0 <= self.val_fraction < 1:
             raise HTError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -134,33 +138,50 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------
 
-    def loss(self, names: Sequence[str]) -> Tensor:
-        """Mean W2 loss over the concepts `names` and all hooked layers (+ sparsity)."""
+    def accumulate(self, names: Sequence[str]) -> Tensor:
+        """Back-propagate the mean W2 loss over the concepts `names` and all hooked layers
+        (+ sparsity) into the hypernetwork's gradients; returns the loss, detached."""
         device = self.frozen.model.device
         k, n = len(names), self.config.samples
         embedding = torch.stack([self.embeddings[name] for name in names]).to(device)
-        maps = (self.ddp or self.network)(embedding)  # {layer: ((K, D), (K, D))}
-        per_sample = {layer: (o.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for layer, (o, b) in maps.items()}
+        network = self.ddp or self.network
         inputs = {key: value.repeat(k, *([1] * (value.ndim - 1))) for key, value in self.inputs.items()}
         targets = self.dataset.targets(names, "fit")
+        sorted_targets = {layer: torch.sort(t[:, :n].to(device), dim=1).values for layer, t in targets.items()}
+
+        def per_sample(rows: slice) -> dict[str, tuple[Tensor, Tensor]]:
+            maps = network(embedding)  # {layer: ((K, D), (K, D))}
+            return {layer: (o.repeat_interleave(n, 0)[rows], b.repeat_interleave(n, 0)[rows]) for layer, (o, b) in maps.items()}
+
+        sparse = bool(self.config.l1 or self.config.group)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            pooled = self.frozen.pooled(inputs, per_sample, grad=True)  # batch K * N, concept-major
-        losses = []
-        for layer, acts in pooled.items():
-            target = torch.sort(targets[layer][:, :n].to(device), dim=1).values
-            losses.append(w2_loss(acts.float().view(k, n, -1), target, y_is_sorted=True))
-        loss = torch.stack(losses).mean()
-        if self.config.l1 or self.config.group:
-            loss = loss + sparsity_penalty(maps, self.config.l1, self.config.group)
-        return loss
+            if self.config.micro_batch:
+                no_sync = self.ddp.no_sync if self.ddp is not None else None
+                penalty = torch.zeros(())
+                if sparse:  # its gradient joins the micro-batches' before DDP's one all-reduce
+                    with no_sync() if no_sync else contextlib.nullcontext():
+                        penalty = sparsity_penalty(network(embedding), self.config.l1, self.config.group)
+                        penalty.backward()
+                loss = w2_backward(self.frozen, inputs, per_sample, sorted_targets, k, self.config.micro_batch, no_sync)
+                return loss + penalty.detach()
+            maps = network(embedding)
+            pooled = self.frozen.pooled(inputs, {
+                layer: (o.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for layer, (o, b) in maps.items()
+            }, grad=True)  # concept-major rows
+            loss = torch.stack(
+                [w2_loss(acts.float().view(k, n, -1), sorted_targets[layer], y_is_sorted=True) for layer, acts in pooled.items()]
+            ).mean()
+            if sparse:
+                loss = loss + sparsity_penalty(maps, self.config.l1, self.config.group)
+            loss.backward()
+            return loss.detach()
 
     def train_step(self) -> float:
         names = draw(self.train, self.config.concepts_per_step, self.config.seed, self.step)
         start = time.perf_counter()
         self.network.train()
-        loss = self.loss(names[self.rank :: self.world])
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self.accumulate(names[self.rank :: self.world])
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.clip)
         self.optimizer.step()
         self.scheduler.step()

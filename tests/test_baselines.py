@@ -182,3 +182,14 @@ def test_cli_bad_input(tmp_path, data):
     assert bad_method.exit_code == 1 and "unknown method" in bad_method.output
     bad_lr = runner.invoke(app, ["fit-linear-baselines", "--method", "lineas", "--lr", "0", "--data", str(data.root)])
     assert bad_lr.exit_code == 1 and "--lr" in bad_lr.output
+
+
+def test_micro_batched_lineas_matches_one_pass(data, frozen):
+    name, target = _concept(data)
+    inputs = data.source_inputs("fit")
+    one, h1 = fit_lineas(frozen, inputs, target, LineasConfig(steps=5))
+    micro, h2 = fit_lineas(frozen, inputs, target, LineasConfig(steps=5, micro_batch=5))
+    assert h1 == pytest.approx(h2, rel=1e-5)
+    for layer in one:
+        torch.testing.assert_close(one[layer][0], micro[layer][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(one[layer][1], micro[layer][1], atol=1e-6, rtol=1e-5)

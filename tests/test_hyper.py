@@ -146,3 +146,26 @@ def test_ddp_two_processes_match_single_process(data, tmp_path):
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-3)
         assert ra["test_residual"] == pytest.approx(rb["test_residual"], rel=1e-3)
+
+
+def test_micro_batched_gradient_equals_one_pass(data):
+    from htcli.baselines import Frozen
+    from htcli.hooks import resolve_layers
+    from htcli.hypertrain import TrainConfig, Trainer
+    from htcli.models import get_model, load_denoiser
+
+    spec = get_model("tiny")
+    model = load_denoiser(spec)
+    frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
+    hyper = HyperConfig(embed_dim=384, layers=tuple(data.layers.items()), hidden=16, rank=4)
+    grads = []
+    for micro_batch in (0, 3):
+        config = TrainConfig(steps=1, concepts_per_step=3, samples=8, val_fraction=0, micro_batch=micro_batch, l1=1e-4)
+        trainer = Trainer(frozen, data, hyper, config, data.root / "unused", "tiny")
+        for p in trainer.network.head.up.parameters():  # leave the identity so every path carries gradient
+            torch.nn.init.normal_(p, std=0.1)
+        trainer.network.zero_grad()
+        trainer.accumulate(trainer.train[:3])
+        grads.append([p.grad.clone() for p in trainer.network.parameters()])
+    for one, micro in zip(*grads):
+        torch.testing.assert_close(one, micro, atol=1e-7, rtol=1e-4)

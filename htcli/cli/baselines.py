@@ -54,6 +54,7 @@ def fit_baselines_command(
     l1: Annotated[float, typer.Option(help="LinEAS sparsity: L1 weight per neuron.")] = 0.0,
     group: Annotated[float, typer.Option(help="LinEAS sparsity: group-lasso weight per layer.")] = 0.0,
     incremental: Annotated[bool, typer.Option(help="Linear-AcT: fit layer l with layers < l already steered.")] = False,
+    micro_batch: Annotated[int, typer.Option(help="LinEAS: samples per backward pass (exact two-pass gradient). 0: all at once.")] = 0,
     seed: SeedOption = 0,
     device: DeviceOption = None,
     as_json: JsonOption = False,
@@ -74,7 +75,8 @@ def fit_baselines_command(
     from htcli.io import read_json, write_json
     from htcli.models import get_model, load_denoiser
 
-    lineas = LineasConfig(steps=steps, lr=lr, optimizer=optimizer, l1=l1, group=group, seed=seed) if method == "lineas" else None
+    lineas = (LineasConfig(steps=steps, lr=lr, optimizer=optimizer, l1=l1, group=group, seed=seed, micro_batch=micro_batch)
+              if method == "lineas" else None)
     dataset = ActivationDataset(resolve_data(data, model))
     spec = get_model(dataset.settings.model)
     if split not in ("train", "test", "all"):

@@ -61,6 +61,7 @@ def train_hyper_command(
     seed: SeedOption = 0,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast for the frozen model (maps and loss stay float32).")] = False,
     grad_checkpointing: Annotated[bool, typer.Option(help="Recompute denoiser activations in backward (less memory).")] = False,
+    micro_batch: Annotated[int, typer.Option(help="Samples per backward pass (exact two-pass W2 gradient; memory ~ this, not K*N). 0: all at once.")] = 0,
     calibration_images: Annotated[
         Optional[Path], typer.Option(help="Folder of images to estimate the modality gap (image-capable encoders).")
     ] = None,
@@ -92,7 +93,8 @@ def train_hyper_command(
     if (out / "hyper.safetensors").exists() and not (resume or overwrite):
         raise HTError(f"{out} already holds a hypernetwork; pass --resume to continue it or --overwrite to replace it")
     config = TrainConfig(steps=steps, concepts_per_step=concepts_per_step, samples=samples, lr=lr, l1=l1, group=group,
-                         eval_every=eval_every, val_fraction=val_fraction, limit_train=limit_train, seed=seed, bf16=bf16)
+                         eval_every=eval_every, val_fraction=val_fraction, limit_train=limit_train, seed=seed, bf16=bf16,
+                         micro_batch=micro_batch)
     embed_dim = int(dataset.embeddings(dataset.names()[:1]).shape[-1])
     hyper = HyperConfig(embed_dim=embed_dim, layers=tuple(dataset.layers.items()), arch=arch, hidden=hidden,
                         depth=depth, rank=rank or None)
