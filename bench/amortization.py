@@ -31,11 +31,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     quiet()
-    from htcli.baselines import Frozen, LineasConfig, fit_method, residuals
+    from htcli.baselines import Frozen, LineasConfig
     from htcli.concepts import load_library
     from htcli.dataset import ActivationDataset
     from htcli.encoders import get_encoder
-    from htcli.evaluation import MethodResult, compare, evaluate_hyper
+    from htcli.evaluation import compare, evaluate_baseline, evaluate_hyper
     from htcli.hooks import resolve_layers
     from htcli.hypernet import load_checkpoint
     from htcli.models import get_model, load_denoiser
@@ -46,17 +46,9 @@ def main() -> None:
     model = load_denoiser(spec)
     frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
     names = data.names("test")[: args.concepts]
-    fit_inputs, source_fit = data.source_inputs("fit"), data.source_activations("fit")
-    eval_inputs, source_eval = data.source_inputs("eval"), data.source_activations("eval")
     baselines = []
     for method in ("mean-shift", "linear-act", "lineas"):
-        result = MethodResult(method, [], [])
-        for name in names:
-            target = {k: v[0] for k, v in data.targets([name], "fit").items()}
-            maps, seconds, _ = fit_method(method, frozen, fit_inputs, source_fit, target, LineasConfig(steps=args.steps))
-            target_eval = {k: v[0] for k, v in data.targets([name], "eval").items()}
-            result.residuals.append(residuals(frozen, eval_inputs, source_eval, target_eval, maps)[0])
-            result.seconds.append(seconds)
+        result = evaluate_baseline(method, frozen, data, names, LineasConfig(steps=args.steps))
         baselines.append(result)
         print(f"{method:14s} residual {statistics.fmean(result.residuals):.3f} +- {statistics.stdev(result.residuals):.3f}, "
               f"median {statistics.median(result.seconds):.4f} s/concept", flush=True)

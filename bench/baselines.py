@@ -28,7 +28,8 @@ def main() -> None:
     quiet()
     from typer.testing import CliRunner
 
-    from htcli.baselines import Frozen, LineasConfig, fit_method, residuals
+    from htcli.baselines import Frozen, LineasConfig
+    from htcli.evaluation import evaluate_baseline
     from htcli.cli import app
     from htcli.dataset import ActivationDataset
     from htcli.hooks import resolve_layers
@@ -43,18 +44,10 @@ def main() -> None:
         spec = get_model("tiny")
         model = load_denoiser(spec)
         frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
-        fit_inputs, source_fit = data.source_inputs("fit"), data.source_activations("fit")
-        eval_inputs, source_eval = data.source_inputs("eval"), data.source_activations("eval")
         medians = {}
         for method in ("mean-shift", "linear-act", "lineas"):
-            seconds, ratios = [], []
-            for name in data.names():
-                target = {k: v[0] for k, v in data.targets([name], "fit").items()}
-                config = LineasConfig(steps=args.steps)
-                maps, fit_s, _ = fit_method(method, frozen, fit_inputs, source_fit, target, config)
-                target_eval = {k: v[0] for k, v in data.targets([name], "eval").items()}
-                ratios.append(residuals(frozen, eval_inputs, source_eval, target_eval, maps)[0])
-                seconds.append(fit_s)
+            result = evaluate_baseline(method, frozen, data, data.names(), LineasConfig(steps=args.steps))
+            seconds, ratios = result.seconds, result.residuals
             medians[method] = statistics.median(seconds)
             print(f"{method:11s} median {medians[method]:.4f} s/concept, held-out residual {statistics.fmean(ratios):.3f} "
                   f"(per concept {', '.join(f'{r:.3f}' for r in ratios)})")

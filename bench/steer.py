@@ -22,7 +22,7 @@ from bench.common import paired_ratio, quiet  # noqa: E402
 def main() -> None:
     quiet()
     from htcli.encoders import get_encoder
-    from htcli.hypernet import HyperConfig, build_hypernetwork
+    from htcli.hypernet import HyperConfig, build_hypernetwork, unbatch
     from htcli.models import get_model, load_pipeline
     from htcli.plan import make_plan
     from htcli.steering import generate
@@ -43,7 +43,7 @@ def main() -> None:
         start = time.perf_counter()
         maps = concept_to_maps()
         times.append((time.perf_counter() - start) * 1e3)
-    maps = {k: (o[0], b[0]) for k, (o, b) in maps.items()}
+    maps = unbatch(maps)[0]
     seeds = [0, 1, 2, 3]
     t_steer, t_plain, ratio = paired_ratio(
         lambda: generate(spec, pipe, "a lighthouse on a cliff", maps, [0.6], seeds),

@@ -20,17 +20,18 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from htcli import __version__
 from htcli.concepts import Concept, ConceptLibrary, slugify
 from htcli.errors import HTError
 from htcli.io import read_json, save_tensors, write_json
+from htcli.models import denoiser
 
 FORMAT = "ht-dataset/1"
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,6 +80,31 @@ def split_prompts(prompts: Sequence[str], samples: int, eval_samples: int, seed:
 def make_seeds(seed: int, samples: int, eval_samples: int) -> tuple[list[int], list[int]]:
     base = seed * 1_000_000
     return list(range(base, base + samples)), list(range(base + 500_000, base + 500_000 + eval_samples))
+
+
+def make_settings(
+    spec, library: ConceptLibrary, layers: Mapping[str, nn.Module], samples: int, eval_samples: int, seed: int,
+    encoder: str | None = None, batch_size: int = 16,
+) -> DatasetSettings:
+    """Settings for `spec` hooked at `layers`: seeded disjoint fit/eval prompts and seeds."""
+    from htcli.hooks import module_width
+
+    if batch_size < 1:
+        raise HTError(f"--batch-size must be positive, got {batch_size}")
+    fit_prompts, eval_prompts = split_prompts(library.source_prompts(), samples, eval_samples, seed)
+    fit_seeds, eval_seeds = make_seeds(seed, samples, eval_samples)
+    return DatasetSettings(
+        model=spec.id,
+        layers=tuple(layers),
+        widths=tuple(module_width(m) for m in layers.values()),
+        encoder=encoder or spec.concept_encoder,
+        fit_prompts=tuple(fit_prompts),
+        eval_prompts=tuple(eval_prompts),
+        fit_seeds=tuple(fit_seeds),
+        eval_seeds=tuple(eval_seeds),
+        storage_dtype="bfloat16" if spec.dtype == "bfloat16" else "float16",
+        batch_size=batch_size,
+    )
 
 
 def select_concepts(
@@ -146,7 +172,7 @@ class Builder:
 
     def __init__(self, spec, pipe, layers, settings: DatasetSettings, encoder) -> None:
         self.spec, self.pipe, self.layers, self.settings, self.encoder = spec, pipe, layers, settings, encoder
-        self.model = getattr(pipe, spec.denoiser_attr)
+        self.model = denoiser(pipe, spec)
 
     def _run(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
         from htcli.runner import encode_inputs, pooled_activations
@@ -163,12 +189,16 @@ class Builder:
             inputs.append(batch)
         return {name: torch.cat(parts) for name, parts in pooled.items()}, inputs
 
-    def concept_tensors(self, concept: Concept) -> dict[str, Tensor]:
-        s, dtype = self.settings, STORAGE_DTYPES[self.settings.storage_dtype]
-        tensors = {}
+    def _parts(self, concept: Concept):
+        """(part, pooled activations, encoder inputs) for the fit and the eval samples of `concept`."""
+        s = self.settings
         for part, prompts, seeds in (("fit", s.fit_prompts, s.fit_seeds), ("eval", s.eval_prompts, s.eval_seeds)):
-            applied = [concept.apply(p, i) for i, p in enumerate(prompts)]
-            pooled, _ = self._run(applied, seeds)
+            yield (part, *self._run([concept.apply(p, i) for i, p in enumerate(prompts)], seeds))
+
+    def concept_tensors(self, concept: Concept) -> dict[str, Tensor]:
+        dtype = STORAGE_DTYPES[self.settings.storage_dtype]
+        tensors = {}
+        for part, pooled, _ in self._parts(concept):
             tensors |= {f"{part}.{name}": t.to(dtype) for name, t in pooled.items()}
         tensors["embedding"] = self.encoder.encode_text([concept.phrase])[0]
         return tensors
@@ -176,10 +206,9 @@ class Builder:
     def source_tensors(self, source: Concept) -> dict[str, Tensor]:
         from htcli.runner import pad_text
 
-        s, dtype = self.settings, STORAGE_DTYPES[self.settings.storage_dtype]
+        dtype = STORAGE_DTYPES[self.settings.storage_dtype]
         tensors = {}
-        for part, prompts, seeds in (("fit", s.fit_prompts, s.fit_seeds), ("eval", s.eval_prompts, s.eval_seeds)):
-            pooled, inputs = self._run([source.apply(p, i) for i, p in enumerate(prompts)], seeds)
+        for part, pooled, inputs in self._parts(source):
             tensors |= {f"act.{part}.{name}": t.to(dtype) for name, t in pooled.items()}
             batches = pad_text(inputs)
             for key in batches[0]:

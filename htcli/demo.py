@@ -17,16 +17,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from htcli.baselines import Frozen, LineasConfig, fit_method, residuals
-from htcli.concepts import load_library
-from htcli.dataset import ActivationDataset, Builder, DatasetSettings, build_dataset, check_existing, make_seeds, split_prompts
+from htcli.baselines import Frozen, LineasConfig
+from htcli.concepts import load_library, slugify
+from htcli.dataset import ActivationDataset, Builder, build_dataset, check_existing, make_settings
 from htcli.encoders import get_encoder
-from htcli.evaluation import MethodResult, compare, evaluate_hyper
-from htcli.hooks import module_width, resolve_layers
-from htcli.hypernet import HyperConfig
+from htcli.evaluation import compare, evaluate_baseline, evaluate_hyper
+from htcli.hooks import resolve_layers
+from htcli.hypernet import HyperConfig, unbatch
 from htcli.hypertrain import TrainConfig, Trainer
 from htcli.interventions import Intervention
-from htcli.models import get_model, load_denoiser, load_pipeline
+from htcli.models import denoiser, get_model, load_denoiser, load_pipeline
 from htcli.steering import generate, grid
 
 
@@ -52,11 +52,8 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
     # 1. Dataset: paired fitting samples, disjoint evaluation samples.
     say(f"1/5 building a dataset: {len(train)} training + {len(test)} held-out concepts")
     pipe = load_pipeline(spec)
-    layers = resolve_layers(pipe.transformer, spec.hook_patterns)
-    fit_prompts, eval_prompts = split_prompts(library.source_prompts(), config.samples, config.eval_samples, config.seed)
-    fit_seeds, eval_seeds = make_seeds(config.seed, config.samples, config.eval_samples)
-    settings = DatasetSettings(spec.id, tuple(layers), tuple(module_width(m) for m in layers.values()), spec.concept_encoder,
-                               tuple(fit_prompts), tuple(eval_prompts), tuple(fit_seeds), tuple(eval_seeds))
+    layers = resolve_layers(denoiser(pipe, spec), spec.hook_patterns)
+    settings = make_settings(spec, library, layers, config.samples, config.eval_samples, config.seed)
     builder = Builder(spec, pipe, layers, settings, get_encoder(spec.concept_encoder))
     check_existing(out / "data", settings, overwrite=True)  # a rerun with other settings starts afresh
     build_dataset(builder, library, train + test, out / "data")
@@ -67,20 +64,13 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
     # 2. Per-concept baselines on the held-out concepts.
     say(f"2/5 fitting mean shift, Linear-AcT and LinEAS ({config.lineas_steps} steps) per held-out concept")
     names = [c.name for c in test]
-    fit_inputs, source_fit = data.source_inputs("fit"), data.source_activations("fit")
-    eval_inputs, source_eval = data.source_inputs("eval"), data.source_activations("eval")
-    baselines = []
-    for method in ("mean-shift", "linear-act", "lineas"):
-        result = MethodResult(method, [], [])
-        for concept in test:
-            target = {k: v[0] for k, v in data.targets([concept.name], "fit").items()}
-            maps, seconds, info = fit_method(method, frozen, fit_inputs, source_fit, target,
-                                             LineasConfig(steps=config.lineas_steps, seed=config.seed))
-            target_eval = {k: v[0] for k, v in data.targets([concept.name], "eval").items()}
-            result.residuals.append(residuals(frozen, eval_inputs, source_eval, target_eval, maps)[0])
-            result.seconds.append(seconds)
-            Intervention(maps, spec.id, method, concept.name, info=info).save(out / "baselines" / method / f"{concept.slug}.safetensors")
-        baselines.append(result)
+    lineas = LineasConfig(steps=config.lineas_steps, seed=config.seed)
+
+    def saver(method: str) -> Callable[[str, dict, dict], None]:
+        return lambda name, maps, info: Intervention(maps, spec.id, method, name, info=info).save(
+            out / "baselines" / method / f"{slugify(name)}.safetensors")
+
+    baselines = [evaluate_baseline(m, frozen, data, names, lineas, saver(m)) for m in ("mean-shift", "linear-act", "lineas")]
 
     # 3. The hypernetwork, trained on the training concepts only.
     say(f"3/5 training the hypernetwork ({config.train_steps} steps) on {len(train)} concepts")
@@ -99,7 +89,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
     # 5. A strength sweep with the hypernetwork, for one held-out concept.
     say(f"5/5 steering 'a lighthouse on a cliff' towards {test[0].name!r} with a strength sweep")
     embedding = get_encoder(spec.concept_encoder).encode_text([test[0].phrase])
-    maps = {k: (o[0], b[0]) for k, (o, b) in checkpoint.maps(embedding).items()}
+    maps = unbatch(checkpoint.maps(embedding))[0]
     strengths = [0.0, 0.25, 0.5, 0.75, 1.0]
     images = generate(spec, pipe, "a lighthouse on a cliff", maps, strengths, [config.seed])
     grid([g.image for g in images], [g.label.split(",")[0] for g in images], columns=len(images)).save(out / "sweep.png")

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from htcli import __version__
-from htcli.concepts import Concept, ConceptLibrary, slugify
+from htcli.concepts import Concept, ConceptLibrary
 from htcli.env import run_path
 from htcli.errors import HTError
-from htcli.io import atomic_path, read_json, write_json
+from htcli.io import atomic_path, file_digest, read_json, write_json
+from htcli.models import denoiser
 
 FORMAT = "ht-eval/1"
 INDEX = "index.json"
@@ -41,10 +42,6 @@ LATEST = "latest.json"
 # build-dataset draws seeds from seed * 1e6 + [0, 500_000 + eval samples): keep evaluation images off them.
 SEED_OFFSET = 900_000
 Progress = Callable[[int, int, str], None]  # (images done, images to do, what now)
-
-
-def sha16(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -74,17 +71,18 @@ class Method:
             if not path.is_file():
                 raise HTError(f"{self.name}: no intervention file {path} for {concept.name!r}; fit it with "
                               f"`ht fit-linear-baselines --method {self.name} --concept {concept.name!r}`")
-            self._digests[path] = sha16(path)
+            self._digests[path] = file_digest(path)
         return self._digests[path]
 
     def maps(self, concept: Concept, model: str, modules: dict[str, Any]) -> dict:
         """The concept's maps, checked against the model (its id, layer names and widths)."""
         from htcli.hooks import module_width
+        from htcli.hypernet import unbatch
         from htcli.interventions import Intervention, load_intervention
 
         if self.kind == "hypertransport":
             predicted = self.checkpoint.maps(self.encoder.encode_text([concept.phrase]))
-            found = Intervention({layer: (o[0], b[0]) for layer, (o, b) in predicted.items()}, self.checkpoint.model,
+            found = Intervention(unbatch(predicted)[0], self.checkpoint.model,
                                  "hypertransport", concept.name)
         else:
             found = load_intervention(self.file(concept))
@@ -274,7 +272,7 @@ def run_evaluation(spec, run: EvalRun, concepts: Sequence[Concept], prompts: Seq
     if progress:
         progress(0, total, "loading the pipeline" if batches else "nothing to generate")
     pipe = load_pipe() if batches else None
-    modules = dict(getattr(pipe, spec.denoiser_attr).named_modules()) if pipe is not None else {}
+    modules = dict(denoiser(pipe, spec).named_modules()) if pipe is not None else {}
     maps_cache: dict[tuple[str, str], dict] = {}
     for batch in batches:
         concept, method = batch.concept, batch.method

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from htcli.baselines import Frozen, residuals
+from htcli.baselines import Frozen, LineasConfig, fit_method, residuals
 from htcli.concepts import ConceptLibrary
 from htcli.dataset import ActivationDataset
-from htcli.hypernet import HyperCheckpoint
+from htcli.hypernet import HyperCheckpoint, unbatch
 from htcli.io import read_json
 
 
@@ -52,12 +52,32 @@ def evaluate_hyper(
     for name in names:
         start = time.perf_counter()
         embedding = encoder.encode_text([library.resolve(name).phrase])
-        maps = {k: (o[0], b[0]) for k, (o, b) in checkpoint.maps(embedding.to(device)).items()}
+        maps = unbatch(checkpoint.maps(embedding.to(device)))[0]
         if device.type == "cuda":
             torch.cuda.synchronize()
         result.seconds.append(time.perf_counter() - start)
         target = {k: v[0] for k, v in dataset.targets([name], "eval").items()}
         result.residuals.append(residuals(frozen, eval_inputs, source, target, maps)[0])
+    return result
+
+
+def evaluate_baseline(
+    method: str, frozen: Frozen, dataset: ActivationDataset, names: Sequence[str], lineas: LineasConfig | None = None,
+    on_fit: Callable[[str, dict, dict], None] | None = None,
+) -> MethodResult:
+    """Fit `method` on each concept's fitting samples and score it on its evaluation samples.
+    `on_fit(name, maps, info)` sees every fit (e.g. to save it)."""
+    fit_inputs, source_fit = dataset.source_inputs("fit"), dataset.source_activations("fit")
+    eval_inputs, source_eval = dataset.source_inputs("eval"), dataset.source_activations("eval")
+    result = MethodResult(method, [], [])
+    for name in names:
+        target = {k: v[0] for k, v in dataset.targets([name], "fit").items()}
+        maps, seconds, info = fit_method(method, frozen, fit_inputs, source_fit, target, lineas)
+        target_eval = {k: v[0] for k, v in dataset.targets([name], "eval").items()}
+        result.residuals.append(residuals(frozen, eval_inputs, source_eval, target_eval, maps)[0])
+        result.seconds.append(seconds)
+        if on_fit:
+            on_fit(name, maps, info)
     return result
 
 
@@ -78,5 +98,5 @@ def compare(hyper: MethodResult, baselines: Sequence[MethodResult]) -> list[dict
     rows = [none.row, *(b.row for b in baselines), hyper.row]
     ht_seconds = hyper.row["seconds_median"]
     for row in rows:
-        row["times_ht"] = row["seconds_median"] / ht_seconds if ht_seconds and row["method"] not in ("none",) else None
+        row["times_ht"] = row["seconds_median"] / ht_seconds if ht_seconds and row["method"] != "none" else None
     return rows

@@ -103,6 +103,12 @@ class MLPHyper(nn.Module):
 ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLPHyper}
 
 
+def unbatch(maps: dict[str, tuple[Tensor, Tensor]]) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    """{layer: ((K, D), (K, D))} -> K per-concept maps {layer: ((D,), (D,))}."""
+    count = next(iter(maps.values()))[0].shape[0]
+    return [{layer: (o[i], b[i]) for layer, (o, b) in maps.items()} for i in range(count)]
+
+
 def build_hypernetwork(config: HyperConfig) -> nn.Module:
     return ARCHITECTURES[config.arch](config)
 

@@ -24,8 +24,7 @@ from torch import Tensor
 from htcli.baselines import Frozen, residuals, w2_backward
 from htcli.dataset import ActivationDataset
 from htcli.errors import HTError
-from htcli.hooks import Steering
-from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint
+from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint, unbatch
 from htcli.io import atomic_path, write_json
 from htcli.transport import w2_loss
 
@@ -206,8 +205,7 @@ class Trainer:
         device = self.frozen.model.device
         ratios = []
         for name in names:
-            maps = self.network(self.embeddings[name][None].to(device))
-            maps = {layer: (o[0], b[0]) for layer, (o, b) in maps.items()}
+            maps = unbatch(self.network(self.embeddings[name][None].to(device)))[0]
             target = {k: v[0] for k, v in self.dataset.targets([name], "eval").items()}
             ratios.append(residuals(self.frozen, self.eval_inputs, self.source_eval, target, maps)[0])
         return sum(ratios) / len(ratios)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from htcli.hooks import Steering, hooked
-from htcli.models import ModelSpec
+from htcli.models import ModelSpec, denoiser
 
 
 def initial_noise(spec: ModelSpec, denoiser: nn.Module, seeds: Sequence[int]) -> Tensor:
@@ -41,7 +41,7 @@ def encode_inputs(spec: ModelSpec, pipe: Any, prompts: Sequence[str], seeds: Seq
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     device = pipe._execution_device
-    model = getattr(pipe, spec.denoiser_attr)
+    model = denoiser(pipe, spec)
     inputs = {"noise": initial_noise(spec, model, seeds)}
     if spec.family == "pixart":
         # The pipeline pads every prompt to max_sequence_length (300 T5 tokens); attention

@@ -17,7 +17,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,9 +24,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from htcli.errors import HTError
-from htcli.io import load_rgb_images
 from htcli.hooks import Steering, hooked, resolve_layers
-from htcli.models import ModelSpec
+from htcli.models import ModelSpec, denoiser
 
 Maps = dict[str, tuple[Tensor, Tensor]]
 
@@ -76,10 +74,6 @@ def combine(weighted: Sequence[tuple[Maps, float]]) -> Maps:
     return combined
 
 
-def load_images(paths: Sequence[Path]) -> list[Image.Image]:
-    return load_rgb_images(paths, "reference image")
-
-
 @dataclass
 class Generated:
     image: Image.Image
@@ -93,7 +87,7 @@ def generate(
 ) -> list[Generated]:
     """One pipeline call per strength, batched over seeds. Strength 0 or None (or no maps)
     runs the pipeline with no hook at all, so it equals unsteered generation bit for bit."""
-    model = getattr(pipe, spec.denoiser_attr)
+    model = denoiser(pipe, spec)
     layers = resolve_layers(model, list(maps)) if maps else {}
     results = []
     for strength in strengths:
@@ -111,7 +105,7 @@ def generate(
 
 def generate_per_sample(spec: ModelSpec, pipe: Any, prompt: str, maps: Sequence[Maps], strength: float, seed: int) -> list:
     """One forward pass in which sample i carries maps[i] (a batch that mixes concepts)."""
-    model = getattr(pipe, spec.denoiser_attr)
+    model = denoiser(pipe, spec)
     layers = resolve_layers(model, list(maps[0]))
     stacked = {layer: (torch.stack([m[layer][0] for m in maps]), torch.stack([m[layer][1] for m in maps])) for layer in maps[0]}
     generators = [torch.Generator().manual_seed(seed) for _ in maps]

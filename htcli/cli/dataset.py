@@ -56,22 +56,20 @@ def build_dataset_command(
     Example: ht build-dataset --model tiny --limit-concepts 40
     """
     from htcli.concepts import load_library
-    from htcli.dataset import Builder, DatasetSettings, build_dataset, check_existing, make_seeds, select_concepts, split_prompts
+    from htcli.dataset import Builder, build_dataset, check_existing, make_settings, select_concepts
     from htcli.encoders import get_encoder
     from htcli.env import close_distributed, init_distributed, resolve_device, run_path
-    from htcli.hooks import module_width, resolve_layers
-    from htcli.models import build_meta_denoiser, default_model_name, get_model, load_pipeline
+    from htcli.hooks import resolve_layers
+    from htcli.models import build_meta_denoiser, default_model_name, denoiser, get_model, load_pipeline
 
     spec = get_model(model or default_model_name())
     out = out or run_path(spec.id, "data")
     if out.exists() and not out.is_dir():
         raise HTError(f"--out {out} is a file, not a directory")
-    if batch_size < 1:
-        raise HTError(f"--batch-size must be positive, got {batch_size}")
     library = load_library(concept_dirs or ())
     concepts = select_concepts(library, split, concept or (), limit_concepts, seed)
-    fit_prompts, eval_prompts = split_prompts(library.source_prompts(), samples_per_concept, eval_samples, seed)
     meta_layers = resolve_layers(build_meta_denoiser(spec), layers or spec.hook_patterns)
+    settings = make_settings(spec, library, meta_layers, samples_per_concept, eval_samples, seed, encoder, batch_size)
     if dry_run:
         from htcli.plan import make_plan
 
@@ -81,19 +79,6 @@ def build_dataset_command(
         console.print(f"concepts: {len(concepts)} (+ the source), {samples_per_concept} fit + {eval_samples} eval samples each")
         console.print(f"disk estimate: {_gib(per_concept * (len(concepts) + 1))} of activations in {out}")
         return
-    fit_seeds, eval_seeds = make_seeds(seed, samples_per_concept, eval_samples)
-    settings = DatasetSettings(
-        model=spec.id,
-        layers=tuple(meta_layers),
-        widths=tuple(module_width(m) for m in meta_layers.values()),
-        encoder=encoder or spec.concept_encoder,
-        fit_prompts=tuple(fit_prompts),
-        eval_prompts=tuple(eval_prompts),
-        fit_seeds=tuple(fit_seeds),
-        eval_seeds=tuple(eval_seeds),
-        storage_dtype="bfloat16" if spec.dtype == "bfloat16" else "float16",
-        batch_size=batch_size,
-    )
     distributed = init_distributed()
     try:
         import torch.distributed as dist
@@ -103,7 +88,7 @@ def build_dataset_command(
             check_existing(out, settings, overwrite)
         torch_device = resolve_device(device)
         pipe = load_pipeline(spec, model_path=model_path, device=torch_device)
-        hooked_layers = resolve_layers(getattr(pipe, spec.denoiser_attr), settings.layers)
+        hooked_layers = resolve_layers(denoiser(pipe, spec), settings.layers)
         builder = Builder(spec, pipe, hooked_layers, settings, get_encoder(settings.encoder, str(torch_device)))
         with Progress(
             TextColumn("[bold]build-dataset[/]"),

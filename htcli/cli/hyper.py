@@ -165,14 +165,13 @@ def export_command(
     """
     from htcli.concepts import load_library
     from htcli.encoders import get_encoder
-    from htcli.hypernet import load_checkpoint
+    from htcli.hypernet import load_checkpoint, unbatch
     from htcli.interventions import Intervention
 
     checkpoint = load_checkpoint(resolve_hyper(hyper, model))
     encoder = get_encoder(checkpoint.encoder)
     resolved = load_library().resolve(concept)
-    maps = checkpoint.maps(encoder.encode_text([resolved.phrase]))
-    maps = {layer: (o[0], b[0]) for layer, (o, b) in maps.items()}
+    maps = unbatch(checkpoint.maps(encoder.encode_text([resolved.phrase])))[0]
     Intervention(maps, checkpoint.model, "hypertransport", resolved.name, checkpoint.encoder,
                  info={"phrase": resolved.phrase}).save(out)
     console.print(f"wrote {out} ({checkpoint.model}, {len(maps)} layers) for {resolved.name!r}")

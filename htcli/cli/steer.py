@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from htcli.cli.dataset import DeviceOption
 from htcli.cli.hyper import HyperOption, resolve_hyper
 from htcli.cli.models import ModelOption
 from htcli.errors import HTError
+from htcli.io import file_digest, load_rgb_images
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -66,7 +66,7 @@ def steer_command(  # noqa: C901  (one linear script: check, build the intervent
     from htcli.env import resolve_device, run_path
     from htcli.interventions import Intervention, load_intervention
     from htcli.models import default_model_name, get_model, load_pipeline
-    from htcli.steering import Timer, combine, generate, generate_per_sample, grid, load_images, parse_strengths, parse_weighted
+    from htcli.steering import Timer, combine, generate, generate_per_sample, grid, parse_strengths, parse_weighted
 
     # 1. Check every input before loading anything heavy.
     spec = get_model(model or default_model_name())
@@ -80,7 +80,7 @@ def steer_command(  # noqa: C901  (one linear script: check, build the intervent
     library = load_library()
     weighted_concepts = [parse_weighted(c) for c in concept or ()]
     concepts = [(library.resolve(text), w) for text, w in weighted_concepts]
-    images = load_images(reference_image or [])
+    images = load_rgb_images(reference_image or [], "reference image")
     files = []
     for item in intervention or ():
         path, weight = parse_weighted(item)
@@ -105,29 +105,27 @@ def steer_command(  # noqa: C901  (one linear script: check, build the intervent
         checkpoint = None
         if concepts or images:
             from htcli.encoders import close_gap, get_encoder
-            from htcli.hypernet import load_checkpoint
+            from htcli.hypernet import load_checkpoint, unbatch
 
             path = resolve_hyper(hyper, spec.id)
             checkpoint = load_checkpoint(path)
             if checkpoint.model != spec.id:
                 raise HTError(f"{path} was trained for model {checkpoint.model!r}, not {spec.id!r}")
-            checkpoint_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            checkpoint_hash = file_digest(path)
             encoder = get_encoder(checkpoint.encoder)
             if images and not encoder.has_images:
                 raise HTError(f"--reference-image needs an image encoder; this hypernetwork uses {encoder.id} (text only)")
         with Timer() as timer:
             if concepts:
-                predicted = checkpoint.maps(encoder.encode_text([c.phrase for c, _ in concepts]))
-                for i, (_, w) in enumerate(concepts):
-                    maps_per_source.append(({k: (o[i], b[i]) for k, (o, b) in predicted.items()}, w))
+                predicted = unbatch(checkpoint.maps(encoder.encode_text([c.phrase for c, _ in concepts])))
+                maps_per_source += [(maps, w) for maps, (_, w) in zip(predicted, concepts)]
             if images:
                 embedding = encoder.encode_images(images).mean(0, keepdim=True)
                 if checkpoint.gap is not None and not no_gap_correction:
                     embedding = close_gap(embedding, checkpoint.gap)
                 elif checkpoint.gap is None and not no_gap_correction:
                     console.print("[yellow]note:[/] the hypernetwork stores no modality gap; using raw image embeddings")
-                predicted = checkpoint.maps(embedding)
-                maps_per_source.append(({k: (o[0], b[0]) for k, (o, b) in predicted.items()}, 1.0))
+                maps_per_source.append((unbatch(checkpoint.maps(embedding))[0], 1.0))
             maps_per_source += [(f.maps, w) for f, w in files]
             combined = None if each else combine(maps_per_source)
         ms = timer.ms
