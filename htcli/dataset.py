@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from htcli import __version__
 from htcli.concepts import Concept, ConceptLibrary, slugify
+from htcli.env import barrier
 from htcli.errors import HTError
 from htcli.io import read_json, save_tensors, write_json
 from htcli.models import denoiser
@@ -160,13 +161,6 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 class Builder:
     """Computes pooled activations for prompts paired with the dataset's fixed seeds."""
 
@@ -276,7 +270,7 @@ def build_dataset(
         write_json(out / "manifest.json", _manifest(settings, merged, library, complete=False))
         if _file_digest(out / "source.safetensors") != digest:
             save_tensors(out / "source.safetensors", builder.source_tensors(library.source), {"settings_digest": digest})
-    _barrier()
+    barrier()
     mine = list(concepts)[rank::world]
     built = skipped = 0
     for index, concept in enumerate(mine):
@@ -289,7 +283,7 @@ def build_dataset(
             built += 1
         if progress:
             progress(index + 1, len(mine), concept.name)
-    _barrier()
+    barrier()
     elapsed = time.perf_counter() - started
     summary = BuildSummary(
         concepts=len(concepts),

@@ -44,6 +44,14 @@ def init_distributed() -> bool:
     return True
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def close_distributed() -> None:
     import torch.distributed as dist
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from htcli.baselines import Frozen, residuals, w2_backward
 from htcli.dataset import ActivationDataset
+from htcli.env import barrier
 from htcli.errors import HTError
 from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint, unbatch
 from htcli.io import atomic_path, write_json
@@ -278,4 +279,5 @@ class Trainer:
         summary = {"final_loss": final.get("loss"), "val_residual": final.get("val_residual"),
                    "test_residual": final.get("test_residual"), "train_seconds": self.train_seconds}
         self.save(summary)
+        barrier()  # the other ranks wait for rank 0's last evaluation and checkpoint before exiting
         return summary
