@@ -31,13 +31,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     quiet()
-    from htcli.baselines import Frozen, LineasConfig
-    from htcli.concepts import load_library
-    from htcli.dataset import ActivationDataset
-    from htcli.encoders import get_encoder
-    from htcli.evaluation import compare, evaluate_baseline, evaluate_hyper
-    from htcli.hooks import resolve_layers
-    from htcli.hypernet import load_checkpoint
+    from htcli.core.hooks import resolve_layers
+    from htcli.data.concepts import load_library
+    from htcli.data.dataset import ActivationDataset
+    from htcli.data.forward import Frozen
+    from htcli.evaluation.residuals import compare, evaluate_baseline, evaluate_hyper
+    from htcli.methods.baselines import LineasConfig
+    from htcli.methods.encoders import get_encoder
+    from htcli.methods.hypernetwork import load_checkpoint
     from htcli.models import get_model, load_denoiser
 
     data = ActivationDataset(args.data)

@@ -28,11 +28,12 @@ def main() -> None:
     quiet()
     from typer.testing import CliRunner
 
-    from htcli.baselines import Frozen, LineasConfig
-    from htcli.evaluation import evaluate_baseline
     from htcli.cli import app
-    from htcli.dataset import ActivationDataset
-    from htcli.hooks import resolve_layers
+    from htcli.core.hooks import resolve_layers
+    from htcli.data.dataset import ActivationDataset
+    from htcli.data.forward import Frozen
+    from htcli.evaluation.residuals import evaluate_baseline
+    from htcli.methods.baselines import LineasConfig
     from htcli.models import get_model, load_denoiser
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.common import paired_ratio, quiet  # noqa: E402
-from htcli.hooks import hooked, resolve_layers  # noqa: E402
+from htcli.core.hooks import hooked, resolve_layers  # noqa: E402
+from htcli.data.forward import encode_inputs, pooled_activations  # noqa: E402
 from htcli.models import denoiser, get_model, load_pipeline  # noqa: E402
-from htcli.runner import encode_inputs, pooled_activations  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from htcli.cli import app
-    from htcli.dataset import ActivationDataset
+    from htcli.data.dataset import ActivationDataset
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "data"

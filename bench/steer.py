@@ -21,11 +21,11 @@ from bench.common import paired_ratio, quiet  # noqa: E402
 
 def main() -> None:
     quiet()
-    from htcli.encoders import get_encoder
-    from htcli.hypernet import HyperConfig, build_hypernetwork, unbatch
+    from htcli.generate.steer import generate
+    from htcli.methods.encoders import get_encoder
+    from htcli.methods.hypernetwork import HyperConfig, build_hypernetwork, unbatch
     from htcli.models import get_model, load_pipeline
-    from htcli.plan import make_plan
-    from htcli.steering import generate
+    from htcli.models.plan import make_plan
 
     spec = get_model("tiny")
     pipe = load_pipeline(spec)

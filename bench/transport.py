@@ -16,9 +16,9 @@ import ot  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import paired_ratio, quiet  # noqa: E402
-from htcli.hooks import Steering, hooked, module_width, resolve_layers  # noqa: E402
+from htcli.core.hooks import Steering, hooked, module_width, resolve_layers  # noqa: E402
+from htcli.core.transport import w2_per_neuron  # noqa: E402
 from htcli.models import denoiser, get_model, load_pipeline  # noqa: E402
-from htcli.transport import w2_per_neuron  # noqa: E402
 
 D = 32_256  # PixArt's block width 1152 x 28 blocks
 

@@ -17,17 +17,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from htcli.baselines import Frozen, LineasConfig
-from htcli.concepts import load_library, slugify
-from htcli.dataset import ActivationDataset, Builder, build_dataset, check_existing, make_settings
-from htcli.encoders import get_encoder
-from htcli.evaluation import compare, evaluate_baseline, evaluate_hyper
-from htcli.hooks import resolve_layers
-from htcli.hypernet import HyperConfig, unbatch
-from htcli.hypertrain import TrainConfig, Trainer
-from htcli.interventions import Intervention
+from htcli.core.hooks import resolve_layers
+from htcli.core.interventions import Intervention
+from htcli.data.concepts import load_library, slugify
+from htcli.data.dataset import ActivationDataset, Builder, build_dataset, check_existing, make_settings
+from htcli.data.forward import Frozen
+from htcli.evaluation.residuals import compare, evaluate_baseline, evaluate_hyper
+from htcli.generate.steer import generate, grid
+from htcli.methods.baselines import LineasConfig
+from htcli.methods.encoders import get_encoder
+from htcli.methods.hypernetwork import HyperConfig, unbatch
+from htcli.methods.training import TrainConfig, Trainer
 from htcli.models import denoiser, get_model, load_denoiser, load_pipeline
-from htcli.steering import generate, grid
 
 
 @dataclass

@@ -6,18 +6,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import generate
 from typer.testing import CliRunner
 
-from htcli.baselines import Frozen, LineasConfig, fit_lineas, fit_linear_act_incremental, fit_method, residuals
 from htcli.cli import app
-from htcli.dataset import ActivationDataset
+from htcli.core.hooks import Steering, hooked, resolve_layers
+from htcli.core.interventions import Intervention, load_intervention
+from htcli.core.transport import w2_loss
+from htcli.data.dataset import ActivationDataset
+from htcli.data.forward import Frozen
 from htcli.errors import HTError
-from htcli.hooks import Steering, hooked, resolve_layers
-from htcli.interventions import Intervention, load_intervention
+from htcli.evaluation.residuals import residuals
+from htcli.methods.baselines import LineasConfig, fit_linear_act_incremental, fit_lineas, fit_method
 from htcli.models import denoiser, load_denoiser
-from htcli.transport import w2_loss
-
-from conftest import generate
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.concepts import (
+from htcli.data.concepts import (
     CATEGORY_COUNTS,
     DEFAULT_TEMPLATE,
     FREE_TEXT_CATEGORY,

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.dataset import ActivationDataset
+from htcli.data.dataset import ActivationDataset
 
 runner = CliRunner()
 SMALL = ["--samples-per-concept", "4", "--eval-samples", "4", "--batch-size", "4"]

@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
+from conftest import generate
 from torch import nn
 
+from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
 from htcli.errors import HTError
-from htcli.hooks import Steering, hooked, module_width, resolve_layers
 from htcli.models import denoiser
-
-from conftest import generate
 
 
 class Tiny(nn.Module):

@@ -12,11 +12,17 @@ import torch
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.concepts import load_library
-from htcli.dataset import ActivationDataset
+from htcli.core.interventions import load_intervention
+from htcli.data.concepts import load_library
+from htcli.data.dataset import ActivationDataset
 from htcli.errors import HTError
-from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint, parameter_count
-from htcli.interventions import load_intervention
+from htcli.methods.hypernetwork import (
+    HyperCheckpoint,
+    HyperConfig,
+    build_hypernetwork,
+    load_checkpoint,
+    parameter_count,
+)
 
 runner = CliRunner()
 LAYERS = (("a", 3), ("b", 5))
@@ -67,8 +73,8 @@ def test_checkpoint_round_trip_and_strict_loading(tmp_path):
         torch.testing.assert_close(loaded.maps(e)[name], network(e)[name])
     assert loaded.config == config and loaded.info == {"step": 3} and torch.equal(loaded.gap[0], gap[0])
     # A checkpoint whose weights do not fit its config is refused, not half-loaded.
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(tmp_path / "h.safetensors"))
     with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
@@ -149,9 +155,9 @@ def test_ddp_two_processes_match_single_process(data, tmp_path):
 
 
 def test_micro_batched_gradient_equals_one_pass(data):
-    from htcli.baselines import Frozen
-    from htcli.hooks import resolve_layers
-    from htcli.hypertrain import TrainConfig, Trainer
+    from htcli.core.hooks import resolve_layers
+    from htcli.data.forward import Frozen
+    from htcli.methods.training import TrainConfig, Trainer
     from htcli.models import get_model, load_denoiser
 
     spec = get_model("tiny")

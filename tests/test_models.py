@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import generate
 from typer.testing import CliRunner
 
 from htcli.cli import app
+from htcli.core.hooks import module_width, resolve_layers
 from htcli.errors import HTError
-from htcli.hooks import module_width, resolve_layers
 from htcli.models import build_meta_denoiser, get_model, list_models, load_pipeline
-
-from conftest import generate
 
 runner = CliRunner()
 

@@ -22,12 +22,13 @@ from typer.testing import CliRunner
 
 import htcli.models
 from htcli.cli import app
-from htcli.encoders import get_encoder
-from htcli.evalrun import INDEX, EvalRun
-from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork
-from htcli.judges import bootstrap_ci, cosine, zero_shot
-from htcli.plan import make_plan
-from htcli.vlm import parse_verdict
+from htcli.evaluation.clip import cosine, zero_shot
+from htcli.evaluation.runs import INDEX, EvalRun
+from htcli.evaluation.stats import bootstrap_ci
+from htcli.evaluation.vlm import parse_verdict
+from htcli.methods.encoders import get_encoder
+from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork
+from htcli.models.plan import make_plan
 
 runner = CliRunner()
 CONCEPT = "gouache"  # a held-out (test split) concept
@@ -264,7 +265,7 @@ def test_vlm_protocol_both_orders_and_malformed_answers(world, judge_server):
 
 @pytest.mark.weights
 def test_vlm_transformers_backend_real_model(world):
-    from htcli.vlm import TransformersBackend, vlm_judge
+    from htcli.evaluation.vlm import TransformersBackend, vlm_judge
 
     records = EvalRun.open(world["run"]).records
     section = vlm_judge(records, "hypertransport", "prompt", TransformersBackend("HuggingFaceTB/SmolVLM-256M-Instruct"),

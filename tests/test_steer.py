@@ -5,19 +5,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import generate
 from PIL import Image
 from typer.testing import CliRunner
 
 from htcli.cli import app
+from htcli.core.interventions import Intervention, load_intervention
+from htcli.core.transport import at_strength
 from htcli.errors import HTError
-from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork
-from htcli.interventions import Intervention, load_intervention
+from htcli.generate.steer import combine, parse_strengths, parse_weighted
+from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork
 from htcli.models import get_model
-from htcli.plan import make_plan
-from htcli.steering import combine, parse_strengths, parse_weighted
-from htcli.transport import at_strength
-
-from conftest import generate
+from htcli.models.plan import make_plan
 
 runner = CliRunner()
 

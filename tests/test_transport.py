@@ -5,7 +5,7 @@ import ot
 import pytest
 import torch
 
-from htcli.transport import (
+from htcli.core.transport import (
     apply_affine,
     fit_linear_act,
     fit_mean_shift,

@@ -43,14 +43,14 @@ def _quiet_libraries() -> None:
 
 
 # Registration by import: each module adds its commands to `app`.
-from htcli.cli import models as _models  # noqa: E402,F401  (models, plan)
+from htcli.cli import baselines as _baselines  # noqa: E402,F401  (fit-linear-baselines, inspect)
 from htcli.cli import concepts as _concepts  # noqa: E402,F401
 from htcli.cli import dataset as _dataset  # noqa: E402,F401
-from htcli.cli import baselines as _baselines  # noqa: E402,F401  (fit-linear-baselines, inspect)
-from htcli.cli import hyper as _hyper  # noqa: E402,F401  (train-hyper, hyper export/evaluate)
-from htcli.cli import steer as _steer  # noqa: E402,F401
-from htcli.cli import score as _score  # noqa: E402,F401
 from htcli.cli import demo as _demo  # noqa: E402,F401
+from htcli.cli import hyper as _hyper  # noqa: E402,F401  (train-hyper, hyper export/evaluate)
+from htcli.cli import models as _models  # noqa: E402,F401  (models, plan)
+from htcli.cli import score as _score  # noqa: E402,F401
+from htcli.cli import steer as _steer  # noqa: E402,F401
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ DataOption = Annotated[
 
 def resolve_data(data: Path | None, model: str | None) -> Path:
     """`--data`, else the default dataset of the model; a missing one names the command to run."""
-    from htcli.env import run_path
+    from htcli.core.runtime import run_path
     from htcli.models import default_model_name
 
     if data is not None:
@@ -66,13 +66,15 @@ def fit_baselines_command(
 
     Example: ht fit-linear-baselines --model tiny --method lineas --steps 300
     """
-    from htcli.baselines import Frozen, LineasConfig, fit_method, residuals
-    from htcli.concepts import slugify
-    from htcli.dataset import ActivationDataset
-    from htcli.env import resolve_device, run_path
-    from htcli.hooks import resolve_layers
-    from htcli.interventions import Intervention
-    from htcli.io import read_json, write_json
+    from htcli.core.files import read_json, write_json
+    from htcli.core.hooks import resolve_layers
+    from htcli.core.interventions import Intervention
+    from htcli.core.runtime import resolve_device, run_path
+    from htcli.data.concepts import slugify
+    from htcli.data.dataset import ActivationDataset
+    from htcli.data.forward import Frozen
+    from htcli.evaluation.residuals import residuals
+    from htcli.methods.baselines import LineasConfig, fit_method
     from htcli.models import get_model, load_denoiser
 
     lineas = (LineasConfig(steps=steps, lr=lr, optimizer=optimizer, l1=l1, group=group, seed=seed, micro_batch=micro_batch)
@@ -150,7 +152,7 @@ def inspect_command(
 
     Example: ht inspect runs/tiny/baselines/lineas/art-deco.safetensors
     """
-    from htcli.interventions import layer_stats, load_intervention
+    from htcli.core.interventions import layer_stats, load_intervention
 
     intervention = load_intervention(file)
     stats = layer_stats(intervention)

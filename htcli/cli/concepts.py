@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from htcli.cli import app
-from htcli.concepts import (
+from htcli.data.concepts import (
     DEFAULT_SEED,
     DEFAULT_TEMPLATE,
     TEST_SIZE,

@@ -55,11 +55,11 @@ def build_dataset_command(
 
     Example: ht build-dataset --model tiny --limit-concepts 40
     """
-    from htcli.concepts import load_library
-    from htcli.dataset import Builder, build_dataset, check_existing, make_settings, select_concepts
-    from htcli.encoders import get_encoder
-    from htcli.env import close_distributed, init_distributed, resolve_device, run_path
-    from htcli.hooks import resolve_layers
+    from htcli.core.hooks import resolve_layers
+    from htcli.core.runtime import close_distributed, init_distributed, resolve_device, run_path
+    from htcli.data.concepts import load_library
+    from htcli.data.dataset import Builder, build_dataset, check_existing, make_settings, select_concepts
+    from htcli.methods.encoders import get_encoder
     from htcli.models import build_meta_denoiser, default_model_name, denoiser, get_model, load_pipeline
 
     spec = get_model(model or default_model_name())
@@ -71,7 +71,7 @@ def build_dataset_command(
     meta_layers = resolve_layers(build_meta_denoiser(spec), layers or spec.hook_patterns)
     settings = make_settings(spec, library, meta_layers, samples_per_concept, eval_samples, seed, encoder, batch_size)
     if dry_run:
-        from htcli.plan import make_plan
+        from htcli.models.plan import make_plan
 
         plan = make_plan(spec, layers)
         per_concept = plan.dataset_bytes_per_concept(samples_per_concept, eval_samples)

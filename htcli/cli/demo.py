@@ -31,8 +31,8 @@ def demo_command(
 
     Example: ht demo
     """
+    from htcli.core.runtime import run_path
     from htcli.demo import DemoConfig, run_demo
-    from htcli.env import run_path
 
     folder = out or run_path("tiny", "demo")
     config = DemoConfig(train_concepts=train_concepts, test_concepts=test_concepts, train_steps=train_steps,

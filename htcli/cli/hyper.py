@@ -26,7 +26,7 @@ HyperOption = Annotated[
 
 def resolve_hyper(hyper: Path | None, model: str | None) -> Path:
     """The checkpoint file: `--hyper` (a directory or the file), else the model's default."""
-    from htcli.env import run_path
+    from htcli.core.runtime import run_path
     from htcli.models import default_model_name, get_model
 
     name = model or default_model_name()
@@ -77,12 +77,12 @@ def train_hyper_command(
     """
     import torch.distributed as dist
 
-    from htcli.baselines import Frozen
-    from htcli.dataset import ActivationDataset
-    from htcli.env import close_distributed, init_distributed, resolve_device, run_path
-    from htcli.hooks import resolve_layers
-    from htcli.hypernet import HyperConfig, parameter_count
-    from htcli.hypertrain import TrainConfig, Trainer
+    from htcli.core.hooks import resolve_layers
+    from htcli.core.runtime import close_distributed, init_distributed, resolve_device, run_path
+    from htcli.data.dataset import ActivationDataset
+    from htcli.data.forward import Frozen
+    from htcli.methods.hypernetwork import HyperConfig, parameter_count
+    from htcli.methods.training import TrainConfig, Trainer
     from htcli.models import get_model, load_denoiser
 
     dataset = ActivationDataset(resolve_data(data, model))
@@ -135,8 +135,8 @@ def _store_gap(trainer, folder: Path, dataset, out: Path) -> None:
     """Estimate the modality gap of an image-capable encoder and store it in the checkpoint."""
     from PIL import Image
 
-    from htcli.concepts import load_library
-    from htcli.encoders import get_encoder, modality_gap
+    from htcli.data.concepts import load_library
+    from htcli.methods.encoders import get_encoder, modality_gap
 
     encoder = get_encoder(dataset.settings.encoder)
     if not encoder.has_images:
@@ -163,10 +163,10 @@ def export_command(
 
     Example: ht hyper export --model tiny --concept "art deco" --out art-deco.safetensors
     """
-    from htcli.concepts import load_library
-    from htcli.encoders import get_encoder
-    from htcli.hypernet import load_checkpoint, unbatch
-    from htcli.interventions import Intervention
+    from htcli.core.interventions import Intervention
+    from htcli.data.concepts import load_library
+    from htcli.methods.encoders import get_encoder
+    from htcli.methods.hypernetwork import load_checkpoint, unbatch
 
     checkpoint = load_checkpoint(resolve_hyper(hyper, model))
     encoder = get_encoder(checkpoint.encoder)

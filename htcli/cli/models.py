@@ -76,7 +76,7 @@ def plan_command(
 
     Example: ht plan --model pixart --layers 'transformer_blocks.*.norm2'
     """
-    from htcli.plan import make_plan
+    from htcli.models.plan import make_plan
 
     spec = get_model(model or default_model_name())
     plan = make_plan(spec, layers)

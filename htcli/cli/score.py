@@ -78,14 +78,23 @@ def evaluate_command(  # noqa: C901  (one linear script: check inputs, pick meth
 
     Example: ht evaluate --model tiny --limit-concepts 2 --prompts 2 --seeds 2 --strength 0.5,1
     """
-    from htcli.concepts import load_library
-    from htcli.dataset import select_concepts
-    from htcli.encoders import get_encoder
-    from htcli.env import resolve_device, run_path
-    from htcli.evalrun import EvalRun, Method, default_out, eval_seeds, find_baselines, latest_run, run_evaluation, select_prompts
-    from htcli.hypernet import load_checkpoint
+    from htcli.core.runtime import resolve_device, run_path
+    from htcli.data.concepts import load_library
+    from htcli.data.dataset import select_concepts
+    from htcli.evaluation.runs import (
+        EvalRun,
+        Method,
+        default_out,
+        eval_seeds,
+        find_baselines,
+        latest_run,
+        run_evaluation,
+        select_prompts,
+    )
+    from htcli.generate.steer import parse_strengths
+    from htcli.methods.encoders import get_encoder
+    from htcli.methods.hypernetwork import load_checkpoint
     from htcli.models import default_model_name, get_model, load_pipeline
-    from htcli.steering import parse_strengths
 
     # 1. Check every input before loading anything heavy.
     spec = get_model(model or default_model_name())
@@ -157,7 +166,7 @@ def evaluate_command(  # noqa: C901  (one linear script: check inputs, pick meth
 
 def _run_folder(run: Path | None, model: str | None):
     """The run to score: --run, else the default model's most recent run (said out loud)."""
-    from htcli.evalrun import EvalRun, latest_run
+    from htcli.evaluation.runs import EvalRun, latest_run
     from htcli.models import default_model_name
 
     if run is None:
@@ -201,9 +210,9 @@ def score_command(  # noqa: C901  (three judges behind one command, each a few l
 
     Example: ht score --judge clip --model tiny --clip-model ht-tiny-clip
     """
-    from htcli.env import resolve_device
+    from htcli.core.runtime import resolve_device
+    from htcli.evaluation.report import clip_table, transport_table, update_scores, vlm_table, write_report
     from htcli.models import get_model
-    from htcli.report import clip_table, transport_table, update_scores, vlm_table, write_report
 
     if judge not in JUDGES:
         raise HTError(f"unknown --judge {judge!r}; use {', '.join(JUDGES)}")
@@ -234,8 +243,8 @@ def score_command(  # noqa: C901  (three judges behind one command, each a few l
 
 
 def _clip(run, clip_model: str | None, clip_pretrained: str | None, seed: int, device) -> dict:
-    from htcli.encoders import TINY_CLIP, get_encoder
-    from htcli.judges import clip_encoder_id, clip_judge
+    from htcli.evaluation.clip import clip_encoder_id, clip_judge
+    from htcli.methods.encoders import TINY_CLIP, get_encoder
 
     encoder_id = clip_encoder_id(clip_model, clip_pretrained)
     if clip_model is not None and not clip_pretrained and clip_model != TINY_CLIP:
@@ -248,7 +257,7 @@ def _clip(run, clip_model: str | None, clip_pretrained: str | None, seed: int, d
 
 def _vlm(run, a: str, b: str, backend: str | None, vlm_model: str | None, endpoint: str | None, timeout: float,
          seed: int, device) -> dict:
-    from htcli.vlm import make_backend, pair_items, vlm_judge
+    from htcli.evaluation.vlm import make_backend, pair_items, vlm_judge
 
     items = pair_items(run.records, a, b)  # bad pairs fail before a model loads
     ask = make_backend(backend, vlm_model, endpoint, str(device), timeout)
@@ -258,15 +267,15 @@ def _vlm(run, a: str, b: str, backend: str | None, vlm_model: str | None, endpoi
 
 
 def _transport(run, model, data, hyper, baselines, split, limit, seed, device) -> tuple[Path, str, dict]:
-    from htcli.baselines import Frozen
-    from htcli.concepts import load_library
-    from htcli.dataset import ActivationDataset
-    from htcli.encoders import get_encoder
-    from htcli.env import run_path
-    from htcli.evalrun import LATEST, EvalRun
-    from htcli.hooks import resolve_layers
-    from htcli.hypernet import load_checkpoint
-    from htcli.judges import baseline_concepts, transport_judge
+    from htcli.core.hooks import resolve_layers
+    from htcli.core.runtime import run_path
+    from htcli.data.concepts import load_library
+    from htcli.data.dataset import ActivationDataset
+    from htcli.data.forward import Frozen
+    from htcli.evaluation.residuals import baseline_concepts, transport_judge
+    from htcli.evaluation.runs import LATEST, EvalRun
+    from htcli.methods.encoders import get_encoder
+    from htcli.methods.hypernetwork import load_checkpoint
     from htcli.models import get_model, load_denoiser
 
     dataset = ActivationDataset(resolve_data(data, model))
@@ -291,7 +300,7 @@ def _transport(run, model, data, hyper, baselines, split, limit, seed, device) -
     if run is not None:
         root = EvalRun.open(run).root
     elif (run_path(spec.id, "eval") / LATEST).is_file():
-        from htcli.evalrun import latest_run
+        from htcli.evaluation.runs import latest_run
 
         root = latest_run(spec.id)
     else:

@@ -15,15 +15,15 @@ from htcli.cli import app
 from htcli.cli.dataset import DeviceOption
 from htcli.cli.hyper import HyperOption, resolve_hyper
 from htcli.cli.models import ModelOption
+from htcli.core.files import file_digest, load_rgb_images
 from htcli.errors import HTError
-from htcli.io import file_digest, load_rgb_images
 
 console = Console(stderr=True, soft_wrap=True)
 
 
 def _model_widths(spec, names: list[str]) -> dict[str, int]:
     """Widths of the named modules of the spec's denoiser (meta device: no weights needed)."""
-    from htcli.hooks import module_width
+    from htcli.core.hooks import module_width
     from htcli.models import build_meta_denoiser
 
     modules = dict(build_meta_denoiser(spec).named_modules())
@@ -62,11 +62,19 @@ def steer_command(  # noqa: C901  (one linear script: check, build the intervent
 
     Example: ht steer "cyberpunk city" --concept "art deco" --strength 0,0.5,1 --model tiny
     """
-    from htcli.concepts import load_library, slugify
-    from htcli.env import resolve_device, run_path
-    from htcli.interventions import Intervention, load_intervention
+    from htcli.core.interventions import Intervention, load_intervention
+    from htcli.core.runtime import resolve_device, run_path
+    from htcli.data.concepts import load_library, slugify
+    from htcli.generate.steer import (
+        Timer,
+        combine,
+        generate,
+        generate_per_sample,
+        grid,
+        parse_strengths,
+        parse_weighted,
+    )
     from htcli.models import default_model_name, get_model, load_pipeline
-    from htcli.steering import Timer, combine, generate, generate_per_sample, grid, parse_strengths, parse_weighted
 
     # 1. Check every input before loading anything heavy.
     spec = get_model(model or default_model_name())
@@ -104,8 +112,8 @@ def steer_command(  # noqa: C901  (one linear script: check, build the intervent
     else:
         checkpoint = None
         if concepts or images:
-            from htcli.encoders import close_gap, get_encoder
-            from htcli.hypernet import load_checkpoint, unbatch
+            from htcli.methods.encoders import close_gap, get_encoder
+            from htcli.methods.hypernetwork import load_checkpoint, unbatch
 
             path = resolve_hyper(hyper, spec.id)
             checkpoint = load_checkpoint(path)

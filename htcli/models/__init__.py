@@ -42,7 +42,7 @@ class ModelSpec:
     dtype: str
     loader: Callable[..., Any]  # (spec, model_path, device, dtype) -> diffusers pipeline
     denoiser_loader: Callable[..., nn.Module]  # (spec, dtype) -> the denoiser alone, on the CPU
-    concept_encoder: str = "open_clip:ViT-L-14/openai"  # see htcli.encoders
+    concept_encoder: str = "open_clip:ViT-L-14/openai"  # see htcli.methods.encoders
     offline: bool = False  # runs with no download at all
     base_repo: str | None = None
     weights: tuple[str, ...] = ()  # Hub repos / files of the distilled weights, tried in order

@@ -30,7 +30,7 @@ def _vae():
 def minilm_tokenizer(max_length: int = 48):
     from transformers import AutoTokenizer
 
-    from htcli.encoders import minilm_path
+    from htcli.methods.encoders import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     tokenizer.model_max_length = max_length  # SDXL's pipeline pads to this
@@ -53,7 +53,7 @@ def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) ->
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
     from transformers import AutoModel
 
-    from htcli.encoders import minilm_path
+    from htcli.methods.encoders import minilm_path
 
     transformer = _tiny_denoiser(spec)
     vae = _seeded(_vae, SEED + 1)

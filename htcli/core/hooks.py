@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from htcli.core.transport import apply_affine
 from htcli.errors import HTError
-from htcli.transport import apply_affine
 
 
 class StopForward(Exception):

@@ -24,16 +24,16 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from htcli import __version__
-from htcli.concepts import Concept, ConceptLibrary
-from htcli.env import run_path
+from htcli.core.files import atomic_path, file_digest, load_rgb_images, read_json, write_json
+from htcli.core.runtime import run_path
+from htcli.data.concepts import Concept, ConceptLibrary
 from htcli.errors import HTError
-from htcli.io import atomic_path, file_digest, read_json, write_json
 from htcli.models import denoiser
 
 FORMAT = "ht-eval/1"
@@ -76,9 +76,9 @@ class Method:
 
     def maps(self, concept: Concept, model: str, modules: dict[str, Any]) -> dict:
         """The concept's maps, checked against the model (its id, layer names and widths)."""
-        from htcli.hooks import module_width
-        from htcli.hypernet import unbatch
-        from htcli.interventions import Intervention, load_intervention
+        from htcli.core.hooks import module_width
+        from htcli.core.interventions import Intervention, load_intervention
+        from htcli.methods.hypernetwork import unbatch
 
         if self.kind == "hypertransport":
             predicted = self.checkpoint.maps(self.encoder.encode_text([concept.phrase]))
@@ -175,6 +175,14 @@ class EvalRun:
         write_json(self.root / INDEX, self.data)
 
 
+def load_images(root: Path, files: Iterable[str]) -> list:
+    """The run's images `files` (paths relative to `root`) as RGB PIL images."""
+    try:
+        return load_rgb_images([root / name for name in files], "evaluation-run image")
+    except HTError as error:
+        raise HTError(f"{error}; rerun `ht evaluate` on the run to regenerate it") from None
+
+
 def default_out(model: str) -> Path:
     """runs/<model>/eval/<timestamp>, never an existing folder."""
     base = run_path(model, "eval") / time.strftime("%Y%m%d-%H%M%S")
@@ -256,7 +264,7 @@ def run_evaluation(spec, run: EvalRun, concepts: Sequence[Concept], prompts: Seq
                    progress: Progress | None = None) -> dict:
     """Generate every missing image of the run; returns counts. `load_pipe` is called only if
     there is something to generate."""
-    from htcli.steering import generate
+    from htcli.generate.steer import generate
 
     if not any(m.kind == "none" for m in methods):
         methods = [Method("none", "none"), *methods]  # preservation's reference, always made

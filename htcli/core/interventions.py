@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from htcli import __version__
+from htcli.core.files import read_tensors, save_tensors
 from htcli.errors import HTError
-from htcli.io import read_tensors, save_tensors
 
 FORMAT = "ht-intervention/1"
 METHODS = ("linear-act", "lineas", "mean-shift", "hypertransport")

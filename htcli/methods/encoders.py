@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from htcli.errors import HTError
+from htcli.models import CONFIG_DIR
 
 
 def minilm_path() -> Path:
@@ -67,7 +68,7 @@ class OpenClipEncoder:
         import open_clip
 
         if arch == TINY_CLIP and arch not in open_clip.list_models():
-            open_clip.add_model_config(Path(__file__).parent / "models" / "configs" / f"{TINY_CLIP}.json")
+            open_clip.add_model_config(CONFIG_DIR / f"{TINY_CLIP}.json")
 
         self.id = f"open_clip:{arch}/{pretrained}" if pretrained else f"open_clip:{arch}"
         self.device = torch.device(device)

@@ -8,7 +8,7 @@ Layout of a dataset directory:
                                 (M, D), and the concept embedding (E,)
 
 Target sample i is source prompt i with the concept's template applied, under the same seed
-(paired samples, DESIGN.md section 1). Fitting samples and evaluation samples use disjoint
+(paired samples: only the concept differs). Fitting samples and evaluation samples use disjoint
 prompts and seeds. Every file is written atomically; a concept file exists only when
 complete, so a killed build resumes where it stopped and ends identical to an uninterrupted
 one. Under torchrun, concepts are sharded across ranks.
@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from htcli import __version__
-from htcli.concepts import Concept, ConceptLibrary, slugify
-from htcli.env import barrier
+from htcli.core.files import read_json, save_tensors, write_json
+from htcli.core.runtime import barrier
+from htcli.data.concepts import Concept, ConceptLibrary, slugify
 from htcli.errors import HTError
-from htcli.io import read_json, save_tensors, write_json
 from htcli.models import denoiser
 
 FORMAT = "ht-dataset/1"
@@ -88,7 +88,7 @@ def make_settings(
     encoder: str | None = None, batch_size: int = 16,
 ) -> DatasetSettings:
     """Settings for `spec` hooked at `layers`: seeded disjoint fit/eval prompts and seeds."""
-    from htcli.hooks import module_width
+    from htcli.core.hooks import module_width
 
     if batch_size < 1:
         raise HTError(f"--batch-size must be positive, got {batch_size}")
@@ -169,7 +169,7 @@ class Builder:
         self.model = denoiser(pipe, spec)
 
     def _run(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-        from htcli.runner import encode_inputs, pooled_activations
+        from htcli.data.forward import encode_inputs, pooled_activations
 
         pooled: dict[str, list[Tensor]] = {name: [] for name in self.layers}
         inputs = []
@@ -198,7 +198,7 @@ class Builder:
         return tensors
 
     def source_tensors(self, source: Concept) -> dict[str, Tensor]:
-        from htcli.runner import pad_text
+        from htcli.data.forward import pad_text
 
         dtype = STORAGE_DTYPES[self.settings.storage_dtype]
         tensors = {}

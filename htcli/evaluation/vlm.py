@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from htcli.errors import HTError
-from htcli.judges import bootstrap_ci, load_images, strength_order
+from htcli.evaluation.runs import load_images
+from htcli.evaluation.stats import bootstrap_ci, strength_order
 
 DEFAULT_VLM = "Qwen/Qwen2.5-VL-7B-Instruct"
 BACKENDS = ("transformers", "openai")

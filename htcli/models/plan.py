@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from htcli.hooks import Steering, hooked, module_width, resolve_layers
+from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
 from htcli.models import ModelSpec, build_meta_denoiser, denoiser_config
 
 TEXT_TOKENS = {"pixart": 300, "sdxl": 77}  # T5 max length for PixArt-Sigma, CLIP for SDXL

@@ -1,7 +1,7 @@
 """Per-concept baselines: Linear-AcT, LinEAS and mean shift, fitted from a cached dataset.
 
 All three produce per-layer (omega, beta) maps. Linear-AcT and mean shift are closed forms
-on pooled activations (`htcli.transport`); Linear-AcT can also be fitted incrementally, layer
+on pooled activations (`htcli.core.transport`); Linear-AcT can also be fitted incrementally, layer
 by layer on activations already steered upstream. LinEAS optimises all layers jointly, end to
 end through the frozen denoiser, with the W2 loss at every hooked layer.
 """
@@ -14,15 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from htcli.core.transport import Maps, fit_linear_act, fit_mean_shift, prox_sparse_group_lasso, w2_loss
+from htcli.data.forward import Frozen
 from htcli.errors import HTError
-from htcli.hooks import Steering
-from htcli.models import ModelSpec
-from htcli.runner import pooled_activations
-from htcli.transport import fit_linear_act, fit_mean_shift, prox_sparse_group_lasso, residual_ratio, w2_loss
-
-Maps = dict[str, tuple[Tensor, Tensor]]
+from htcli.methods.objective import w2_backward
 
 
 @dataclass
@@ -46,84 +43,6 @@ class LineasConfig:
             raise HTError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.l1 < 0 or self.group < 0:
             raise HTError("--l1 and --group must be non-negative")
-
-
-@dataclass
-class Frozen:
-    """A frozen denoiser, its hooked layers, and batched forward passes from cached inputs."""
-
-    spec: ModelSpec
-    model: nn.Module
-    layers: Mapping[str, nn.Module]
-    batch_size: int = 32
-
-    def pooled(self, inputs: Mapping[str, Tensor], maps: Maps | None = None, grad: bool = False) -> dict[str, Tensor]:
-        """Pooled (N, D) activations of every hooked layer for all N samples of `inputs`.
-
-        `maps` hold (D,) tensors shared by all samples, or (N, D) per-sample maps.
-        """
-        n = inputs["noise"].shape[0]
-        parts: dict[str, list[Tensor]] = {name: [] for name in self.layers}
-        with torch.set_grad_enabled(grad):
-            for start in range(0, n, self.batch_size):
-                rows = slice(start, start + self.batch_size)
-                batch = {k: v[rows] for k, v in inputs.items()}
-                steering = None
-                if maps:
-                    steering = Steering({name: (o[rows], b[rows]) if o.ndim == 2 else (o, b) for name, (o, b) in maps.items()})
-                out = pooled_activations(self.spec, self.model, self.layers, batch, steering)
-                for name in self.layers:
-                    parts[name].append(out[name])
-        return {name: torch.cat(p) for name, p in parts.items()}
-
-    def execution_order(self, inputs: Mapping[str, Tensor]) -> list[str]:
-        """Hooked layers in the order the forward pass reaches them (for UNets this is not
-        the order of their names)."""
-        one = {k: v[:1] for k, v in inputs.items()}
-        with torch.no_grad():
-            return list(pooled_activations(self.spec, self.model, self.layers, one))
-
-
-def w2_backward(
-    frozen: Frozen,
-    inputs: Mapping[str, Tensor],
-    maps_for: Callable[[slice], Maps],
-    sorted_targets: Mapping[str, Tensor],
-    groups: int,
-    micro_batch: int,
-    no_sync: Callable[[], object] | None = None,
-) -> Tensor:
-    """Back-propagate the W2 loss of `groups` concepts x N samples in micro-batches of samples.
-
-    Rows of `inputs` are concept-major (K * N). `maps_for(rows)` returns the maps of those rows
-    (shared (D,) or per-sample), built from whatever is being trained. Pass 1 runs every sample
-    without a graph and takes the gradient of the loss with respect to the pooled activations
-    (sorting fixes the pairing); pass 2 re-runs micro-batches with a graph and back-propagates
-    those gradients. Samples do not interact inside the denoiser, so the accumulated gradient
-    equals the one-pass gradient, while memory scales with `micro_batch` instead of K * N.
-    Returns the loss (mean over groups and layers), detached.
-    """
-    total = inputs["noise"].shape[0]
-    n = total // groups
-    with torch.no_grad():
-        pooled = frozen.pooled(inputs, maps_for(slice(0, total)))
-    leaves = {layer: p.float().requires_grad_() for layer, p in pooled.items()}
-    loss = torch.stack(
-        [w2_loss(leaves[layer].view(groups, n, -1), sorted_targets[layer], y_is_sorted=True) for layer in leaves]
-    ).mean()
-    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-    for start in range(0, total, micro_batch):
-        rows = slice(start, start + micro_batch)
-        batch = {key: value[rows] for key, value in inputs.items()}
-        out = frozen.pooled(batch, maps_for(rows), grad=True)
-        surrogate = sum((out[layer].float() * grads[layer][rows]).sum() for layer in out)
-        last = start + micro_batch >= total
-        if no_sync is not None and not last:  # DDP: all-reduce once, after the last micro-batch
-            with no_sync():
-                surrogate.backward()
-        else:
-            surrogate.backward()
-    return loss.detach()
 
 
 def _cpu(maps: Maps) -> Maps:
@@ -211,20 +130,6 @@ def fit_lineas(
         if not math.isfinite(history[-1]):
             raise HTError(f"LinEAS diverged at step {step} (loss {history[-1]}); lower --lr")
     return _cpu({n: (1 + delta[n], beta[n]) for n in target}), history
-
-
-def residuals(
-    frozen: Frozen, inputs: Mapping[str, Tensor], source: Mapping[str, Tensor], target: Mapping[str, Tensor], maps: Maps
-) -> tuple[float, dict[str, float]]:
-    """Residual ratio W2(steered, target) / W2(source, target), overall and per layer.
-
-    Overall concatenates every layer's neurons. `inputs`, `source` and `target` are the
-    evaluation samples: never the ones the maps were fitted on.
-    """
-    steered = frozen.pooled(inputs, maps)
-    per_layer = {n: residual_ratio(steered[n], source[n], target[n]) for n in target}
-    cat = lambda acts: torch.cat([acts[n] for n in target], dim=-1)  # noqa: E731
-    return residual_ratio(cat(steered), cat(source), cat(target)), per_layer
 
 
 METHOD_FITS = {"linear-act", "lineas", "mean-shift"}

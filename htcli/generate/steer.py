@@ -21,13 +21,11 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
-from torch import Tensor
 
+from htcli.core.hooks import Steering, hooked, resolve_layers
+from htcli.core.transport import Maps
 from htcli.errors import HTError
-from htcli.hooks import Steering, hooked, resolve_layers
 from htcli.models import ModelSpec, denoiser
-
-Maps = dict[str, tuple[Tensor, Tensor]]
 
 
 def parse_weighted(text: str) -> tuple[str, float]:

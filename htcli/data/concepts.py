@@ -127,7 +127,7 @@ def default_dir() -> Path:
         if not Path(env).expanduser().is_dir():
             raise HTError(f"HT_CONCEPTS={env!r} is not a directory; point it at a concept library")
         return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[1] / "concepts"
+    repo = Path(__file__).resolve().parents[2] / "concepts"
     if (repo / PROMPTS_FILE).is_file():
         return repo
     packaged = Path(str(resources.files("htcli") / "concept_library"))

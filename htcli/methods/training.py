@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from htcli.baselines import Frozen, residuals, w2_backward
-from htcli.dataset import ActivationDataset
-from htcli.env import barrier
+from htcli.core.files import atomic_path, write_json
+from htcli.core.runtime import barrier
+from htcli.core.transport import w2_loss
+from htcli.data.dataset import ActivationDataset
+from htcli.data.forward import Frozen
 from htcli.errors import HTError
-from htcli.hypernet import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint, unbatch
-from htcli.io import atomic_path, write_json
-from htcli.transport import w2_loss
+from htcli.evaluation.residuals import residuals
+from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint, unbatch
+from htcli.methods.objective import w2_backward
 
 
 @dataclass

@@ -10,17 +10,35 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from htcli.baselines import Frozen, LineasConfig, fit_method, residuals
-from htcli.concepts import ConceptLibrary
-from htcli.dataset import ActivationDataset
-from htcli.hypernet import HyperCheckpoint, unbatch
-from htcli.io import read_json
+from htcli.core.files import read_json
+from htcli.core.transport import Maps, residual_ratio
+from htcli.data.concepts import ConceptLibrary
+from htcli.data.dataset import ActivationDataset
+from htcli.data.forward import Frozen
+from htcli.evaluation.stats import bootstrap_ci
+from htcli.methods.baselines import LineasConfig, fit_method
+from htcli.methods.hypernetwork import HyperCheckpoint, unbatch
+
+
+def residuals(
+    frozen: Frozen, inputs: Mapping[str, Tensor], source: Mapping[str, Tensor], target: Mapping[str, Tensor], maps: Maps
+) -> tuple[float, dict[str, float]]:
+    """Residual ratio W2(steered, target) / W2(source, target), overall and per layer.
+
+    Overall concatenates every layer's neurons. `inputs`, `source` and `target` are the
+    evaluation samples: never the ones the maps were fitted on.
+    """
+    steered = frozen.pooled(inputs, maps)
+    per_layer = {n: residual_ratio(steered[n], source[n], target[n]) for n in target}
+    cat = lambda acts: torch.cat([acts[n] for n in target], dim=-1)  # noqa: E731
+    return residual_ratio(cat(steered), cat(source), cat(target)), per_layer
 
 
 @dataclass
@@ -100,3 +118,35 @@ def compare(hyper: MethodResult, baselines: Sequence[MethodResult]) -> list[dict
     for row in rows:
         row["times_ht"] = row["seconds_median"] / ht_seconds if ht_seconds and row["method"] != "none" else None
     return rows
+
+
+# --- the transport judge -----------------------------------------------------------------
+
+
+def baseline_concepts(folder: Path) -> dict[str, set[str]]:
+    """Concepts fitted by each baseline method under `folder` (runs/<model>/baselines)."""
+    if not folder.is_dir():
+        return {}
+    return {p.parent.name: set(read_json(p)["concepts"]) for p in sorted(folder.glob("*/summary.json"))}
+
+
+def transport_judge(checkpoint, encoder, library, frozen, dataset, names: Sequence[str], baselines: Path | None,
+                    seed: int = 0) -> dict:
+    """The transport section of scores.json: residual ratios per method on `names`, with intervals.
+
+    Each method's residuals use the dataset's evaluation samples (never the fitted ones).
+    """
+    hyper = evaluate_hyper(checkpoint, encoder, library, frozen, dataset, names)
+    found = baseline_results(baselines, names) if baselines is not None and baselines.is_dir() else []
+    rows = compare(hyper, found)
+    per_method = {"none": [1.0] * len(names), "hypertransport": hyper.residuals} | {b.method: b.residuals for b in found}
+    for row in rows:
+        row["residual"] = bootstrap_ci(per_method[row["method"]], seed=seed)
+    return {
+        "judge": "transport",
+        "data": str(dataset.root),
+        "concepts": list(names),
+        "rows": rows,
+        "per_concept": {m: dict(zip(names, r)) for m, r in per_method.items() if len(r) == len(names)},
+        "hyper_seconds_median": statistics.median(hyper.seconds) if hyper.seconds else None,
+    }

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from rich.table import Table
 
-from htcli.io import atomic_path, read_json, write_json
+from htcli.core.files import atomic_path, read_json, write_json
 
 SCORES = "scores.json"
 REPORT = "report.md"

@@ -2,7 +2,7 @@
 
 Pure functions on tensors whose last dimension indexes neurons (D) and whose second-to-last
 dimension indexes samples (N). Everything is computed in float32 and is autograd-friendly.
-Notation follows DESIGN.md section 1: a map is `T(z) = omega * z + beta`, and at strength
+Notation: a map is `T(z) = omega * z + beta`, and at strength
 lambda it becomes `(1 + lambda * (omega - 1)) * z + lambda * beta`.
 """
 
@@ -12,6 +12,8 @@ import math
 
 import torch
 from torch import Tensor
+
+Maps = dict[str, tuple[Tensor, Tensor]]  # layer name -> (omega, beta), each (D,) or (B, D)
 
 
 def at_strength(omega: Tensor, beta: Tensor, strength: float | Tensor) -> tuple[Tensor, Tensor]:

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from htcli.core.files import read_tensors, save_tensors
 from htcli.errors import HTError
-from htcli.io import read_tensors, save_tensors
 
 FORMAT = "ht-hypernetwork/1"
 

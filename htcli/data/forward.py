@@ -17,12 +17,14 @@ All specs use schedulers (DPM-Solver, LCM) whose first-step input scaling is the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from htcli.hooks import Steering, hooked
+from htcli.core.hooks import Steering, hooked
+from htcli.core.transport import Maps
 from htcli.models import ModelSpec, denoiser
 
 
@@ -130,3 +132,39 @@ def pooled_activations(
     if missing:
         raise RuntimeError(f"hooked layers never ran: {sorted(missing)[:3]}")
     return run.pooled
+
+
+@dataclass
+class Frozen:
+    """A frozen denoiser, its hooked layers, and batched forward passes from cached inputs."""
+
+    spec: ModelSpec
+    model: nn.Module
+    layers: Mapping[str, nn.Module]
+    batch_size: int = 32
+
+    def pooled(self, inputs: Mapping[str, Tensor], maps: Maps | None = None, grad: bool = False) -> dict[str, Tensor]:
+        """Pooled (N, D) activations of every hooked layer for all N samples of `inputs`.
+
+        `maps` hold (D,) tensors shared by all samples, or (N, D) per-sample maps.
+        """
+        n = inputs["noise"].shape[0]
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+        with torch.set_grad_enabled(grad):
+            for start in range(0, n, self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                batch = {k: v[rows] for k, v in inputs.items()}
+                steering = None
+                if maps:
+                    steering = Steering({name: (o[rows], b[rows]) if o.ndim == 2 else (o, b) for name, (o, b) in maps.items()})
+                out = pooled_activations(self.spec, self.model, self.layers, batch, steering)
+                for name in self.layers:
+                    parts[name].append(out[name])
+        return {name: torch.cat(p) for name, p in parts.items()}
+
+    def execution_order(self, inputs: Mapping[str, Tensor]) -> list[str]:
+        """Hooked layers in the order the forward pass reaches them (for UNets this is not
+        the order of their names)."""
+        one = {k: v[:1] for k, v in inputs.items()}
+        with torch.no_grad():
+            return list(pooled_activations(self.spec, self.model, self.layers, one))
