@@ -13,30 +13,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from htcli.cli import app
-from htcli.cli.dataset import DeviceOption, SeedOption
-from htcli.cli.models import JsonOption, ModelOption
+from htcli.cli.options import DataOption, DeviceOption, JsonOption, ModelOption, SeedOption
 from htcli.errors import HTError
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-DataOption = Annotated[
-    Optional[Path], typer.Option("--data", "-d", help="Dataset directory from `ht build-dataset`. Default: runs/<model>/data.")
-]
-
-
-def resolve_data(data: Path | None, model: str | None) -> Path:
-    """`--data`, else the default dataset of the model; a missing one names the command to run."""
-    from htcli.core.runtime import run_path
-    from htcli.models import default_model_name
-
-    if data is not None:
-        return data
-    name = model or default_model_name()
-    path = run_path(name, "data")
-    if not (path / "manifest.json").exists():
-        raise HTError(f"no dataset at {path}; build it with `ht build-dataset --model {name}` or pass --data")
-    return path
 
 
 @app.command("fit-linear-baselines")
@@ -71,15 +53,15 @@ def fit_baselines_command(
     from htcli.core.interventions import Intervention
     from htcli.core.runtime import resolve_device, run_path
     from htcli.data.concepts import slugify
-    from htcli.data.dataset import ActivationDataset
+    from htcli.data.dataset import ActivationDataset, resolve_dataset
     from htcli.data.forward import Frozen
     from htcli.evaluation.residuals import residuals
     from htcli.methods.baselines import LineasConfig, fit_method
-    from htcli.models import get_model, load_denoiser
+    from htcli.models import default_model_name, get_model, load_denoiser
 
     lineas = (LineasConfig(steps=steps, lr=lr, optimizer=optimizer, l1=l1, group=group, seed=seed, micro_batch=micro_batch)
               if method == "lineas" else None)
-    dataset = ActivationDataset(resolve_data(data, model))
+    dataset = ActivationDataset(resolve_dataset(data, model or default_model_name()))
     spec = get_model(dataset.settings.model)
     if split not in ("train", "test", "all"):
         raise HTError(f"--split must be train, test or all, got {split!r}")

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from htcli.cli import app
+from htcli.cli.options import ConceptDirsOption, JsonOption
 from htcli.data.concepts import (
     DEFAULT_SEED,
     DEFAULT_TEMPLATE,
@@ -36,14 +37,6 @@ class Split(str, Enum):
     test = "test"
 
 
-ConceptsOption = Annotated[
-    Optional[list[Path]],
-    typer.Option(
-        "--concepts",
-        help="Directory of your own concept YAML files, added to the bundled library; repeatable.",
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
 
 def _row(concept: Concept, library: ConceptLibrary) -> dict:
@@ -65,7 +58,7 @@ def list_command(
     split: Annotated[
         Optional[Split], typer.Option("--split", help="Only train or only held-out test concepts.")
     ] = None,
-    concepts: ConceptsOption = None,
+    concepts: ConceptDirsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List concepts as a table, or as JSON for scripts.
@@ -95,7 +88,7 @@ def list_command(
 @concepts_app.command("show")
 def show_command(
     name: Annotated[str, typer.Argument(help="A library concept (name or alias), or any free text.")],
-    concepts: ConceptsOption = None,
+    concepts: ConceptDirsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show one concept, or how free text outside the library is used.

@@ -10,16 +10,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from htcli.cli import app
-from htcli.cli.models import ModelOption, _gib
+from htcli.cli.models import _gib
+from htcli.cli.options import ConceptDirsOption, DeviceOption, ModelOption, SeedOption
 from htcli.errors import HTError
 
 console = Console(stderr=True, soft_wrap=True)
 
-ConceptDirsOption = Annotated[
-    Optional[list[Path]], typer.Option("--concepts", help="Extra concept YAML directory (additive); repeatable.")
-]
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1... Default: CUDA if available.")]
-SeedOption = Annotated[int, typer.Option("--seed", help="Seed for prompt order and initial noise.")]
 
 
 @app.command("build-dataset")

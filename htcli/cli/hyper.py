@@ -10,33 +10,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from htcli.cli import app
-from htcli.cli.baselines import DataOption, resolve_data
-from htcli.cli.dataset import DeviceOption, SeedOption
-from htcli.cli.models import ModelOption
+from htcli.cli.options import DataOption, DeviceOption, HyperOption, ModelOption, SeedOption
 from htcli.errors import HTError
 
 console = Console(stderr=True, soft_wrap=True)
 hyper_app = typer.Typer(help="Use a trained hypernetwork.", no_args_is_help=True)
 app.add_typer(hyper_app, name="hyper")
-
-HyperOption = Annotated[
-    Optional[Path], typer.Option("--hyper", help="Hypernetwork directory from `ht train-hyper`. Default: runs/<model>/hyper.")
-]
-
-
-def resolve_hyper(hyper: Path | None, model: str | None) -> Path:
-    """The checkpoint file: `--hyper` (a directory or the file), else the model's default."""
-    from htcli.core.runtime import run_path
-    from htcli.models import default_model_name, get_model
-
-    name = model or default_model_name()
-    folder = hyper or run_path(name, "hyper")
-    path = folder if folder.suffix == ".safetensors" else folder / "hyper.safetensors"
-    if not path.exists():
-        hint = "" if get_model(name).offline else " (offline, without its weights? try --model tiny)"
-        raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {name}` or pass --hyper{hint}")
-    return path
-
 
 @app.command("train-hyper")
 def train_hyper_command(
@@ -79,13 +58,13 @@ def train_hyper_command(
 
     from htcli.core.hooks import resolve_layers
     from htcli.core.runtime import close_distributed, init_distributed, resolve_device, run_path
-    from htcli.data.dataset import ActivationDataset
+    from htcli.data.dataset import ActivationDataset, resolve_dataset
     from htcli.data.forward import Frozen
     from htcli.methods.hypernetwork import HyperConfig, parameter_count
     from htcli.methods.training import TrainConfig, Trainer
-    from htcli.models import get_model, load_denoiser
+    from htcli.models import default_model_name, get_model, load_denoiser
 
-    dataset = ActivationDataset(resolve_data(data, model))
+    dataset = ActivationDataset(resolve_dataset(data, model or default_model_name()))
     spec = get_model(dataset.settings.model)
     if model and model != spec.id:
         raise HTError(f"--data {dataset.root} was built for model {spec.id!r}, not {model!r}")
@@ -121,7 +100,7 @@ def train_hyper_command(
             task = bar.add_task("", total=config.steps, completed=trainer.step)
             summary = trainer.fit(lambda step, loss: bar.update(task, completed=step, description=f"loss {loss:.3g}"))
         if rank_id == 0 and calibration_images is not None:
-            _store_gap(trainer, calibration_images, dataset, out)
+            _store_gap(trainer, calibration_images, out)
     finally:
         close_distributed()
     if rank_id == 0:
@@ -131,25 +110,17 @@ def train_hyper_command(
         )
 
 
-def _store_gap(trainer, folder: Path, dataset, out: Path) -> None:
-    """Estimate the modality gap of an image-capable encoder and store it in the checkpoint."""
-    from PIL import Image
-
+def _store_gap(trainer, folder: Path, out: Path) -> None:
+    """Estimate the encoder's modality gap on a folder of images; store it in the checkpoint."""
+    from htcli.core.files import load_rgb_images
     from htcli.data.concepts import load_library
-    from htcli.methods.encoders import get_encoder, modality_gap
+    from htcli.methods.predict import CHECKPOINT, calibrate_gap
 
-    encoder = get_encoder(dataset.settings.encoder)
-    if not encoder.has_images:
-        raise HTError(f"--calibration-images needs an encoder with an image tower; {encoder.id} has none")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not paths:
         raise HTError(f"no images (.png, .jpg, .webp) in {folder}")
     library = load_library()
-    phrases = [library.resolve(name).phrase for name in trainer.train]
-    images = encoder.encode_images([Image.open(p) for p in paths])
-    checkpoint = trainer.checkpoint(trainer.history[-1] if trainer.history else None)
-    checkpoint.gap = modality_gap(images, encoder.encode_text(phrases))
-    checkpoint.save(out / "hyper.safetensors")
+    calibrate_gap(out / CHECKPOINT, load_rgb_images(paths, "calibration image"), [library.resolve(n).phrase for n in trainer.train])
 
 
 @hyper_app.command("export")
@@ -165,13 +136,12 @@ def export_command(
     """
     from htcli.core.interventions import Intervention
     from htcli.data.concepts import load_library
-    from htcli.methods.encoders import get_encoder
-    from htcli.methods.hypernetwork import load_checkpoint, unbatch
+    from htcli.methods.predict import Predictor, resolve_checkpoint
+    from htcli.models import default_model_name
 
-    checkpoint = load_checkpoint(resolve_hyper(hyper, model))
-    encoder = get_encoder(checkpoint.encoder)
+    predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
     resolved = load_library().resolve(concept)
-    maps = unbatch(checkpoint.maps(encoder.encode_text([resolved.phrase])))[0]
-    Intervention(maps, checkpoint.model, "hypertransport", resolved.name, checkpoint.encoder,
+    maps = predictor.maps([resolved.phrase])[0]
+    Intervention(maps, predictor.model, "hypertransport", resolved.name, predictor.checkpoint.encoder,
                  info={"phrase": resolved.phrase}).save(out)
-    console.print(f"wrote {out} ({checkpoint.model}, {len(maps)} layers) for {resolved.name!r}")
+    console.print(f"wrote {out} ({predictor.model}, {len(maps)} layers) for {resolved.name!r}")

@@ -10,15 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from htcli.cli import app
+from htcli.cli.options import JsonOption, ModelOption
 from htcli.models import default_model_name, get_model, list_models
 
 console = Console()
 
-ModelOption = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", help="Model spec id (see `ht models`). Default: $HT_MODEL or pixart."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
 
 @app.command("models")

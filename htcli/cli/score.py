@@ -12,10 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from htcli.cli import app
-from htcli.cli.baselines import DataOption, resolve_data
-from htcli.cli.dataset import DeviceOption, SeedOption
-from htcli.cli.hyper import HyperOption, resolve_hyper
-from htcli.cli.models import JsonOption, ModelOption
+from htcli.cli.options import DataOption, DeviceOption, HyperOption, JsonOption, ModelOption, SeedOption
 from htcli.errors import HTError
 
 console = Console(soft_wrap=True)
@@ -94,6 +91,7 @@ def evaluate_command(  # noqa: C901  (one linear script: check inputs, pick meth
     from htcli.generate.steer import parse_strengths
     from htcli.methods.encoders import get_encoder
     from htcli.methods.hypernetwork import load_checkpoint
+    from htcli.methods.predict import resolve_checkpoint
     from htcli.models import default_model_name, get_model, load_pipeline
 
     # 1. Check every input before loading anything heavy.
@@ -120,7 +118,7 @@ def evaluate_command(  # noqa: C901  (one linear script: check inputs, pick meth
         if name == "prompt":
             chosen_methods.append(Method("prompt", "prompt"))
         elif name == "hypertransport":
-            path = resolve_hyper(hyper, spec.id)
+            path = resolve_checkpoint(hyper, spec.id)
             checkpoint = load_checkpoint(path)
             if checkpoint.model != spec.id:
                 raise HTError(f"{path} was trained for model {checkpoint.model!r}, not {spec.id!r}")
@@ -270,17 +268,18 @@ def _transport(run, model, data, hyper, baselines, split, limit, seed, device) -
     from htcli.core.hooks import resolve_layers
     from htcli.core.runtime import run_path
     from htcli.data.concepts import load_library
-    from htcli.data.dataset import ActivationDataset
+    from htcli.data.dataset import ActivationDataset, resolve_dataset
     from htcli.data.forward import Frozen
     from htcli.evaluation.residuals import baseline_concepts, transport_judge
     from htcli.evaluation.runs import LATEST, EvalRun
     from htcli.methods.encoders import get_encoder
     from htcli.methods.hypernetwork import load_checkpoint
-    from htcli.models import get_model, load_denoiser
+    from htcli.methods.predict import resolve_checkpoint
+    from htcli.models import default_model_name, get_model, load_denoiser
 
-    dataset = ActivationDataset(resolve_data(data, model))
+    dataset = ActivationDataset(resolve_dataset(data, model or default_model_name()))
     spec = get_model(dataset.settings.model)
-    checkpoint = load_checkpoint(resolve_hyper(hyper, spec.id))
+    checkpoint = load_checkpoint(resolve_checkpoint(hyper, spec.id))
     if checkpoint.model != spec.id:
         raise HTError(f"the hypernetwork was trained for {checkpoint.model!r}, the dataset is for {spec.id!r}")
     if split not in ("test", "train", "all"):

@@ -12,9 +12,7 @@ from rich.console import Console
 
 from htcli import __version__
 from htcli.cli import app
-from htcli.cli.dataset import DeviceOption
-from htcli.cli.hyper import HyperOption, resolve_hyper
-from htcli.cli.models import ModelOption
+from htcli.cli.options import DeviceOption, HyperOption, ModelOption
 from htcli.core.files import file_digest, load_rgb_images
 from htcli.errors import HTError
 
@@ -114,8 +112,9 @@ def steer_command(  # noqa: C901  (one linear script: check, build the intervent
         if concepts or images:
             from htcli.methods.encoders import close_gap, get_encoder
             from htcli.methods.hypernetwork import load_checkpoint, unbatch
+            from htcli.methods.predict import resolve_checkpoint
 
-            path = resolve_hyper(hyper, spec.id)
+            path = resolve_checkpoint(hyper, spec.id)
             checkpoint = load_checkpoint(path)
             if checkpoint.model != spec.id:
                 raise HTError(f"{path} was trained for model {checkpoint.model!r}, not {spec.id!r}")

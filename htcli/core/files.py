@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -35,9 +36,25 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def finite(data: Any) -> Any:
+    """`data` with every NaN or infinite float replaced by None: strict JSON has no Infinity."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(value) for value in data]
+    return data
+
+
+def dumps_json(data: Any, sort_keys: bool = False) -> str:
+    """Strict JSON (non-finite numbers become null), indented: for files and `--json` output."""
+    return json.dumps(finite(data), indent=2, sort_keys=sort_keys, allow_nan=False, ensure_ascii=False)
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(dumps_json(data, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path) -> Any:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from htcli import __version__
 from htcli.core.files import read_json, save_tensors, write_json
-from htcli.core.runtime import barrier
+from htcli.core.runtime import barrier, run_path
 from htcli.data.concepts import Concept, ConceptLibrary, slugify
 from htcli.errors import HTError
 from htcli.models import denoiser
@@ -320,6 +320,16 @@ def _file_digest(path: Path) -> str | None:
 
 
 # --- reading -----------------------------------------------------------------------------
+
+
+def resolve_dataset(data: Path | None, model: str) -> Path:
+    """`data`, else runs/<model>/data; a missing default names the command that builds it."""
+    if data is not None:
+        return Path(data)
+    path = run_path(model, "data")
+    if not (path / "manifest.json").exists():
+        raise HTError(f"no dataset at {path}; build it with `ht build-dataset --model {model}` or pass --data")
+    return path
 
 
 class ActivationDataset:

@@ -1,0 +1,111 @@
+"""Concept text or reference images -> affine maps, in one hypernetwork pass.
+
+`Predictor` pairs a trained hypernetwork checkpoint with its concept encoder. It is the one
+place where maps are predicted, for steering, evaluation runs, activation-space residuals,
+exports and the demo:
+
+    predictor = Predictor.load(resolve_checkpoint(None, "tiny"), model="tiny")
+    art_deco, noir = predictor.maps(["in the style of Art Deco", "as a film noir still"])
+
+Reference images are embedded with the encoder's image tower, averaged, and moved into the
+text region by the checkpoint's modality-gap correction (`close_gap`) when it stores one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from htcli.core.files import file_digest
+from htcli.core.runtime import run_path
+from htcli.core.transport import Maps
+from htcli.errors import HTError
+from htcli.methods.encoders import close_gap, get_encoder, modality_gap
+from htcli.methods.hypernetwork import HyperCheckpoint, load_checkpoint, unbatch
+
+CHECKPOINT = "hyper.safetensors"
+
+
+def resolve_checkpoint(hyper: Path | None, model: str) -> Path:
+    """The checkpoint file: `hyper` (a run directory or the file), else runs/<model>/hyper."""
+    from htcli.models import get_model
+
+    folder = Path(hyper) if hyper is not None else run_path(model, "hyper")
+    path = folder if folder.suffix == ".safetensors" else folder / CHECKPOINT
+    if not path.is_file():
+        hint = "" if get_model(model).offline else " (offline, without its weights? try --model tiny)"
+        raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {model}` or pass --hyper{hint}")
+    return path
+
+
+@dataclass
+class Predictor:
+    """A hypernetwork checkpoint with its concept encoder, on one device."""
+
+    checkpoint: HyperCheckpoint
+    encoder: Any  # MiniLMEncoder | OpenClipEncoder
+    path: Path | None = None
+    digest: str | None = None  # of the checkpoint file: names the weights behind a result
+    last_ms: float = 0.0  # wall-clock time of the last `maps` call, encoding included
+
+    @classmethod
+    def load(cls, path: Path, model: str | None = None, device: str | torch.device = "cpu") -> Predictor:
+        """Load a checkpoint strictly; with `model`, refuse one trained for another model."""
+        checkpoint = load_checkpoint(path, device)
+        if model is not None and checkpoint.model != model:
+            raise HTError(f"{path} was trained for model {checkpoint.model!r}, not {model!r}")
+        return cls(checkpoint, get_encoder(checkpoint.encoder, str(torch.device(device))), Path(path), file_digest(path))
+
+    @property
+    def model(self) -> str:
+        return self.checkpoint.model
+
+    @property
+    def has_gap(self) -> bool:
+        return self.checkpoint.gap is not None
+
+    def embed_images(self, images: Sequence[Any], gap_correction: bool = True) -> Tensor:
+        """(1, E): the mean image embedding of `images`, gap-corrected when the checkpoint can."""
+        if not self.encoder.has_images:
+            raise HTError(f"reference images need an image encoder; this hypernetwork uses {self.encoder.id} (text only)")
+        embedding = self.encoder.encode_images(images).mean(0, keepdim=True)
+        if gap_correction and self.checkpoint.gap is not None:
+            embedding = close_gap(embedding, self.checkpoint.gap)
+        return embedding
+
+    def maps(self, phrases: Sequence[str] = (), images: Sequence[Any] = (), gap_correction: bool = True) -> list[Maps]:
+        """One map per phrase, then one for the reference images (if any): {layer: ((D,), (D,))}."""
+        start = time.perf_counter()
+        embeddings = []
+        if phrases:
+            embeddings.append(self.encoder.encode_text(list(phrases)))
+        if images:
+            embeddings.append(self.embed_images(images, gap_correction))
+        if not embeddings:
+            raise HTError("nothing to predict: give concept text or reference images")
+        device = next(self.checkpoint.network.parameters()).device
+        predicted = unbatch(self.checkpoint.maps(torch.cat(embeddings).to(device)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        self.last_ms = (time.perf_counter() - start) * 1e3
+        return predicted
+
+
+def calibrate_gap(path: Path, images: Sequence[Any], phrases: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """Estimate the encoder's modality gap from calibration images and concept phrases, and
+    store it in the checkpoint at `path` (rewritten atomically). Returns (image mean, text mean)."""
+    checkpoint = load_checkpoint(path)
+    encoder = get_encoder(checkpoint.encoder)
+    if not encoder.has_images:
+        raise HTError(f"calibration images need an encoder with an image tower; {encoder.id} has none")
+    if not images:
+        raise HTError("no calibration images given")
+    checkpoint.gap = modality_gap(encoder.encode_images(images), encoder.encode_text(list(phrases)))
+    checkpoint.save(path)
+    return checkpoint.gap
