@@ -12,7 +12,6 @@ speed_ratio=<LinEAS fit / HT forward> quality_ratio=<HT / LinEAS held-out residu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
@@ -31,30 +30,31 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     quiet()
+    from htcli.core.files import write_json
     from htcli.core.hooks import resolve_layers
     from htcli.data.concepts import load_library
     from htcli.data.dataset import ActivationDataset
     from htcli.data.forward import Frozen
-    from htcli.evaluation.residuals import compare, evaluate_baseline, evaluate_hyper
+    from htcli.evaluation.residuals import compare, evaluate_hyper
     from htcli.methods.baselines import LineasConfig
-    from htcli.methods.encoders import get_encoder
-    from htcli.methods.hypernetwork import load_checkpoint
+    from htcli.methods.fitting import fit_baselines
+    from htcli.methods.predict import Predictor
     from htcli.models import get_model, load_denoiser
 
     data = ActivationDataset(args.data)
-    checkpoint = load_checkpoint(args.hyper / "hyper.safetensors")
+    predictor = Predictor.load(args.hyper / "hyper.safetensors")
+    checkpoint = predictor.checkpoint
     spec = get_model(data.settings.model)
     model = load_denoiser(spec)
     frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
     names = data.names("test")[: args.concepts]
     baselines = []
     for method in ("mean-shift", "linear-act", "lineas"):
-        result = evaluate_baseline(method, frozen, data, names, LineasConfig(steps=args.steps))
+        result = fit_baselines(method, frozen, data, names, lineas=LineasConfig(steps=args.steps))
         baselines.append(result)
         print(f"{method:14s} residual {statistics.fmean(result.residuals):.3f} +- {statistics.stdev(result.residuals):.3f}, "
               f"median {statistics.median(result.seconds):.4f} s/concept", flush=True)
-    encoder = get_encoder(checkpoint.encoder)
-    hyper = evaluate_hyper(checkpoint, encoder, load_library(), frozen, data, names)
+    hyper = evaluate_hyper(predictor, load_library(), frozen, data, names)
     rows = compare(hyper, baselines)
     ht, lineas = rows[-1], next(r for r in rows if r["method"] == "lineas")
     print(f"{'hypertransport':14s} residual {ht['residual_mean']:.3f} +- {ht['residual_std']:.3f}, "
@@ -65,8 +65,8 @@ def main() -> None:
           f"{checkpoint.info.get('train_concepts')} concepts: it pays for itself after {break_even:.1f} concepts")
     speed, quality = lineas["seconds_median"] / ht["seconds_median"], ht["residual_mean"] / lineas["residual_mean"]
     if args.json:
-        args.json.write_text(json.dumps({"concepts": names, "rows": rows, "break_even": break_even,
-                                         "speed_ratio": speed, "quality_ratio": quality}, indent=2))
+        write_json(args.json, {"concepts": names, "rows": rows, "break_even": break_even,
+                                "speed_ratio": speed, "quality_ratio": quality})
     print(f"speed_ratio={speed:.0f} quality_ratio={quality:.3f}")
 
 

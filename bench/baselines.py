@@ -32,8 +32,8 @@ def main() -> None:
     from htcli.core.hooks import resolve_layers
     from htcli.data.dataset import ActivationDataset
     from htcli.data.forward import Frozen
-    from htcli.evaluation.residuals import evaluate_baseline
     from htcli.methods.baselines import LineasConfig
+    from htcli.methods.fitting import fit_baselines
     from htcli.models import get_model, load_denoiser
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +47,7 @@ def main() -> None:
         frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
         medians = {}
         for method in ("mean-shift", "linear-act", "lineas"):
-            result = evaluate_baseline(method, frozen, data, data.names(), LineasConfig(steps=args.steps))
+            result = fit_baselines(method, frozen, data, data.names(), lineas=LineasConfig(steps=args.steps))
             seconds, ratios = result.seconds, result.residuals
             medians[method] = statistics.median(seconds)
             print(f"{method:11s} median {medians[method]:.4f} s/concept, held-out residual {statistics.fmean(ratios):.3f} "

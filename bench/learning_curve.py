@@ -37,7 +37,7 @@ def main() -> None:
         command = ["train-hyper", "--data", str(args.data), "--out", str(out), "--steps", str(args.steps),
                    "--eval-every", str(args.steps), "--overwrite", *args.extra.split()]
         if size:
-            command += ["--limit-train", str(size)]
+            command += ["--limit-concepts", str(size)]
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 0, result.output
         info = json.loads((out / "history.json").read_text())[-1]

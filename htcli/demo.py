@@ -9,26 +9,35 @@ comparison is made in activation space (residual ratio of the W2 distance).
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from PIL import Image, ImageDraw
-
+from htcli.core.files import atomic_path, write_json
 from htcli.core.hooks import resolve_layers
-from htcli.core.interventions import Intervention
-from htcli.data.concepts import load_library, slugify
-from htcli.data.dataset import ActivationDataset, Builder, build_dataset, check_existing, make_settings
+from htcli.core.runtime import Progress
+from htcli.data.build import Builder, build_dataset, check_existing, make_settings
+from htcli.data.concepts import load_library
+from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
-from htcli.evaluation.residuals import compare, evaluate_baseline, evaluate_hyper
-from htcli.generate.steer import generate, grid
+from htcli.evaluation.plots import plot_residuals
+from htcli.evaluation.report import TRANSPORT_HEAD, markdown_table, transport_rows
+from htcli.evaluation.residuals import compare, evaluate_hyper
+from htcli.generate.save import grid
+from htcli.generate.steer import generate
 from htcli.methods.baselines import LineasConfig
 from htcli.methods.encoders import get_encoder
-from htcli.methods.hypernetwork import HyperConfig, unbatch
+from htcli.methods.fitting import fit_baselines
+from htcli.methods.hypernetwork import HyperConfig
+from htcli.methods.predict import Predictor, resolve_checkpoint
 from htcli.methods.training import TrainConfig, Trainer
 from htcli.models import denoiser, get_model, load_denoiser, load_pipeline
+
+SWEEP_PROMPT = "a lighthouse on a cliff"
 
 
 @dataclass
@@ -42,7 +51,11 @@ class DemoConfig:
     seed: int = 0
 
 
-def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print) -> dict:
+def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | None = None) -> dict:
+    """Run the five steps into `out` and write summary.json, report.md, residuals.png and sweep.png.
+    `progress(step, 5, what)` hears each step as it starts. Returns the summary."""
+    config = config or DemoConfig()
+    say = (lambda step, text: progress(step, 5, text)) if progress else (lambda step, text: None)
     started = time.perf_counter()
     spec = get_model("tiny")
     library = load_library()
@@ -51,7 +64,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
     test = rng.sample(library.targets("test"), config.test_concepts)
 
     # 1. Dataset: paired fitting samples, disjoint evaluation samples.
-    say(f"1/5 building a dataset: {len(train)} training + {len(test)} held-out concepts")
+    say(0, f"building a dataset: {len(train)} training + {len(test)} held-out concepts")
     pipe = load_pipeline(spec)
     layers = resolve_layers(denoiser(pipe, spec), spec.hook_patterns)
     settings = make_settings(spec, library, layers, config.samples, config.eval_samples, config.seed)
@@ -63,102 +76,115 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
     frozen = Frozen(spec, model, resolve_layers(model, settings.layers))
 
     # 2. Per-concept baselines on the held-out concepts.
-    say(f"2/5 fitting mean shift, Linear-AcT and LinEAS ({config.lineas_steps} steps) per held-out concept")
+    say(1, f"fitting mean shift, Linear-AcT and LinEAS ({config.lineas_steps} steps) per held-out concept")
     names = [c.name for c in test]
     lineas = LineasConfig(steps=config.lineas_steps, seed=config.seed)
+    baselines = [fit_baselines(m, frozen, data, names, lineas=lineas, out=out / "baselines")
+                 for m in ("mean-shift", "linear-act", "lineas")]
 
-    def saver(method: str) -> Callable[[str, dict, dict], None]:
-        return lambda name, maps, info: Intervention(maps, spec.id, method, name, info=info).save(
-            out / "baselines" / method / f"{slugify(name)}.safetensors")
-
-    baselines = [evaluate_baseline(m, frozen, data, names, lineas, saver(m)) for m in ("mean-shift", "linear-act", "lineas")]
-
-    # 3. The hypernetwork, trained on the training concepts only.
-    say(f"3/5 training the hypernetwork ({config.train_steps} steps) on {len(train)} concepts")
+    # 3. The hypernetwork, trained on the training concepts only (a tenth of them kept for validation).
     hyper = HyperConfig(embed_dim=int(data.embeddings(names[:1]).shape[-1]), layers=tuple(data.layers.items()), hidden=256, rank=16)
     train_config = TrainConfig(steps=config.train_steps, samples=config.samples, eval_every=config.train_steps,
                                val_fraction=0.1, seed=config.seed, lr=2e-3)
     trainer = Trainer(frozen, data, hyper, train_config, out / "hyper", spec.id)
+    say(2, f"training the hypernetwork ({config.train_steps} steps) on {training_text(len(trainer.train), len(trainer.val))}")
     trainer.fit()
 
-    # 4. Held-out comparison.
-    say("4/5 comparing on the held-out concepts' evaluation samples")
-    checkpoint = trainer.checkpoint()
-    ht = evaluate_hyper(checkpoint, get_encoder(spec.concept_encoder), library, frozen, data, names)
-    rows = compare(ht, baselines)
+    # 4. Held-out comparison, with the checkpoint the trainer wrote.
+    say(3, "comparing on the held-out concepts' evaluation samples")
+    predictor = Predictor.load(resolve_checkpoint(out / "hyper", spec.id), model=spec.id)
+    ht = evaluate_hyper(predictor, library, frozen, data, names)
+    rows = compare(ht, baselines, config.seed)
 
     # 5. A strength sweep with the hypernetwork, for one held-out concept.
-    say(f"5/5 steering 'a lighthouse on a cliff' towards {test[0].name!r} with a strength sweep")
-    embedding = get_encoder(spec.concept_encoder).encode_text([test[0].phrase])
-    maps = unbatch(checkpoint.maps(embedding))[0]
-    strengths = [0.0, 0.25, 0.5, 0.75, 1.0]
-    images = generate(spec, pipe, "a lighthouse on a cliff", maps, strengths, [config.seed])
-    grid([g.image for g in images], [g.label.split(",")[0] for g in images], columns=len(images)).save(out / "sweep.png")
+    say(4, f"steering {SWEEP_PROMPT!r} towards {test[0].name!r} with a strength sweep")
+    maps = predictor.maps([test[0].phrase])[0]
+    images = generate(spec, pipe, SWEEP_PROMPT, maps, [0.0, 0.25, 0.5, 0.75, 1.0], [config.seed])
+    with atomic_path(out / "sweep.png") as tmp:
+        grid([g.image for g in images], [g.label.split(",")[0] for g in images], columns=len(images)).save(tmp, format="PNG")
 
-    lineas = next(r for r in rows if r["method"] == "lineas")
-    ht_row = rows[-1]
     summary = {
         "rows": rows,
+        "per_concept": {r.method: dict(zip(names, r.residuals)) for r in [*baselines, ht]},
         "test_concepts": names,
-        "train_concepts": len(trainer.train),
+        "fit_concepts": len(trainer.train),
+        "val_concepts": len(trainer.val),
         "train_seconds": trainer.train_seconds,
-        "speed_ratio": lineas["seconds_median"] / ht_row["seconds_median"],
-        "quality_ratio": ht_row["residual_mean"] / lineas["residual_mean"],
-        "break_even_concepts": trainer.train_seconds / max(lineas["seconds_median"] - ht_row["seconds_median"], 1e-9),
         "seconds": time.perf_counter() - started,
         "config": vars(config),
     }
+    summary["findings"] = findings(rows, summary["train_seconds"])
+    write_json(out / "summary.json", summary)
     write_report(out, summary)
+    say(5, "done")
     return summary
 
 
-def write_report(out: Path, summary: dict) -> None:
-    """report.md (the table and the amortization numbers) and residuals.png (a bar chart)."""
-    rows = summary["rows"]
+def training_text(fit: int, val: int) -> str:
+    """One wording of the training set, for the progress line and the report alike."""
+    return f"{fit + val} training concepts ({fit} to fit, {val} for validation)"
+
+
+def findings(rows: Sequence[Mapping[str, Any]], train_seconds: float) -> list[str]:
+    """The report's conclusions, each derived from the numbers (so a bad run reads as one)."""
+    by = {r["method"]: r for r in rows}
+    ht = by["hypertransport"]
+    ht_res, ht_s = ht["residual_mean"], ht["seconds_median"]
+    best = min((r for r in rows if r["method"] not in ("none", "hypertransport")), key=lambda r: r["residual_mean"])
+    out = []
+    if ht_res < 1:
+        out.append(f"HyperTransport lowers the held-out residual ratio to {ht_res:.3f} (no steering: 1.000).")
+    else:
+        out.append(f"HyperTransport does not beat no steering on the held-out concepts: its residual ratio is "
+                   f"{ht_res:.3f}, no steering's 1.000.")
+    if ht_res <= best["residual_mean"]:
+        out.append(f"It matches or beats every per-concept baseline (the best, {best['method']}, reaches "
+                   f"{best['residual_mean']:.3f}).")
+    else:
+        out.append(f"The best method here is {best['method']} ({best['residual_mean']:.3f}), fitted per concept; "
+                   f"HyperTransport's is {ht_res / best['residual_mean']:.2f}x as large.")
+    lineas_s = by["lineas"]["seconds_median"]
+    faster = ht_s < lineas_s
+    out.append(f"Predicting a concept's maps takes {ht_s * 1e3:.1f} ms, "
+               + (f"{lineas_s / ht_s:,.0f}x faster than" if faster else "no faster than")
+               + f" fitting LinEAS ({lineas_s:.2f} s).")
+    if ht_res >= 1:
+        out.append(f"Training ({train_seconds:.0f} s) does not pay for itself here: the predicted maps do not beat no steering.")
+    elif not faster:
+        out.append(f"Training ({train_seconds:.0f} s) does not pay for itself here: predicting is not faster than fitting.")
+    else:
+        concepts = math.ceil(train_seconds / (lineas_s - ht_s))
+        quality = ("" if ht_res <= by["lineas"]["residual_mean"]
+                   else f", at {ht_res / by['lineas']['residual_mean']:.2f}x LinEAS's residual ratio")
+        out.append(f"In time, training ({train_seconds:.0f} s) is paid back after {concepts} new concepts{quality}.")
+    return out
+
+
+def write_report(out: Path, summary: Mapping[str, Any]) -> None:
+    """report.md (the comparison table and the findings) and residuals.png."""
+    names = summary["test_concepts"]
     lines = [
         "# ht demo: HyperTransport on the offline tiny world",
         "",
         "`tiny` is a 4-block PixArt-Sigma with **random weights** conditioned on the real all-MiniLM-L6-v2",
         "encoder: its images are noise, so the comparison is made in activation space. Residual ratio =",
         "W2(steered source, target) / W2(source, target) on evaluation samples (other prompts and seeds than",
-        "the fit); 1 = no change, 0 = perfect. Lower is better.",
+        "the fit); 1 = no change, 0 = the target. Lower is better. Mean [95% bootstrap interval] over concepts.",
         "",
-        f"Held-out concepts ({len(summary['test_concepts'])}): {', '.join(summary['test_concepts'])}.",
-        f"HyperTransport was trained on {summary['train_concepts']} other concepts in {summary['train_seconds']:.0f} s.",
+        f"Held-out concepts ({len(names)}): {', '.join(names)}.",
+        (f"HyperTransport was trained on {training_text(summary['fit_concepts'], summary['val_concepts'])}, none of them "
+         f"held out, in {summary['train_seconds']:.0f} s."),
         "",
-        "| method | residual ratio (mean ± std) | seconds per concept | × HyperTransport time |",
-        "|---|---|---|---|",
-    ]
-    for row in rows:
-        ratio = row["times_ht"]
-        times = "-" if ratio is None else f"{ratio:,.0f}" if ratio >= 10 else f"{ratio:.2f}"
-        lines.append(f"| {row['method']} | {row['residual_mean']:.3f} ± {row['residual_std']:.3f} | {row['seconds_median']:.4g} | {times} |")
-    lines += [
+        markdown_table(TRANSPORT_HEAD, transport_rows(summary["rows"])),
         "",
-        f"- Amortization: one HyperTransport forward pass (concept text to maps) is **{summary['speed_ratio']:,.0f}x** faster",
-        f"  than fitting LinEAS for the concept; training pays for itself after {summary['break_even_concepts']:.0f} concepts.",
-        f"- Quality: HyperTransport's held-out residual is {summary['quality_ratio']:.2f}x LinEAS's.",
-        "  The demo trains on few concepts for a few hundred steps; held-out quality grows with the number of",
-        "  training concepts (see docs/results.md).",
+        *(f"- {line}" for line in summary["findings"]),
+        "- The demo trains on few concepts for a few hundred steps; held-out quality grows with the number",
+        "  of training concepts.",
         f"- Whole demo: {summary['seconds']:.0f} s. Strength sweep: `sweep.png` (noise images: random weights).",
         "",
         "![residuals](residuals.png)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
-    bar_chart([r["method"] for r in rows], [r["residual_mean"] for r in rows]).save(out / "residuals.png")
-
-
-def bar_chart(labels: list[str], values: list[float], width: int = 480, height: int = 240) -> Image.Image:
-    """A minimal horizontal bar chart (PIL only: no plotting dependency)."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    top, left, bar = 24, 110, (height - 34) // max(len(labels), 1)
-    draw.text((left, 4), "held-out residual ratio (lower is better)", fill="black")
-    scale = (width - left - 50) / max(max(values), 1e-9)
-    for i, (label, value) in enumerate(zip(labels, values)):
-        y = top + i * bar
-        draw.text((4, y + bar // 3), label, fill="black")
-        draw.rectangle([left, y + 3, left + value * scale, y + bar - 3], fill=(70, 110, 180))
-        draw.text((left + value * scale + 4, y + bar // 3), f"{value:.3f}", fill="black")
-    return image
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    plot_residuals(summary["rows"], out / "residuals.png", f"Demo: held-out residual ratio on {len(names)} concepts")

@@ -18,6 +18,7 @@ from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.evaluation.residuals import residuals
 from htcli.methods.baselines import LineasConfig, fit_linear_act_incremental, fit_lineas, fit_method
+from htcli.methods.fitting import fit_baselines
 from htcli.models import denoiser, load_denoiser
 
 runner = CliRunner()
@@ -27,7 +28,7 @@ runner = CliRunner()
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("baselines") / "data"
     result = runner.invoke(app, ["build-dataset", "-m", "tiny", "-o", str(out), "--limit-concepts", "3",
-                                 "--samples-per-concept", "16", "--eval-samples", "32"])
+                                 "--samples", "16", "--eval-samples", "32"])
     assert result.exit_code == 0, result.output
     return ActivationDataset(out)
 
@@ -115,7 +116,9 @@ def test_cli_fit_round_trip_and_identical_steering_after_reload(data, tmp_path, 
     report = json.loads(result.output[result.output.index("{"):])
     assert set(report["concepts"]) == set(data.names())
     row = next(iter(report["concepts"].values()))
-    assert 0 < row["residual"] < 1.5 and row["fit_seconds"] >= 0 and len(row["residual_per_layer"]) == 8
+    # Identity maps (or maps that are ignored) score 1; every method here reaches 0.45-0.7.
+    assert all(0 < r["residual"] < 0.8 for r in report["concepts"].values())
+    assert row["fit_seconds"] >= 0 and len(row["residual_per_layer"]) == 8
     summary = json.loads((tmp_path / method / "summary.json").read_text())
     assert set(summary["concepts"]) == set(data.names())
 
@@ -194,3 +197,79 @@ def test_micro_batched_lineas_matches_one_pass(data, frozen):
     for layer in one:
         torch.testing.assert_close(one[layer][0], micro[layer][0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(one[layer][1], micro[layer][1], atol=1e-6, rtol=1e-5)
+
+
+def _strict(text: str):
+    """Parse JSON, refusing Infinity and NaN (which strict JSON readers reject)."""
+    def refuse(constant):
+        raise ValueError(f"non-finite {constant} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _copy(data, tmp_path, edit_manifest=None):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(data.root, root)
+    if edit_manifest:
+        manifest = json.loads((root / "manifest.json").read_text())
+        edit_manifest(manifest)
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    return ActivationDataset(root)
+
+
+def test_fit_baselines_saves_every_concept_and_resumes(data, frozen, tmp_path, monkeypatch):
+    import htcli.methods.fitting as fitting
+
+    names = data.names()
+    first = fit_baselines("mean-shift", frozen, data, names, out=tmp_path)
+    summary_path = tmp_path / "mean-shift" / "summary.json"
+    summary = _strict(summary_path.read_text())
+    assert set(summary["concepts"]) == set(names)
+    assert all((tmp_path / "mean-shift" / row["file"]).exists() for row in summary["concepts"].values())
+    assert all(0 < r < 0.8 for r in first.residuals)
+
+    # An interrupted run (one concept missing from the summary) refits that concept only.
+    del summary["concepts"][names[1]]
+    summary_path.write_text(json.dumps(summary))
+    calls = []
+    real = fitting.fit_method
+    monkeypatch.setattr(fitting, "fit_method", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = fit_baselines("mean-shift", frozen, data, names, out=tmp_path)
+    assert calls == ["mean-shift"] and again.residuals == pytest.approx(first.residuals, abs=1e-6)
+    # Other settings (fewer fitting samples) are not mixed with the saved fits: all refitted.
+    calls.clear()
+    fewer = fit_baselines("mean-shift", frozen, data, names, samples=8, out=tmp_path)
+    assert len(calls) == len(names) and fewer.residuals != pytest.approx(first.residuals, abs=1e-6)
+    assert _strict(summary_path.read_text())["settings"]["samples"] == 8
+
+
+def test_no_concepts_of_a_split_says_how_to_choose(data, tmp_path):
+    only_train = _copy(data, tmp_path, lambda m: [c.update(split="train") for c in m["concepts"]])
+    result = runner.invoke(app, ["fit-linear-baselines", "--method", "mean-shift", "--data", str(only_train.root),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output.count("Error:") == 1
+    assert "no concepts of split 'test'" in result.output and "--split train" in result.output
+    assert "--concept" in result.output and not (tmp_path / "out").exists()
+
+
+def test_unchanged_concept_gives_strict_json_with_null_residual(data, tmp_path):
+    """A concept whose evaluation targets equal the source has W2(source, target) = 0, so any
+    change makes the ratio infinite: summary.json and --json hold null, never Infinity."""
+    from safetensors.torch import load_file, save_file
+
+    copy = _copy(data, tmp_path)
+    name = copy.names()[0]
+    path = copy.root / "concepts" / f"{copy.manifest['concepts'][0]['slug']}.safetensors"
+    assert copy.manifest["concepts"][0]["name"] == name
+    tensors = load_file(str(path))
+    source = load_file(str(copy.root / "source.safetensors"))
+    for layer in copy.settings.layers:
+        tensors[f"eval.{layer}"] = source[f"act.eval.{layer}"]
+    save_file(tensors, str(path), metadata={"settings_digest": copy.manifest["settings_digest"]})
+    result = runner.invoke(app, ["fit-linear-baselines", "--method", "mean-shift", "--data", str(copy.root), "--concept",
+                                 name, "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = _strict(result.output[result.output.index("{"):])["concepts"][name]
+    assert row["residual"] is None
+    assert _strict((tmp_path / "out" / "mean-shift" / "summary.json").read_text())["concepts"][name]["residual"] is None

@@ -12,12 +12,14 @@ import yaml
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.data.concepts import (
+from htcli.data.concept_files import (
     CATEGORY_COUNTS,
     DEFAULT_TEMPLATE,
-    FREE_TEXT_CATEGORY,
     SOURCE_CATEGORY,
     SPLIT_FILE,
+)
+from htcli.data.concepts import (
+    FREE_TEXT_CATEGORY,
     TEST_SIZE,
     Concept,
     apportion,
@@ -228,6 +230,22 @@ def test_user_directories_add_concepts(tmp_path):
         == 167
     )
     assert invoke("validate", str(tmp_path)).exit_code == 0
+
+
+def test_list_table_is_not_cut_when_output_is_not_a_terminal(tmp_path):
+    # CliRunner's output is not a terminal: the table must keep its natural width, not 80 columns.
+    name = "an extraordinarily long user concept name that " + "keeps going " * 3 + "to the end"
+    description = "a description that is also much longer than eighty columns, " * 2 + "whole"
+    (tmp_path / "long.yaml").write_text(
+        f"category: Long Names\ntemplates: ['{{prompt}}, {{concept}}']\n"
+        f"concepts:\n  - name: {name}\n    description: {description}\n",
+        encoding="utf-8",
+    )
+    result = invoke("list", "--concepts", str(tmp_path), "--category", "long names")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "extraordinarily" in line)
+    assert name in row and description in row  # each on one line, whole
+    assert len(row) > 80 + len(description)
 
 
 # --- Bad input: one line that names the file and the entry, and a non-zero exit ---------------

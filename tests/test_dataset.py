@@ -15,7 +15,7 @@ from htcli.cli import app
 from htcli.data.dataset import ActivationDataset
 
 runner = CliRunner()
-SMALL = ["--samples-per-concept", "4", "--eval-samples", "4", "--batch-size", "4"]
+SMALL = ["--samples", "4", "--eval-samples", "4", "--batch-size", "4"]
 
 
 def _build(out, *args):
@@ -85,7 +85,7 @@ def test_rerun_skips_finished_concepts_and_other_settings_are_refused(tmp_path):
         (["--model", "nope"], "unknown model"),
         (["--layers", "transformer_blocks.*.norm7"], "matches no module"),
         (["--concept", "  "], "empty concept name"),
-        (["--samples-per-concept", "1"], "at least 2"),
+        (["--samples", "1"], "--samples must be at least 2"),
         (["--split", "val"], "--split"),
     ],
 )

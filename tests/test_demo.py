@@ -1,22 +1,98 @@
-"""`ht demo` end to end, in a reduced configuration (the full one is the README's main job)."""
+"""`ht demo` end to end, in a reduced configuration (the full one is the README's main job),
+and the report's sentences, which must follow from its numbers."""
 
 import json
+import math
+import statistics
 
+import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
+import htcli.cli.output
 from htcli.cli import app
+from htcli.demo import findings
 
 
-def test_demo_reduced_runs_and_reports_honestly(tmp_path):
+def _row(method, residual, seconds):
+    return {"method": method, "residual_mean": residual, "seconds_median": seconds}
+
+
+def _rows(ht, ht_seconds, lineas=0.5, mean_shift=0.8):
+    return [_row("none", 1.0, 0.0), _row("mean-shift", mean_shift, 0.01), _row("lineas", lineas, 2.0),
+            _row("hypertransport", ht, ht_seconds)]
+
+
+def test_findings_when_hypertransport_wins():
+    lines = findings(_rows(ht=0.4, ht_seconds=0.002), train_seconds=100.0)
+    assert "lowers the held-out residual ratio to 0.400" in lines[0]
+    assert "matches or beats every per-concept baseline (the best, lineas, reaches 0.500)" in lines[1]
+    assert "1,000x faster than fitting LinEAS (2.00 s)" in lines[2]
+    assert f"paid back after {math.ceil(100 / (2.0 - 0.002))} new concepts." in lines[3]
+
+
+def test_findings_when_a_baseline_wins_or_nothing_helps():
+    lines = " ".join(findings(_rows(ht=0.6, ht_seconds=0.002), train_seconds=100.0))
+    assert "The best method here is lineas (0.500)" in lines and "HyperTransport's is 1.20x as large" in lines
+    assert "paid back after 51 new concepts, at 1.20x LinEAS's residual ratio" in lines
+    lines = " ".join(findings(_rows(ht=1.05, ht_seconds=0.002), train_seconds=100.0))
+    assert "does not beat no steering" in lines and "does not pay for itself" in lines and "paid back" not in lines
+    lines = " ".join(findings(_rows(ht=0.4, ht_seconds=3.0), train_seconds=100.0))
+    assert "no faster than fitting LinEAS" in lines and "predicting is not faster than fitting" in lines
+
+
+def _table(report: str) -> dict[str, list[str]]:
+    """The Markdown comparison table of report.md, by method."""
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+def test_demo_reduced_runs_and_reports_honestly(tmp_path, monkeypatch):
+    monkeypatch.setattr(htcli.cli.output, "PLAIN_EVERY_S", 0.0)  # a progress line for every step
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--train-concepts", "10", "--test-concepts", "2",
                                       "--train-steps", "10", "--lineas-steps", "5"])
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
     assert "random weights" in report and "activation space" in report
-    for method in ("none", "mean-shift", "linear-act", "lineas", "hypertransport"):
-        assert f"| {method} |" in report
-    assert (out / "residuals.png").stat().st_size > 0 and (out / "sweep.png").stat().st_size > 0
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert list(rows) == ["none", "mean-shift", "linear-act", "lineas", "hypertransport"]
+
+    # Sane numbers: every fitted baseline does better than no steering on held-out samples, and
+    # each mean is the mean of its per-concept residuals.
+    assert rows["none"]["residual_mean"] == 1.0
+    for method in ("mean-shift", "linear-act", "lineas"):
+        assert rows[method]["residual_mean"] < 1.0, method
+    for method, per_concept in summary["per_concept"].items():
+        assert list(per_concept) == summary["test_concepts"]
+        assert rows[method]["residual_mean"] == pytest.approx(statistics.fmean(per_concept.values()), abs=1e-12)
+
+    # report.md shows the summary's numbers.
+    table = _table(report)
+    assert set(table) == set(rows)
+    for method, row in rows.items():
+        assert float(table[method][2].split()[0]) == pytest.approx(row["residual_mean"], abs=5e-4)
+        assert float(table[method][3]) == pytest.approx(row["seconds_median"], rel=5e-3, abs=1e-12)
+
+    # One count of training concepts, said the same way in the progress and the report.
+    fit, val = summary["fit_concepts"], summary["val_concepts"]
+    assert fit + val == 10 and val == 1
+    said = f"10 training concepts ({fit} to fit, {val} for validation)"
+    progress = [line for line in result.stderr.splitlines() if "training the hypernetwork" in line]
+    assert said in report and len(progress) == 1 and said in progress[0]
+
+    # The sentences follow from the numbers.
+    assert summary["findings"] == findings(summary["rows"], summary["train_seconds"])
+    for line in summary["findings"]:
+        assert f"- {line}" in report
+    ht, lineas = rows["hypertransport"], rows["lineas"]
+    pays = ht["residual_mean"] < 1 and ht["seconds_median"] < lineas["seconds_median"]
+    assert ("paid back" in report) == pays and ("does not pay for itself" in report) == (not pays)
+
+    with Image.open(out / "residuals.png") as plot:
+        assert plot.size[0] >= 600
+    assert (out / "sweep.png").stat().st_size > 0
     assert len(list((out / "baselines" / "lineas").glob("*.safetensors"))) == 2
     history = json.loads((out / "hyper" / "history.json").read_text())
     assert history[-1]["step"] == 10

@@ -1,8 +1,10 @@
 """The hypernetwork: identity at init, training, checkpoints, resume, DDP, export."""
 
 import json
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -35,13 +37,13 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("hyper") / "data"
     args = [arg for name in names for arg in ("--concept", name)]
     result = runner.invoke(app, ["build-dataset", "-m", "tiny", "-o", str(out), *args,
-                                 "--samples-per-concept", "8", "--eval-samples", "8", "--batch-size", "8"])
+                                 "--samples", "8", "--eval-samples", "8", "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     return ActivationDataset(out)
 
 
-TRAIN = ["--steps", "8", "--concepts-per-step", "2", "--samples", "8", "--eval-every", "4", "--hidden", "32",
-         "--rank", "4", "--val-fraction", "0.2", "--lr", "1e-2"]
+TRAIN = ["--steps", "8", "--concepts-per-step", "2", "--eval-every", "4", "--hidden", "32",
+         "--rank", "4", "--val-fraction", "0.2", "--lr", "1e-2"]  # --samples: the dataset's 8
 
 
 @pytest.mark.parametrize("rank", [None, 2])
@@ -85,15 +87,48 @@ def test_checkpoint_round_trip_and_strict_loading(tmp_path):
         load_checkpoint(tmp_path / "bad.safetensors")
 
 
-def test_train_loss_decreases_history_and_export(data, tmp_path):
-    out = tmp_path / "hyper"
-    result = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(out), *TRAIN, "--steps", "30",
-                                 "--eval-every", "10", "--concepts-per-step", "4"])
+LONGER = ["--steps", "30", "--eval-every", "10", "--concepts-per-step", "4"]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "hyper"
+    result = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(out), *TRAIN, *LONGER])
     assert result.exit_code == 0, result.output
+    return out
+
+
+def _train_residuals(data, out) -> list[float]:
+    from htcli.core.hooks import resolve_layers
+    from htcli.data.forward import Frozen
+    from htcli.evaluation.residuals import residuals
+    from htcli.methods.hypernetwork import unbatch
+    from htcli.models import get_model, load_denoiser
+
+    checkpoint = load_checkpoint(out / "hyper.safetensors")
+    spec = get_model("tiny")
+    model = load_denoiser(spec)
+    frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
+    inputs, source = data.source_inputs("eval"), data.source_activations("eval")
+    ratios = []
+    for name in data.names("train"):
+        if name not in checkpoint.info["val_concepts"]:
+            maps = unbatch(checkpoint.maps(data.embeddings([name])))[0]
+            target = {k: v[0] for k, v in data.targets([name], "eval").items()}
+            ratios.append(residuals(frozen, inputs, source, target, maps)[0])
+    return ratios
+
+
+def test_train_loss_decreases_history_and_export(data, trained, tmp_path):
+    out = trained
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [10, 20, 30]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert all(0 < h["test_residual"] < 2 for h in history)
+    # Five training concepts are too few to generalise: the held-out residual is only reported.
+    assert all(math.isfinite(h["test_residual"]) and h["test_residual"] > 0 for h in history)
+    # On the training concepts' evaluation samples, identity maps (no training) score 1 and
+    # 30 steps reach about 0.85.
+    assert statistics.fmean(_train_residuals(data, out)) < 0.92
     assert (out / "history.csv").read_text().startswith("step,loss,lr,val_residual,test_residual,seconds")
     again = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(out), *TRAIN])
     assert again.exit_code == 1 and "--resume" in again.output
@@ -106,6 +141,47 @@ def test_train_loss_decreases_history_and_export(data, tmp_path):
     assert any(not torch.equal(o, torch.ones_like(o)) for o, _ in intervention.maps.values())
     missing = runner.invoke(app, ["hyper", "export", "--hyper", str(tmp_path / "none"), "--concept", "x", "--out", str(exported)])
     assert missing.exit_code == 1 and "ht train-hyper" in missing.output
+
+
+def test_samples_default_to_what_the_dataset_has(data, trained, tmp_path):
+    assert load_checkpoint(trained / "hyper.safetensors").info["config"]["samples"] == 8
+    too_many = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(tmp_path / "h"), *TRAIN,
+                                   "--samples", "9"])
+    assert too_many.exit_code == 1 and too_many.output.count("Error:") == 1
+    assert "--samples 9 exceeds the dataset's 8 fitting samples" in too_many.output
+    assert not (tmp_path / "h").exists()
+
+
+def test_resume_with_other_settings_is_refused(data, trained):
+    before = (trained / "hyper.safetensors").read_bytes()
+    other = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(trained), *TRAIN, *LONGER,
+                                "--steps", "40", "--lr", "5e-3", "--resume"])
+    assert other.exit_code == 1 and other.output.count("Error:") == 1
+    assert "--steps 40 (saved 30)" in other.output and "--lr 0.005 (saved 0.01)" in other.output
+    assert "--eval-every" not in other.output and "--micro-batch" not in other.output
+    assert (trained / "hyper.safetensors").read_bytes() == before
+    # The same settings resume (here: nothing left to do); --micro-batch only changes memory.
+    same = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(trained), *TRAIN, *LONGER,
+                               "--micro-batch", "4", "--resume"])
+    assert same.exit_code == 0, same.output
+    assert "30 steps" in same.output
+
+
+def test_without_test_concepts_training_says_there_are_none(data, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data.root, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for concept in manifest["concepts"]:
+        concept["split"] = "train"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["train-hyper", "--data", str(root), "--out", str(tmp_path / "h"), *TRAIN, "--steps", "2",
+                                 "--eval-every", "2"])
+    assert result.exit_code == 0, result.output
+    assert "no held-out test concepts" in result.output and "nan" not in result.output
+    history = (tmp_path / "h" / "history.json").read_text()
+    assert "NaN" not in history and json.loads(history)[-1]["test_residual"] is None
 
 
 def _train(data, out, *extra):

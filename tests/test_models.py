@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import typer
 import torch
 from conftest import generate
 from typer.testing import CliRunner
@@ -57,6 +58,18 @@ def test_plan_prints_the_counts(name, layers, neurons):
     assert plan["dataset_bytes_per_concept"] == (32 + 128) * neurons * 2
     table = runner.invoke(app, ["plan", "--model", name])
     assert f"layers: {layers}" in table.output and f"neurons: {neurons:,}" in table.output
+
+
+def test_plan_sizes_memory_for_train_hypers_default_batch():
+    from htcli.methods.training import TrainConfig
+
+    train_hyper = typer.main.get_command(app).commands["train-hyper"]
+    default = next(p.default for p in train_hyper.params if p.name == "concepts_per_step")
+    assert default == TrainConfig().concepts_per_step
+    plan = json.loads(runner.invoke(app, ["plan", "--model", "tiny", "--json"]).output)
+    assert plan["concepts_per_step"] == default
+    per_sample = plan["activation_bytes_per_sample"]
+    assert plan["training_bytes"] == plan["weights_bytes"] + default * plan["samples"] * per_sample
 
 
 def test_plan_with_custom_layers_and_errors():

@@ -12,7 +12,9 @@ import math
 import shutil
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,14 +60,17 @@ def world(tmp_path_factory, tiny):
     """A tiny dataset, a mean-shift baseline, a hypernetwork and an evaluation run made with them."""
     root = tmp_path_factory.mktemp("world")
     paths = {"root": root, "runs": root / "runs", "data": root / "data", "baselines": root / "baselines",
+             "baselines2": root / "baselines2",
              "hyper": _checkpoint(root / "hyper"), "run": root / "runs" / "tiny" / "eval" / "first"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HT_RUNS", str(paths["runs"]))
         mp.setattr(htcli.models, "load_pipeline", lambda *a, **k: tiny[1])  # reuse the session's pipeline
-        _invoke("build-dataset", "-m", "tiny", "-c", CONCEPT, "--samples-per-concept", 4, "--eval-samples", 4,
+        _invoke("build-dataset", "-m", "tiny", "-c", CONCEPT, "--samples", 4, "--eval-samples", 4,
                 "--out", paths["data"])
         _invoke("fit-linear-baselines", "--method", "mean-shift", "--data", paths["data"], "--split", "all",
                 "--out", paths["baselines"])
+        _invoke("fit-linear-baselines", "--method", "linear-act", "--data", paths["data"], "--split", "all",
+                "--out", paths["baselines2"])
         paths["evaluate"] = _invoke("evaluate", "-m", "tiny", "-c", CONCEPT, "--prompts", 1, "--seeds", 2,
                                     "--strength", "0,0.5,1", "--hyper", paths["hyper"], "--baselines", paths["baselines"],
                                     "--out", paths["run"])
@@ -79,26 +84,42 @@ def _pixels(path):
 # --- CLIP judge math ---------------------------------------------------------------------
 
 
-def test_clip_math_on_tiny_open_clip():
-    encoder = get_encoder("open_clip:ht-tiny-clip")
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
-    x = encoder.encode_images([image])  # (1, 32)
-    neutral = encoder.encode_text(["something"])
-    scale = float(encoder.model.logit_scale.detach().exp())
-    assert float(cosine(x, x)) == pytest.approx(1.0, abs=1e-6)
-    # Identical image and concept embeddings: softmax of (s * 1, s * cos(x, neutral)).
-    expected = 1 / (1 + math.exp(-scale * (1 - float(cosine(x, neutral)))))
-    assert float(zero_shot(x, x, neutral, scale)) == pytest.approx(expected, rel=1e-5)
-    assert float(zero_shot(x, neutral, neutral, scale)) == pytest.approx(0.5)  # concept = neutral: no information
+def test_cosine_of_constructed_vectors():
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    y = torch.tensor([[6.0, 8.0], [0.0, 5.0], [1.0, 0.0], [-1.0, 0.0]])
+    # same direction (any length), orthogonal, 45 degrees, opposite
+    assert cosine(x, y).tolist() == pytest.approx([1.0, 0.0, 1 / math.sqrt(2), -1.0], abs=1e-6)
 
 
-def test_bootstrap_intervals_contain_the_mean_and_are_seeded():
-    values = list(np.random.default_rng(1).normal(0.3, 0.1, 25))
-    ci = bootstrap_ci(values)
-    assert ci["lo"] < ci["mean"] < ci["hi"] and ci["mean"] == pytest.approx(np.mean(values))
-    assert bootstrap_ci(values) == ci and bootstrap_ci(values, seed=1) != ci
+def test_zero_shot_is_the_two_way_softmax_computed_by_hand():
+    image, concept, neutral = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # cos(image, concept) = 0.6, cos(image, neutral) = 0.8; softmax(10 * [0.6, 0.8])[0] = 1 / (1 + e^2)
+    assert float(zero_shot(image, concept, neutral, 10.0)) == pytest.approx(1 / (1 + math.exp(2.0)), rel=1e-6)
+    assert float(zero_shot(image, neutral, concept, 10.0)) == pytest.approx(1 / (1 + math.exp(-2.0)), rel=1e-6)
+    assert float(zero_shot(image, concept, concept, 100.0)) == pytest.approx(0.5)  # concept = neutral: no information
+
+
+def test_bootstrap_interval_of_constant_data_is_a_point():
+    assert bootstrap_ci([0.25] * 30) == {"mean": 0.25, "lo": 0.25, "hi": 0.25}
     assert bootstrap_ci([0.7]) == {"mean": 0.7, "lo": 0.7, "hi": 0.7}
+    assert bootstrap_ci([None, 2.0, None, 4.0])["mean"] == 3.0  # missing values are left out
     assert bootstrap_ci([])["mean"] is None
+
+
+def test_bootstrap_interval_covers_the_true_mean_and_narrows_with_n():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (20, 80, 320):
+        values = rng.normal(0.3, 0.1, n)
+        ci = bootstrap_ci(list(values))
+        assert ci["mean"] == pytest.approx(values.mean())
+        assert ci["lo"] < 0.3 < ci["hi"]  # the true mean, for this seed
+        # the 95% percentile interval of a mean is about 2 x 1.96 standard errors wide
+        assert ci["hi"] - ci["lo"] == pytest.approx(2 * 1.96 * values.std() / math.sqrt(n), rel=0.2)
+        widths.append(ci["hi"] - ci["lo"])
+    assert widths[0] > widths[1] > widths[2] and widths[0] > 2.5 * widths[2]  # 4x narrower for 16x the data, in theory
+    values = list(rng.normal(0, 1, 25))
+    assert bootstrap_ci(values) == bootstrap_ci(values) != bootstrap_ci(values, seed=1)  # seeded
 
 
 # --- the evaluation run ------------------------------------------------------------------
@@ -151,23 +172,83 @@ def test_resume_skips_images_already_in_the_index(world, tmp_path, monkeypatch, 
 
 def test_score_clip_on_the_latest_run_writes_the_report(world, monkeypatch):
     monkeypatch.setenv("HT_RUNS", str(world["runs"]))
-    result = _invoke("score", "--judge", "clip", "--model", "tiny", "--clip-model", "ht-tiny-clip")
+    # No --clip-model: the offline tiny model gets the shipped tiny CLIP, never a download.
+    result = _invoke("score", "--judge", "clip", "--model", "tiny")
     assert "most recent evaluation run of tiny" in result.output and "CLIP judge" in result.output
     scores = json.loads((world["run"] / "scores.json").read_text())
     clip = scores["clip"]
     assert clip["clip_model"] == "open_clip:ht-tiny-clip" and len(clip["images"]) == 12
-    for row in clip["images"]:
-        assert -1 <= row["concept_fidelity"] <= 1 and 0 < row["zero_shot"] < 1
-        if row["method"] == "none":
-            assert row["preservation"] == pytest.approx(1.0, abs=1e-5)  # the strength-0 image is its own reference
-    for row in clip["summary"] + clip["by_concept"]:
-        for metric in ("concept_fidelity", "zero_shot", "input_fidelity", "preservation"):
-            assert row[metric]["lo"] - 1e-9 <= row[metric]["mean"] <= row[metric]["hi"] + 1e-9
+    # Per-image scores equal the cosines of independently computed embeddings.
+    encoder = get_encoder("open_clip:ht-tiny-clip")
+    rows, records = clip["images"], EvalRun.open(world["run"]).records
+    assert [r["file"] for r in rows] == [r["file"] for r in records]
+    images = encoder.encode_images([Image.open(world["run"] / r["file"]) for r in rows])  # (12, E)
+    concept = encoder.encode_text([r["phrase"] for r in records])
+    prompt = encoder.encode_text([r["prompt"] for r in rows])
+    assert [r["concept_fidelity"] for r in rows] == pytest.approx(cosine(images, concept).tolist(), abs=1e-4)
+    assert [r["input_fidelity"] for r in rows] == pytest.approx(cosine(images, prompt).tolist(), abs=1e-4)
+    unsteered = {(r["prompt"], r["seed"]): i for i, r in enumerate(rows) if r["method"] == "none"}
+    for i, row in enumerate(rows):
+        ref = images[unsteered[(row["prompt"], row["seed"])]]
+        assert row["preservation"] == pytest.approx(float(cosine(images[i], ref)), abs=1e-4)
+    # Each summary row is the mean of its group's images.
+    for summary in clip["summary"]:
+        members = [r for r in rows if (r["method"], r["strength"]) == (summary["method"], summary["strength"])]
+        assert summary["n"] == len(members) == 2
+        assert summary["zero_shot"]["mean"] == pytest.approx(np.mean([r["zero_shot"] for r in members]), abs=1e-9)
     assert [(r["method"], r["strength"]) for r in clip["summary"]][:2] == [("none", 0.0), ("prompt", None)]
     report = (world["run"] / "report.md").read_text()
     assert "## CLIP judge" in report and "| hypertransport | 1 |" in report and "random weights" in report
     with Image.open(world["run"] / "clip_tradeoff.png") as plot:
-        assert plot.size[0] > 300
+        assert plot.size[0] > 600 and plot.size[1] > 400
+
+
+def _isolate_from_the_hub(monkeypatch, offline: bool):
+    """HF_HUB_OFFLINE set, or unset with the Hub endpoint on a closed local port (unreachable)."""
+    import huggingface_hub.constants
+
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "unreachable"])
+@pytest.mark.parametrize(
+    "judge_args,what",
+    [(["--judge", "clip", "--clip-model", "ViT-B-32", "--clip-pretrained", "laion2b_s34b_b79k"], "CLIP weights"),
+     (["--judge", "vlm", "--backend", "transformers", "--vlm-model", "ht-test/not-cached-vlm"], "the VLM")],
+    ids=["clip", "vlm"],
+)
+def test_uncached_judge_weights_fail_at_once_offline(world, monkeypatch, judge_args, what, offline):
+    _isolate_from_the_hub(monkeypatch, offline)
+    started = time.perf_counter()
+    result = runner.invoke(app, ["score", "--run", str(world["run"]), *judge_args])
+    assert result.exit_code == 1, result.output
+    assert time.perf_counter() - started < 10
+    assert f"Error: {what}" in result.output and "not in the local Hugging Face cache" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output  # one line: no retries, no warnings
+
+
+# --- the run as a Hugging Face dataset ---------------------------------------------------
+
+
+def test_run_loads_as_an_imagefolder_dataset(world, tmp_path):
+    import datasets
+
+    records = EvalRun.open(world["run"]).records
+    lines = (world["run"] / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(line)["file_name"] for line in lines] == [r["file"] for r in records]  # in sync with the index
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(world["run"]), split="train", cache_dir=str(tmp_path))
+    columns = {"image", "prompt", "text", "concept", "category", "method", "strength", "seed", "weights"}
+    assert set(loaded.column_names) == columns and len(loaded) == len(records)
+    by_file = {r["file"]: r for r in records}
+    for row in loaded.select(range(len(loaded))):
+        record = by_file[Path(row["image"].filename).relative_to(world["run"]).as_posix()]
+        assert {k: row[k] for k in columns - {"image"}} == {k: record[k] for k in columns - {"image"}}
+        assert np.array_equal(np.asarray(row["image"].convert("RGB")), _pixels(world["run"] / record["file"]))
 
 
 # --- VLM judge: parsing, and the protocol against a loopback server ----------------------
@@ -185,7 +266,7 @@ def test_parse_verdict(answer, verdict):
 class _Judge(BaseHTTPRequestHandler):
     """An OpenAI chat-completions endpoint on 127.0.0.1 that answers from `server.mode`."""
 
-    def do_POST(self):  # noqa: N802  (http.server's naming)
+    def do_POST(self):
         server = self.server
         server.calls += 1
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -278,13 +359,24 @@ def test_vlm_transformers_backend_real_model(world):
 
 def test_transport_judge_on_tiny(world):
     result = _invoke("score", "--judge", "transport", "--data", world["data"], "--hyper", world["hyper"],
-                     "--baselines", world["baselines"], "--run", world["run"])
+                     "--baselines", world["baselines"], "--baselines", world["baselines2"] / "linear-act",
+                     "--limit-concepts", 1, "--run", world["run"])
     assert "Transport judge" in result.output
     transport = json.loads((world["run"] / "scores.json").read_text())["transport"]
     rows = {row["method"]: row for row in transport["rows"]}
-    assert transport["concepts"] == [CONCEPT] and set(rows) == {"none", "mean-shift", "hypertransport"}
-    assert rows["none"]["residual"]["mean"] == 1.0 and rows["mean-shift"]["residual"]["mean"] < 1.0
+    assert transport["concepts"] == [CONCEPT] and set(rows) == {"none", "mean-shift", "linear-act", "hypertransport"}
+    assert rows["none"]["residual"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+    for method, folder in (("mean-shift", world["baselines"]), ("linear-act", world["baselines2"])):
+        summary = json.loads((folder / method / "summary.json").read_text())  # the baselines' own numbers
+        assert rows[method]["residual"]["mean"] == pytest.approx(summary["concepts"][CONCEPT]["residual"])
+        assert rows[method]["residual"]["mean"] < 0.9  # a fitted map moves the source towards the target
+    assert rows["hypertransport"]["residual"]["mean"] == pytest.approx(transport["per_concept"]["hypertransport"][CONCEPT])
     assert "## Transport judge" in (world["run"] / "report.md").read_text()
+    assert (world["run"] / "transport_residuals.png").is_file()
+    printed = runner.invoke(app, ["score", "--judge", "transport", "--data", str(world["data"]), "--hyper",
+                                  str(world["hyper"]), "--baselines", str(world["baselines"]), "--run", str(world["run"]),
+                                  "--json"])
+    assert printed.exit_code == 0 and json.loads(printed.stdout)["concepts"] == [CONCEPT]
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -302,6 +394,8 @@ def _closed_port() -> int:
         (["score", "--judge", "clip", "--run", "{missing}"], "is not an evaluation run"),
         (["score", "--judge", "clip", "--model", "tiny"], "no evaluation run of model 'tiny'"),
         (["score", "--judge", "rouge", "--run", "{run}"], "unknown --judge"),
+        (["score", "--judge", "transport", "--data", "{data}", "--hyper", "{hyper}", "--limit-concepts", "0"],
+         "--limit-concepts must be positive"),
         (["score", "--judge", "clip", "--run", "{empty}"], "holds no images"),
         (["score", "--judge", "vlm", "--run", "{run}", "--pair", "hypertransport"], "--pair takes two"),
         (["score", "--judge", "vlm", "--run", "{run}", "--pair", "hypertransport,lineas", "--endpoint", "{url}"],
@@ -319,7 +413,7 @@ def test_bad_input_is_one_line_error(world, tmp_path, monkeypatch, args, message
     empty = tmp_path / "empty"
     EvalRun.open_or_create(empty, "tiny").save()
     assert (empty / INDEX).is_file()
-    values = {"missing": tmp_path / "nowhere", "run": world["run"], "empty": empty,
+    values = {"missing": tmp_path / "nowhere", "run": world["run"], "empty": empty, "data": world["data"], "hyper": world["hyper"],
               "url": f"http://127.0.0.1:{_closed_port()}/v1"}
     result = runner.invoke(app, [a.format(**values) for a in args])
     assert result.exit_code == 1, result.output

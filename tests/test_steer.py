@@ -1,4 +1,5 @@
-"""`ht steer`: strengths, sweeps, composition, reference images, files, bad input."""
+"""`ht steer` and the steering library: strengths, sweeps, composition, reference images, files,
+file names, bad input."""
 
 import json
 
@@ -13,7 +14,9 @@ from htcli.cli import app
 from htcli.core.interventions import Intervention, load_intervention
 from htcli.core.transport import at_strength
 from htcli.errors import HTError
-from htcli.generate.steer import combine, parse_strengths, parse_weighted
+from htcli.generate.compose import combine, parse_weighted
+from htcli.generate.save import save_steered
+from htcli.generate.steer import Steerer, SteerRequest, parse_strengths, steer
 from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork
 from htcli.models import get_model
 from htcli.models.plan import make_plan
@@ -38,6 +41,13 @@ def hyper(tmp_path_factory):
     return _checkpoint(tmp_path_factory.mktemp("hyper"))
 
 
+@pytest.fixture(scope="module")
+def steerer(hyper, tiny):
+    """The library entry point on the session's tiny pipeline (no reload per test)."""
+    spec, pipe = tiny
+    return Steerer(spec, pipe=pipe, hyper=hyper)
+
+
 def _steer(*args):
     return runner.invoke(app, ["steer", "--model", "tiny", *args])
 
@@ -46,29 +56,53 @@ def _png(path):
     return np.asarray(Image.open(path))
 
 
+def _pixels(image):
+    return np.asarray(image, dtype=np.float64)
+
+
 def test_sweep_writes_images_grid_sidecars_and_strength_zero_is_unsteered(hyper, tmp_path, tiny):
     result = _steer("a lighthouse on a cliff", "-c", "art deco", "--strength", "0,0.5,1", "--hyper", str(hyper),
                     "--out", str(tmp_path), "--seed", "7")
     assert result.exit_code == 0, result.output
     pngs = sorted(tmp_path.glob("0*.png"))
-    assert len(pngs) == 3 and (tmp_path / "grid.png").exists()
+    assert [p.stem for p in pngs] == ["000-strength+0-seed7", "001-strength+0.5-seed7", "002-strength+1-seed7"]
+    width, height = Image.open(pngs[0]).size
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width == 3 * width and grid.height > height  # one row, a column per strength, captions below
     sidecar = json.loads(pngs[1].with_suffix(".json").read_text())
     assert sidecar["strength"] == 0.5 and sidecar["seed"] == 7 and sidecar["model"] == "tiny"
+    assert sidecar["text"] == sidecar["prompt"] == "a lighthouse on a cliff" and sidecar["method"] == "hypertransport"
     assert sidecar["sources"] == [{"concept": "Art Deco", "weight": 1.0}] and len(sidecar["checkpoint_sha256"]) == 16
+    assert sidecar["intervention_ms"] > 0 and sidecar["composition"] == "additive"
     assert "ms" in result.output and str(tmp_path) in result.output
+    assert "steer: 3/3 (100%) strength 1" in result.output  # plain progress lines off a terminal
     spec, pipe = tiny
     plain = generate(spec, pipe, "a lighthouse on a cliff", seed=7)
     plain_png = (plain[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     assert np.array_equal(_png(pngs[0]), plain_png)  # strength 0: bit for bit
-    assert not np.array_equal(_png(pngs[2]), plain_png)
+    assert not np.array_equal(_png(pngs[1]), plain_png) and not np.array_equal(_png(pngs[2]), _png(pngs[1]))
 
 
-def test_prompt_method_and_num_images(hyper, tmp_path):
+def test_negative_strengths_keep_their_sign_in_file_names(steerer, tmp_path):
+    steered = steer(steerer, SteerRequest("a red barn", concepts=["art deco"], strengths=[-0.5, 0, 0.5]))
+    written = save_steered(steered, tmp_path)
+    assert [p.stem for p in written] == ["000-strength-0.5-seed0", "001-strength+0-seed0", "002-strength+0.5-seed0"]
+    assert [json.loads(p.with_suffix(".json").read_text())["strength"] for p in written] == [-0.5, 0, 0.5]
+    assert not np.array_equal(_png(written[0]), _png(written[2]))  # -0.5 and +0.5 are different images
+
+
+def test_prompt_method_applies_the_template_and_hooks_nothing(tmp_path, tiny):
     result = _steer("a red barn", "-c", "ukiyo-e", "--method", "prompt", "--num-images", "2", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    sidecars = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("0*.json"))]
-    assert [s["seed"] for s in sidecars] == [0, 1]
-    assert sidecars[0]["prompt"] != "a red barn" and "ukiyo-e" in sidecars[0]["prompt"].lower()
+    pngs = sorted(tmp_path.glob("0*.png"))
+    sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in pngs]
+    assert [s["seed"] for s in sidecars] == [0, 1] and [s["strength"] for s in sidecars] == [None, None]
+    text = sidecars[0]["text"]
+    assert sidecars[0]["prompt"] == "a red barn" and text != "a red barn" and "ukiyo-e" in text.lower()
+    spec, pipe = tiny
+    plain = generate(spec, pipe, [text, text], seed=0)  # the templated text, unhooked, seeds 0 and 1
+    for png, image in zip(pngs, plain):
+        assert np.array_equal(_png(png), (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
 def test_composition_semantics():
@@ -77,46 +111,85 @@ def test_composition_semantics():
     # One source at weight w is that map at strength w.
     omega, beta = combine([(a, 0.6)])["l"]
     expected = at_strength(*a["l"], 0.6)
-    torch.testing.assert_close(omega, expected[0]) and torch.testing.assert_close(beta, expected[1])
+    torch.testing.assert_close(omega, expected[0])
+    torch.testing.assert_close(beta, expected[1])
     # Weight 0 drops a source exactly; order does not matter; displacements add.
     assert all(torch.equal(x, y) for x, y in zip(combine([(a, 1.0), (b, 0.0)])["l"], a["l"]))
     ab, ba = combine([(a, 1.0), (b, 0.5)])["l"], combine([(b, 0.5), (a, 1.0)])["l"]
     assert all(torch.equal(x, y) for x, y in zip(ab, ba))
     torch.testing.assert_close(ab[0], torch.tensor([2.0 - 0.25, 1.0 + 1.0]))
     torch.testing.assert_close(ab[1], torch.tensor([1.0, -1.0]))
+    with pytest.raises(HTError, match="different layers"):
+        combine([(a, 1.0), ({"m": a["l"]}, 1.0)])
+
+
+def test_weights_and_strengths_parse_strictly():
     assert parse_weighted("art deco:0.6") == ("art deco", 0.6)
+    assert parse_weighted("art deco: -1.5") == ("art deco", -1.5)
+    assert parse_weighted("art deco") == ("art deco", 1.0)
+    assert parse_weighted("Star Wars: A New Hope") == ("Star Wars: A New Hope", 1.0)
     assert parse_weighted("time: the river") == ("time: the river", 1.0)
-    assert parse_strengths("0,0.25,1") == [0.0, 0.25, 1.0]
-    with pytest.raises(HTError):
-        parse_strengths("0.5,high")
+    for typo in ("art deco:x", "art deco:o.6", "art deco:"):
+        with pytest.raises(HTError, match="after the last ':' is not a number"):
+            parse_weighted(typo)
+    with pytest.raises(HTError, match="finite"):
+        parse_weighted("art deco:inf")
+    assert parse_strengths("0,0.25,1") == [0.0, 0.25, 1.0] and parse_strengths("-0.5") == [-0.5]
+    for bad in ("0.5,high", "nan"):
+        with pytest.raises(HTError):
+            parse_strengths(bad)
 
 
-def test_each_mixes_concepts_in_one_batch_and_export(hyper, tmp_path):
-    result = _steer("a teapot", "-c", "art deco", "-c", "ukiyo-e", "--each", "--hyper", str(hyper), "--out", str(tmp_path / "each"))
-    assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "each").glob("0*.png"))) == 2
+def test_each_gives_every_source_its_own_map_in_one_batch(steerer):
+    each = steer(steerer, SteerRequest("a teapot", concepts=["art deco:0.5", "ukiyo-e"], strengths=[1], each=True))
+    assert [i.metadata["source"] for i in each.images] == ["Art Deco", "ukiyo-e"] and each.columns == 2
+    assert each.maps is None and [i.metadata["composition"] for i in each.images] == ["each", "each"]
+    # Sample i of the mixed batch looks like steering with source i alone (at its weight).
+    alone = [steer(steerer, SteerRequest("a teapot", concepts=[c], strengths=[1])).images[0]
+             for c in ("art deco:0.5", "ukiyo-e")]
+    mixed, single = [_pixels(i.image) for i in each.images], [_pixels(i.image) for i in alone]
+    # (Observed: equal to the last bit on CPU; steering with the other source moves pixels ~0.5 on average.)
+    assert np.abs(mixed[0] - single[0]).mean() < 0.05 and np.abs(mixed[1] - single[1]).mean() < 0.05
+    assert np.abs(mixed[0] - single[1]).mean() > 0.2 and np.abs(mixed[1] - single[0]).mean() > 0.2
+
+
+def test_export_reproduces_the_composition(hyper, tmp_path):
     exported = tmp_path / "used.safetensors"
     result = _steer("a teapot", "-c", "art deco:0.5", "-c", "ukiyo-e", "--hyper", str(hyper), "--out", str(tmp_path / "c"),
                     "--export", str(exported))
     assert result.exit_code == 0, result.output
     used = load_intervention(exported, "tiny")
+    assert used.method == "hypertransport" and used.concept == "Art Deco; ukiyo-e"
+    assert used.info["sources"] == [{"concept": "Art Deco", "weight": 0.5}, {"concept": "ukiyo-e", "weight": 1.0}]
     # The exported file steers exactly like the composition did.
     again = _steer("a teapot", "-i", str(exported), "--out", str(tmp_path / "file"))
     assert again.exit_code == 0, again.output
-    assert np.array_equal(_png(next((tmp_path / "c").glob("0*.png"))), _png(next((tmp_path / "file").glob("0*.png"))))
-    assert used.method == "hypertransport"
+    composed, from_file = (_png(next((tmp_path / d).glob("0*.png"))) for d in ("c", "file"))
+    assert np.array_equal(composed, from_file)
 
 
-def test_reference_image_through_a_tiny_open_clip(tmp_path):
+def test_reference_image_gap_correction_flag_and_note(tmp_path):
     hyper = _checkpoint(tmp_path, encoder="open_clip:ht-tiny-clip", embed_dim=32, gap=(torch.randn(32) * 0.1, torch.randn(32) * 0.1))
     image = tmp_path / "ref.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image)
-    corrected = _steer("a bridge", "-r", str(image), "--hyper", str(hyper), "--out", str(tmp_path / "a"), "--strength", "1")
+    corrected = _steer("a bridge", "-r", str(image), "--hyper", str(hyper), "--out", str(tmp_path / "a"), "--strength", "1",
+                       "--gap-correction")
     raw = _steer("a bridge", "-r", str(image), "--hyper", str(hyper), "--out", str(tmp_path / "b"), "--strength", "1",
                  "--no-gap-correction")
     assert corrected.exit_code == 0 and raw.exit_code == 0, corrected.output + raw.output
     a, b = (_png(next((tmp_path / d).glob("0*.png"))) for d in "ab")
     assert not np.array_equal(a, b)  # the gap correction changes the embedding, hence the maps
+    assert "no modality gap" not in corrected.output
+    sidecar = json.loads(next((tmp_path / "a").glob("0*.json")).read_text())
+    assert sidecar["sources"] == [{"reference_images": [str(image)], "weight": 1.0}]
+    _checkpoint(tmp_path / "a", encoder="open_clip:ht-tiny-clip", embed_dim=32)  # no gap stored
+    gapless = _steer("a bridge", "-r", str(image), "--hyper", str(tmp_path / "a"), "--out", str(tmp_path / "c"))
+    assert gapless.exit_code == 0 and "no modality gap" in gapless.output
+
+
+def test_gap_correction_flag_reads_naturally():
+    result = runner.invoke(app, ["steer", "--help"], terminal_width=200)
+    assert "--gap-correction / --no-gap-correction" in result.output and "no-no" not in result.output
 
 
 @pytest.mark.parametrize(
@@ -125,24 +198,38 @@ def test_reference_image_through_a_tiny_open_clip(tmp_path):
         (["-r", "missing.png"], "does not exist"),
         (["-r", "{bad}"], "cannot read reference image"),
         (["-c", "art deco", "--strength", "strong"], "--strength takes numbers"),
+        (["-c", "art deco:x"], "weight 'x' after the last ':' is not a number"),
         (["-i", "{pixart_file}"], "made for model 'pixart'"),
-        (["-c", "art deco", "--method", "prompt", "-r", "{bad}"], "cannot read"),
+        (["-c", "art deco", "--method", "prompt", "-r", "{bad}"], "cannot use --reference-image"),
+        (["-c", "art deco", "--method", "painting"], "--method must be"),
+        (["-c", "art deco", "--num-images", "0"], "--num-images must be positive"),
+        (["-c", "art deco", "-c", "ukiyo-e", "--each", "--export", "{tmp}/x.safetensors"], "--export needs one composed"),
         ([], "nothing to steer with"),
-        (["-r", "{png}"], "needs an image encoder"),
+        (["-r", "{png}"], "need an image encoder"),
     ],
 )
-def test_bad_input_is_one_line_error(hyper, tmp_path, args, message):
+def test_bad_input_is_one_line_error_before_the_pipeline_loads(hyper, tmp_path, monkeypatch, args, message):
+    monkeypatch.setattr("htcli.models.load_pipeline", lambda *a, **k: pytest.fail("the pipeline loaded before the check"))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     png = tmp_path / "ok.png"
     Image.new("RGB", (8, 8)).save(png)
     pixart_file = tmp_path / "pixart.safetensors"
     Intervention({"transformer_blocks.0.norm1": (torch.ones(1152), torch.zeros(1152))}, "pixart", "lineas", "x").save(pixart_file)
-    args = [a.format(bad=bad, png=png, pixart_file=pixart_file) for a in args]
+    args = [a.format(bad=bad, png=png, pixart_file=pixart_file, tmp=tmp_path) for a in args]
     result = _steer("a cat", "--hyper", str(hyper), "--out", str(tmp_path / "o"), *args)
     assert result.exit_code == 1, result.output
     assert message in result.output and result.output.count("Error:") == 1
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_out_that_is_a_file_is_refused_and_left_alone(hyper, tmp_path, monkeypatch):
+    monkeypatch.setattr("htcli.models.load_pipeline", lambda *a, **k: pytest.fail("the pipeline loaded before the check"))
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    result = _steer("a cat", "-c", "art deco", "--hyper", str(hyper), "--out", str(existing))
+    assert result.exit_code == 1 and "is a file" in result.output and result.output.count("Error:") == 1
+    assert "Traceback" not in result.output and existing.read_text() == "keep me"
 
 
 def test_default_model_offline_points_to_tiny(tmp_path, monkeypatch):

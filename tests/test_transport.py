@@ -99,6 +99,15 @@ def test_strength_zero_is_bit_exact_and_one_is_the_map():
     torch.testing.assert_close(half, z.float() * (1 + 0.5 * (omega - 1)) + 0.5 * beta)
 
 
+def test_half_precision_map_is_computed_in_float32():
+    # omega * z overflows float16 (max 65504) although the result fits: only float32 math gets it.
+    z = torch.full((1, 3), 300.0, dtype=torch.float16)
+    omega, beta = torch.full((3,), 300.0), torch.full((3,), -89_000.0)
+    out = apply_affine(z, omega, beta)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, torch.full((1, 3), 1000.0, dtype=torch.float16))
+
+
 def test_feature_maps_and_per_sample_maps():
     z = torch.randn(3, 4, 2, 2)  # (B, C, H, W)
     omega, beta = torch.rand(3, 4), torch.randn(3, 4)

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from htcli.cli import app
 from htcli.cli.options import ConceptDirsOption, JsonOption
+from htcli.cli.output import console, print_table
+from htcli.core.files import dumps_json
+from htcli.data.concept_files import DEFAULT_TEMPLATE
 from htcli.data.concepts import (
     DEFAULT_SEED,
-    DEFAULT_TEMPLATE,
     TEST_SIZE,
-    Concept,
-    ConceptLibrary,
     load_library,
     validate_library,
     write_split,
 )
 
-console = Console()
 concepts_app = typer.Typer(
     help="Browse, check and split the concept library.\n\nExample: ht concepts list --split test",
     no_args_is_help=True,
@@ -39,24 +36,11 @@ class Split(str, Enum):
 
 
 
-def _row(concept: Concept, library: ConceptLibrary) -> dict:
-    return {
-        "name": concept.name,
-        "category": concept.category,
-        "split": library.split_of(concept.name) if concept.in_library else None,
-        "aliases": list(concept.aliases),
-        "description": concept.description,
-        "templates": list(concept.templates),
-        "slug": concept.slug,
-        "file": str(concept.source_file) if concept.source_file else None,
-    }
-
-
 @concepts_app.command("list")
 def list_command(
-    category: Annotated[Optional[str], typer.Option("--category", "-c", help="Only this category.")] = None,
+    category: Annotated[str | None, typer.Option("--category", "-c", help="Only this category.")] = None,
     split: Annotated[
-        Optional[Split], typer.Option("--split", help="Only train or only held-out test concepts.")
+        Split | None, typer.Option("--split", help="Only train or only held-out test concepts.")
     ] = None,
     concepts: ConceptDirsOption = None,
     as_json: JsonOption = False,
@@ -68,12 +52,9 @@ def list_command(
     Example: ht concepts list --category "Art Techniques" --split test
     """
     library = load_library(concepts or ())
-    if category is None and split is None:
-        chosen = list(library.concepts)
-    else:
-        chosen = library.targets(split.value if split else None, category)
+    chosen = library.select(split.value if split else None, category)
     if as_json:
-        typer.echo(json.dumps([_row(c, library) for c in chosen], indent=2, ensure_ascii=False))
+        typer.echo(dumps_json([library.record(c) for c in chosen]))
         return
     table = Table(title=f"{len(chosen)} concepts")
     for column in ("name", "category", "split", "description"):
@@ -82,7 +63,7 @@ def list_command(
         table.add_row(
             concept.name, concept.category, library.split_of(concept.name) or "-", concept.description or ""
         )
-    console.print(table)
+    print_table(table)
 
 
 @concepts_app.command("show")
@@ -99,8 +80,7 @@ def show_command(
     concept = library.resolve(name)
     prompt = library.prompts[0] if library.prompts else "a cat sitting on a chair"
     if as_json:
-        row = {**_row(concept, library), "example": concept.apply(prompt)}
-        typer.echo(json.dumps(row, indent=2, ensure_ascii=False))
+        typer.echo(dumps_json({**library.record(concept), "example": concept.apply(prompt)}))
         return
     console.print(f"[bold]{concept.name}[/bold]", highlight=False)
     if not concept.in_library:
@@ -130,7 +110,7 @@ def show_command(
 @concepts_app.command("validate")
 def validate_command(
     directory: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Argument(help="Your own concept directory, checked on top of the bundled library."),
     ] = None,
 ) -> None:
@@ -160,7 +140,7 @@ def validate_command(
         members = library.targets(category=category)
         held_out = sum(library.split_of(c.name) == "test" for c in members)
         table.add_row(category, str(len(members)), str(held_out))
-    console.print(table)
+    print_table(table)
 
 
 @concepts_app.command("split")

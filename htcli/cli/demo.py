@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markdown import Markdown
 
 from htcli.cli import app
-
-console = Console(soft_wrap=True)
+from htcli.cli.output import console, steps
 
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: runs/tiny/demo.")] = None,
-    train_concepts: Annotated[int, typer.Option(help="Training concepts for the hypernetwork.")] = 60,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder. Default: runs/tiny/demo.")] = None,
+    train_concepts: Annotated[int, typer.Option(help="Training concepts for the hypernetwork (a tenth validate).")] = 60,
     test_concepts: Annotated[int, typer.Option(help="Held-out concepts to compare on.")] = 8,
     train_steps: Annotated[int, typer.Option(help="Hypernetwork training steps.")] = 300,
     lineas_steps: Annotated[int, typer.Option(help="LinEAS steps per held-out concept.")] = 200,
@@ -37,6 +35,7 @@ def demo_command(
     folder = out or run_path("tiny", "demo")
     config = DemoConfig(train_concepts=train_concepts, test_concepts=test_concepts, train_steps=train_steps,
                         lineas_steps=lineas_steps, seed=seed)
-    run_demo(folder, config, say=lambda text: console.print(f"[bold]{text}[/]"))
-    Console().print(Markdown((folder / "report.md").read_text()))
-    console.print(f"[green]report[/] {folder / 'report.md'} (plot: residuals.png, sweep: sweep.png)")
+    with steps("demo", 5) as progress:
+        run_demo(folder, config, progress=lambda done, total, what: progress.update(done, total, what))
+    console.print(Markdown((folder / "report.md").read_text(encoding="utf-8")))
+    console.print(f"[green]report[/] {folder / 'report.md'} (plot: residuals.png, sweep: sweep.png, numbers: summary.json)")

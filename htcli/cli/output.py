@@ -6,10 +6,18 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Self
 
 from rich.console import Console
 from rich.measure import Measurement
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 console = Console(soft_wrap=True)  # results, on stdout
@@ -27,8 +35,9 @@ class Steps:
         self.completed, self.description = 0, ""
         self._bar: Progress | None = None
         self._started = self._printed = time.perf_counter()
+        self._shown: tuple | None = None  # (completed, description) of the last plain line
 
-    def __enter__(self) -> Steps:
+    def __enter__(self) -> Self:
         if self.enabled and err.is_terminal:
             self._bar = Progress(TextColumn(f"[bold]{self.label}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.description}"), console=err)
@@ -39,8 +48,8 @@ class Steps:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
-        elif self.enabled and exc[0] is None and self.completed and time.perf_counter() - self._printed > 0:
-            self._line(force=True)
+        elif self.enabled and exc[0] is None and self.completed and self._shown != (self.completed, self.description):
+            self._line(force=True)  # the final state, unless its line is already out
 
     def update(self, completed: int | None = None, total: int | None = None, description: str | None = None) -> None:
         self.completed = self.completed if completed is None else completed
@@ -59,7 +68,7 @@ class Steps:
         done = self.total is not None and self.completed >= self.total
         if not (force or done or self.completed <= 1 or now - self._printed >= PLAIN_EVERY_S):
             return
-        self._printed = now
+        self._printed, self._shown = now, (self.completed, self.description)
         of = f"/{self.total} ({self.completed / self.total:.0%})" if self.total else ""
         elapsed = int(now - self._started)
         print(f"{self.label}: {self.completed}{of} {self.description} [{elapsed // 60}m{elapsed % 60:02d}s]".rstrip(),

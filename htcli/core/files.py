@@ -85,7 +85,8 @@ def read_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[s
         raise HTError(f"{what} {path} does not exist")
     try:
         with safe_open(str(path), "pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+            # safe_open is not a mapping: `key in f` does not work, f.keys() does
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as error:
         raise HTError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
 

@@ -50,7 +50,6 @@ class HookRun:
     """What a hooked forward pass recorded."""
 
     pooled: dict[str, Tensor] = field(default_factory=dict)  # layer name -> (B, D) float32
-    stopped_early: bool = False
 
 
 def _match(pattern: str, name: str) -> bool:
@@ -147,7 +146,6 @@ def hooked(
     capture: bool = False,
     steering: Steering | None = None,
     stop_early: bool = False,
-    keep_cond_half: bool = False,
 ) -> Iterator[HookRun]:
     """Attach capture and/or steering hooks to `layers` of `model` for the `with` block.
 
@@ -157,8 +155,6 @@ def hooked(
     steering: apply its maps to the layers it names (each must be in `layers`).
     stop_early: end the forward pass once every captured layer has run; the `with` block
         swallows that stop, so code after the model call inside the block does not run.
-    keep_cond_half: under classifier-free guidance the batch is [uncond, cond]; keep only
-        the conditional half of what is captured.
     """
     if steering is not None:
         unknown = set(steering.maps) - set(layers)
@@ -190,13 +186,9 @@ def hooked(
                 )
                 changed = True
             if capture and name not in run.pooled:  # the first call: the first denoising step
-                pooled = _pool(z)
-                if keep_cond_half:
-                    pooled = pooled[pooled.shape[0] // 2 :]
-                run.pooled[name] = pooled
+                run.pooled[name] = _pool(z)
                 remaining.discard(name)
                 if stop_early and not remaining:
-                    run.stopped_early = True
                     raise stop
             return _replace_activation(output, z) if changed else None
 

@@ -2,8 +2,9 @@
 
 A file holds `NAME.omega` and `NAME.beta` (float32, shape (D,)) for every hooked layer, and
 string metadata: format, model spec id, layers and widths (JSON), pooling, method, concept,
-encoder, baked strength, package version. Loading checks the file against the model it is
-meant for; any mismatch is one clear error, never a silent partial application.
+encoder, package version. Strength is chosen when steering, never stored (files from older
+versions carry a "strength" key; it is ignored). Loading checks the file against the model it
+is meant for; any mismatch is one clear error, never a silent partial application.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ class Intervention:
     method: str
     concept: str
     encoder: str = ""
-    strength: float | None = None  # baked into the maps, if any
     info: dict = field(default_factory=dict)  # free-form: fit settings, residuals...
 
     @property
@@ -44,6 +44,12 @@ class Intervention:
         """Fraction of neurons the maps change (omega != 1 or beta != 0)."""
         changed = sum(int(((o - 1).abs() > tol).logical_or(b.abs() > tol).sum()) for o, b in self.maps.values())
         return changed / max(sum(self.widths.values()), 1)
+
+    def describe(self) -> dict:
+        """What the file is, for `ht inspect`: model, method, concept, size, support, fit info."""
+        return {"model": self.model, "method": self.method, "concept": self.concept, "encoder": self.encoder,
+                "layers": len(self.maps), "neurons": sum(self.widths.values()), "support": self.support(),
+                "info": self.info}
 
     def save(self, path: Path) -> None:
         tensors = {}
@@ -58,7 +64,6 @@ class Intervention:
             "method": self.method,
             "concept": self.concept,
             "encoder": self.encoder,
-            "strength": json.dumps(self.strength),
             "info": json.dumps(self.info),
             "ht_version": __version__,
         }
@@ -83,7 +88,6 @@ def load_intervention(path: Path, model: str | None = None, widths: Mapping[str,
         raise HTError(f"{path} is not an ht intervention file (format {meta.get('format')!r}, expected {FORMAT!r})")
     try:
         layers = json.loads(meta["layers"])
-        strength = json.loads(meta.get("strength", "null"))
         info = json.loads(meta.get("info", "{}"))
     except (KeyError, json.JSONDecodeError) as error:
         raise HTError(f"{path}: damaged metadata ({error})") from None
@@ -106,7 +110,6 @@ def load_intervention(path: Path, model: str | None = None, widths: Mapping[str,
         method=meta.get("method", ""),
         concept=meta.get("concept", ""),
         encoder=meta.get("encoder", ""),
-        strength=strength,
         info=info,
     )
     if model is not None:

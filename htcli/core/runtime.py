@@ -1,13 +1,19 @@
-"""Where runs live and what they run on: `HT_RUNS`, devices, torch.distributed set-up."""
+"""Where runs live and what they run on: `HT_RUNS`, devices, torch.distributed set-up, and
+how long jobs report progress."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from htcli.errors import HTError
+
+# How a long job reports progress: (units done, units in all, what it is doing now). The CLI
+# turns it into a progress bar or plain lines; library users may pass any callable or None.
+Progress = Callable[[int, int, str], None]
 
 
 def runs_root() -> Path:
@@ -23,7 +29,7 @@ def resolve_device(device: str | None) -> torch.device:
     """`--device`: default CUDA when available (this rank's GPU under torchrun), else CPU."""
     if device is None:
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     try:
         resolved = torch.device(device)

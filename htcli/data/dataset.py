@@ -1,4 +1,4 @@
-"""Activation datasets: cached source inputs and pooled target activations per concept.
+"""Activation datasets on disk: the format, its settings, and read access.
 
 Layout of a dataset directory:
 
@@ -9,9 +9,7 @@ Layout of a dataset directory:
 
 Target sample i is source prompt i with the concept's template applied, under the same seed
 (paired samples: only the concept differs). Fitting samples and evaluation samples use disjoint
-prompts and seeds. Every file is written atomically; a concept file exists only when
-complete, so a killed build resumes where it stopped and ends identical to an uninterrupted
-one. Under torchrun, concepts are sharded across ranks.
+prompts and seeds. `htcli.data.build` writes datasets; this module reads them.
 """
 
 from __future__ import annotations
@@ -19,23 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from htcli import __version__
-from htcli.core.files import read_json, save_tensors, write_json
-from htcli.core.runtime import barrier, run_path
+from htcli.core.files import read_json
+from htcli.core.runtime import run_path
 from htcli.data.concepts import Concept, ConceptLibrary, slugify
 from htcli.errors import HTError
-from htcli.models import denoiser
 
 FORMAT = "ht-dataset/1"
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SPLITS = ("train", "test", "all")
 
 
 @dataclass(frozen=True)
@@ -61,57 +56,15 @@ class DatasetSettings:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def split_prompts(prompts: Sequence[str], samples: int, eval_samples: int, seed: int) -> tuple[list[str], list[str]]:
-    """Disjoint fitting and evaluation prompts from a seeded shuffle (cycled if too few)."""
-    if samples < 2:
-        raise HTError(f"--samples-per-concept must be at least 2 (W2 compares distributions), got {samples}")
-    if eval_samples < 2:
-        raise HTError(f"--eval-samples must be at least 2, got {eval_samples}")
-    order = list(prompts)
-    random.Random(seed).shuffle(order)
-    if len(order) < 2:
-        raise HTError("need at least 2 source prompts")
-    n_fit = min(samples, len(order) // 2)  # keep prompts disjoint even for huge sample counts
-    fit_pool, eval_pool = order[:n_fit], order[n_fit:]
-    fit = [fit_pool[i % len(fit_pool)] for i in range(samples)]
-    evaluation = [eval_pool[i % len(eval_pool)] for i in range(eval_samples)]
-    return fit, evaluation
-
-
-def make_seeds(seed: int, samples: int, eval_samples: int) -> tuple[list[int], list[int]]:
-    base = seed * 1_000_000
-    return list(range(base, base + samples)), list(range(base + 500_000, base + 500_000 + eval_samples))
-
-
-def make_settings(
-    spec, library: ConceptLibrary, layers: Mapping[str, nn.Module], samples: int, eval_samples: int, seed: int,
-    encoder: str | None = None, batch_size: int = 16,
-) -> DatasetSettings:
-    """Settings for `spec` hooked at `layers`: seeded disjoint fit/eval prompts and seeds."""
-    from htcli.core.hooks import module_width
-
-    if batch_size < 1:
-        raise HTError(f"--batch-size must be positive, got {batch_size}")
-    fit_prompts, eval_prompts = split_prompts(library.source_prompts(), samples, eval_samples, seed)
-    fit_seeds, eval_seeds = make_seeds(seed, samples, eval_samples)
-    return DatasetSettings(
-        model=spec.id,
-        layers=tuple(layers),
-        widths=tuple(module_width(m) for m in layers.values()),
-        encoder=encoder or spec.concept_encoder,
-        fit_prompts=tuple(fit_prompts),
-        eval_prompts=tuple(eval_prompts),
-        fit_seeds=tuple(fit_seeds),
-        eval_seeds=tuple(eval_seeds),
-        storage_dtype="bfloat16" if spec.dtype == "bfloat16" else "float16",
-        batch_size=batch_size,
-    )
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise HTError(f"--split must be train, test or all, got {split!r}")
 
 
 def select_concepts(
     library: ConceptLibrary, split: str, names: Sequence[str] = (), limit: int | None = None, seed: int = 0
 ) -> list[Concept]:
-    """Concepts to build: the named ones (library or free text), else a split's, optionally a
+    """Library concepts to build or score: the named ones (library or free text), else a split's, optionally a
     seeded sample of `limit` of them (so a small dataset still mixes train and test)."""
     if names:
         concepts = []
@@ -120,8 +73,7 @@ def select_concepts(
                 raise HTError("--concept got an empty concept name")
             concepts.append(library.resolve(name))
     else:
-        if split not in ("train", "test", "all"):
-            raise HTError(f"--split must be train, test or all, got {split!r}")
+        check_split(split)
         concepts = library.targets(split=None if split == "all" else split)
         if limit is not None:
             if limit < 1:
@@ -135,191 +87,6 @@ def select_concepts(
     return list(concepts)
 
 
-# --- building ----------------------------------------------------------------------------
-
-
-@dataclass
-class BuildSummary:
-    concepts: int
-    built: int
-    skipped: int
-    samples_per_concept: int
-    eval_samples: int
-    layers: int
-    neurons: int
-    bytes_on_disk: int
-    seconds_per_concept: float
-    out: str
-    extra: dict = field(default_factory=dict)
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class Builder:
-    """Computes pooled activations for prompts paired with the dataset's fixed seeds."""
-
-    def __init__(self, spec, pipe, layers, settings: DatasetSettings, encoder) -> None:
-        self.spec, self.pipe, self.layers, self.settings, self.encoder = spec, pipe, layers, settings, encoder
-        self.model = denoiser(pipe, spec)
-
-    def _run(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-        from htcli.data.forward import encode_inputs, pooled_activations
-
-        pooled: dict[str, list[Tensor]] = {name: [] for name in self.layers}
-        inputs = []
-        size = self.settings.batch_size
-        for start in range(0, len(prompts), size):
-            batch = encode_inputs(self.spec, self.pipe, prompts[start : start + size], seeds[start : start + size])
-            with torch.no_grad():
-                out = pooled_activations(self.spec, self.model, self.layers, batch)
-            for name in self.layers:
-                pooled[name].append(out[name])
-            inputs.append(batch)
-        return {name: torch.cat(parts) for name, parts in pooled.items()}, inputs
-
-    def _parts(self, concept: Concept):
-        """(part, pooled activations, encoder inputs) for the fit and the eval samples of `concept`."""
-        s = self.settings
-        for part, prompts, seeds in (("fit", s.fit_prompts, s.fit_seeds), ("eval", s.eval_prompts, s.eval_seeds)):
-            yield (part, *self._run([concept.apply(p, i) for i, p in enumerate(prompts)], seeds))
-
-    def concept_tensors(self, concept: Concept) -> dict[str, Tensor]:
-        dtype = STORAGE_DTYPES[self.settings.storage_dtype]
-        tensors = {}
-        for part, pooled, _ in self._parts(concept):
-            tensors |= {f"{part}.{name}": t.to(dtype) for name, t in pooled.items()}
-        tensors["embedding"] = self.encoder.encode_text([concept.phrase])[0]
-        return tensors
-
-    def source_tensors(self, source: Concept) -> dict[str, Tensor]:
-        from htcli.data.forward import pad_text
-
-        dtype = STORAGE_DTYPES[self.settings.storage_dtype]
-        tensors = {}
-        for part, pooled, inputs in self._parts(source):
-            tensors |= {f"act.{part}.{name}": t.to(dtype) for name, t in pooled.items()}
-            batches = pad_text(inputs)
-            for key in batches[0]:
-                joined = torch.cat([b[key] for b in batches])
-                keep_exact = key in ("noise", "mask", "time_ids")
-                tensors[f"{part}.{key}"] = joined.float() if keep_exact else joined.to(dtype)
-        return tensors
-
-
-def _manifest(settings: DatasetSettings, concepts: Sequence[Concept], library: ConceptLibrary, complete: bool, summary=None) -> dict:
-    return {
-        "format": FORMAT,
-        "ht_version": __version__,
-        "settings": asdict(settings),
-        "settings_digest": settings.digest(),
-        "concepts": [
-            {"name": c.name, "slug": slugify(c.name), "category": c.category, "split": library.split_of(c.name) if c.in_library else "free"}
-            for c in concepts
-        ],
-        "complete": complete,
-        "summary": summary,
-    }
-
-
-def check_existing(out: Path, settings: DatasetSettings, overwrite: bool) -> None:
-    """Refuse to mix a dataset built with other settings into `out`, unless overwriting."""
-    if out.exists() and not out.is_dir():
-        raise HTError(f"--out {out} is a file, not a directory")
-    manifest = out / "manifest.json"
-    if not manifest.exists():
-        return
-    existing = read_json(manifest)
-    if existing.get("settings_digest") == settings.digest():
-        return
-    if not overwrite:
-        raise HTError(
-            f"{out} holds a dataset built with other settings (model, layers, prompts, seeds, encoder or "
-            "batch size differ); choose another --out or pass --overwrite"
-        )
-    for path in (out / "concepts").glob("*.safetensors"):
-        path.unlink()
-    (out / "source.safetensors").unlink(missing_ok=True)
-    manifest.unlink()
-
-
-def build_dataset(
-    builder: Builder,
-    library: ConceptLibrary,
-    concepts: Sequence[Concept],
-    out: Path,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> BuildSummary:
-    """Build (or resume) the dataset in `out`; with torch.distributed, this rank's shard."""
-    rank, world = _dist()
-    settings = builder.settings
-    digest = settings.digest()
-    started = time.perf_counter()
-    if rank == 0:
-        for stale in out.rglob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink()
-        existing = (out / "manifest.json").exists() and read_json(out / "manifest.json")
-        names = {c["name"] for c in existing["concepts"]} if existing else set()
-        # Adding concepts to a finished dataset keeps the ones already built.
-        merged = list(concepts) + [library.resolve(n) for n in sorted(names - {c.name for c in concepts})]
-        write_json(out / "manifest.json", _manifest(settings, merged, library, complete=False))
-        if _file_digest(out / "source.safetensors") != digest:
-            save_tensors(out / "source.safetensors", builder.source_tensors(library.source), {"settings_digest": digest})
-    barrier()
-    mine = list(concepts)[rank::world]
-    built = skipped = 0
-    for index, concept in enumerate(mine):
-        path = out / "concepts" / f"{slugify(concept.name)}.safetensors"
-        if path.exists() and _file_digest(path) == digest:
-            skipped += 1
-        else:
-            metadata = {"concept": concept.name, "category": concept.category, "settings_digest": digest}
-            save_tensors(path, builder.concept_tensors(concept), metadata)
-            built += 1
-        if progress:
-            progress(index + 1, len(mine), concept.name)
-    barrier()
-    elapsed = time.perf_counter() - started
-    summary = BuildSummary(
-        concepts=len(concepts),
-        built=built,
-        skipped=skipped,
-        samples_per_concept=len(settings.fit_seeds),
-        eval_samples=len(settings.eval_seeds),
-        layers=len(settings.layers),
-        neurons=sum(settings.widths),
-        bytes_on_disk=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
-        seconds_per_concept=elapsed / max(built, 1),
-        out=str(out),
-    )
-    if rank == 0:
-        manifest = read_json(out / "manifest.json")
-        manifest["complete"] = all(
-            (out / "concepts" / f"{c['slug']}.safetensors").exists() for c in manifest["concepts"]
-        )
-        manifest["summary"] = {"concepts": len(manifest["concepts"]), "bytes_on_disk": summary.bytes_on_disk}
-        write_json(out / "manifest.json", manifest)
-    return summary
-
-
-def _file_digest(path: Path) -> str | None:
-    from safetensors import safe_open
-
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("settings_digest")
-    except Exception:  # an unreadable file is rebuilt
-        return None
-
-
-# --- reading -----------------------------------------------------------------------------
 
 
 def resolve_dataset(data: Path | None, model: str) -> Path:
@@ -330,6 +97,16 @@ def resolve_dataset(data: Path | None, model: str) -> Path:
     if not (path / "manifest.json").exists():
         raise HTError(f"no dataset at {path}; build it with `ht build-dataset --model {model}` or pass --data")
     return path
+
+
+def open_dataset(data: Path | None, model: str | None) -> ActivationDataset:
+    """The dataset `--data` (default runs/<model>/data), checked to be built for `model` if given."""
+    from htcli.models import default_model_name
+
+    dataset = ActivationDataset(resolve_dataset(data, model or default_model_name()))
+    if model and model != dataset.settings.model:
+        raise HTError(f"--data {dataset.root} was built for model {dataset.settings.model!r}, not {model!r}")
+    return dataset
 
 
 class ActivationDataset:
@@ -361,6 +138,41 @@ class ActivationDataset:
             for c in self.manifest["concepts"]
             if (split is None or c["split"] == split) and self._path(c["name"]).exists()
         ]
+
+    def split_of(self, name: str) -> str:
+        """'train', 'test' or 'free' (a concept outside the library)."""
+        self._path(name)  # an unknown name is an HTError
+        return self._entries[name]["split"]
+
+    def select(self, names: Sequence[str] = (), split: str = "test") -> list[str]:
+        """The named concepts (each must be built), else the built concepts of `split`
+        ('train', 'test' or 'all'); an empty choice says how to make another."""
+        if names:
+            built = self.names()
+            for name in names:
+                if name not in built:
+                    raise HTError(f"concept {name!r} is not built in the dataset {self.root}; "
+                                  "add it with `ht build-dataset --concept ...` on the same --out")
+            return list(names)
+        check_split(split)
+        chosen = self.names(None if split == "all" else split)
+        if not chosen:
+            counts = ", ".join(f"{len(self.names(s))} {s}" for s in ("train", "test", "free"))
+            raise HTError(f"no concepts of split {split!r} in {self.root} (it has {counts}); "
+                          "choose another with --split train or --split all, or name concepts with --concept")
+        return chosen
+
+    def fitting_samples(self, samples: int | None = None) -> int:
+        """`--samples`: how many of the dataset's fitting samples per concept to use (None: all)."""
+        available = len(self.settings.fit_seeds)
+        if samples is None:
+            return available
+        if samples < 2:
+            raise HTError(f"--samples must be at least 2 (W2 compares distributions), got {samples}")
+        if samples > available:
+            raise HTError(f"--samples {samples} exceeds the dataset's {available} fitting samples; "
+                          "pass a smaller --samples, or leave it out to use them all")
+        return samples
 
     def targets(self, names: Sequence[str], part: str = "fit") -> dict[str, Tensor]:
         """Pooled targets per layer, float32, shape (K, N, D) for the K concepts `names`."""

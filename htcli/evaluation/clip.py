@@ -10,7 +10,7 @@ Per image (all embeddings L2-normalised, `cos` their dot product):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from htcli.evaluation.runs import load_images
+from htcli.evaluation.runs import Progress, load_images
 from htcli.evaluation.stats import aggregate
 
 NEUTRAL = "something"
@@ -45,7 +45,7 @@ def clip_encoder_id(arch: str | None, pretrained: str | None) -> str:
 
 
 def embed_images(encoder, root: Path, files: Sequence[str], batch: int = 32,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Tensor]:
+                 progress: Progress | None = None) -> dict[str, Tensor]:
     """CLIP embedding of each distinct image file, in batches."""
     unique = list(dict.fromkeys(files))
     out: dict[str, Tensor] = {}
@@ -53,12 +53,12 @@ def embed_images(encoder, root: Path, files: Sequence[str], batch: int = 32,
         chunk = unique[start : start + batch]
         out |= dict(zip(chunk, encoder.encode_images(load_images(root, chunk))))
         if progress:
-            progress(len(chunk))
+            progress(len(out), len(unique), "images embedded")
     return out
 
 
 def clip_scores(encoder, root: Path, records: Sequence[Mapping[str, Any]], neutral: str = NEUTRAL,
-                progress: Callable[[int], None] | None = None) -> list[dict]:
+                progress: Progress | None = None) -> list[dict]:
     """Per-image CLIP metrics of an evaluation run's records (see the module docstring)."""
     # 1. Every image and text embedded once.
     images = embed_images(encoder, root, [r["file"] for r in records], progress=progress)
@@ -84,7 +84,7 @@ def clip_scores(encoder, root: Path, records: Sequence[Mapping[str, Any]], neutr
 
 
 def clip_judge(encoder, root: Path, records: Sequence[Mapping[str, Any]], seed: int = 0,
-               progress: Callable[[int], None] | None = None) -> dict:
+               progress: Progress | None = None) -> dict:
     """The CLIP section of scores.json: per-image rows, per (concept, method, strength) and
     per (method, strength) aggregates with bootstrap intervals."""
     rows = clip_scores(encoder, root, records, progress=progress)

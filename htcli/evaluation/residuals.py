@@ -3,14 +3,14 @@
 `none` is the unsteered model (residual 1 by definition); per-concept baselines are read from
 the summaries `ht fit-linear-baselines` writes (their residuals use the same evaluation
 samples); HyperTransport is evaluated here, one forward pass per concept, timed from concept
-text to maps (embedding included).
+text to maps (embedding included) by its `Predictor`.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from htcli.core.files import read_json
+from htcli.core.runtime import Progress
 from htcli.core.transport import Maps, residual_ratio
 from htcli.data.concepts import ConceptLibrary
-from htcli.data.dataset import ActivationDataset
+from htcli.data.dataset import ActivationDataset, check_split
 from htcli.data.forward import Frozen
+from htcli.errors import HTError
 from htcli.evaluation.stats import bootstrap_ci
-from htcli.methods.baselines import LineasConfig, fit_method
-from htcli.methods.hypernetwork import HyperCheckpoint, unbatch
+from htcli.methods.predict import Predictor
 
 
 def residuals(
@@ -37,7 +38,7 @@ def residuals(
     """
     steered = frozen.pooled(inputs, maps)
     per_layer = {n: residual_ratio(steered[n], source[n], target[n]) for n in target}
-    cat = lambda acts: torch.cat([acts[n] for n in target], dim=-1)  # noqa: E731
+    cat = lambda acts: torch.cat([acts[n] for n in target], dim=-1)
     return residual_ratio(cat(steered), cat(source), cat(target)), per_layer
 
 
@@ -60,93 +61,98 @@ class MethodResult:
 
 
 def evaluate_hyper(
-    checkpoint: HyperCheckpoint, encoder, library: ConceptLibrary, frozen: Frozen, dataset: ActivationDataset,
-    names: Sequence[str],
+    predictor: Predictor, library: ConceptLibrary, frozen: Frozen, dataset: ActivationDataset, names: Sequence[str],
+    progress: Progress | None = None,
 ) -> MethodResult:
+    """HyperTransport's residual on each concept's evaluation samples, and its concept-text-to-maps time."""
     eval_inputs, source = dataset.source_inputs("eval"), dataset.source_activations("eval")
-    device = frozen.model.device
-    checkpoint.network.to(device)
     result = MethodResult("hypertransport", [], [])
-    for name in names:
-        start = time.perf_counter()
-        embedding = encoder.encode_text([library.resolve(name).phrase])
-        maps = unbatch(checkpoint.maps(embedding.to(device)))[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        result.seconds.append(time.perf_counter() - start)
+    for done, name in enumerate(names, 1):
+        maps = predictor.maps([library.resolve(name).phrase])[0]
+        result.seconds.append(predictor.last_ms / 1e3)
         target = {k: v[0] for k, v in dataset.targets([name], "eval").items()}
         result.residuals.append(residuals(frozen, eval_inputs, source, target, maps)[0])
+        if progress:
+            progress(done, len(names), name)
     return result
 
 
-def evaluate_baseline(
-    method: str, frozen: Frozen, dataset: ActivationDataset, names: Sequence[str], lineas: LineasConfig | None = None,
-    on_fit: Callable[[str, dict, dict], None] | None = None,
-) -> MethodResult:
-    """Fit `method` on each concept's fitting samples and score it on its evaluation samples.
-    `on_fit(name, maps, info)` sees every fit (e.g. to save it)."""
-    fit_inputs, source_fit = dataset.source_inputs("fit"), dataset.source_activations("fit")
-    eval_inputs, source_eval = dataset.source_inputs("eval"), dataset.source_activations("eval")
-    result = MethodResult(method, [], [])
-    for name in names:
-        target = {k: v[0] for k, v in dataset.targets([name], "fit").items()}
-        maps, seconds, info = fit_method(method, frozen, fit_inputs, source_fit, target, lineas)
-        target_eval = {k: v[0] for k, v in dataset.targets([name], "eval").items()}
-        result.residuals.append(residuals(frozen, eval_inputs, source_eval, target_eval, maps)[0])
-        result.seconds.append(seconds)
-        if on_fit:
-            on_fit(name, maps, info)
-    return result
+SUMMARY = "summary.json"  # per baseline method, written by `ht fit-linear-baselines`
 
 
-def baseline_results(folder: Path, names: Sequence[str]) -> list[MethodResult]:
-    """Results of every baseline method under `folder` (runs/<model>/baselines), for `names`."""
+def baseline_summaries(folders: Sequence[Path]) -> list[Path]:
+    """summary.json of each baseline method in `folders`: a method's own folder, or a baselines
+    root whose subfolders are methods (runs/<model>/baselines)."""
+    found = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise HTError(f"--baselines {folder} is not a directory; fit baselines with `ht fit-linear-baselines`")
+        found += [folder / SUMMARY] if (folder / SUMMARY).is_file() else sorted(folder.glob(f"*/{SUMMARY}"))
+    return found
+
+
+def baseline_results(folders: Sequence[Path], names: Sequence[str]) -> list[MethodResult]:
+    """Results of every baseline method in `folders` for the concepts `names` it has fitted."""
     results = []
-    for summary_path in sorted(folder.glob("*/summary.json")):
-        summary = read_json(summary_path)
+    for path in baseline_summaries(folders):
+        summary = read_json(path)
         rows = [summary["concepts"][n] for n in names if n in summary["concepts"]]
         if rows:
             results.append(MethodResult(summary["method"], [r["residual"] for r in rows], [r["fit_seconds"] for r in rows]))
     return results
 
 
-def compare(hyper: MethodResult, baselines: Sequence[MethodResult]) -> list[dict]:
-    """Rows for none, each baseline and HyperTransport, with speed-ups against HyperTransport."""
+def compare(hyper: MethodResult, baselines: Sequence[MethodResult], seed: int = 0) -> list[dict]:
+    """Rows for none, each baseline and HyperTransport: the residual's mean, spread and seeded
+    bootstrap interval over concepts, and the time per concept against HyperTransport's."""
     none = MethodResult("none", [1.0] * len(hyper.residuals), [0.0])
-    rows = [none.row, *(b.row for b in baselines), hyper.row]
+    results = [none, *baselines, hyper]
     ht_seconds = hyper.row["seconds_median"]
-    for row in rows:
+    rows = []
+    for result in results:
+        row = result.row | {"residual": bootstrap_ci(result.residuals, seed=seed)}
         row["times_ht"] = row["seconds_median"] / ht_seconds if ht_seconds and row["method"] != "none" else None
+        rows.append(row)
     return rows
 
 
 # --- the transport judge -----------------------------------------------------------------
 
 
-def baseline_concepts(folder: Path) -> dict[str, set[str]]:
-    """Concepts fitted by each baseline method under `folder` (runs/<model>/baselines)."""
-    if not folder.is_dir():
-        return {}
-    return {p.parent.name: set(read_json(p)["concepts"]) for p in sorted(folder.glob("*/summary.json"))}
+def transport_concepts(dataset: ActivationDataset, split: str, baselines: Sequence[Path], limit: int | None = None,
+                       seed: int = 0) -> list[str]:
+    """The dataset's `split` concepts that every baseline in `baselines` has fitted (a paired
+    comparison); with `limit`, a seeded sample of that many."""
+    check_split(split)
+    if limit is not None and limit < 1:
+        raise HTError(f"--limit-concepts must be positive, got {limit}")
+    names = dataset.names(None if split == "all" else split)
+    for path in baseline_summaries(baselines):
+        fitted = set(read_json(path)["concepts"])
+        names = [n for n in names if n in fitted]
+    if limit is not None and limit < len(names):
+        names = sorted(random.Random(seed).sample(names, limit), key=str.lower)
+    if not names:
+        where = f" fitted by the baselines in {', '.join(map(str, baselines))}" if baselines else ""
+        raise HTError(f"no {split} concepts of {dataset.root}{where} to judge; try --split all or other --baselines")
+    return names
 
 
-def transport_judge(checkpoint, encoder, library, frozen, dataset, names: Sequence[str], baselines: Path | None,
-                    seed: int = 0) -> dict:
+def transport_judge(predictor: Predictor, library: ConceptLibrary, frozen: Frozen, dataset: ActivationDataset,
+                    names: Sequence[str], baselines: Sequence[Path] = (), seed: int = 0,
+                    progress: Progress | None = None) -> dict:
     """The transport section of scores.json: residual ratios per method on `names`, with intervals.
 
     Each method's residuals use the dataset's evaluation samples (never the fitted ones).
     """
-    hyper = evaluate_hyper(checkpoint, encoder, library, frozen, dataset, names)
-    found = baseline_results(baselines, names) if baselines is not None and baselines.is_dir() else []
-    rows = compare(hyper, found)
+    hyper = evaluate_hyper(predictor, library, frozen, dataset, names, progress)
+    found = baseline_results(baselines, names)
     per_method = {"none": [1.0] * len(names), "hypertransport": hyper.residuals} | {b.method: b.residuals for b in found}
-    for row in rows:
-        row["residual"] = bootstrap_ci(per_method[row["method"]], seed=seed)
     return {
         "judge": "transport",
         "data": str(dataset.root),
         "concepts": list(names),
-        "rows": rows,
+        "rows": compare(hyper, found, seed),
         "per_concept": {m: dict(zip(names, r)) for m, r in per_method.items() if len(r) == len(names)},
         "hyper_seconds_median": statistics.median(hyper.seconds) if hyper.seconds else None,
     }

@@ -3,6 +3,7 @@
 A run is a folder:
 
     index.json                                     format, model, methods, one record per image
+    metadata.jsonl                                 the same records for `datasets` (imagefolder)
     images/<concept-slug>/<method>/<prompt-hash>-<seed>[-s<strength>].png
 
 Methods: `none` is the unsteered image (strength 0), made once per concept, prompt and seed
@@ -17,11 +18,16 @@ for `prompt`), the PNG's path and a digest of the weights used.
 Images are written first, then the index is rewritten atomically after every batch, so an
 interrupted run loses at most one batch; rerunning on the same folder generates only what the
 index lacks. `runs/<model>/eval/latest.json` points at the most recent run of a model.
+
+Beside the index, `metadata.jsonl` lists the same records in the Hugging Face `imagefolder`
+layout (`file_name` relative to the run, then prompt, text, concept, category, method,
+strength, seed, weights), so `datasets.load_dataset("imagefolder", data_dir=RUN)` reads a run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,18 +36,27 @@ from pathlib import Path
 from typing import Any
 
 from htcli import __version__
-from htcli.core.files import atomic_path, file_digest, load_rgb_images, read_json, write_json
-from htcli.core.runtime import run_path
+from htcli.core.files import (
+    atomic_path,
+    file_digest,
+    finite,
+    load_rgb_images,
+    read_json,
+    write_json,
+)
+from htcli.core.runtime import Progress, run_path
 from htcli.data.concepts import Concept, ConceptLibrary
 from htcli.errors import HTError
+from htcli.methods.predict import Predictor
 from htcli.models import denoiser
 
 FORMAT = "ht-eval/1"
 INDEX = "index.json"
+METADATA = "metadata.jsonl"  # the Hugging Face `imagefolder` layout: one line per image
+METADATA_COLUMNS = ("prompt", "text", "concept", "category", "method", "strength", "seed", "weights")
 LATEST = "latest.json"
 # build-dataset draws seeds from seed * 1e6 + [0, 500_000 + eval samples): keep evaluation images off them.
 SEED_OFFSET = 900_000
-Progress = Callable[[int, int, str], None]  # (images done, images to do, what now)
 
 
 @dataclass
@@ -51,8 +66,7 @@ class Method:
     name: str
     kind: str  # none | prompt | hypertransport | baseline
     source: Path | None = None  # checkpoint file, or the baseline's folder
-    checkpoint: Any = None  # HyperCheckpoint, for hypertransport
-    encoder: Any = None  # its concept encoder
+    predictor: Predictor | None = None  # for hypertransport
     _digests: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -66,7 +80,9 @@ class Method:
         """Digest of the weights behind this concept's images (None when nothing is hooked)."""
         if not self.steers:
             return None
-        path = self.source if self.kind == "hypertransport" else self.file(concept)
+        if self.kind == "hypertransport":
+            return self.predictor.digest
+        path = self.file(concept)
         if path not in self._digests:
             if not path.is_file():
                 raise HTError(f"{self.name}: no intervention file {path} for {concept.name!r}; fit it with "
@@ -78,12 +94,10 @@ class Method:
         """The concept's maps, checked against the model (its id, layer names and widths)."""
         from htcli.core.hooks import module_width
         from htcli.core.interventions import Intervention, load_intervention
-        from htcli.methods.hypernetwork import unbatch
 
         if self.kind == "hypertransport":
-            predicted = self.checkpoint.maps(self.encoder.encode_text([concept.phrase]))
-            found = Intervention(unbatch(predicted)[0], self.checkpoint.model,
-                                 "hypertransport", concept.name)
+            predicted = self.predictor.maps([concept.phrase])[0]
+            found = Intervention(predicted, self.predictor.model, "hypertransport", concept.name)
         else:
             found = load_intervention(self.file(concept))
         widths = {name: module_width(modules[name]) for name in found.maps if name in modules}
@@ -172,7 +186,13 @@ class EvalRun:
                           "ht_version": __version__, "methods": {}, "records": []})
 
     def save(self) -> None:
+        """index.json, then metadata.jsonl from the same records (both atomic)."""
         write_json(self.root / INDEX, self.data)
+        lines = [json.dumps(finite({"file_name": r["file"]} | {k: r.get(k) for k in METADATA_COLUMNS}),
+                            ensure_ascii=False, allow_nan=False)
+                 for r in self.records]
+        with atomic_path(self.root / METADATA) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def load_images(root: Path, files: Iterable[str]) -> list:

@@ -29,6 +29,13 @@ def strength_order(strength: float | None) -> float:
     return -1.0 if strength is None else float(strength)
 
 
+def strength_label(strength: float | str | None) -> str:
+    """`0.5`, `all`, or `-` for prompting (no strength)."""
+    if strength is None:
+        return "-"
+    return strength if isinstance(strength, str) else f"{strength:g}"
+
+
 def method_order(method: str) -> tuple[int, str]:
     fixed = {"none": 0, "prompt": 1, "hypertransport": 2}
     return fixed.get(method, 3), method

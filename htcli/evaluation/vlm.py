@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from htcli.errors import HTError
-from htcli.evaluation.runs import load_images
+from htcli.evaluation.runs import Progress, load_images
 from htcli.evaluation.stats import bootstrap_ci, strength_order
 
 DEFAULT_VLM = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -103,9 +103,9 @@ def _score(verdict: str | None, a_first: bool) -> int | None:
     return 1 if (verdict == "first") == a_first else -1
 
 
-def judge_pairs(items: Sequence[PairItem], ask: Ask, root: Path, progress: Callable[[], None] | None = None) -> list[dict]:
+def judge_pairs(items: Sequence[PairItem], ask: Ask, root: Path, progress: Progress | None = None) -> list[dict]:
     """Ask about every item in both orders; one row per item with both raw answers and the outcome."""
-    rows = []
+    rows, asked = [], 0
     for item in items:
         image_a, image_b = load_images(root, [item.file_a, item.file_b])
         question = QUESTION.format(prompt=item.prompt, phrase=item.phrase)
@@ -115,8 +115,9 @@ def judge_pairs(items: Sequence[PairItem], ask: Ask, root: Path, progress: Calla
             answers.append(str(answer)[:200])  # kept for auditing the judge
             verdicts.append(parse_verdict(answer))
             scores.append(_score(verdicts[-1], a_first))
+            asked += 1
             if progress:
-                progress()
+                progress(asked, 2 * len(items), item.concept)
         total = None if None in scores else sum(scores)
         outcome = "malformed" if total is None else "win" if total > 0 else "loss" if total < 0 else "tie"
         rows.append({"concept": item.concept, "prompt": item.prompt, "seed": item.seed, "strength": item.strength,
@@ -196,7 +197,11 @@ class TransformersBackend:
     def __init__(self, model_id: str, device: str = "cpu") -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from htcli.methods.encoders import require_hub_files
+
         self.id = f"transformers:{model_id}"
+        if not Path(model_id).is_dir():
+            require_hub_files(model_id, ["config.json"], "the VLM")
         try:
             self.processor = AutoProcessor.from_pretrained(model_id)
             self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto").to(device).eval()
@@ -231,7 +236,7 @@ def make_backend(backend: str | None, model_id: str | None, endpoint: str | None
 
 
 def vlm_judge(records: Sequence[Mapping[str, Any]], a: str, b: str, ask: Ask, root: Path, seed: int = 0,
-              progress: Callable[[], None] | None = None) -> dict:
+              progress: Progress | None = None) -> dict:
     """One VLM section of scores.json: the pair, the raw answers and the rates."""
     rows = judge_pairs(pair_items(records, a, b), ask, root, progress)
     return {"judge": "vlm", "pair": [a, b], "backend": getattr(ask, "id", type(ask).__name__), "question": QUESTION,

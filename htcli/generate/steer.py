@@ -1,45 +1,34 @@
-"""Steered generation: maps from concepts, reference images or files, composed and applied.
+"""Steered generation: a request (prompt, sources, strengths, seeds) -> images with metadata.
 
-Composition: each source i (a concept, a set of reference images, a file) gives maps
-(omega_i, beta_i) and a weight w_i (`"art deco:0.6"`; default 1). They combine additively in
-displacement from the identity,
+    from htcli.generate.steer import Steerer, SteerRequest, steer
+    steerer = Steerer(get_model("tiny"))          # loads the pipeline and hypernetwork on first use
+    steered = steer(steerer, SteerRequest("a lighthouse", concepts=["art deco:0.6"], strengths=[0, 0.5, 1]))
 
-    omega = 1 + sum_i w_i (omega_i - 1),     beta = sum_i w_i beta_i,
-
-which is order-independent, reduces to T_i^{w_i} for a single source, and drops a source
-exactly at w_i = 0. The global strength lambda then scales the combined map as usual (the
-sweep `--strength 0,0.5,1` multiplies every weight).
+`Steerer` keeps the pipeline and the `Predictor` loaded between requests. Strength 0 (or no
+maps) runs the pipeline with no hook at all, so it equals unsteered generation bit for bit.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from htcli import __version__
 from htcli.core.hooks import Steering, hooked, resolve_layers
+from htcli.core.interventions import Intervention
+from htcli.core.runtime import Progress
 from htcli.core.transport import Maps
 from htcli.errors import HTError
+from htcli.generate.compose import Sources, Weighted, combine, resolve_sources
 from htcli.models import ModelSpec, denoiser
 
-
-def parse_weighted(text: str) -> tuple[str, float]:
-    """`"art deco:0.6"` -> ("art deco", 0.6); text without a numeric suffix has weight 1."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head.strip():
-        try:
-            weight = float(tail)
-        except ValueError:
-            return text.strip(), 1.0
-        if not math.isfinite(weight):
-            raise HTError(f"weight of {head.strip()!r} must be a finite number, got {tail!r}")
-        return head.strip(), weight
-    return text.strip(), 1.0
+METHODS = ("hypertransport", "prompt")
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -56,22 +45,6 @@ def parse_strengths(text: str) -> list[float]:
     return values
 
 
-def combine(weighted: Sequence[tuple[Maps, float]]) -> Maps:
-    """Additive composition of weighted maps (see the module docstring)."""
-    if not weighted:
-        raise HTError("nothing to steer with: give --concept, --reference-image or --intervention")
-    layers = set(weighted[0][0])
-    for maps, _ in weighted[1:]:
-        if set(maps) != layers:
-            raise HTError("the interventions to compose steer different layers; they must hook the same ones")
-    combined = {}
-    for layer in weighted[0][0]:
-        delta = sum(w * (maps[layer][0].float() - 1) for maps, w in weighted)
-        beta = sum(w * maps[layer][1].float() for maps, w in weighted)
-        combined[layer] = (1 + delta, beta)
-    return combined
-
-
 @dataclass
 class Generated:
     image: Image.Image
@@ -80,59 +53,203 @@ class Generated:
     label: str
 
 
+def _pipeline(spec: ModelSpec, pipe: Any, prompt: str, seeds: Sequence[int], steering: Steering | None) -> list:
+    """One pipeline call, sample i seeded with seeds[i]; hooked only when `steering` is given."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    kwargs = dict(generator=generators, **spec.pipeline_kwargs())
+    if steering is None:
+        return pipe([prompt] * len(seeds), **kwargs).images
+    model = denoiser(pipe, spec)
+    with hooked(model, resolve_layers(model, list(steering.maps)), steering=steering):
+        return pipe([prompt] * len(seeds), **kwargs).images
+
+
 def generate(
     spec: ModelSpec, pipe: Any, prompt: str, maps: Maps | None, strengths: Sequence[float | None], seeds: Sequence[int]
 ) -> list[Generated]:
     """One pipeline call per strength, batched over seeds. Strength 0 or None (or no maps)
     runs the pipeline with no hook at all, so it equals unsteered generation bit for bit."""
-    model = denoiser(pipe, spec)
-    layers = resolve_layers(model, list(maps)) if maps else {}
     results = []
     for strength in strengths:
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        kwargs = dict(generator=generators, **spec.pipeline_kwargs())
-        if maps and strength:
-            with hooked(model, layers, steering=Steering(maps, strength)):
-                images = pipe([prompt] * len(seeds), **kwargs).images
-        else:
-            images = pipe([prompt] * len(seeds), **kwargs).images
+        steering = Steering(maps, strength) if maps and strength else None
+        images = _pipeline(spec, pipe, prompt, seeds, steering)
         prefix = "" if strength is None else f"strength {strength:g}, "
         results += [Generated(img, strength, int(s), f"{prefix}seed {s}") for img, s in zip(images, seeds)]
     return results
 
 
-def generate_per_sample(spec: ModelSpec, pipe: Any, prompt: str, maps: Sequence[Maps], strength: float, seed: int) -> list:
-    """One forward pass in which sample i carries maps[i] (a batch that mixes concepts)."""
-    model = denoiser(pipe, spec)
-    layers = resolve_layers(model, list(maps[0]))
-    stacked = {layer: (torch.stack([m[layer][0] for m in maps]), torch.stack([m[layer][1] for m in maps])) for layer in maps[0]}
-    generators = [torch.Generator().manual_seed(seed) for _ in maps]
-    with hooked(model, layers, steering=Steering(stacked, strength)):
-        return pipe([prompt] * len(maps), generator=generators, **spec.pipeline_kwargs()).images
+def generate_mixed(spec: ModelSpec, pipe: Any, prompt: str, maps: Sequence[Maps], strength: float,
+                   seeds: Sequence[int]) -> list[Image.Image]:
+    """One pipeline call whose samples carry different maps: for each seed, one image per map
+    (seed-major order, len(seeds) * len(maps) images)."""
+    # (B, D) per layer: sample b = (seed b // len(maps), maps b % len(maps)).
+    stacked = {layer: tuple(torch.stack([m[layer][i] for m in maps]).repeat(len(seeds), 1) for i in (0, 1))
+               for layer in maps[0]}
+    batch_seeds = [s for s in seeds for _ in maps]
+    return _pipeline(spec, pipe, prompt, batch_seeds, Steering(stacked, strength))
 
 
-def grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int) -> Image.Image:
-    """Images in rows of `columns`, each with its label underneath."""
-    width, height = images[0].size
-    band = 14
-    rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * width, rows * (height + band)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        x, y = (i % columns) * width, (i // columns) * (height + band)
-        sheet.paste(image.resize((width, height)), (x, y))
-        draw.text((x + 2, y + height + 1), label, fill="black")
-    return sheet
+class Steerer:
+    """A model ready to steer: its spec, the pipeline and the hypernetwork `Predictor`, each
+    loaded on first use and then kept, so that a server answers many requests with one load."""
+
+    def __init__(self, spec: ModelSpec, *, pipe: Any = None, predictor: Any = None, hyper: Path | None = None,
+                 model_path: str | None = None, device: str | None = None) -> None:
+        if predictor is not None and predictor.model != spec.id:
+            raise HTError(f"the hypernetwork was trained for model {predictor.model!r}, not {spec.id!r}")
+        self.spec, self.hyper, self.model_path, self.device = spec, hyper, model_path, device
+        self._pipe, self._predictor = pipe, predictor
+
+    @property
+    def pipe(self) -> Any:
+        if self._pipe is None:
+            from htcli.core.runtime import resolve_device
+            from htcli.models import load_pipeline
+
+            self._pipe = load_pipeline(self.spec, model_path=self.model_path, device=resolve_device(self.device))
+        return self._pipe
+
+    @property
+    def predictor(self) -> Any:
+        """The `htcli.methods.predict.Predictor` of `hyper` (default runs/<model>/hyper)."""
+        if self._predictor is None:
+            from htcli.core.runtime import resolve_device
+            from htcli.methods.predict import Predictor, resolve_checkpoint
+
+            path = resolve_checkpoint(self.hyper, self.spec.id)
+            self._predictor = Predictor.load(path, model=self.spec.id, device=resolve_device(self.device))
+        return self._predictor
 
 
-class Timer:
-    """Wall-clock milliseconds of a block, with CUDA synchronised."""
+@dataclass(frozen=True)
+class SteerRequest:
+    """What to generate. Sources are "text", "text:weight" or (text, weight); reference images
+    are paths or PIL images (averaged into one source)."""
 
-    def __enter__(self) -> Timer:
-        self._start = time.perf_counter()
-        return self
+    prompt: str
+    concepts: Sequence[Weighted] = ()
+    reference_images: Sequence[Any] = ()
+    interventions: Sequence[Weighted] = ()
+    strengths: Sequence[float] = (0.6,)  # a sweep: one image per value (and seed)
+    method: str = "hypertransport"  # or "prompt": the concept's template applied to the prompt
+    seed: int = 0  # image k uses seed + k
+    num_images: int = 1
+    each: bool = False  # one image per source in one mixed batch, instead of composing them
+    gap_correction: bool = True
 
-    def __exit__(self, *exc) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.ms = (time.perf_counter() - self._start) * 1e3
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.num_images)]
+
+    def check(self) -> None:
+        """Raise HTError for settings that cannot work together (sources are checked later)."""
+        if not self.prompt.strip():
+            raise HTError("the prompt is empty: say what to generate")
+        if self.method not in METHODS:
+            raise HTError(f"--method must be hypertransport or prompt, got {self.method!r}")
+        if self.num_images < 1:
+            raise HTError(f"--num-images must be positive, got {self.num_images}")
+        if not self.strengths or not all(math.isfinite(s) for s in self.strengths):
+            raise HTError(f"--strength needs finite numbers, got {list(self.strengths)}")
+        if self.each and self.method == "prompt":
+            raise HTError("--each needs --method hypertransport; run --method prompt once per concept instead")
+        if self.method == "prompt" and (self.reference_images or self.interventions):
+            raise HTError("--method prompt appends concept text; it cannot use --reference-image or --intervention")
+
+
+@dataclass
+class SteeredImage:
+    image: Image.Image
+    label: str  # caption: "strength 0.5, seed 7" or "Art Deco, seed 0"
+    metadata: dict  # JSON-ready: text, sources, strength, seed, model, method, checkpoint...
+
+
+@dataclass
+class Steered:
+    """The images of one request, in grid order (rows of `columns`), and the maps behind them."""
+
+    images: list[SteeredImage]
+    columns: int
+    sources: Sources
+    model: str
+    method: str
+    maps: Maps | None = None  # the composed maps; None with `each` or the prompt method
+    notes: list[str] = field(default_factory=list)
+    intervention_ms: float | None = None  # concept/image/file -> composed maps; None for the prompt method
+
+    def intervention(self) -> Intervention:
+        """The composed maps as an intervention file, to apply again with `ht steer -i`."""
+        if self.maps is None:
+            raise HTError("--export needs one composed intervention: drop --each, and use --method hypertransport")
+        method = "composed" if self.sources.files else "hypertransport"
+        return Intervention(self.maps, self.model, method, "; ".join(self.sources.labels),
+                            info={"sources": self.sources.describe()})
+
+
+def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool,
+                 notes: list[str]) -> tuple[list[tuple[Maps, float]], str | None, float]:
+    """(maps, weight) per source in `sources` order, the checkpoint digest (None when nothing
+    was predicted) and the milliseconds the prediction took (encoding included)."""
+    if not (sources.concepts or sources.images):
+        return [(f.maps, w) for f, w, _ in sources.files], None, 0.0
+    predictor = steerer.predictor
+    predicted = predictor.maps([c.phrase for c, _ in sources.concepts], sources.images, gap_correction)
+    if sources.images and gap_correction and not predictor.has_gap:
+        notes.append("the hypernetwork stores no modality gap; raw image embeddings were used "
+                     "(train it with --calibration-images to store one)")
+    weights = [w for _, w in sources.concepts] + [1.0] * bool(sources.images)
+    per_source = list(zip(predicted, weights)) + [(f.maps, w) for f, w, _ in sources.files]
+    return per_source, predictor.digest, predictor.last_ms
+
+
+def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = None) -> Steered:
+    """Check the request and its sources, predict and compose the maps, then generate.
+
+    Input errors are raised before the pipeline loads. Sweeps come one column per strength
+    and one row per seed; with `each`, one column per source and one row per strength and seed."""
+    request.check()
+    spec = steerer.spec
+    sources = resolve_sources(spec, request.concepts, request.reference_images, request.interventions)
+    strengths: list[float | None] = list(request.strengths)
+    notes = []
+    if any(s > 1 for s in strengths):
+        notes.append("strength > 1 extrapolates beyond the fitted transport")
+    text, per_source, combined, digest, ms = request.prompt, [], None, None, None
+    if request.method == "prompt":
+        for concept, _ in sources.concepts:
+            text = concept.apply(text)
+        if any(w != 1 for _, w in sources.concepts):
+            notes.append("--method prompt ignores concept weights")
+        strengths = [None]  # nothing is hooked: strength does not apply
+    else:
+        per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes)
+        combined = None if request.each else combine(per_source)
+
+    seeds = request.seeds
+    columns = len(sources) if request.each else len(strengths)
+    total = len(strengths) * len(seeds) * (len(sources) if request.each else 1)
+    if progress:
+        progress(0, total, "loading the pipeline")
+    pipe = steerer.pipe
+    base = {"prompt": request.prompt, "text": text, "sources": sources.describe(), "model": spec.id,
+            "method": request.method, "composition": "each" if request.each else "additive",
+            "checkpoint_sha256": digest, "ht_version": __version__, "intervention_ms": ms}
+    cells: dict[tuple[int, int], SteeredImage] = {}  # (row, column) -> image
+    for j, strength in enumerate(strengths):
+        if request.each:
+            # Each source at its own weight, all in one batch.
+            batch = generate_mixed(spec, pipe, text, [combine([pair]) for pair in per_source], strength, seeds)
+            for b, image in enumerate(batch):
+                k, i = divmod(b, len(sources))
+                label = f"{sources.labels[i]}, strength {strength:g}, seed {seeds[k]}"
+                meta = {**base, "source": sources.labels[i], "strength": strength, "seed": seeds[k]}
+                cells[(j * len(seeds) + k, i)] = SteeredImage(image, label, meta)
+        else:
+            for k, g in enumerate(generate(spec, pipe, text, combined, [strength], seeds)):
+                meta = {**base, "source": None, "strength": strength, "seed": g.seed}
+                cells[(k, j)] = SteeredImage(g.image, g.label, meta)
+        if progress:
+            progress(len(cells), total, "" if strength is None else f"strength {strength:g}")
+    if spec.offline:
+        notes.append(f"{spec.id} has random weights: its images are noise (compare in activation space)")
+    return Steered([cells[key] for key in sorted(cells)], columns, sources, spec.id, request.method, combined, notes, ms)

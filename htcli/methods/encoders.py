@@ -11,6 +11,8 @@ Two kinds, named by an id string:
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -61,6 +63,52 @@ class MiniLMEncoder:
 TINY_CLIP = "ht-tiny-clip"
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a download from the Hugging Face Hub can start: not HF_HUB_OFFLINE, and its host
+    accepts a connection within `timeout` seconds."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require_hub_files(repo_id: str, filenames: Sequence[str], what: str) -> None:
+    """Fail at once, in one line, when none of `filenames` of `repo_id` is in the local cache and
+    the Hub cannot be reached: downloaders otherwise retry for a minute, warning all along."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo_id, name), str)
+        except ValueError:  # not a valid repo id: nothing of it can be cached
+            return False
+
+    if not any(cached(name) for name in filenames) and not hub_reachable():
+        raise HTError(f"{what}: {repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
+                      "(offline, or HF_HUB_OFFLINE is set); download it once with network access")
+
+
+def _require_clip_weights(arch: str, pretrained: str) -> None:
+    """The offline check for open_clip's pretrained weights that live on the Hub."""
+    import open_clip
+
+    hub = open_clip.get_pretrained_cfg(arch, pretrained).get("hf_hub", "")
+    if not hub:  # a local file, an unknown tag (open_clip says so) or a plain URL
+        return
+    repo, filename = os.path.split(hub)
+    filename = filename or "open_clip_pytorch_model.bin"  # `org/name/` means open_clip's default file
+    candidates = [filename, f"{Path(filename).stem}.safetensors", "open_clip_model.safetensors"]
+    require_hub_files(repo, candidates, f"CLIP weights {arch}/{pretrained}")
+
+
 class OpenClipEncoder:
     has_images = True
 
@@ -72,6 +120,8 @@ class OpenClipEncoder:
 
         self.id = f"open_clip:{arch}/{pretrained}" if pretrained else f"open_clip:{arch}"
         self.device = torch.device(device)
+        if pretrained and not Path(pretrained).is_file():
+            _require_clip_weights(arch, pretrained)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)  # random (untagged) weights are the same in every process

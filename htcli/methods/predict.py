@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from htcli.core.files import file_digest
+from htcli.core.interventions import Intervention
 from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
 from htcli.errors import HTError
@@ -95,6 +96,20 @@ class Predictor:
             torch.cuda.synchronize()
         self.last_ms = (time.perf_counter() - start) * 1e3
         return predicted
+
+
+def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None) -> Intervention:
+    """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
+    standard intervention file at `out`, and return it."""
+    from htcli.data.concepts import load_library
+    from htcli.models import default_model_name
+
+    predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
+    resolved = load_library().resolve(concept)
+    intervention = Intervention(predictor.maps([resolved.phrase])[0], predictor.model, "hypertransport", resolved.name,
+                                predictor.checkpoint.encoder, info={"phrase": resolved.phrase})
+    intervention.save(out)
+    return intervention
 
 
 def calibrate_gap(path: Path, images: Sequence[Any], phrases: Sequence[str]) -> tuple[Tensor, Tensor]:

@@ -15,20 +15,27 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from htcli.core.files import atomic_path, write_json
-from htcli.core.runtime import barrier
+from htcli.core.runtime import Progress, barrier, close_distributed, init_distributed, resolve_device
 from htcli.core.transport import w2_loss
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.evaluation.residuals import residuals
-from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint, unbatch
+from htcli.methods.hypernetwork import (
+    HyperCheckpoint,
+    HyperConfig,
+    build_hypernetwork,
+    load_checkpoint,
+    parameter_count,
+    unbatch,
+)
 from htcli.methods.objective import w2_backward
 
 
@@ -36,7 +43,7 @@ from htcli.methods.objective import w2_backward
 class TrainConfig:
     steps: int = 2000
     concepts_per_step: int = 8
-    samples: int = 32
+    samples: int | None = None  # fitting samples per concept; None = all the dataset has
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 100
@@ -45,14 +52,14 @@ class TrainConfig:
     group: float = 0.0
     eval_every: int = 250
     val_fraction: float = 0.1
-    limit_train: int | None = None  # train on a subset (learning curves)
+    limit_concepts: int | None = None  # train on a seeded subset of the training concepts (learning curves)
     seed: int = 0
     bf16: bool = False
     micro_batch: int = 0  # samples per backward pass (two-pass W2 gradient); 0 = all K * N at once
 
     def __post_init__(self) -> None:
-        for name in ("steps", "concepts_per_step", "samples", "eval_every"):
-            if getattr(self, name) < 1:
+        for name in ("steps", "concepts_per_step", "eval_every", "limit_concepts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise HTError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise HTError(f"--lr must be positive, got {self.lr}")
@@ -106,17 +113,39 @@ def sparsity_penalty(maps: dict[str, tuple[Tensor, Tensor]], l1: float, group: f
     return total
 
 
+# --micro-batch changes only memory (the gradient is exact), so a resumed run may change it.
+RESUMABLE_CHANGES = {"micro_batch"}
+
+
+def settings_differences(saved_hyper: HyperConfig, saved_train: dict, hyper: HyperConfig, config: TrainConfig) -> list[str]:
+    """'--option new (saved old)' for every architecture or training setting that differs."""
+    differ = []
+    for saved, current in ((asdict(saved_hyper), asdict(hyper)), (saved_train, asdict(config))):
+        for key, value in current.items():
+            old = saved.get(key, value)
+            if key in RESUMABLE_CHANGES or _plain(old) == _plain(value):
+                continue
+            if key in ("layers", "embed_dim"):
+                differ.append("the dataset's layers or concept encoder")
+            else:
+                differ.append(f"--{key.replace('_', '-')} {value} (saved {old})")
+    return differ
+
+
+def _plain(value):
+    """Tuples as lists: JSON-loaded settings compare equal to in-memory ones."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 class Trainer:
     def __init__(self, frozen: Frozen, dataset: ActivationDataset, hyper: HyperConfig, config: TrainConfig,
                  out: Path, model_id: str, rank: int = 0, world: int = 1) -> None:
         self.frozen, self.dataset, self.hyper_config, self.config = frozen, dataset, hyper, config
         self.out, self.model_id, self.rank, self.world = out, model_id, rank, world
-        n_fit = len(dataset.settings.fit_seeds)
-        if config.samples > n_fit:
-            raise HTError(f"--samples {config.samples} exceeds the dataset's {n_fit} fitting samples")
+        config = self.config = replace(config, samples=dataset.fitting_samples(config.samples))
         if config.concepts_per_step % world:
             raise HTError(f"--concepts-per-step {config.concepts_per_step} must divide over {world} processes")
-        self.train, self.val = split_train_val(dataset.names("train"), config.val_fraction, config.seed, config.limit_train)
+        self.train, self.val = split_train_val(dataset.names("train"), config.val_fraction, config.seed, config.limit_concepts)
         self.test = dataset.names("test")
         names = self.train + self.val + self.test
         self.embeddings = dict(zip(names, dataset.embeddings(names)))
@@ -200,10 +229,10 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, names: Sequence[str]) -> float:
-        """Mean held-out residual ratio on the evaluation samples of `names`."""
+    def evaluate(self, names: Sequence[str]) -> float | None:
+        """Mean held-out residual ratio on the evaluation samples of `names` (None: no concepts)."""
         if not names:
-            return float("nan")
+            return None
         self.network.eval()
         device = self.frozen.model.device
         ratios = []
@@ -249,13 +278,16 @@ class Trainer:
             writer.writerows(self.history)
 
     def resume(self) -> None:
-        """Continue from `out`: weights, optimizer, schedule, step and history."""
+        """Continue from `out`: weights, optimizer, schedule, step and history. The run must
+        have the saved run's settings: others would silently restart its schedule."""
         path = self.out / "hyper.safetensors"
         if not path.exists() or not (self.out / "optimizer.pt").exists():
             raise HTError(f"nothing to resume in {self.out}: no hyper.safetensors and optimizer.pt there")
         saved = load_checkpoint(path)
-        if saved.config != self.hyper_config:
-            raise HTError(f"{path} has another architecture or layer set than this run; drop --resume or change --out")
+        differ = settings_differences(saved.config, saved.info.get("config", {}), self.hyper_config, self.config)
+        if differ:
+            raise HTError(f"--resume with other settings than the run in {self.out}: {', '.join(differ)}; "
+                          "rerun with the saved values, or pass --overwrite instead of --resume to start afresh")
         self.network.load_state_dict(saved.network.state_dict())
         state = torch.load(self.out / "optimizer.pt", map_location=self.frozen.model.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -283,3 +315,95 @@ class Trainer:
         self.save(summary)
         barrier()  # the other ranks wait for rank 0's last evaluation and checkpoint before exiting
         return summary
+
+
+# --- the whole of `ht train-hyper` ----------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    train_seconds: float
+    final_loss: float | None
+    val_residual: float | None  # None: no validation concepts
+    test_residual: float | None  # None: the dataset has no held-out test concepts
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def train_hypernetwork(
+    dataset: ActivationDataset,
+    out: Path,
+    config: TrainConfig,
+    hyper: dict | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    grad_checkpointing: bool = False,
+    calibration_images: Path | None = None,
+    progress: Progress | None = None,
+    say: Callable[[str], None] | None = None,
+) -> TrainResult | None:
+    """Train (or resume) a hypernetwork on `dataset` into `out`, under torchrun with DDP.
+
+    `hyper` holds HyperConfig's architecture fields (arch, hidden, depth, rank). With
+    `calibration_images` (a folder), the encoder's modality gap is stored in the checkpoint.
+    `progress(step, steps, text)` and `say(line)` are called on rank 0 only; returns the
+    result there and None on the other ranks.
+    """
+    import torch.distributed as dist
+
+    from htcli.core.hooks import resolve_layers
+    from htcli.models import get_model, load_denoiser
+
+    if (out / "hyper.safetensors").exists() and not (resume or overwrite):
+        raise HTError(f"{out} already holds a hypernetwork; pass --resume to continue it or --overwrite to replace it")
+    images = _calibration_paths(calibration_images) if calibration_images is not None else None
+    spec = get_model(dataset.settings.model)
+    embed_dim = int(dataset.embeddings(dataset.names()[:1]).shape[-1])
+    hyper_config = HyperConfig(embed_dim=embed_dim, layers=tuple(dataset.layers.items()), **(hyper or {}))
+    distributed = init_distributed()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    main = rank == 0
+    try:
+        denoiser = load_denoiser(spec, resolve_device(device))
+        if grad_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+            denoiser.train()  # diffusers checkpoints only in training mode; the model has no dropout here
+        frozen = Frozen(spec, denoiser, resolve_layers(denoiser, dataset.settings.layers))
+        trainer = Trainer(frozen, dataset, hyper_config, config, out, spec.id, rank, world)
+        if resume:
+            trainer.resume()
+        if main and say:
+            say(f"training {hyper_config.arch} hypernetwork ({parameter_count(hyper_config) / 1e6:.2f}M parameters, "
+                f"{hyper_config.neurons:,} neurons) on {len(trainer.train)} concepts ({len(trainer.val)} validation, "
+                f"{len(trainer.test)} held-out test), {world} process(es)")
+        report = (lambda step, loss: progress(step, trainer.config.steps, f"loss {loss:.3g}")) if main and progress else None
+        summary = trainer.fit(report)
+        if main and images is not None:
+            from htcli.core.files import load_rgb_images
+            from htcli.data.concepts import load_library
+            from htcli.methods.predict import calibrate_gap
+
+            library = load_library()
+            calibrate_gap(out / "hyper.safetensors", load_rgb_images(images, "calibration image"),
+                          [library.resolve(name).phrase for name in trainer.train])
+    finally:
+        close_distributed()
+    if not main:
+        return None
+    return TrainResult(out / "hyper.safetensors", trainer.step, summary["train_seconds"], summary["final_loss"],
+                       summary["val_residual"], summary["test_residual"])
+
+
+def _calibration_paths(folder: Path) -> list[Path]:
+    """The images in `folder`, checked before training so a typo costs no training time."""
+    if not folder.is_dir():
+        raise HTError(f"--calibration-images {folder} is not a folder")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise HTError(f"no images (.png, .jpg, .webp) in {folder}")
+    return paths

@@ -50,6 +50,29 @@ class Plan:
         """Rough GPU memory of one training step without gradient checkpointing."""
         return self.weights_bytes + concepts_per_step * samples * self.activation_bytes_per_sample
 
+    def summary(self, samples: int, eval_samples: int, concepts_per_step: int) -> dict:
+        """Everything `ht plan` reports, for a dataset of `samples` + `eval_samples` per concept
+        and training steps of `concepts_per_step` concepts x `samples` samples."""
+        return {
+            "model": self.spec.id,
+            "layers": [vars(layer) for layer in self.layers],
+            "neurons": self.neurons,
+            "hyper_outputs": self.hyper_outputs,
+            "denoiser_params": self.denoiser_params,
+            "weights_bytes": self.weights_bytes,
+            "activation_bytes_per_sample": self.activation_bytes_per_sample,
+            "samples": samples,
+            "eval_samples": eval_samples,
+            "concepts_per_step": concepts_per_step,
+            "dataset_bytes_per_concept": self.dataset_bytes_per_concept(samples, eval_samples),
+            "training_bytes": self.training_bytes(concepts_per_step, samples),
+        }
+
+
+def human_bytes(n: int) -> str:
+    """1.23 GiB, or 4.5 MiB below a GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
 
 def _meta_inputs(spec: ModelSpec, config: dict) -> dict:
     """One sample of the denoiser's inputs at the spec's resolution and first timestep."""

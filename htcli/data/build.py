@@ -1,0 +1,350 @@
+"""Building activation datasets: settings, the forward passes, resumable and sharded writing.
+
+Every file is written atomically and a concept file exists only when complete, so a killed
+build resumes where it stopped and ends identical to an uninterrupted one. Under torchrun,
+concepts are sharded across ranks. `build` is the whole of `ht build-dataset`; `estimate` its
+`--dry-run`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from htcli import __version__
+from htcli.core.files import read_json, save_tensors, write_json
+from htcli.core.runtime import Progress, barrier, close_distributed, init_distributed, resolve_device, run_path
+from htcli.data.concepts import Concept, ConceptLibrary, load_library, slugify
+from htcli.data.dataset import FORMAT, DatasetSettings, select_concepts
+from htcli.errors import HTError
+from htcli.models import ModelSpec, build_meta_denoiser, denoiser, get_model
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def split_prompts(prompts: Sequence[str], samples: int, eval_samples: int, seed: int) -> tuple[list[str], list[str]]:
+    """Disjoint fitting and evaluation prompts from a seeded shuffle (cycled if too few)."""
+    if samples < 2:
+        raise HTError(f"--samples must be at least 2 (W2 compares distributions), got {samples}")
+    if eval_samples < 2:
+        raise HTError(f"--eval-samples must be at least 2, got {eval_samples}")
+    order = list(prompts)
+    random.Random(seed).shuffle(order)
+    if len(order) < 2:
+        raise HTError("need at least 2 source prompts")
+    n_fit = min(samples, len(order) // 2)  # keep prompts disjoint even for huge sample counts
+    fit_pool, eval_pool = order[:n_fit], order[n_fit:]
+    fit = [fit_pool[i % len(fit_pool)] for i in range(samples)]
+    evaluation = [eval_pool[i % len(eval_pool)] for i in range(eval_samples)]
+    return fit, evaluation
+
+
+def make_seeds(seed: int, samples: int, eval_samples: int) -> tuple[list[int], list[int]]:
+    base = seed * 1_000_000
+    return list(range(base, base + samples)), list(range(base + 500_000, base + 500_000 + eval_samples))
+
+
+def make_settings(
+    spec: ModelSpec, library: ConceptLibrary, layers: Mapping[str, nn.Module], samples: int, eval_samples: int,
+    seed: int, encoder: str | None = None, batch_size: int = 16,
+) -> DatasetSettings:
+    """Settings for `spec` hooked at `layers`: seeded disjoint fit/eval prompts and seeds."""
+    from htcli.core.hooks import module_width
+
+    if batch_size < 1:
+        raise HTError(f"--batch-size must be positive, got {batch_size}")
+    fit_prompts, eval_prompts = split_prompts(library.source_prompts(), samples, eval_samples, seed)
+    fit_seeds, eval_seeds = make_seeds(seed, samples, eval_samples)
+    return DatasetSettings(
+        model=spec.id,
+        layers=tuple(layers),
+        widths=tuple(module_width(m) for m in layers.values()),
+        encoder=encoder or spec.concept_encoder,
+        fit_prompts=tuple(fit_prompts),
+        eval_prompts=tuple(eval_prompts),
+        fit_seeds=tuple(fit_seeds),
+        eval_seeds=tuple(eval_seeds),
+        storage_dtype="bfloat16" if spec.dtype == "bfloat16" else "float16",
+        batch_size=batch_size,
+    )
+
+
+@dataclass
+class DatasetRequest:
+    """What `ht build-dataset` is asked for: the model, the concepts and the sampling."""
+
+    model: str
+    out: Path | None = None  # default runs/<model>/data
+    split: str = "all"
+    concepts: Sequence[str] = ()  # library names or free text; overrides split
+    concept_dirs: Sequence[Path] = ()
+    limit_concepts: int | None = None
+    samples: int = 32
+    eval_samples: int = 128
+    layers: Sequence[str] | None = None  # module-name patterns; default the spec's
+    seed: int = 0
+    batch_size: int = 16
+    encoder: str | None = None
+
+    def resolve(self) -> tuple[ModelSpec, Path, ConceptLibrary, list[Concept], DatasetSettings]:
+        """Check everything that needs no weights: spec, out, concepts, layers, settings."""
+        from htcli.core.hooks import resolve_layers
+
+        spec = get_model(self.model)
+        out = Path(self.out) if self.out is not None else run_path(spec.id, "data")
+        if out.exists() and not out.is_dir():
+            raise HTError(f"--out {out} is a file, not a directory")
+        library = load_library(self.concept_dirs)
+        concepts = select_concepts(library, self.split, self.concepts, self.limit_concepts, self.seed)
+        layers = resolve_layers(build_meta_denoiser(spec), self.layers or spec.hook_patterns)
+        settings = make_settings(spec, library, layers, self.samples, self.eval_samples, self.seed, self.encoder,
+                                 self.batch_size)
+        return spec, out, library, concepts, settings
+
+
+@dataclass
+class BuildSummary:
+    concepts: int
+    built: int
+    skipped: int
+    samples: int
+    eval_samples: int
+    layers: int
+    neurons: int
+    bytes_on_disk: int
+    seconds_per_concept: float
+    out: str
+
+
+@dataclass
+class BuildEstimate:
+    """A `--dry-run`: what a build would hold, from the meta device (nothing loaded)."""
+
+    model: str
+    layers: int
+    neurons: int
+    concepts: int
+    samples: int
+    eval_samples: int
+    bytes_on_disk: int
+    out: str
+
+
+def estimate(request: DatasetRequest) -> BuildEstimate:
+    from htcli.models.plan import make_plan
+
+    spec, out, _, concepts, settings = request.resolve()
+    plan = make_plan(spec, request.layers)
+    per_concept = plan.dataset_bytes_per_concept(len(settings.fit_seeds), len(settings.eval_seeds))
+    return BuildEstimate(spec.id, len(plan.layers), plan.neurons, len(concepts), request.samples, request.eval_samples,
+                         per_concept * (len(concepts) + 1), str(out))
+
+
+def build(
+    request: DatasetRequest, *, model_path: str | None = None, device: str | None = None, overwrite: bool = False,
+    progress: Progress | None = None,
+) -> BuildSummary | None:
+    """Build (or resume) the dataset `request` describes; under torchrun, sharded over ranks.
+    Returns the summary on rank 0, None on the other ranks."""
+    import torch.distributed as dist
+
+    from htcli.core.hooks import resolve_layers
+    from htcli.methods.encoders import get_encoder
+    from htcli.models import load_pipeline
+
+    spec, out, library, concepts, settings = request.resolve()
+    distributed = init_distributed()
+    try:
+        rank = dist.get_rank() if distributed else 0
+        if rank == 0:
+            check_existing(out, settings, overwrite)
+        torch_device = resolve_device(device)
+        pipe = load_pipeline(spec, model_path=model_path, device=torch_device)
+        layers = resolve_layers(denoiser(pipe, spec), settings.layers)
+        builder = Builder(spec, pipe, layers, settings, get_encoder(settings.encoder, str(torch_device)))
+        summary = build_dataset(builder, library, concepts, out, progress if rank == 0 else None)
+    finally:
+        close_distributed()
+    return summary if rank == 0 else None
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Builder:
+    """Computes pooled activations for prompts paired with the dataset's fixed seeds."""
+
+    def __init__(self, spec: ModelSpec, pipe, layers: Mapping[str, nn.Module], settings: DatasetSettings, encoder) -> None:
+        self.spec, self.pipe, self.layers, self.settings, self.encoder = spec, pipe, layers, settings, encoder
+        self.model = denoiser(pipe, spec)
+
+    def _run(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        from htcli.data.forward import encode_inputs, pooled_activations
+
+        pooled: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+        inputs = []
+        size = self.settings.batch_size
+        for start in range(0, len(prompts), size):
+            batch = encode_inputs(self.spec, self.pipe, prompts[start : start + size], seeds[start : start + size])
+            with torch.no_grad():
+                out = pooled_activations(self.spec, self.model, self.layers, batch)
+            for name in self.layers:
+                pooled[name].append(out[name])
+            inputs.append(batch)
+        return {name: torch.cat(parts) for name, parts in pooled.items()}, inputs
+
+    def _parts(self, concept: Concept):
+        """(part, pooled activations, encoder inputs) for the fit and the eval samples of `concept`."""
+        s = self.settings
+        for part, prompts, seeds in (("fit", s.fit_prompts, s.fit_seeds), ("eval", s.eval_prompts, s.eval_seeds)):
+            yield (part, *self._run([concept.apply(p, i) for i, p in enumerate(prompts)], seeds))
+
+    def concept_tensors(self, concept: Concept) -> dict[str, Tensor]:
+        dtype = STORAGE_DTYPES[self.settings.storage_dtype]
+        tensors = {}
+        for part, pooled, _ in self._parts(concept):
+            tensors |= {f"{part}.{name}": t.to(dtype) for name, t in pooled.items()}
+        tensors["embedding"] = self.encoder.encode_text([concept.phrase])[0]
+        return tensors
+
+    def source_tensors(self, source: Concept) -> dict[str, Tensor]:
+        from htcli.data.forward import pad_text
+
+        dtype = STORAGE_DTYPES[self.settings.storage_dtype]
+        tensors = {}
+        for part, pooled, inputs in self._parts(source):
+            tensors |= {f"act.{part}.{name}": t.to(dtype) for name, t in pooled.items()}
+            batches = pad_text(inputs)
+            for key in batches[0]:
+                joined = torch.cat([b[key] for b in batches])
+                keep_exact = key in ("noise", "mask", "time_ids")
+                tensors[f"{part}.{key}"] = joined.float() if keep_exact else joined.to(dtype)
+        return tensors
+
+
+def _manifest(settings: DatasetSettings, concepts: Sequence[Concept], library: ConceptLibrary, complete: bool) -> dict:
+    return {
+        "format": FORMAT,
+        "ht_version": __version__,
+        "settings": asdict(settings),
+        "settings_digest": settings.digest(),
+        "concepts": [
+            {"name": c.name, "slug": slugify(c.name), "category": c.category,
+             "split": library.split_of(c.name) if c.in_library else "free"}
+            for c in concepts
+        ],
+        "complete": complete,
+        "summary": None,
+    }
+
+
+def check_existing(out: Path, settings: DatasetSettings, overwrite: bool) -> None:
+    """Refuse to mix a dataset built with other settings into `out`, unless overwriting."""
+    if out.exists() and not out.is_dir():
+        raise HTError(f"--out {out} is a file, not a directory")
+    manifest = out / "manifest.json"
+    if not manifest.exists():
+        return
+    existing = read_json(manifest)
+    if existing.get("settings_digest") == settings.digest():
+        return
+    if not overwrite:
+        raise HTError(
+            f"{out} holds a dataset built with other settings (model, layers, prompts, seeds, encoder or "
+            "batch size differ); choose another --out or pass --overwrite"
+        )
+    for path in (out / "concepts").glob("*.safetensors"):
+        path.unlink()
+    (out / "source.safetensors").unlink(missing_ok=True)
+    manifest.unlink()
+
+
+def _sum_over_ranks(*counts: int) -> list[int]:
+    """Totals of per-rank counts (each rank builds its own shard)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(counts)
+    total = torch.tensor(counts, dtype=torch.int64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def build_dataset(
+    builder: Builder, library: ConceptLibrary, concepts: Sequence[Concept], out: Path, progress: Progress | None = None,
+) -> BuildSummary:
+    """Build (or resume) the dataset in `out`; with torch.distributed, this rank's shard."""
+    rank, world = _dist()
+    settings = builder.settings
+    digest = settings.digest()
+    started = time.perf_counter()
+    if rank == 0:
+        for stale in out.rglob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink()
+        existing = (out / "manifest.json").exists() and read_json(out / "manifest.json")
+        names = {c["name"] for c in existing["concepts"]} if existing else set()
+        # Adding concepts to a finished dataset keeps the ones already built.
+        merged = list(concepts) + [library.resolve(n) for n in sorted(names - {c.name for c in concepts})]
+        write_json(out / "manifest.json", _manifest(settings, merged, library, complete=False))
+        if _stored_digest(out / "source.safetensors") != digest:
+            save_tensors(out / "source.safetensors", builder.source_tensors(library.source), {"settings_digest": digest})
+    barrier()
+    mine = list(concepts)[rank::world]
+    built = skipped = 0
+    for index, concept in enumerate(mine):
+        path = out / "concepts" / f"{slugify(concept.name)}.safetensors"
+        if path.exists() and _stored_digest(path) == digest:
+            skipped += 1
+        else:
+            metadata = {"concept": concept.name, "category": concept.category, "settings_digest": digest}
+            save_tensors(path, builder.concept_tensors(concept), metadata)
+            built += 1
+        if progress:
+            progress(index + 1, len(mine), concept.name)
+    barrier()
+    built, skipped = _sum_over_ranks(built, skipped)
+    elapsed = time.perf_counter() - started
+    summary = BuildSummary(
+        concepts=len(concepts),
+        built=built,
+        skipped=skipped,
+        samples=len(settings.fit_seeds),
+        eval_samples=len(settings.eval_seeds),
+        layers=len(settings.layers),
+        neurons=sum(settings.widths),
+        bytes_on_disk=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        seconds_per_concept=elapsed / max(built, 1),
+        out=str(out),
+    )
+    if rank == 0:
+        manifest = read_json(out / "manifest.json")
+        manifest["complete"] = all(
+            (out / "concepts" / f"{c['slug']}.safetensors").exists() for c in manifest["concepts"]
+        )
+        manifest["summary"] = {"concepts": len(manifest["concepts"]), "bytes_on_disk": summary.bytes_on_disk}
+        write_json(out / "manifest.json", manifest)
+    return summary
+
+
+def _stored_digest(path: Path) -> str | None:
+    """The settings digest a finished file was built with; None if absent or unreadable."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("settings_digest")
+    except Exception:  # an unreadable file is rebuilt
+        return None

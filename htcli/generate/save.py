@@ -1,0 +1,121 @@
+"""Writing steered images: PNGs with JSON sidecars, a labelled grid, the composed intervention.
+
+`steer_and_save` is all of `ht steer`: check the output paths, steer, write.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from htcli.core.files import atomic_path, write_json
+from htcli.errors import HTError
+from htcli.generate.steer import (
+    Progress,
+    Steered,
+    SteeredImage,
+    Steerer,
+    SteerRequest,
+    steer,
+)
+
+CAPTION_PX = 14  # height of the caption band under each grid cell
+
+
+def grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int) -> Image.Image:
+    """Images in rows of `columns`, each with its label underneath."""
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * (height + CAPTION_PX)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = (i % columns) * width, (i // columns) * (height + CAPTION_PX)
+        sheet.paste(image.resize((width, height)), (x, y))
+        draw.text((x + 2, y + height + 1), label, fill="black")
+    return sheet
+
+
+def image_stem(index: int, steered: SteeredImage) -> str:
+    """A distinct, readable file stem: `003-art-deco-strength-0.5-seed7`. The strength keeps its
+    sign (`strength+0.5` vs `strength-0.5`), so a sweep through 0 never reuses a name."""
+    from htcli.data.concepts import slugify
+
+    meta = steered.metadata
+    parts = [f"{index:03d}"]
+    if meta.get("source"):
+        parts.append(slugify(meta["source"]))
+    if meta.get("strength") is not None:
+        parts.append(f"strength{meta['strength']:+g}")
+    parts.append(f"seed{meta['seed']}")
+    return "-".join(parts)
+
+
+def check_outputs(request: SteerRequest, out: Path | None, export: Path | None) -> None:
+    """Refuse output paths that cannot be written, before anything is generated."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise HTError(f"--out {out} is a file; give a folder for the images (it is created if missing)")
+    if export is not None:
+        if request.each or request.method != "hypertransport":
+            raise HTError("--export needs one composed intervention: drop --each, and use --method hypertransport")
+        if export.is_dir():
+            raise HTError(f"--export {export} is a folder; give a .safetensors file name")
+
+
+def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> list[Path]:
+    """Write each image as PNG + JSON sidecar, a grid when there are several, and optionally the
+    composed intervention to `export`. Every file is written atomically. Returns the PNGs."""
+    if folder.exists() and not folder.is_dir():
+        raise HTError(f"{folder} is a file; give a folder for the images")
+    intervention = steered.intervention() if export is not None else None  # refuse before writing
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, item in enumerate(steered.images):
+        path = folder / f"{image_stem(index, item)}.png"
+        with atomic_path(path) as tmp:
+            item.image.save(tmp, format="PNG")
+        write_json(path.with_suffix(".json"), item.metadata)
+        written.append(path)
+    if len(steered.images) > 1:
+        sheet = grid([i.image for i in steered.images], [i.label for i in steered.images], steered.columns)
+        with atomic_path(folder / "grid.png") as tmp:
+            sheet.save(tmp, format="PNG")
+    if intervention is not None:
+        intervention.save(export)
+    return written
+
+
+@dataclass
+class SteerRun:
+    steered: Steered
+    folder: Path
+    files: list[Path]  # the PNGs written
+
+
+def steer_and_save(
+    request: SteerRequest,
+    *,
+    model: str | None = None,
+    hyper: Path | None = None,
+    out: Path | None = None,
+    export: Path | None = None,
+    model_path: str | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> SteerRun:
+    """`ht steer`: check everything, load the model, steer, and write to `out` (default
+    runs/<model>/generations/<time>-<prompt>)."""
+    from htcli.core.runtime import run_path
+    from htcli.data.concepts import slugify
+    from htcli.models import default_model_name, get_model
+
+    spec = get_model(model or default_model_name())
+    request.check()
+    check_outputs(request, out, export)
+    steered = steer(Steerer(spec, hyper=hyper, model_path=model_path, device=device), request, progress)
+    folder = out or run_path(spec.id, "generations") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slugify(request.prompt)[:40]}"
+    return SteerRun(steered, folder, save_steered(steered, folder, export))
