@@ -24,6 +24,7 @@ from htcli.data.build import Builder, build_dataset, check_existing, make_settin
 from htcli.data.concepts import load_library
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
+from htcli.errors import HTError
 from htcli.evaluation.plots import plot_residuals
 from htcli.evaluation.report import TRANSPORT_HEAD, markdown_table, transport_rows
 from htcli.evaluation.residuals import compare, evaluate_hyper
@@ -42,13 +43,21 @@ SWEEP_PROMPT = "a lighthouse on a cliff"
 
 @dataclass
 class DemoConfig:
-    train_concepts: int = 60
-    test_concepts: int = 8
-    samples: int = 16
-    eval_samples: int = 32
+    """How big the demo is: concepts, samples per concept, optimisation steps, and its seed."""
+
+    train_concepts: int = 60  # the hypernetwork's (a tenth of them kept for validation)
+    test_concepts: int = 8  # held out: every method is compared on these
+    samples: int = 16  # fitting samples per concept
+    eval_samples: int = 32  # evaluation samples per concept (other prompts and seeds)
     lineas_steps: int = 200
     train_steps: int = 300
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if name != "seed" and value < (2 if "samples" in name else 1):
+                least = "at least 2" if "samples" in name else "positive"
+                raise HTError(f"--{name.replace('_', '-')} must be {least}, got {value}")
 
 
 def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | None = None) -> dict:

@@ -96,3 +96,10 @@ def test_demo_reduced_runs_and_reports_honestly(tmp_path, monkeypatch):
     assert len(list((out / "baselines" / "lineas").glob("*.safetensors"))) == 2
     history = json.loads((out / "hyper" / "history.json").read_text())
     assert history[-1]["step"] == 10
+
+
+def test_demo_sizes_are_checked_before_anything_runs(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--test-concepts", "0"])
+    assert result.exit_code == 1
+    assert "--test-concepts must be positive, got 0" in result.output
+    assert not (tmp_path / "demo").exists()

@@ -61,6 +61,12 @@ def check_split(split: str) -> None:
         raise HTError(f"--split must be train, test or all, got {split!r}")
 
 
+def check_limit(limit: int | None) -> None:
+    """`--limit-concepts`: None (all) or a positive count."""
+    if limit is not None and limit < 1:
+        raise HTError(f"--limit-concepts must be positive, got {limit}")
+
+
 def select_concepts(
     library: ConceptLibrary, split: str, names: Sequence[str] = (), limit: int | None = None, seed: int = 0
 ) -> list[Concept]:
@@ -75,9 +81,8 @@ def select_concepts(
     else:
         check_split(split)
         concepts = library.targets(split=None if split == "all" else split)
+        check_limit(limit)
         if limit is not None:
-            if limit < 1:
-                raise HTError(f"--limit-concepts must be positive, got {limit}")
             concepts = list(concepts)
             random.Random(seed).shuffle(concepts)
             concepts = sorted(concepts[:limit], key=lambda c: c.name.lower())

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from htcli.data.concepts import Concept
+from htcli.data.dataset import check_limit
 from htcli.errors import HTError
 from htcli.evaluation.runs import (
     EvalRun,
@@ -118,8 +119,7 @@ def evaluate(
         say("strength > 1 extrapolates beyond the fitted transport")
     if out is not None and resume:
         raise HTError("give --out (an existing run continues) or --resume (the latest run), not both")
-    if limit_concepts is not None and limit_concepts < 1:
-        raise HTError(f"--limit-concepts must be positive, got {limit_concepts}")
+    check_limit(limit_concepts)
     library = load_library()
     chosen = select_concepts(library, split, concepts)
     prompt_list, seed_list = select_prompts(library, prompts, seed), eval_seeds(seed, seeds)

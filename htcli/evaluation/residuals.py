@@ -21,7 +21,7 @@ from htcli.core.files import read_json
 from htcli.core.runtime import Progress
 from htcli.core.transport import Maps, residual_ratio
 from htcli.data.concepts import ConceptLibrary
-from htcli.data.dataset import ActivationDataset, check_split
+from htcli.data.dataset import ActivationDataset, check_limit, check_split
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.evaluation.stats import bootstrap_ci
@@ -124,8 +124,7 @@ def transport_concepts(dataset: ActivationDataset, split: str, baselines: Sequen
     """The dataset's `split` concepts that every baseline in `baselines` has fitted (a paired
     comparison); with `limit`, a seeded sample of that many."""
     check_split(split)
-    if limit is not None and limit < 1:
-        raise HTError(f"--limit-concepts must be positive, got {limit}")
+    check_limit(limit)
     names = dataset.names(None if split == "all" else split)
     for path in baseline_summaries(baselines):
         fitted = set(read_json(path)["concepts"])

@@ -41,21 +41,26 @@ from htcli.methods.objective import w2_backward
 
 @dataclass
 class TrainConfig:
+    # What one step sees: K concepts x N samples, drawn from (a sample of) the training split.
     steps: int = 2000
     concepts_per_step: int = 8
     samples: int | None = None  # fitting samples per concept; None = all the dataset has
+    limit_concepts: int | None = None  # train on a seeded subset of the training concepts (learning curves)
+    val_fraction: float = 0.1
+    # AdamW with linear warm-up, cosine decay and gradient clipping.
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 100
     clip: float = 1.0
+    # Memory: bf16 autocast for the frozen model; samples per backward pass (two-pass W2
+    # gradient), 0 = all K * N at once.
+    bf16: bool = False
+    micro_batch: int = 0
+    # Sparse group lasso on the predicted maps; evaluation interval; seed.
     l1: float = 0.0
     group: float = 0.0
     eval_every: int = 250
-    val_fraction: float = 0.1
-    limit_concepts: int | None = None  # train on a seeded subset of the training concepts (learning curves)
     seed: int = 0
-    bf16: bool = False
-    micro_batch: int = 0  # samples per backward pass (two-pass W2 gradient); 0 = all K * N at once
 
     def __post_init__(self) -> None:
         for name in ("steps", "concepts_per_step", "eval_every", "limit_concepts"):

@@ -37,11 +37,11 @@ class ModelSpec:
     denoiser_config: str  # file in configs/: the denoiser's architecture
     hook_patterns: tuple[str, ...]  # default layers to steer (globs over module names)
     timesteps: tuple[int, ...]
-    guidance_scale: float
     resolution: int
     dtype: str
     loader: Callable[..., Any]  # (spec, model_path, device, dtype) -> diffusers pipeline
     denoiser_loader: Callable[..., nn.Module]  # (spec, dtype) -> the denoiser alone, on the CPU
+    guidance_scale: float = 0.0  # the distilled models sample without classifier-free guidance
     concept_encoder: str = "open_clip:ViT-L-14/openai"  # see htcli.methods.encoders
     offline: bool = False  # runs with no download at all
     base_repo: str | None = None

@@ -105,7 +105,27 @@ def _load_dmd2(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
 
 
 SDXL_NORMS = ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3")
-DMD2_LICENCE = "DMD2 weights: CC BY-NC-SA 4.0 (non-commercial)"
+
+
+def _dmd2(spec_id: str, description: str, timesteps: tuple[int, ...], variant: str) -> ModelSpec:
+    """A DMD2 UNet on the SDXL base pipeline; `variant` names its weights file (4step, 1step)."""
+    weights = f"tianweiy/DMD2:dmd2_sdxl_{variant}_unet_fp16"
+    return ModelSpec(
+        id=spec_id,
+        description=description,
+        family="sdxl",
+        denoiser_config="sdxl_unet.json",
+        hook_patterns=SDXL_NORMS,
+        timesteps=timesteps,
+        resolution=1024,
+        dtype="float16",
+        loader=_load_dmd2,
+        denoiser_loader=_distilled_denoiser,
+        base_repo="stabilityai/stable-diffusion-xl-base-1.0",
+        weights=(f"{weights}.safetensors", f"{weights}.bin"),
+        licence="DMD2 weights: CC BY-NC-SA 4.0 (non-commercial)",
+    )
+
 
 register(
     ModelSpec(
@@ -115,7 +135,6 @@ register(
         denoiser_config="pixart_sigma_transformer.json",
         hook_patterns=("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"),
         timesteps=(400,),
-        guidance_scale=0.0,
         resolution=1024,
         dtype="float16",
         loader=_load_pixart,
@@ -126,47 +145,5 @@ register(
         call_kwargs={"clean_caption": False},
     )
 )
-
-register(
-    ModelSpec(
-        id="dmd2",
-        description="DMD2 on SDXL (Yin et al. 2024): 4-step distilled UNet, 1024 px",
-        family="sdxl",
-        denoiser_config="sdxl_unet.json",
-        hook_patterns=SDXL_NORMS,
-        timesteps=(999, 749, 499, 249),
-        guidance_scale=0.0,
-        resolution=1024,
-        dtype="float16",
-        loader=_load_dmd2,
-        denoiser_loader=_distilled_denoiser,
-        base_repo="stabilityai/stable-diffusion-xl-base-1.0",
-        weights=(
-            "tianweiy/DMD2:dmd2_sdxl_4step_unet_fp16.safetensors",
-            "tianweiy/DMD2:dmd2_sdxl_4step_unet_fp16.bin",
-        ),
-        licence=DMD2_LICENCE,
-    )
-)
-
-register(
-    ModelSpec(
-        id="dmd2-1step",
-        description="DMD2 on SDXL: the 1-step distilled UNet, 1024 px",
-        family="sdxl",
-        denoiser_config="sdxl_unet.json",
-        hook_patterns=SDXL_NORMS,
-        timesteps=(399,),
-        guidance_scale=0.0,
-        resolution=1024,
-        dtype="float16",
-        loader=_load_dmd2,
-        denoiser_loader=_distilled_denoiser,
-        base_repo="stabilityai/stable-diffusion-xl-base-1.0",
-        weights=(
-            "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.safetensors",
-            "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin",
-        ),
-        licence=DMD2_LICENCE,
-    )
-)
+register(_dmd2("dmd2", "DMD2 on SDXL (Yin et al. 2024): 4-step distilled UNet, 1024 px", (999, 749, 499, 249), "4step"))
+register(_dmd2("dmd2-1step", "DMD2 on SDXL: the 1-step distilled UNet, 1024 px", (399,), "1step"))

@@ -105,39 +105,22 @@ def _load_tiny_sdxl(spec: ModelSpec, model_path: str | None, device, dtype) -> A
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
 
-register(
-    ModelSpec(
-        id="tiny",
-        description="offline 4-block PixArt-Sigma, random weights, real MiniLM text encoder (images are noise)",
-        family="pixart",
-        denoiser_config="tiny_pixart_transformer.json",
-        hook_patterns=("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"),
-        timesteps=(400,),
-        guidance_scale=0.0,
-        resolution=128,
-        dtype="float32",
-        loader=_load_tiny_pixart,
-        denoiser_loader=_tiny_denoiser,
-        concept_encoder="minilm",
-        offline=True,
-        call_kwargs={"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False},
-    )
-)
+def _tiny(spec_id: str, description: str, family: str, config: str, patterns: tuple[str, ...],
+          timesteps: tuple[int, ...], loader: Any, call_kwargs: dict[str, Any] | None = None) -> ModelSpec:
+    """An offline 128-px model: float32, seeded random denoiser, MiniLM as the concept encoder."""
+    shared = {"resolution": 128, "dtype": "float32", "denoiser_loader": _tiny_denoiser, "concept_encoder": "minilm",
+              "offline": True}
+    return ModelSpec(id=spec_id, description=description, family=family, denoiser_config=config, hook_patterns=patterns,
+                     timesteps=timesteps, loader=loader, call_kwargs=call_kwargs or {}, **shared)
 
-register(
-    ModelSpec(
-        id="tiny-sdxl",
-        description="offline SDXL-style UNet pipeline, random weights (keeps the UNet code path tested)",
-        family="sdxl",
-        denoiser_config="tiny_sdxl_unet.json",
-        hook_patterns=("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3"),
-        timesteps=(999, 749, 499, 249),
-        guidance_scale=0.0,
-        resolution=128,
-        dtype="float32",
-        loader=_load_tiny_sdxl,
-        denoiser_loader=_tiny_denoiser,
-        concept_encoder="minilm",
-        offline=True,
-    )
-)
+
+register(_tiny(
+    "tiny", "offline 4-block PixArt-Sigma, random weights, real MiniLM text encoder (images are noise)", "pixart",
+    "tiny_pixart_transformer.json", ("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"), (400,), _load_tiny_pixart,
+    {"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False},
+))
+register(_tiny(
+    "tiny-sdxl", "offline SDXL-style UNet pipeline, random weights (keeps the UNet code path tested)", "sdxl",
+    "tiny_sdxl_unet.json", ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3"),
+    (999, 749, 499, 249), _load_tiny_sdxl,
+))
