@@ -66,6 +66,10 @@ class _Root(TyperGroup):
         except HTError as error:
             typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
+        except OSError as error:  # a file system refusal the library did not foresee: still one line
+            where = f": {error.filename}" if error.filename else ""
+            typer.secho(f"Error: {error.strerror or error}{where}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(

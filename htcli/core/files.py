@@ -31,6 +31,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def check_output_dir(path: Path, option: str = "--out") -> Path:
+    """A folder that a command will write into: an existing file there is a one-line error,
+    raised before any work is done (never a traceback after hours of it)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HTError(f"{option} {path} is a file, not a folder; choose a folder (it is created if missing)")
+    return path
+
+
+def check_output_file(path: Path, option: str = "--out", suffix: str = ".safetensors") -> Path:
+    """A file that a command will write: not a folder, and named `*suffix`."""
+    path = Path(path)
+    if path.is_dir():
+        raise HTError(f"{option} {path} is a folder; give a file name such as {path / ('intervention' + suffix)}")
+    if path.suffix != suffix:
+        raise HTError(f"{option} {path} should end in {suffix}")
+    return path
+
+
 def file_digest(path: Path) -> str:
     """Short SHA-256 of a file's bytes: names the exact weights behind a result."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from htcli import __version__
-from htcli.core.files import read_tensors, save_tensors
+from htcli.core.files import check_output_file, read_tensors, save_tensors
 from htcli.errors import HTError
 
 FORMAT = "ht-intervention/1"
@@ -78,6 +78,20 @@ class Intervention:
                 raise HTError(f"{where} steers layer {name!r}, which model {model!r} does not have")
             if widths[name] != width:
                 raise HTError(f"{where}: layer {name!r} has width {width} in the file but {widths[name]} in the model")
+
+
+def check_intervention_out(path: Path, option: str = "--out") -> Path:
+    """Where an intervention file may be written: a `.safetensors` path that is new or already an
+    ht intervention file (which it replaces); anything else there is refused, never overwritten."""
+    path = check_output_file(path, option)
+    if path.exists():
+        try:
+            _, meta = read_tensors(path, "intervention file")
+        except HTError:
+            meta = {}
+        if meta.get("format") != FORMAT:
+            raise HTError(f"{option} {path} exists and is not an ht intervention file; refusing to overwrite it")
+    return path
 
 
 def load_intervention(path: Path, model: str | None = None, widths: Mapping[str, int] | None = None) -> Intervention:
