@@ -1,11 +1,14 @@
 """Write docs/cli.md from the live `--help` of every `ht` command and subcommand (a test checks it).
 
-Run: python docs/gen_cli.py
+Run: python docs/gen_cli.py            (rewrite docs/cli.md)
+     python docs/gen_cli.py --check    (exit 1, writing nothing, when docs/cli.md is stale)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import typer
@@ -33,6 +36,26 @@ def render() -> str:
     return "\n".join(parts)
 
 
-if __name__ == "__main__":
-    OUT.write_text(render())
+def is_current(path: Path | None = None) -> bool:
+    """Whether `path` (default docs/cli.md) holds exactly what `render()` gives now."""
+    path = path or OUT
+    return path.is_file() and path.read_text(encoding="utf-8") == render()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write docs/cli.md from the live --help of every ht command.")
+    parser.add_argument("--check", action="store_true", help="Only check: exit 1 if docs/cli.md is stale; write nothing.")
+    args = parser.parse_args(argv)
+    if args.check:
+        if is_current():
+            print(f"{OUT} is current")
+            return 0
+        print(f"{OUT} is stale; run: python docs/gen_cli.py", file=sys.stderr)
+        return 1
+    OUT.write_text(render(), encoding="utf-8")
     print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,7 +88,7 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     say(1, f"fitting mean shift, Linear-AcT and LinEAS ({config.lineas_steps} steps) per held-out concept")
     names = [c.name for c in test]
     lineas = LineasConfig(steps=config.lineas_steps, seed=config.seed)
-    baselines = [fit_baselines(m, frozen, data, names, lineas=lineas, out=out / "baselines")
+    baselines = [fit_baselines(m, frozen, data, names, lineas=lineas, out=out / "baselines", overwrite=True)
                  for m in ("mean-shift", "linear-act", "lineas")]
 
     # 3. The hypernetwork, trained on the training concepts only (a tenth of them kept for validation).

@@ -182,8 +182,16 @@ def test_cli_bad_input(tmp_path, data):
     assert result.exit_code == 1 and result.output.count("Error:") == 1
     no_data = runner.invoke(app, ["fit-linear-baselines", "--method", "lineas", "--data", str(tmp_path / "nope")])
     assert no_data.exit_code == 1 and "ht build-dataset" in no_data.output
+    # --method and --optimizer are choices: help lists them, a typo is a one-line usage error.
     bad_method = runner.invoke(app, ["fit-linear-baselines", "--method", "pca", "--data", str(data.root), "--out", str(tmp_path)])
-    assert bad_method.exit_code == 1 and "unknown method" in bad_method.output
+    assert bad_method.exit_code == 2 and "'pca' is not one of 'linear-act', 'lineas', 'mean-shift'" in bad_method.output
+    bad_optimizer = runner.invoke(app, ["fit-linear-baselines", "--method", "lineas", "--optimizer", "adamw",
+                                        "--data", str(data.root), "--out", str(tmp_path)])
+    assert bad_optimizer.exit_code == 2 and "'adamw' is not one of 'adam', 'sgd'" in bad_optimizer.output
+    help_text = runner.invoke(app, ["fit-linear-baselines", "-h"]).output
+    assert "--method [linear-act|lineas|mean-shift]" in help_text and "--optimizer [adam|sgd]" in help_text
+    assert "--split [train|test|all]" in help_text and "--no-incremental" not in help_text
+    assert not list(tmp_path.glob("*/summary.json"))
     bad_lr = runner.invoke(app, ["fit-linear-baselines", "--method", "lineas", "--lr", "0", "--data", str(data.root)])
     assert bad_lr.exit_code == 1 and "--lr" in bad_lr.output
 
@@ -237,11 +245,17 @@ def test_fit_baselines_saves_every_concept_and_resumes(data, frozen, tmp_path, m
     monkeypatch.setattr(fitting, "fit_method", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     again = fit_baselines("mean-shift", frozen, data, names, out=tmp_path)
     assert calls == ["mean-shift"] and again.residuals == pytest.approx(first.residuals, abs=1e-6)
-    # Other settings (fewer fitting samples) are not mixed with the saved fits: all refitted.
+    # Other settings (fewer fitting samples) are never mixed with the saved fits: refused, and
+    # with overwrite the old fits go and every concept is refitted.
     calls.clear()
-    fewer = fit_baselines("mean-shift", frozen, data, names, samples=8, out=tmp_path)
-    assert len(calls) == len(names) and fewer.residuals != pytest.approx(first.residuals, abs=1e-6)
+    with pytest.raises(HTError, match=r"other settings \(--samples 8 \(saved 16\)\)"):
+        fit_baselines("mean-shift", frozen, data, names, samples=8, out=tmp_path)
+    assert calls == [] and _strict(summary_path.read_text())["settings"]["samples"] == 16
+    fewer = fit_baselines("mean-shift", frozen, data, names[:2], samples=8, out=tmp_path, overwrite=True)
+    assert len(calls) == 2 and fewer.residuals != pytest.approx(first.residuals[:2], abs=1e-6)
     assert _strict(summary_path.read_text())["settings"]["samples"] == 8
+    # The third concept's old file went with the old settings: nothing stale is left to evaluate.
+    assert len(list((tmp_path / "mean-shift").glob("*.safetensors"))) == 2
 
 
 def test_no_concepts_of_a_split_says_how_to_choose(data, tmp_path):
@@ -273,3 +287,96 @@ def test_unchanged_concept_gives_strict_json_with_null_residual(data, tmp_path):
     row = _strict(result.output[result.output.index("{"):])["concepts"][name]
     assert row["residual"] is None
     assert _strict((tmp_path / "out" / "mean-shift" / "summary.json").read_text())["concepts"][name]["residual"] is None
+
+
+def _no_model(monkeypatch):
+    """Make loading the denoiser fail loudly: the checks under test must come before it."""
+    import htcli.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(htcli.models, "load_denoiser", refuse)
+
+
+def test_out_that_is_a_file_is_refused_before_the_model_loads(data, tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    readme = tmp_path / "README.md"
+    readme.write_text("keep me")
+    result = runner.invoke(app, ["fit-linear-baselines", "--method", "mean-shift", "--data", str(data.root),
+                                 "--split", "all", "--out", str(readme)])
+    assert result.exit_code == 1 and result.output.count("Error:") == 1, result.output
+    assert "is a file, not a folder" in result.output and readme.read_text() == "keep me"
+
+
+def test_other_settings_are_refused_and_overwrite_removes_the_old_fits(data, tmp_path, monkeypatch):
+    fit = ["fit-linear-baselines", "--method", "lineas", "--steps", "2", "--data", str(data.root), "--out", str(tmp_path)]
+    assert runner.invoke(app, [*fit, "--split", "all"]).exit_code == 0
+    folder = tmp_path / "lineas"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert len(before) == len(data.names()) + 1  # one file per concept and summary.json
+    with monkeypatch.context() as patched:
+        _no_model(patched)
+        other = runner.invoke(app, [*fit, "--concept", data.names()[0], "--samples", "8", "--lr", "0.1"])
+    assert other.exit_code == 1 and other.output.count("Error:") == 1, other.output
+    assert "--samples 8 (saved 16)" in other.output and "--lr 0.1 (saved 0.01)" in other.output
+    assert "--steps" not in other.output and "--overwrite" in other.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    replaced = runner.invoke(app, [*fit, "--concept", data.names()[0], "--samples", "8", "--lr", "0.1", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    summary = _strict((folder / "summary.json").read_text())
+    assert list(summary["concepts"]) == [data.names()[0]] and summary["settings"]["samples"] == 8
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [summary["concepts"][data.names()[0]]["file"]]
+
+
+def test_diverging_lineas_is_reported(data, tmp_path):
+    name = data.names()[0]
+    result = runner.invoke(app, ["fit-linear-baselines", "--method", "lineas", "--lr", "1e6", "--steps", "5", "--concept",
+                                 name, "--data", str(data.root), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    warning = " ".join(result.stderr.split())
+    assert f"warning: the lineas loss rose during the fit (diverged) on 1 of 1 concepts: {name}" in warning
+    assert "lower --lr" in warning
+    row = _strict((tmp_path / "lineas" / "summary.json").read_text())["concepts"][name]
+    assert row["diverged"] is True and row["loss_last"] > row["loss_first"]
+    calm = runner.invoke(app, ["fit-linear-baselines", "--method", "lineas", "--steps", "5", "--concept", name,
+                               "--data", str(data.root), "--out", str(tmp_path / "calm")])
+    assert calm.exit_code == 0 and "warning" not in calm.output
+    assert _strict((tmp_path / "calm" / "lineas" / "summary.json").read_text())["concepts"][name]["diverged"] is False
+
+
+def test_baseline_run_summarises_its_rows():
+    from pathlib import Path
+
+    from htcli.methods.fitting import BaselineRun
+
+    rows = {"a": {"residual": 0.5, "fit_seconds": 1.0}, "b": {"residual": None, "fit_seconds": 3.0},
+            "c": {"residual": 0.7, "fit_seconds": 2.0, "diverged": True}}
+    run = BaselineRun("lineas", "tiny", Path("x"), rows)
+    assert run.mean_residual == pytest.approx(0.6) and run.median_fit_seconds == 2.0 and run.diverged == ["c"]
+    assert BaselineRun("lineas", "tiny", Path("x"), {"b": rows["b"]}).mean_residual is None
+
+
+def test_baseline_folders_are_found_by_one_rule(tmp_path):
+    """`ht evaluate` (find_baselines) and `ht score` (baseline_summaries) agree on what a
+    baseline method is: a folder with the summary.json of fit-linear-baselines."""
+    from htcli.evaluation.residuals import baseline_summaries
+    from htcli.evaluation.runs import find_baselines
+
+    root = tmp_path / "baselines"
+    for method in ("lineas", "mean-shift"):
+        (root / method).mkdir(parents=True)
+        (root / method / "summary.json").write_text("{}")
+        (root / method / "art-deco.safetensors").write_bytes(b"")
+    (root / "exported").mkdir()  # intervention files without a summary: not a baseline method
+    (root / "exported" / "noir.safetensors").write_bytes(b"")
+    expected = [root / "lineas", root / "mean-shift"]
+    assert list(find_baselines([root]).values()) == expected
+    assert [p.parent for p in baseline_summaries([root])] == expected
+    assert list(find_baselines([root / "lineas"]).values()) == [root / "lineas"]
+    assert [p.parent for p in baseline_summaries([root / "lineas"])] == [root / "lineas"]
+    for finder in (find_baselines, baseline_summaries):
+        with pytest.raises(HTError, match="no baselines in"):
+            finder([root / "exported"])
+        with pytest.raises(HTError, match="not a directory"):
+            finder([tmp_path / "missing"])

@@ -229,7 +229,22 @@ def test_user_directories_add_concepts(tmp_path):
         len(json.loads(invoke("list", "--concepts", str(tmp_path), "--split", "test", "--json").output))
         == 167
     )
-    assert invoke("validate", str(tmp_path)).exit_code == 0
+    assert invoke("validate", "--concepts", str(tmp_path)).exit_code == 0
+    for missing in ("list", "show x", "validate"):
+        result = invoke(*missing.split(), "--concepts", str(tmp_path / "nowhere"))
+        assert result.exit_code == 1 and f"--concepts {tmp_path / 'nowhere'} does not exist" in result.output
+
+
+def test_library_summary_counts_categories_and_the_split(library):
+    summary = library.summary()
+    assert summary["concepts"] == 777 and summary["targets"] == 776 and summary["prompts"] == len(library.prompts)
+    assert {c: row["concepts"] for c, row in summary["categories"].items()} == CATEGORY_COUNTS
+    assert summary["test"] == sum(row["test"] for row in summary["categories"].values()) == TEST_SIZE
+    assert summary["train"] == 776 - TEST_SIZE and summary["split_seed"] == 0
+    for category, row in summary["categories"].items():
+        assert row["test"] == len(library.targets("test", category))
+    result = invoke("validate")
+    assert "in 10 categories, 495 source prompts; split seed 0: 167 test, 609 train" in result.output
 
 
 def test_list_table_is_not_cut_when_output_is_not_a_terminal(tmp_path):
@@ -243,9 +258,27 @@ def test_list_table_is_not_cut_when_output_is_not_a_terminal(tmp_path):
     )
     result = invoke("list", "--concepts", str(tmp_path), "--category", "long names")
     assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].strip() == "1 concept"  # the title, in the singular
     row = next(line for line in result.output.splitlines() if "extraordinarily" in line)
     assert name in row and description in row  # each on one line, whole
     assert len(row) > 80 + len(description)
+
+
+def test_table_title_longer_than_its_columns_is_not_wrapped():
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from htcli.cli.output import print_table
+
+    title = "Transport judge: 1 held-out concept, W2 residual ratio (lower is better)"
+    table = Table(title=title)
+    table.add_column("method")
+    table.add_row("none")
+    out = io.StringIO()
+    print_table(table, Console(file=out))  # not a terminal: natural width
+    assert out.getvalue().splitlines()[0].strip() == title
 
 
 # --- Bad input: one line that names the file and the entry, and a non-zero exit ---------------
@@ -341,7 +374,7 @@ def test_bad_user_files_give_one_line_errors(tmp_path, case):
     for name, content in files.items():
         data = content if isinstance(content, bytes) else content.encode("utf-8")
         (tmp_path / name).write_bytes(data)
-    for args in (["validate", str(tmp_path)], ["list", "--concepts", str(tmp_path)]):
+    for args in (["validate", "--concepts", str(tmp_path)], ["list", "--concepts", str(tmp_path)]):
         result = invoke(*args)
         assert result.exit_code != 0, (case, args, result.output)
         lines = error_lines(result)

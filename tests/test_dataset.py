@@ -42,7 +42,7 @@ def test_end_to_end_library_and_free_text_concepts(tmp_path):
     out = tmp_path / "data"
     result = _build(out, "--concept", "art deco", "--concept", "ukiyo-e", "--concept", "made of glittering candy")
     assert result.exit_code == 0, result.output
-    assert "3 concepts" in result.output and "s per concept" in result.output
+    assert "3 concepts" in result.stdout and "s per concept" in result.stdout  # the result, on stdout
     data = ActivationDataset(out)
     assert data.manifest["complete"]
     names = data.names()
@@ -73,8 +73,11 @@ def test_rerun_skips_finished_concepts_and_other_settings_are_refused(tmp_path):
     again = _build(out, "--concept", "art deco", "--concept", "cubism")
     assert again.exit_code == 0 and "1 built, 1 already there" in again.output
     assert len(ActivationDataset(out).names()) == 2
-    other = _build(out, "--concept", "art deco", "--seed", "1")
+    other = _build(out, "--concept", "art deco", "--seed", "1", "--eval-samples", "5")
     assert other.exit_code == 1 and "other settings" in other.output
+    # The message names what differs, and only that.
+    assert "--seed 1 (saved 0)" in other.output and "--eval-samples 5 (saved 4)" in other.output
+    assert "--samples " not in other.output and "model tiny" not in other.output and "--batch-size" not in other.output
     replaced = _build(out, "--concept", "art deco", "--seed", "1", "--overwrite")
     assert replaced.exit_code == 0 and len(ActivationDataset(out).names()) == 1
 
@@ -86,7 +89,6 @@ def test_rerun_skips_finished_concepts_and_other_settings_are_refused(tmp_path):
         (["--layers", "transformer_blocks.*.norm7"], "matches no module"),
         (["--concept", "  "], "empty concept name"),
         (["--samples", "1"], "--samples must be at least 2"),
-        (["--split", "val"], "--split"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, args, message):
@@ -99,15 +101,26 @@ def test_bad_input_is_one_line_error(tmp_path, args, message):
 def test_out_is_a_file(tmp_path):
     target = tmp_path / "file"
     target.write_text("keep me")
-    result = runner.invoke(app, ["build-dataset", "--model", "tiny", "--out", str(target)])
-    assert result.exit_code == 1 and "is a file" in result.output
+    for extra in ([], ["--dry-run"]):
+        result = runner.invoke(app, ["build-dataset", "--model", "tiny", "--out", str(target), *extra])
+        assert result.exit_code == 1 and "is a file, not a folder" in result.output and result.output.count("Error:") == 1
     assert target.read_text() == "keep me"
 
 
 def test_dry_run_on_a_real_model_downloads_nothing(tmp_path):
     result = runner.invoke(app, ["build-dataset", "--model", "pixart", "--out", str(tmp_path / "d"), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "64,512 neurons" in result.output and "concepts: 776" in result.output
+    assert "64,512 neurons" in result.stdout and "concepts: 776" in result.stdout  # the plan is the result
+    assert not (tmp_path / "d").exists()
+
+
+def test_flags_are_single_and_split_is_a_choice(tmp_path):
+    no_flag = runner.invoke(app, ["build-dataset", "--model", "tiny", "--out", str(tmp_path / "d"), "--no-overwrite"])
+    assert no_flag.exit_code == 2 and "No such option" in no_flag.output
+    help_text = runner.invoke(app, ["build-dataset", "-h"]).output
+    assert "--split [train|test|all]" in help_text and "--dry-run " in help_text and "--no-dry-run" not in help_text
+    typo = runner.invoke(app, ["build-dataset", "--model", "tiny", "--out", str(tmp_path / "d"), "--split", "tset"])
+    assert typo.exit_code == 2 and "'tset' is not one of" in typo.output
     assert not (tmp_path / "d").exists()
 
 
@@ -136,7 +149,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert not ActivationDataset(out).manifest["complete"]
 
     resumed = subprocess.run(_cli("--out", str(out), *RESUME), check=True, env=env, capture_output=True, text=True)
-    assert f"({8 - done_at_kill} built, {done_at_kill} already there)" in resumed.stderr
+    assert f"({8 - done_at_kill} built, {done_at_kill} already there)" in resumed.stdout
     assert not list(out.rglob("*.tmp"))
     assert _files(out) == _files(reference)
 

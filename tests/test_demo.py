@@ -86,6 +86,9 @@ def test_demo_reduced_runs_and_reports_honestly(tmp_path, monkeypatch):
     assert summary["findings"] == findings(summary["rows"], summary["train_seconds"])
     for line in summary["findings"]:
         assert f"- {line}" in report
+    # Redirected, the command prints the report's own lines: none cut at 80 columns, no emoji for the image.
+    assert all(f"- {line}" in result.stdout.splitlines() for line in summary["findings"])
+    assert "![residuals](residuals.png)" in result.stdout
     ht, lineas = rows["hypertransport"], rows["lineas"]
     pays = ht["residual_mean"] < 1 and ht["seconds_median"] < lineas["seconds_median"]
     assert ("paid back" in report) == pays and ("does not pay for itself" in report) == (not pays)

@@ -1,7 +1,7 @@
 """The docs stay true to the code: the CLI reference, README's commands and every command's help."""
 
+import importlib.util
 import re
-import runpy
 import shlex
 from pathlib import Path
 
@@ -84,12 +84,34 @@ def _problem(args: list[str]) -> str | None:
     return None
 
 
+def _gen_cli():
+    """docs/gen_cli.py as a module: the test checks with its own render and comparison."""
+    spec = importlib.util.spec_from_file_location("gen_cli", ROOT / "docs" / "gen_cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_cli_reference_is_current():
-    render = runpy.run_path(str(ROOT / "docs" / "gen_cli.py"))["render"]
-    text = render()
+    gen_cli = _gen_cli()
+    text = gen_cli.render()
     for path in ALL_PATHS:  # every command and subcommand is documented, not only the top level
         assert f"## `{' '.join(('ht', *path))}`" in text
-    assert (ROOT / "docs" / "cli.md").read_text() == text, "run: python docs/gen_cli.py"
+    assert gen_cli.is_current(), "run: python docs/gen_cli.py"
+
+
+def test_gen_cli_help_and_check_write_nothing(tmp_path, monkeypatch, capsys):
+    gen_cli = _gen_cli()
+    stale = tmp_path / "cli.md"
+    stale.write_text("# old\n")
+    monkeypatch.setattr(gen_cli, "OUT", stale)
+    with pytest.raises(SystemExit) as exit_:
+        gen_cli.main(["--help"])
+    assert exit_.value.code == 0 and "--check" in capsys.readouterr().out
+    assert gen_cli.main(["--check"]) == 1 and "stale" in capsys.readouterr().err
+    assert stale.read_text() == "# old\n"
+    assert gen_cli.main([]) == 0 and gen_cli.main(["--check"]) == 0
+    assert stale.read_text() == gen_cli.render()
 
 
 def test_readme_commands_exist_with_their_options():
@@ -127,9 +149,45 @@ def test_help_placeholders_name_the_type():
     assert re.search(r"^  PROMPT  ", steer, re.M)  # the argument, without a type after it
     assert "--concept TEXT" in steer and "--out PATH" in steer and "--seed INTEGER" in steer
     assert "--split [train|test]" in runner.invoke(app, ["concepts", "list", "-h"]).output
-    assert "Usage: ht concepts validate [OPTIONS] [DIRECTORY]" in runner.invoke(app, ["concepts", "validate", "-h"]).output
+    validate = runner.invoke(app, ["concepts", "validate", "-h"]).output
+    assert "Usage: ht concepts validate [OPTIONS]\n" in validate and "--concepts PATH" in validate
+
+
+def test_fixed_values_are_choices_listed_in_help():
+    help_of = {name: runner.invoke(app, [name, "-h"], terminal_width=200).output for name in ("steer", "score")}
+    assert "--method [hypertransport|prompt]" in help_of["steer"]
+    assert "--judge [clip|vlm|transport]" in help_of["score"] and "--backend [transformers|openai]" in help_of["score"]
+    typo = runner.invoke(app, ["score", "--judge", "clp"])
+    assert typo.exit_code == 2 and "'clp' is not one of 'clip', 'vlm', 'transport'" in typo.output
+
+
+# A short alias means one long option in every command; flags are single (--each, not --each/--no-each).
+SHORT_OPTIONS = {"-c": "--concept", "-m": "--model", "-d": "--data", "-o": "--out", "-l": "--layers", "-h": "--help",
+                 "-r": "--reference-image", "-i": "--intervention"}
+SINGLE_FLAG_COMMANDS = {"steer", "evaluate", "score", "concepts", "models", "plan", "demo"}
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_PATHS if p], ids=lambda p: " ".join(("ht", *p)))
+def test_one_meaning_per_short_option_and_no_flag_pairs(path):
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    for param in (p for p in command.params if p.param_type_name == "option"):
+        longs = [o for o in param.opts if o.startswith("--")]
+        for short in (o for o in param.opts if not o.startswith("--")):
+            assert SHORT_OPTIONS.get(short) in longs, f"{short} means {longs} here"
+        if path[0] in SINGLE_FLAG_COMMANDS:
+            assert not param.secondary_opts, f"{param.opts[0]}/{param.secondary_opts[0]}: use a single flag"
 
 
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"ht {__version__}\n"
+
+
+def test_version_is_written_once():
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "htcli.__version__"}

@@ -139,8 +139,28 @@ def test_train_loss_decreases_history_and_export(data, trained, tmp_path):
     intervention = load_intervention(exported, model="tiny", widths=data.layers)
     assert intervention.method == "hypertransport" and intervention.concept == "a city made of glass"
     assert any(not torch.equal(o, torch.ones_like(o)) for o, _ in intervention.maps.values())
+    assert f"wrote {exported}" in result.stdout  # the result, on stdout
     missing = runner.invoke(app, ["hyper", "export", "--hyper", str(tmp_path / "none"), "--concept", "x", "--out", str(exported)])
     assert missing.exit_code == 1 and "ht train-hyper" in missing.output
+    again = runner.invoke(app, ["hyper", "export", "--hyper", str(out), "--concept", "noir", "--out", str(exported)])
+    assert again.exit_code == 0 and load_intervention(exported).concept == "noir"  # an intervention file is replaced
+
+
+def test_export_refuses_to_overwrite_what_is_not_an_intervention(trained, tmp_path, monkeypatch):
+    import htcli.methods.predict
+
+    monkeypatch.setattr(htcli.methods.predict.Predictor, "load", _refuse_to_load)
+    readme, folder, other = tmp_path / "README.md", tmp_path / "folder", tmp_path / "weights.safetensors"
+    readme.write_text("keep me")
+    folder.mkdir()
+    other.write_bytes(b"not an intervention")
+    for out, message in ((readme, "should end in .safetensors"), (folder, "is a folder"),
+                         (other, "exists and is not an ht intervention file; refusing to overwrite it")):
+        result = runner.invoke(app, ["hyper", "export", "--hyper", str(trained), "--concept", "x", "--out", str(out)])
+        assert result.exit_code == 1 and result.output.count("Error:") == 1, result.output
+        assert message in result.output
+    assert readme.read_text() == "keep me" and other.read_bytes() == b"not an intervention"
+    assert list(folder.iterdir()) == []
 
 
 def test_samples_default_to_what_the_dataset_has(data, trained, tmp_path):
@@ -160,11 +180,68 @@ def test_resume_with_other_settings_is_refused(data, trained):
     assert "--steps 40 (saved 30)" in other.output and "--lr 0.005 (saved 0.01)" in other.output
     assert "--eval-every" not in other.output and "--micro-batch" not in other.output
     assert (trained / "hyper.safetensors").read_bytes() == before
-    # The same settings resume (here: nothing left to do); --micro-batch only changes memory.
-    same = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(trained), *TRAIN, *LONGER,
-                               "--micro-batch", "4", "--resume"])
+    # The same settings resume (here: nothing left to do, so nothing loads or trains); --micro-batch
+    # only changes memory.
+    with pytest.MonkeyPatch.context() as patched:
+        _no_model(patched)
+        same = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(trained), *TRAIN, *LONGER,
+                                   "--micro-batch", "4", "--resume"])
     assert same.exit_code == 0, same.output
-    assert "30 steps" in same.output
+    assert "already finished (30 steps): nothing to train" in " ".join(same.stderr.split())
+    assert "training mlp" not in same.output
+    assert "30 steps" in same.stdout and "already finished" in same.stdout and "held-out residual" in same.stdout
+    assert (trained / "hyper.safetensors").read_bytes() == before
+
+
+def test_settings_without_an_option_are_named_as_settings():
+    from htcli.methods.training import TrainConfig, settings_differences
+
+    hyper = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=None)
+    saved = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=4)
+    config = TrainConfig(weight_decay=0.02, bf16=True)
+    saved_train = {**TrainConfig().__dict__, "weight_decay": 0.01}
+    differ = settings_differences(saved, saved_train, hyper, config)
+    assert differ == ["--rank 0 (saved 4)", "weight_decay 0.02 (saved 0.01)", "--bf16 on (saved off)"]
+
+
+def _refuse_to_load(*args, **kwargs):
+    raise AssertionError("weights were loaded before the input was checked")
+
+
+def _no_model(monkeypatch):
+    """Make loading the denoiser fail loudly: the checks under test must come before it."""
+    import htcli.models
+
+    monkeypatch.setattr(htcli.models, "load_denoiser", _refuse_to_load)
+
+
+def test_bad_out_and_calibration_are_refused_before_the_model_loads(data, tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    readme = tmp_path / "README.md"
+    readme.write_text("keep me")
+    bad_out = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(readme), *TRAIN])
+    assert bad_out.exit_code == 1 and bad_out.output.count("Error:") == 1, bad_out.output
+    assert "is a file, not a folder" in bad_out.output and readme.read_text() == "keep me"
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    text_only = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(tmp_path / "h"), *TRAIN,
+                                    "--calibration-images", str(images)])
+    assert text_only.exit_code == 1 and text_only.output.count("Error:") == 1, text_only.output
+    assert "needs a concept encoder with an image tower" in text_only.output and "minilm" in text_only.output
+    assert not (tmp_path / "h").exists()
+    nothing = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(tmp_path / "h"), *TRAIN, "--resume"])
+    assert nothing.exit_code == 1 and "nothing to resume" in nothing.output
+
+
+def test_flags_are_single_flags():
+    help_text = " ".join(runner.invoke(app, ["train-hyper", "-h"]).output.split())
+    for flag in ("--resume", "--overwrite", "--bf16", "--grad-checkpointing"):
+        assert f"{flag} " in help_text and f"--no-{flag[2:]}" not in help_text
+    assert runner.invoke(app, ["train-hyper", "--no-resume"]).exit_code == 2
 
 
 def test_without_test_concepts_training_says_there_are_none(data, tmp_path):
@@ -251,3 +328,36 @@ def test_micro_batched_gradient_equals_one_pass(data):
         grads.append([p.grad.clone() for p in trainer.network.parameters()])
     for one, micro in zip(*grads):
         torch.testing.assert_close(one, micro, atol=1e-7, rtol=1e-4)
+
+
+def test_calibration_images_with_an_image_encoder_store_the_gap(tmp_path):
+    from PIL import Image
+
+    library = load_library()
+    names = [c.name for c in library.targets("train")[:3]]
+    data = tmp_path / "data"
+    built = runner.invoke(app, ["build-dataset", "-m", "tiny", "-o", str(data), "--encoder", "open_clip:ht-tiny-clip",
+                                *[arg for name in names for arg in ("--concept", name)],
+                                "--samples", "4", "--eval-samples", "4", "--batch-size", "4"])
+    assert built.exit_code == 0, built.output
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(2):
+        Image.new("RGB", (16, 16), (100 * k, 50, 200)).save(images / f"{k}.png")
+    train = ["train-hyper", "--data", str(data), "--out", str(tmp_path / "h"), "--steps", "2", "--eval-every", "2",
+             "--concepts-per-step", "1", "--hidden", "8", "--rank", "2", "--val-fraction", "0"]
+    result = runner.invoke(app, [*train, "--calibration-images", str(images)])
+    assert result.exit_code == 0, result.output
+    gap = load_checkpoint(tmp_path / "h" / "hyper.safetensors").gap
+    assert gap is not None and gap[0].shape == (32,)
+    # A finished run resumed with other calibration images: nothing is trained, the gap is re-estimated.
+    for k in range(2):
+        Image.new("RGB", (16, 16), (0, 255 - 100 * k, 0)).save(images / f"{k}.png")
+    weights = load_checkpoint(tmp_path / "h" / "hyper.safetensors").network.state_dict()
+    again = runner.invoke(app, [*train, "--resume", "--calibration-images", str(images)])
+    assert again.exit_code == 0, again.output
+    assert "already finished" in again.stdout
+    recalibrated = load_checkpoint(tmp_path / "h" / "hyper.safetensors")
+    assert not torch.equal(recalibrated.gap[0], gap[0]) and torch.equal(recalibrated.gap[1], gap[1])
+    for name, tensor in recalibrated.network.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-import typer
 import torch
+import typer
 from conftest import generate
 from typer.testing import CliRunner
 
@@ -84,12 +84,34 @@ def test_plan_with_custom_layers_and_errors():
 def test_models_command_lists_every_spec():
     result = runner.invoke(app, ["models", "--json"])
     assert result.exit_code == 0
-    assert {row["id"] for row in json.loads(result.output)} == {s.id for s in list_models()}
+    rows = json.loads(result.output)
+    assert [row["id"] for row in rows] == [s.id for s in list_models()]
+    assert rows[0] == json.loads(json.dumps(list_models()[0].record()))  # the spec's own record, every field
+    assert {"timesteps", "hook_patterns", "concept_encoder", "licence"} <= set(rows[0]) and "loader" not in rows[0]
 
 
 def test_unknown_model():
     with pytest.raises(HTError, match="known models"):
         get_model("sd15")
+
+
+def test_unknown_model_from_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("HT_MODEL", "nope")
+    result = runner.invoke(app, ["plan"])
+    assert result.exit_code == 1 and "unknown model 'nope' (from $HT_MODEL" in result.output
+    assert "$HT_MODEL" not in runner.invoke(app, ["plan", "-m", "nope"]).output  # --model says it itself
+    monkeypatch.setenv("HT_MODEL", "tiny")
+    assert get_model().id == "tiny"
+
+
+def test_plan_of_a_small_model_shows_its_size():
+    from htcli.models.plan import human_count
+
+    assert [human_count(n) for n in (999, 48_321, 999_999, 611_000_000, 2_567_000_000)] == [
+        "999", "48.3k", "1M", "611M", "2.57B"]
+    result = runner.invoke(app, ["plan", "--model", "tiny"])
+    params = json.loads(runner.invoke(app, ["plan", "--model", "tiny", "--json"]).output)["denoiser_params"]
+    assert f"denoiser: {human_count(params)} parameters" in result.output and "0M" not in result.output
 
 
 def test_real_model_offline_is_a_one_line_error_pointing_to_tiny(tmp_path, monkeypatch):

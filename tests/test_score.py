@@ -8,7 +8,9 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import math
+import os
 import shutil
 import socket
 import threading
@@ -122,6 +124,15 @@ def test_bootstrap_interval_covers_the_true_mean_and_narrows_with_n():
     assert bootstrap_ci(values) == bootstrap_ci(values) != bootstrap_ci(values, seed=1)  # seeded
 
 
+def test_report_intervals_that_round_to_a_point_print_as_a_point():
+    from htcli.evaluation.report import ci_text, pm_text
+
+    for ci in ({"mean": 0.5, "lo": 0.5, "hi": 0.5}, {"mean": 0.5, "lo": 0.49996, "hi": 0.50004}):
+        assert ci_text(ci) == pm_text(ci) == "0.500"  # report.md and the terminal agree
+    assert ci_text({"mean": 0.5, "lo": 0.4, "hi": 0.61}) == "0.500 [0.400, 0.610]"
+    assert ci_text({"mean": None}) == pm_text(None) == "-"
+
+
 # --- the evaluation run ------------------------------------------------------------------
 
 
@@ -156,10 +167,14 @@ def test_resume_skips_images_already_in_the_index(world, tmp_path, monkeypatch, 
         raise AssertionError("nothing to generate: the pipeline must not load")
 
     monkeypatch.setattr(htcli.models, "load_pipeline", no_pipeline)
-    assert "0 image(s) generated (12 already there)" in _invoke(*args, "--seeds", 2).output
+    assert "0 images generated (12 already there) for 1 concept x 1 prompt x 2 seeds" in _invoke(*args, "--seeds", 2).output
+    # Without --concept, the baselines narrow the split: said as information, in plain English.
+    everything = [a for a in args if a not in ("-c", CONCEPT)] + ["--seeds", 2, "--split", "all"]
+    narrowed = _invoke(*everything).output
+    assert "note: evaluating 1 concept that every baseline has fitted" in narrowed and "warning" not in narrowed
     monkeypatch.setattr(htcli.models, "load_pipeline", lambda *a, **k: tiny[1])
     # One more seed, for one method: only its image and the new unsteered one are made.
-    assert "2 image(s) generated (12 already there)" in _invoke(*args, "--seeds", 3, "--methods", "prompt").output
+    assert "2 images generated (12 already there)" in _invoke(*args, "--seeds", 3, "--methods", "prompt").output
     assert len(EvalRun.open(run).records) == 14
     # Images of other weights for the same method must not mix into the run.
     other = _checkpoint(tmp_path / "other", seed=1)
@@ -170,11 +185,15 @@ def test_resume_skips_images_already_in_the_index(world, tmp_path, monkeypatch, 
 # --- CLIP judge end to end ---------------------------------------------------------------
 
 
-def test_score_clip_on_the_latest_run_writes_the_report(world, monkeypatch):
+def test_score_clip_on_the_latest_run_writes_the_report(world, monkeypatch, caplog):
     monkeypatch.setenv("HT_RUNS", str(world["runs"]))
+    get_encoder.cache_clear()  # build the tiny CLIP here, to hear what its creation says
+    handlers = list(logging.getLogger().handlers)
     # No --clip-model: the offline tiny model gets the shipped tiny CLIP, never a download.
     result = _invoke("score", "--judge", "clip", "--model", "tiny")
     assert "most recent evaluation run of tiny" in result.output and "CLIP judge" in result.output
+    assert "No pretrained weights" not in caplog.text + result.output  # random on purpose: open_clip keeps quiet
+    assert logging.getLogger().handlers == handlers and not logging.root.manager.disable  # and logging is as it was
     scores = json.loads((world["run"] / "scores.json").read_text())
     clip = scores["clip"]
     assert clip["clip_model"] == "open_clip:ht-tiny-clip" and len(clip["images"]) == 12
@@ -358,10 +377,18 @@ def test_vlm_transformers_backend_real_model(world):
 
 
 def test_transport_judge_on_tiny(world):
+    _invoke("score", "--judge", "clip", "--run", world["run"])  # another judge's section and plot in the run
+    clip_plot = (world["run"] / "clip_tradeoff.png").stat().st_mtime_ns
     result = _invoke("score", "--judge", "transport", "--data", world["data"], "--hyper", world["hyper"],
                      "--baselines", world["baselines"], "--baselines", world["baselines2"] / "linear-act",
                      "--limit-concepts", 1, "--run", world["run"])
-    assert "Transport judge" in result.output
+    assert "Transport judge: 1 held-out concept, W2" in result.output  # the title in one piece, in the singular
+    # It lists (and writes) what it made, not the CLIP plot it left alone.
+    report_line = next(line for line in result.stdout.splitlines() if line.startswith("report: "))
+    assert [Path(p).name for p in report_line.removeprefix("report: ").split(", ")] == [
+        "scores.json", "report.md", "transport_residuals.png"]
+    assert (world["run"] / "clip_tradeoff.png").stat().st_mtime_ns == clip_plot
+    assert "## CLIP judge" in (world["run"] / "report.md").read_text()  # the report still has every section
     transport = json.loads((world["run"] / "scores.json").read_text())["transport"]
     rows = {row["method"]: row for row in transport["rows"]}
     assert transport["concepts"] == [CONCEPT] and set(rows) == {"none", "mean-shift", "linear-act", "hypertransport"}
@@ -393,7 +420,8 @@ def _closed_port() -> int:
     [
         (["score", "--judge", "clip", "--run", "{missing}"], "is not an evaluation run"),
         (["score", "--judge", "clip", "--model", "tiny"], "no evaluation run of model 'tiny'"),
-        (["score", "--judge", "rouge", "--run", "{run}"], "unknown --judge"),
+        (["score", "--judge", "clip", "--run", "{run}", "--clip-model", "nope"], "unknown open_clip architecture 'nope'"),
+        (["score", "--judge", "clip", "--run", "{run}", "--clip-model", "ViT-B-3"], "for example ViT-B-32"),
         (["score", "--judge", "transport", "--data", "{data}", "--hyper", "{hyper}", "--limit-concepts", "0"],
          "--limit-concepts must be positive"),
         (["score", "--judge", "clip", "--run", "{empty}"], "holds no images"),
@@ -406,6 +434,8 @@ def _closed_port() -> int:
         (["evaluate", "-m", "tiny", "-c", CONCEPT, "--strength", "lots"], "--strength takes numbers"),
         (["evaluate", "-m", "tiny", "-c", CONCEPT], "no hypernetwork at"),
         (["evaluate", "-m", "tiny", "-c", CONCEPT, "--methods", "prompt", "--out", "{run}", "--resume"], "not both"),
+        (["evaluate", "-m", "tiny", "-c", CONCEPT, "--methods", "prompt", "--out", "{readme}"], "--out"),
+        (["evaluate", "-m", "tiny", "-c", CONCEPT, "--methods", "prompt", "--out", "{foreign}"], "not an evaluation run"),
     ],
 )
 def test_bad_input_is_one_line_error(world, tmp_path, monkeypatch, args, message):
@@ -413,8 +443,16 @@ def test_bad_input_is_one_line_error(world, tmp_path, monkeypatch, args, message
     empty = tmp_path / "empty"
     EvalRun.open_or_create(empty, "tiny").save()
     assert (empty / INDEX).is_file()
+    readme, foreign = tmp_path / "README.md", tmp_path / "foreign"
+    readme.write_text("keep me")
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me too")
     values = {"missing": tmp_path / "nowhere", "run": world["run"], "empty": empty, "data": world["data"], "hyper": world["hyper"],
-              "url": f"http://127.0.0.1:{_closed_port()}/v1"}
+              "url": f"http://127.0.0.1:{_closed_port()}/v1", "readme": readme, "foreign": foreign}
+    monkeypatch.setattr(htcli.models, "load_pipeline", lambda *a, **k: pytest.fail("the pipeline loaded before the check"))
     result = runner.invoke(app, [a.format(**values) for a in args])
     assert result.exit_code == 1, result.output
     assert message in result.output and result.output.count("Error:") == 1
+    if "--clip-model" in args:  # not open_clip's list of every model
+        assert len(result.output.strip().splitlines()) == 1 and len(result.output) < 300, result.output
+    assert readme.read_text() == "keep me" and os.listdir(foreign) == ["notes.txt"]

@@ -92,8 +92,10 @@ def test_negative_strengths_keep_their_sign_in_file_names(steerer, tmp_path):
 
 
 def test_prompt_method_applies_the_template_and_hooks_nothing(tmp_path, tiny):
-    result = _steer("a red barn", "-c", "ukiyo-e", "--method", "prompt", "--num-images", "2", "--out", str(tmp_path))
+    result = _steer("a red barn", "-c", "ukiyo-e", "--method", "prompt", "--num-images", "2", "--strength", "0,1",
+                    "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
+    assert "note: --method prompt hooks nothing, so --strength does not apply" in result.output  # not a silent drop
     pngs = sorted(tmp_path.glob("0*.png"))
     sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in pngs]
     assert [s["seed"] for s in sidecars] == [0, 1] and [s["strength"] for s in sidecars] == [None, None]
@@ -166,14 +168,17 @@ def test_export_reproduces_the_composition(hyper, tmp_path):
     assert again.exit_code == 0, again.output
     composed, from_file = (_png(next((tmp_path / d).glob("0*.png"))) for d in ("c", "file"))
     assert np.array_equal(composed, from_file)
+    # An earlier ht intervention file may be replaced (other files never are: see below).
+    replaced = _steer("a teapot", "-c", "ukiyo-e", "--hyper", str(hyper), "--out", str(tmp_path / "d"), "--export", str(exported))
+    assert replaced.exit_code == 0, replaced.output
+    assert load_intervention(exported, "tiny").concept == "ukiyo-e"
 
 
 def test_reference_image_gap_correction_flag_and_note(tmp_path):
     hyper = _checkpoint(tmp_path, encoder="open_clip:ht-tiny-clip", embed_dim=32, gap=(torch.randn(32) * 0.1, torch.randn(32) * 0.1))
     image = tmp_path / "ref.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image)
-    corrected = _steer("a bridge", "-r", str(image), "--hyper", str(hyper), "--out", str(tmp_path / "a"), "--strength", "1",
-                       "--gap-correction")
+    corrected = _steer("a bridge", "-r", str(image), "--hyper", str(hyper), "--out", str(tmp_path / "a"), "--strength", "1")
     raw = _steer("a bridge", "-r", str(image), "--hyper", str(hyper), "--out", str(tmp_path / "b"), "--strength", "1",
                  "--no-gap-correction")
     assert corrected.exit_code == 0 and raw.exit_code == 0, corrected.output + raw.output
@@ -187,9 +192,12 @@ def test_reference_image_gap_correction_flag_and_note(tmp_path):
     assert gapless.exit_code == 0 and "no modality gap" in gapless.output
 
 
-def test_gap_correction_flag_reads_naturally():
+def test_flags_are_single_and_methods_a_choice():
     result = runner.invoke(app, ["steer", "--help"], terminal_width=200)
-    assert "--gap-correction / --no-gap-correction" in result.output and "no-no" not in result.output
+    assert "--no-gap-correction " in result.output and "--gap-correction " not in result.output
+    assert "--each " in result.output and "--no-each" not in result.output
+    typo = _steer("a cat", "-c", "art deco", "--method", "painting")
+    assert typo.exit_code == 2 and "'painting' is not one of 'hypertransport', 'prompt'" in typo.output
 
 
 @pytest.mark.parametrize(
@@ -201,7 +209,6 @@ def test_gap_correction_flag_reads_naturally():
         (["-c", "art deco:x"], "weight 'x' after the last ':' is not a number"),
         (["-i", "{pixart_file}"], "made for model 'pixart'"),
         (["-c", "art deco", "--method", "prompt", "-r", "{bad}"], "cannot use --reference-image"),
-        (["-c", "art deco", "--method", "painting"], "--method must be"),
         (["-c", "art deco", "--num-images", "0"], "--num-images must be positive"),
         (["-c", "art deco", "-c", "ukiyo-e", "--each", "--export", "{tmp}/x.safetensors"], "--export needs one composed"),
         ([], "nothing to steer with"),
@@ -223,13 +230,31 @@ def test_bad_input_is_one_line_error_before_the_pipeline_loads(hyper, tmp_path, 
     assert not (tmp_path / "o").exists() and not (tmp_path / "x.safetensors").exists()
 
 
-def test_out_that_is_a_file_is_refused_and_left_alone(hyper, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "option,name,message",
+    [("--out", "notes.txt", "is a file"), ("--export", "README.md", "should end in .safetensors"),
+     ("--export", "weights.safetensors", "not an ht intervention file; refusing to overwrite")],
+)
+def test_outputs_that_are_other_files_are_refused_and_left_alone(hyper, tmp_path, monkeypatch, option, name, message):
     monkeypatch.setattr("htcli.models.load_pipeline", lambda *a, **k: pytest.fail("the pipeline loaded before the check"))
-    existing = tmp_path / "notes.txt"
-    existing.write_text("keep me")
-    result = _steer("a cat", "-c", "art deco", "--hyper", str(hyper), "--out", str(existing))
-    assert result.exit_code == 1 and "is a file" in result.output and result.output.count("Error:") == 1
-    assert "Traceback" not in result.output and existing.read_text() == "keep me"
+    existing = tmp_path / name
+    existing.write_bytes(b"keep me")
+    out = [] if option == "--out" else ["--out", str(tmp_path / "images")]
+    result = _steer("a cat", "-c", "art deco", "--hyper", str(hyper), *out, option, str(existing))
+    assert result.exit_code == 1 and message in result.output and result.output.count("Error:") == 1, result.output
+    assert "Traceback" not in result.output and existing.read_bytes() == b"keep me"
+    assert not (tmp_path / "images").exists()
+
+
+def test_plain_progress_lines_have_single_spaces(capsys):
+    from htcli.cli.output import steps
+
+    with steps("steer", 2) as progress:
+        progress.update(1, description="")
+        progress.update(2, description="strength 0.5")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("steer: 1/2 (50%) [") and lines[1].startswith("steer: 2/2 (100%) strength 0.5 [")
+    assert not any("  " in line for line in lines)
 
 
 def test_default_model_offline_points_to_tiny(tmp_path, monkeypatch):

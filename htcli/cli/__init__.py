@@ -1,7 +1,8 @@
 """The `ht` command line: a thin layer over the `htcli` library.
 
-Each submodule registers its commands on `app`. Library errors (`HTError`) become a one-line
-`Error: ...` on stderr and exit code 1, never a traceback.
+Each submodule registers its commands on `app`. Library errors (`HTError`), and file-system
+errors (`OSError`) the library did not foresee, become a one-line `Error: ...` on stderr and
+exit code 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ from htcli.cli import baselines as _baselines  # noqa: F401  (fit-linear-baselin
 from htcli.cli import concepts as _concepts  # noqa: F401
 from htcli.cli import dataset as _dataset  # noqa: F401
 from htcli.cli import demo as _demo  # noqa: F401
-from htcli.cli import hyper as _hyper  # noqa: F401  (train-hyper, hyper export/evaluate)
+from htcli.cli import hyper as _hyper  # noqa: F401  (train-hyper, hyper export)
 from htcli.cli import models as _models  # noqa: F401  (models, plan)
 from htcli.cli import score as _score  # noqa: F401
 from htcli.cli import steer as _steer  # noqa: F401

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import statistics
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,29 +10,56 @@ import typer
 from rich.table import Table
 
 from htcli.cli import app
-from htcli.cli.hyper import SamplesOption
-from htcli.cli.options import DataOption, DeviceOption, JsonOption, ModelOption, SeedOption
-from htcli.cli.output import console, print_table, steps
+from htcli.cli.options import (
+    DataOption,
+    DatasetSplit,
+    DeviceOption,
+    JsonOption,
+    ModelOption,
+    SamplesOption,
+    SeedOption,
+    SplitOption,
+)
+from htcli.cli.output import console, print_table, steps, warn
 from htcli.core.files import dumps_json
+from htcli.methods.baselines import METHOD_FITS, LineasConfig
+
+# The choices of --method and --optimizer: help lists them, a typo is a usage error.
+BaselineMethod = Enum("BaselineMethod", {name: name for name in sorted(METHOD_FITS)}, type=str)
+
+
+class Optimizer(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+DEFAULT_OPTIMIZER = Optimizer(LineasConfig.optimizer)
 
 
 @app.command("fit-linear-baselines")
 def fit_baselines_command(
-    method: Annotated[str, typer.Option("--method", help="linear-act, lineas or mean-shift.")],
+    method: Annotated[BaselineMethod, typer.Option("--method", help="Baseline to fit per concept.")],
     data: DataOption = None,
     model: ModelOption = None,
     concept: Annotated[Optional[list[str]], typer.Option("--concept", "-c", help="Fit this dataset concept; repeatable.")] = None,
-    split: Annotated[str, typer.Option(help="Concepts to fit when no --concept: train, test or all.")] = "test",
+    split: SplitOption = DatasetSplit.test,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory. Default: runs/<model>/baselines.")] = None,
     samples: SamplesOption = None,
-    steps_: Annotated[int, typer.Option("--steps", help="LinEAS optimisation steps.")] = 1000,
-    lr: Annotated[float, typer.Option(help="LinEAS learning rate.")] = 1e-2,
-    optimizer: Annotated[str, typer.Option(help="LinEAS optimiser: adam or sgd.")] = "adam",
-    l1: Annotated[float, typer.Option(help="LinEAS sparsity: L1 weight per neuron.")] = 0.0,
-    group: Annotated[float, typer.Option(help="LinEAS sparsity: group-lasso weight per layer.")] = 0.0,
-    incremental: Annotated[bool, typer.Option(help="Linear-AcT: fit layer l with layers < l already steered.")] = False,
-    micro_batch: Annotated[int, typer.Option(help="LinEAS: samples per backward pass (exact two-pass gradient). 0: all at once.")] = 0,
-    seed: SeedOption = 0,
+    steps_: Annotated[int, typer.Option("--steps", help="LinEAS optimisation steps.")] = LineasConfig.steps,
+    lr: Annotated[float, typer.Option(help="LinEAS learning rate.")] = LineasConfig.lr,
+    optimizer: Annotated[Optimizer, typer.Option(help="LinEAS optimiser.")] = DEFAULT_OPTIMIZER,
+    l1: Annotated[float, typer.Option(help="LinEAS sparsity: L1 weight per neuron.")] = LineasConfig.l1,
+    group: Annotated[float, typer.Option(help="LinEAS sparsity: group-lasso weight per layer.")] = LineasConfig.group,
+    incremental: Annotated[
+        bool, typer.Option("--incremental", help="Linear-AcT: fit layer l with layers < l already steered.")
+    ] = False,
+    micro_batch: Annotated[
+        int, typer.Option(help="LinEAS: samples per backward pass (exact two-pass gradient). 0: all at once.")
+    ] = LineasConfig.micro_batch,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the method's fits in --out made with other settings.")
+    ] = False,
+    seed: SeedOption = LineasConfig.seed,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -40,33 +67,40 @@ def fit_baselines_command(
 
     Residual ratios W2(steered, target) / W2(source, target) are measured on the dataset's
     evaluation samples (other prompts and seeds than the fit): 1 = no change, 0 = perfect.
-    Resumable: a rerun with the same settings skips the concepts already fitted.
+    Resumable: a rerun with the same settings skips the concepts already fitted; fits made
+    with other settings are refused unless --overwrite, which removes them first.
 
     Example: ht fit-linear-baselines --model tiny --method lineas --steps 300
     """
     from htcli.data.dataset import open_dataset
-    from htcli.methods.baselines import LineasConfig
     from htcli.methods.fitting import run_baselines
 
-    lineas = (LineasConfig(steps=steps_, lr=lr, optimizer=optimizer, l1=l1, group=group, seed=seed, micro_batch=micro_batch)
-              if method == "lineas" else None)
-    with steps(method) as bar:
-        run = run_baselines(method, open_dataset(data, model), names=concept or (), split=split, samples=samples,
-                            lineas=lineas, incremental=incremental, out=out, device=device,
-                            progress=lambda done, total, name: bar.update(done, total, name))
+    name = method.value
+    lineas = (LineasConfig(steps=steps_, lr=lr, optimizer=optimizer.value, l1=l1, group=group, seed=seed,
+                           micro_batch=micro_batch) if name == "lineas" else None)
+    with steps(name) as bar:
+        run = run_baselines(name, open_dataset(data, model), names=concept or (), split=split.value, samples=samples,
+                            lineas=lineas, incremental=incremental, out=out, overwrite=overwrite, device=device,
+                            progress=lambda done, total, text: bar.update(done, total, text))
+    if run.diverged:  # one line, however many concepts
+        shown = ", ".join(run.diverged[:5]) + (f" and {len(run.diverged) - 5} more" if len(run.diverged) > 5 else "")
+        first = run.rows[run.diverged[0]]
+        warn(f"the {name} loss rose during the fit (diverged) on {len(run.diverged)} of {len(run.rows)} concepts: {shown} "
+             f"({first['loss_first']:.3g} -> {first['loss_last']:.3g} on the first); "
+             "refit with a lower --lr and --overwrite")
     if as_json:
         typer.echo(dumps_json({"method": run.method, "model": run.model, "out": str(run.folder), "concepts": run.rows}))
         return
     table = Table(title=f"{run.method} on {run.model}: held-out residual ratio (evaluation samples)")
     for column in ("concept", "split", "fit s", "residual", "support"):
         table.add_column(column, justify="left" if column in ("concept", "split") else "right")
-    for name, row in run.rows.items():
-        table.add_row(name, row["split"], f"{row['fit_seconds']:.3f}", f"{row['residual']:.3f}", f"{row['support']:.2f}")
+    for concept_name, row in run.rows.items():
+        residual = "-" if row["residual"] is None else f"{row['residual']:.3f}"
+        table.add_row(concept_name, row["split"], f"{row['fit_seconds']:.3f}", residual, f"{row['support']:.2f}")
     print_table(table)
-    console.print(
-        f"{len(run.rows)} concepts: mean residual {statistics.fmean(r['residual'] for r in run.rows.values()):.3f}, "
-        f"median fit {statistics.median(r['fit_seconds'] for r in run.rows.values()):.3f} s; files in {run.folder}"
-    )
+    mean = "-" if run.mean_residual is None else f"{run.mean_residual:.3f}"
+    console.print(f"{len(run.rows)} concepts: mean residual {mean}, median fit {run.median_fit_seconds:.3f} s; "
+                  f"files in {run.folder}")
 
 
 @app.command("inspect")
@@ -85,8 +119,8 @@ def inspect_command(
     if as_json:
         typer.echo(dumps_json({**meta, "layer_stats": stats}))
         return
-    for key, value in meta.items():
-        console.print(f"{key + ':':10} {value}", markup=False)
+    for key, value in meta.items():  # nested fit settings as JSON, not a Python repr
+        console.print(f"{key + ':':10} {dumps_json(value) if isinstance(value, dict) else value}", markup=False)
     table = Table(title="per-layer statistics")
     columns = ("layer", "dim", "omega_mean", "omega_std", "omega_min", "omega_max", "beta_mean", "beta_std", "support")
     for column in columns:

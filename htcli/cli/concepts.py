@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,6 +20,7 @@ from htcli.data.concepts import (
     validate_library,
     write_split,
 )
+from htcli.evaluation.stats import plural
 
 concepts_app = typer.Typer(
     help="Browse, check and split the concept library.\n\nExample: ht concepts list --split test",
@@ -34,11 +34,9 @@ class Split(str, Enum):
     test = "test"
 
 
-
-
 @concepts_app.command("list")
 def list_command(
-    category: Annotated[str | None, typer.Option("--category", "-c", help="Only this category.")] = None,
+    category: Annotated[str | None, typer.Option("--category", help="Only this category.")] = None,
     split: Annotated[
         Split | None, typer.Option("--split", help="Only train or only held-out test concepts.")
     ] = None,
@@ -56,7 +54,7 @@ def list_command(
     if as_json:
         typer.echo(dumps_json([library.record(c) for c in chosen]))
         return
-    table = Table(title=f"{len(chosen)} concepts")
+    table = Table(title=plural(len(chosen), "concept"))
     for column in ("name", "category", "split", "description"):
         table.add_column(column, no_wrap=column != "description")
     for concept in chosen:
@@ -108,38 +106,30 @@ def show_command(
 
 
 @concepts_app.command("validate")
-def validate_command(
-    directory: Annotated[
-        Path | None,
-        typer.Argument(help="Your own concept directory, checked on top of the bundled library."),
-    ] = None,
-) -> None:
-    """Check the library and a directory of your own concepts.
+def validate_command(concepts: ConceptDirsOption = None) -> None:
+    """Check the bundled library and directories of your own concepts.
 
     Checks the schema, duplicate names, template placeholders, the paper's counts and the split.
 
-    Example: ht concepts validate ./my-concepts
+    Example: ht concepts validate --concepts ./my-concepts
     """
-    extra = [directory] if directory is not None else []
-    problems = validate_library(extra)
+    problems = validate_library(concepts or ())
     for problem in problems:
         typer.secho(f"Error: {problem}", err=True, fg=typer.colors.RED)
     if problems:
         raise typer.Exit(1)
-    library = load_library(extra)
-    targets = library.targets()
-    test = len(library.targets("test")) if library.split_seed is not None else 0
-    n_categories = len(library.categories())
-    summary = f"{len(library)} concepts ({len(targets)} targets + 1 source) in {n_categories} categories"
-    split = f"split seed {library.split_seed}: {test} test, {len(targets) - test} train"
-    console.print(f"OK: {summary}, {len(library.prompts)} source prompts; {split}", highlight=False)
+    summary = load_library(concepts or ()).summary()
+    counts = (f"{plural(summary['concepts'], 'concept')} ({summary['targets']:,} targets + 1 source) in "
+              f"{plural(len(summary['categories']), 'category', 'categories')}, "
+              f"{plural(summary['prompts'], 'source prompt')}")
+    split = ("no split" if summary["split_seed"] is None else
+             f"split seed {summary['split_seed']}: {summary['test']:,} test, {summary['train']:,} train")
+    console.print(f"OK: {counts}; {split}", highlight=False)
     table = Table()
     for column in ("category", "concepts", "test"):
         table.add_column(column, justify="left" if column == "category" else "right")
-    for category in library.categories():
-        members = library.targets(category=category)
-        held_out = sum(library.split_of(c.name) == "test" for c in members)
-        table.add_row(category, str(len(members)), str(held_out))
+    for category, row in summary["categories"].items():
+        table.add_row(category, str(row["concepts"]), str(row["test"]))
     print_table(table)
 
 
@@ -159,4 +149,4 @@ def split_command(
     path, test = write_split(seed, test_size)
     counts = ", ".join(f"{category} {len(names)}" for category, names in test.items())
     total = sum(map(len, test.values()))
-    console.print(f"Wrote {path}: {total} test concepts (seed {seed}): {counts}", highlight=False)
+    console.print(f"Wrote {path}: {plural(total, 'test concept')} (seed {seed}): {counts}", highlight=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,44 +9,46 @@ import typer
 
 from htcli.cli import app
 from htcli.cli.options import (
+    BUILD_EVAL_SAMPLES,
+    BUILD_SAMPLES,
+    BuildSamplesOption,
     ConceptDirsOption,
+    DatasetSplit,
     DeviceOption,
+    EvalSamplesOption,
+    LayersOption,
     LimitConceptsOption,
     ModelOption,
     ModelPathOption,
     SeedOption,
+    SplitOption,
 )
-from htcli.cli.output import err, steps
-
-BuildSamplesOption = Annotated[int, typer.Option("--samples", help="Fitting samples per concept (N).")]
-EvalSamplesOption = Annotated[int, typer.Option("--eval-samples", help="Evaluation samples per concept (other prompts and seeds).")]
-LayersOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--layers", "-l", help="Module-name pattern to hook (glob, or regex as 're:...'); repeatable. Default: the spec's."),
-]
+from htcli.cli.output import console, steps
+from htcli.core.runtime import is_main_process
+from htcli.data.build import DatasetRequest
 
 
 @app.command("build-dataset")
 def build_dataset_command(
     model: ModelOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Dataset directory. Default: runs/<model>/data.")] = None,
-    split: Annotated[str, typer.Option(help="Library concepts to build: train, test or all.")] = "all",
+    split: SplitOption = DatasetSplit.all,
     concept_dirs: ConceptDirsOption = None,
     concept: Annotated[
         Optional[list[str]],
         typer.Option("--concept", "-c", help="Build only this concept (library name or any free text); repeatable."),
     ] = None,
     limit_concepts: LimitConceptsOption = None,
-    samples: BuildSamplesOption = 32,
-    eval_samples: EvalSamplesOption = 128,
+    samples: BuildSamplesOption = BUILD_SAMPLES,
+    eval_samples: EvalSamplesOption = BUILD_EVAL_SAMPLES,
     layers: LayersOption = None,
-    seed: SeedOption = 0,
-    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 16,
+    seed: SeedOption = DatasetRequest.seed,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = DatasetRequest.batch_size,
     encoder: Annotated[Optional[str], typer.Option(help="Concept encoder id. Default: the spec's (tiny: minilm).")] = None,
     model_path: ModelPathOption = None,
     device: DeviceOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a dataset built with other settings.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the plan and disk estimate; load and write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset built with other settings.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and disk estimate; load and write nothing.")] = False,
 ) -> None:
     """Cache source inputs and pooled target activations for the concepts.
 
@@ -56,23 +57,23 @@ def build_dataset_command(
 
     Example: ht build-dataset --model tiny --limit-concepts 40
     """
-    from htcli.data.build import DatasetRequest, build, estimate
+    from htcli.data.build import build, estimate
     from htcli.models import default_model_name
     from htcli.models.plan import human_bytes
 
-    request = DatasetRequest(model or default_model_name(), out, split, concept or (), concept_dirs or (), limit_concepts,
-                             samples, eval_samples, layers, seed, batch_size, encoder)
+    request = DatasetRequest(model or default_model_name(), out, split.value, concept or (), concept_dirs or (),
+                             limit_concepts, samples, eval_samples, layers, seed, batch_size, encoder)
     if dry_run:
         plan = estimate(request)
-        err.print(f"model {plan.model}: {plan.layers} layers, {plan.neurons:,} neurons")
-        err.print(f"concepts: {plan.concepts} (+ the source), {plan.samples} fit + {plan.eval_samples} eval samples each")
-        err.print(f"disk estimate: {human_bytes(plan.bytes_on_disk)} of activations in {plan.out}")
+        console.print(f"model {plan.model}: {plan.layers} layers, {plan.neurons:,} neurons")
+        console.print(f"concepts: {plan.concepts} (+ the source), {plan.samples} fit + {plan.eval_samples} eval samples each")
+        console.print(f"disk estimate: {human_bytes(plan.bytes_on_disk)} of activations in {plan.out}")
         return
-    with steps("build-dataset", enabled=os.environ.get("RANK", "0") == "0") as bar:  # one bar under torchrun
+    with steps("build-dataset", enabled=is_main_process()) as bar:  # one bar under torchrun
         summary = build(request, model_path=model_path, device=device, overwrite=overwrite,
                         progress=lambda done, total, name: bar.update(done, total, name))
     if summary is not None:  # rank 0 reports for all ranks
-        err.print(
+        console.print(
             f"[green]dataset[/] {summary.out}: {summary.concepts} concepts ({summary.built} built, {summary.skipped} already there), "
             f"{summary.samples} fit + {summary.eval_samples} eval samples, {summary.layers} layers "
             f"({summary.neurons:,} neurons), {human_bytes(summary.bytes_on_disk)} on disk, "

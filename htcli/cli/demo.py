@@ -37,5 +37,9 @@ def demo_command(
                         lineas_steps=lineas_steps, seed=seed)
     with steps("demo", 5) as progress:
         run_demo(folder, config, progress=lambda done, total, what: progress.update(done, total, what))
-    console.print(Markdown((folder / "report.md").read_text(encoding="utf-8")))
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    if console.is_terminal:
+        console.print(Markdown(report))
+    else:  # a log file gets the report's own text: nothing cut at 80 columns, the image line as written
+        typer.echo(report.rstrip("\n"))
     console.print(f"[green]report[/] {folder / 'report.md'} (plot: residuals.png, sweep: sweep.png, numbers: summary.json)")

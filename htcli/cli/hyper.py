@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from htcli.cli import app
-from htcli.cli.options import DataOption, DeviceOption, HyperOption, LimitConceptsOption, ModelOption, SeedOption
-from htcli.cli.output import err, steps
+from htcli.cli.options import (
+    CONCEPTS_PER_STEP,
+    DataOption,
+    DeviceOption,
+    HyperOption,
+    LimitConceptsOption,
+    ModelOption,
+    SamplesOption,
+    SeedOption,
+)
+from htcli.cli.output import console, err, steps
+from htcli.core.runtime import is_main_process
+from htcli.methods.hypernetwork import HyperConfig
+from htcli.methods.training import TrainConfig
 
 hyper_app = typer.Typer(help="Use a trained hypernetwork.", no_args_is_help=True)
 app.add_typer(hyper_app, name="hyper")
-
-CONCEPTS_PER_STEP = 8  # train-hyper's default, also what `ht plan` sizes memory for
-SamplesOption = Annotated[
-    Optional[int], typer.Option("--samples", help="Fitting samples per concept (N). Default: all the dataset has.")
-]
 
 
 @app.command("train-hyper")
@@ -26,25 +32,27 @@ def train_hyper_command(
     model: ModelOption = None,
     data: DataOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory. Default: runs/<model>/hyper.")] = None,
-    arch: Annotated[str, typer.Option(help="Hypernetwork architecture.")] = "mlp",
-    hidden: Annotated[int, typer.Option(help="Trunk width.")] = 512,
-    depth: Annotated[int, typer.Option(help="Trunk layers.")] = 2,
-    rank: Annotated[int, typer.Option(help="Rank of the per-layer output heads; 0 for dense heads.")] = 64,
-    steps_: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 2000,
+    arch: Annotated[str, typer.Option(help="Hypernetwork architecture.")] = HyperConfig.arch,
+    hidden: Annotated[int, typer.Option(help="Trunk width.")] = HyperConfig.hidden,
+    depth: Annotated[int, typer.Option(help="Trunk layers.")] = HyperConfig.depth,
+    rank: Annotated[int, typer.Option(help="Rank of the per-layer output heads; 0 for dense heads.")] = HyperConfig.rank,
+    steps_: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = TrainConfig.steps,
     concepts_per_step: Annotated[int, typer.Option(help="Training concepts per step (K).")] = CONCEPTS_PER_STEP,
     samples: SamplesOption = None,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")] = 1e-3,
-    l1: Annotated[float, typer.Option(help="Sparsity: L1 weight on predicted (omega - 1, beta).")] = 0.0,
-    group: Annotated[float, typer.Option(help="Sparsity: group-lasso weight per layer.")] = 0.0,
-    eval_every: Annotated[int, typer.Option(help="Evaluate and checkpoint every E steps.")] = 250,
-    val_fraction: Annotated[float, typer.Option(help="Training concepts held aside to choose settings.")] = 0.1,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")] = TrainConfig.lr,
+    l1: Annotated[float, typer.Option(help="Sparsity: L1 weight on predicted (omega - 1, beta).")] = TrainConfig.l1,
+    group: Annotated[float, typer.Option(help="Sparsity: group-lasso weight per layer.")] = TrainConfig.group,
+    eval_every: Annotated[int, typer.Option(help="Evaluate and checkpoint every E steps.")] = TrainConfig.eval_every,
+    val_fraction: Annotated[float, typer.Option(help="Training concepts held aside to choose settings.")] = TrainConfig.val_fraction,
     limit_concepts: LimitConceptsOption = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out after an interruption (same settings).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished or different run in --out.")] = False,
-    seed: SeedOption = 0,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast for the frozen model (maps and loss stay float32).")] = False,
-    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute denoiser activations in backward (less memory).")] = False,
-    micro_batch: Annotated[int, typer.Option(help="Samples per backward pass (exact two-pass W2 gradient; memory ~ this, not K*N). 0: all at once.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after an interruption (same settings).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished or different run in --out.")] = False,
+    seed: SeedOption = TrainConfig.seed,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the frozen model (maps and loss stay float32).")] = False,
+    grad_checkpointing: Annotated[
+        bool, typer.Option("--grad-checkpointing", help="Recompute denoiser activations in backward (less memory).")
+    ] = False,
+    micro_batch: Annotated[int, typer.Option(help="Samples per backward pass (exact two-pass W2 gradient; memory ~ this, not K*N). 0: all at once.")] = TrainConfig.micro_batch,
     calibration_images: Annotated[
         Optional[Path], typer.Option(help="Folder of images to estimate the modality gap (image-capable encoders).")
     ] = None,
@@ -61,27 +69,28 @@ def train_hyper_command(
     """
     from htcli.core.runtime import run_path
     from htcli.data.dataset import open_dataset
-    from htcli.methods.training import TrainConfig, train_hypernetwork
+    from htcli.methods.training import train_hypernetwork
 
     dataset = open_dataset(data, model)
     config = TrainConfig(steps=steps_, concepts_per_step=concepts_per_step, samples=samples, lr=lr, l1=l1, group=group,
                          eval_every=eval_every, val_fraction=val_fraction, limit_concepts=limit_concepts, seed=seed,
                          bf16=bf16, micro_batch=micro_batch)
-    with steps("train-hyper", config.steps, enabled=os.environ.get("RANK", "0") == "0") as bar:  # one bar under torchrun
+    with steps("train-hyper", config.steps, enabled=is_main_process()) as bar:  # one bar under torchrun
         result = train_hypernetwork(
             dataset, out or run_path(dataset.settings.model, "hyper"), config,
             {"arch": arch, "hidden": hidden, "depth": depth, "rank": rank or None},
             resume=resume, overwrite=overwrite, device=device, grad_checkpointing=grad_checkpointing,
             calibration_images=calibration_images, progress=lambda step, total, text: bar.update(step, total, text),
-            say=err.print,
+            say=lambda line: err.print(line, markup=False),
         )
     if result is None:  # not rank 0
         return
     held_out = ("no held-out test concepts in the dataset" if result.test_residual is None
                 else f"held-out residual {result.test_residual:.3f}")
     validation = "" if result.val_residual is None else f" (validation {result.val_residual:.3f})"
-    err.print(f"[green]hypernetwork[/] {result.checkpoint}: {result.steps} steps in {result.train_seconds:.1f} s, "
-              f"{held_out}{validation}")
+    finished = " (already finished: nothing trained)" if result.already_finished else ""
+    console.print(f"[green]hypernetwork[/] {result.checkpoint}: {result.steps} steps in {result.train_seconds:.1f} s"
+                  f"{finished}, {held_out}{validation}")
 
 
 @hyper_app.command("export")
@@ -98,4 +107,4 @@ def export_command(
     from htcli.methods.predict import export_intervention
 
     written = export_intervention(concept, out, hyper, model)
-    err.print(f"wrote {out} ({written.model}, {len(written.maps)} layers) for {written.concept!r}")
+    console.print(f"wrote {out} ({written.model}, {len(written.maps)} layers) for {written.concept!r}", markup=False)

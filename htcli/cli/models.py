@@ -8,12 +8,19 @@ import typer
 from rich.table import Table
 
 from htcli.cli import app
-from htcli.cli.dataset import BuildSamplesOption, EvalSamplesOption, LayersOption
-from htcli.cli.hyper import CONCEPTS_PER_STEP
-from htcli.cli.options import JsonOption, ModelOption
+from htcli.cli.options import (
+    BUILD_EVAL_SAMPLES,
+    BUILD_SAMPLES,
+    CONCEPTS_PER_STEP,
+    BuildSamplesOption,
+    EvalSamplesOption,
+    JsonOption,
+    LayersOption,
+    ModelOption,
+)
 from htcli.cli.output import console, print_table
 from htcli.core.files import dumps_json
-from htcli.models import default_model_name, get_model, list_models
+from htcli.models import get_model, list_models
 
 
 @app.command("models")
@@ -24,9 +31,7 @@ def models_command(as_json: JsonOption = False) -> None:
     """
     specs = list_models()
     if as_json:
-        keys = ("id", "description", "family", "offline", "base_repo", "weights", "hook_patterns", "timesteps",
-                "guidance_scale", "resolution", "dtype", "licence")
-        typer.echo(dumps_json([{key: getattr(s, key) for key in keys} for s in specs]))
+        typer.echo(dumps_json([spec.record() for spec in specs]))
         return
     table = Table(title="Model specs")
     for column in ("id", "timesteps", "px", "description"):
@@ -40,8 +45,8 @@ def models_command(as_json: JsonOption = False) -> None:
 def plan_command(
     model: ModelOption = None,
     layers: LayersOption = None,
-    samples: BuildSamplesOption = 32,
-    eval_samples: EvalSamplesOption = 128,
+    samples: BuildSamplesOption = BUILD_SAMPLES,
+    eval_samples: EvalSamplesOption = BUILD_EVAL_SAMPLES,
     concepts_per_step: Annotated[int, typer.Option(help="Concepts per training step (as train-hyper).")] = CONCEPTS_PER_STEP,
     as_json: JsonOption = False,
 ) -> None:
@@ -49,9 +54,9 @@ def plan_command(
 
     Example: ht plan --model pixart --layers 'transformer_blocks.*.norm2'
     """
-    from htcli.models.plan import human_bytes, make_plan
+    from htcli.models.plan import human_bytes, human_count, make_plan
 
-    spec = get_model(model or default_model_name())
+    spec = get_model(model)
     plan = make_plan(spec, layers).summary(samples, eval_samples, concepts_per_step)
     if as_json:
         typer.echo(dumps_json(plan))
@@ -64,7 +69,8 @@ def plan_command(
     print_table(table)
     console.print(f"layers: {len(plan['layers'])}   neurons: {plan['neurons']:,}")
     console.print(f"hypernetwork output size: {plan['hyper_outputs']:,} (omega - 1 and beta per neuron)")
-    console.print(f"denoiser: {plan['denoiser_params'] / 1e6:,.0f}M parameters, {human_bytes(plan['weights_bytes'])} in {spec.dtype}")
+    console.print(f"denoiser: {human_count(plan['denoiser_params'])} parameters, {human_bytes(plan['weights_bytes'])} "
+                  f"in {spec.dtype}")
     console.print(f"dataset per concept ({samples} fit + {eval_samples} eval samples, float16): "
                   f"{human_bytes(plan['dataset_bytes_per_concept'])}")
     console.print(

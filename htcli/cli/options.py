@@ -28,3 +28,38 @@ DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu, cuda, c
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 ModelPathOption = Annotated[str | None, typer.Option("--model-path", help="Local pipeline directory instead of the Hub.")]
+
+# --- Options shared by the dataset, baselines, training and plan commands (defaults from the
+# library's dataclasses, so a number lives in one place). -----------------------------------
+
+from enum import Enum  # noqa: E402
+
+from htcli.data.build import DatasetRequest  # noqa: E402
+from htcli.methods.training import TrainConfig  # noqa: E402
+
+BUILD_SAMPLES = DatasetRequest.samples  # build-dataset's (and `ht plan`'s) fitting samples per concept
+BUILD_EVAL_SAMPLES = DatasetRequest.eval_samples
+CONCEPTS_PER_STEP = TrainConfig.concepts_per_step  # train-hyper's K, also what `ht plan` sizes memory for
+
+
+class DatasetSplit(str, Enum):
+    train = "train"
+    test = "test"
+    all = "all"
+
+
+SplitOption = Annotated[
+    DatasetSplit, typer.Option("--split", help="Concepts when no --concept: train, test (held out) or all.")
+]
+SamplesOption = Annotated[
+    int | None, typer.Option("--samples", help="Fitting samples per concept (N). Default: all the dataset has.")
+]
+BuildSamplesOption = Annotated[int, typer.Option("--samples", help="Fitting samples per concept (N).")]
+EvalSamplesOption = Annotated[
+    int, typer.Option("--eval-samples", help="Evaluation samples per concept (other prompts and seeds).")
+]
+LayersOption = Annotated[
+    list[str] | None,
+    typer.Option("--layers", "-l", help="Module-name pattern to hook (glob, or regex as 're:...'); repeatable. "
+                 "Default: the spec's."),
+]

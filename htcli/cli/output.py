@@ -19,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 console = Console(soft_wrap=True)  # results, on stdout
 err = Console(stderr=True, soft_wrap=True)  # progress, notes and warnings, on stderr
@@ -60,9 +61,6 @@ class Steps:
         elif self.enabled:
             self._line()
 
-    def advance(self, count: int = 1, description: str | None = None) -> None:
-        self.update(self.completed + count, description=description)
-
     def _line(self, force: bool = False) -> None:
         now = time.perf_counter()
         done = self.total is not None and self.completed >= self.total
@@ -71,8 +69,8 @@ class Steps:
         self._printed, self._shown = now, (self.completed, self.description)
         of = f"/{self.total} ({self.completed / self.total:.0%})" if self.total else ""
         elapsed = int(now - self._started)
-        print(f"{self.label}: {self.completed}{of} {self.description} [{elapsed // 60}m{elapsed % 60:02d}s]".rstrip(),
-              file=sys.stderr, flush=True)
+        parts = [f"{self.label}: {self.completed}{of}", self.description.strip(), f"[{elapsed // 60}m{elapsed % 60:02d}s]"]
+        print(" ".join(part for part in parts if part), file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -82,13 +80,20 @@ def steps(label: str, total: int | None = None, enabled: bool = True) -> Iterato
 
 
 def print_table(table: Table, to: Console = console) -> None:
-    """Print a table at its natural width when the output is not a terminal (files, pipes)."""
+    """Print a table at its natural width when the output is not a terminal (files, pipes): no
+    cell is cut, and the title has room for its own line."""
     if to.is_terminal:
         to.print(table)
     else:
         wide = Console(file=to.file, width=100_000)
         natural = Measurement.get(wide, wide.options, table).maximum
-        Console(file=to.file, width=max(natural, 20)).print(table)
+        title = Text.from_markup(table.title).cell_len if isinstance(table.title, str) else 0
+        width = max(natural, title)
+        saved, table.min_width = table.min_width, width  # a title wraps at the table's width, not the console's
+        try:
+            Console(file=to.file, width=max(width, 20)).print(table)
+        finally:
+            table.min_width = saved
 
 
 def warn(text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,10 @@ import typer
 from htcli.cli import app
 from htcli.cli.options import DeviceOption, HyperOption, ModelOption, ModelPathOption
 from htcli.cli.output import console, note, steps
+from htcli.evaluation.stats import plural
+from htcli.generate.steer import METHODS, SteerRequest, parse_strengths
+
+Method = Enum("Method", {name: name for name in METHODS}, type=str)  # hypertransport | prompt
 
 
 @app.command("steer")
@@ -24,18 +29,25 @@ def steer_command(
     intervention: Annotated[
         list[str] | None, typer.Option("--intervention", "-i", help="Saved intervention file, optionally 'FILE:weight'; repeatable.")
     ] = None,
-    strength: Annotated[str, typer.Option(help="Strength, or a sweep '0,0.25,0.5,0.75,1' (one image per value).")] = "0.6",
-    method: Annotated[str, typer.Option(help="hypertransport (steer activations) or prompt (append the concept).")] = "hypertransport",
+    strength: Annotated[
+        str | None, typer.Option(help="Strength, or a sweep '0,0.25,0.5,0.75,1' (one image per value). Default: 0.6.")
+    ] = None,
+    method: Annotated[
+        Method, typer.Option(help="hypertransport (steer activations) or prompt (apply the concept's template to the prompt).")
+    ] = Method.hypertransport,
     model: ModelOption = None,
     hyper: HyperOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image k uses seed + k.")] = 0,
     num_images: Annotated[int, typer.Option(help="Images per strength (one batch).")] = 1,
-    each: Annotated[bool, typer.Option(help="One image per source instead of composing them (one mixed batch).")] = False,
+    each: Annotated[
+        bool, typer.Option("--each", help="One image per source instead of composing them (one mixed batch).")
+    ] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder. Default: runs/<model>/generations/<time>.")] = None,
     export: Annotated[Path | None, typer.Option(help="Also write the composed intervention to this .safetensors file.")] = None,
-    gap_correction: Annotated[
-        bool, typer.Option("--gap-correction/--no-gap-correction", help="Move reference-image embeddings into the text region.")
-    ] = True,
+    no_gap_correction: Annotated[
+        bool, typer.Option("--no-gap-correction", help="Use raw reference-image embeddings; by default they are moved "
+                           "into the text region with the checkpoint's modality-gap means.")
+    ] = False,
     model_path: ModelPathOption = None,
     device: DeviceOption = None,
 ) -> None:
@@ -47,12 +59,11 @@ def steer_command(
     Example: ht steer "cyberpunk city" --concept "art deco" --strength 0,0.5,1 --model tiny
     """
     from htcli.generate.save import steer_and_save
-    from htcli.generate.steer import SteerRequest, parse_strengths
 
     request = SteerRequest(
         prompt, concepts=concept or [], reference_images=reference_image or [], interventions=intervention or [],
-        strengths=parse_strengths(strength), method=method, seed=seed, num_images=num_images, each=each,
-        gap_correction=gap_correction,
+        strengths=None if strength is None else parse_strengths(strength), method=method.value, seed=seed,
+        num_images=num_images, each=each, gap_correction=not no_gap_correction,
     )
     with steps("steer") as progress:
         run = steer_and_save(request, model=model, hyper=hyper, out=out, export=export, model_path=model_path,
@@ -60,7 +71,7 @@ def steer_command(
     for text in run.steered.notes:
         note(text)
     if export is not None:
-        console.print(f"intervention written to {export}")
+        console.print(f"intervention written to {export}", highlight=False, markup=False)
     ms = run.steered.intervention_ms
     timing = "" if ms is None else f", intervention in {ms:.1f} ms"
-    console.print(f"{len(run.files)} image(s) in {run.folder}{timing}")
+    console.print(f"{plural(len(run.files), 'image')} in {run.folder}{timing}", highlight=False, markup=False)

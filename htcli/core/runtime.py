@@ -40,6 +40,12 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
+def is_main_process() -> bool:
+    """Whether this process reports for the job: always outside torchrun, rank 0 under it (from
+    the environment, so it answers before the process group is joined)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed() -> bool:
     """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
     import torch.distributed as dist

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from htcli import __version__
-from htcli.core.files import read_json, save_tensors, write_json
+from htcli.core.files import check_output_dir, read_json, save_tensors, write_json
 from htcli.core.runtime import Progress, barrier, close_distributed, init_distributed, resolve_device, run_path
 from htcli.data.concepts import Concept, ConceptLibrary, load_library, slugify
 from htcli.data.dataset import FORMAT, DatasetSettings, select_concepts
@@ -52,7 +52,7 @@ def make_seeds(seed: int, samples: int, eval_samples: int) -> tuple[list[int], l
 
 def make_settings(
     spec: ModelSpec, library: ConceptLibrary, layers: Mapping[str, nn.Module], samples: int, eval_samples: int,
-    seed: int, encoder: str | None = None, batch_size: int = 16,
+    seed: int, encoder: str | None = None, batch_size: int = DatasetSettings.batch_size,
 ) -> DatasetSettings:
     """Settings for `spec` hooked at `layers`: seeded disjoint fit/eval prompts and seeds."""
     from htcli.core.hooks import module_width
@@ -89,7 +89,7 @@ class DatasetRequest:
     eval_samples: int = 128
     layers: Sequence[str] | None = None  # module-name patterns; default the spec's
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = DatasetSettings.batch_size
     encoder: str | None = None
 
     def resolve(self) -> tuple[ModelSpec, Path, ConceptLibrary, list[Concept], DatasetSettings]:
@@ -97,9 +97,7 @@ class DatasetRequest:
         from htcli.core.hooks import resolve_layers
 
         spec = get_model(self.model)
-        out = Path(self.out) if self.out is not None else run_path(spec.id, "data")
-        if out.exists() and not out.is_dir():
-            raise HTError(f"--out {out} is a file, not a directory")
+        out = check_output_dir(Path(self.out) if self.out is not None else run_path(spec.id, "data"))
         library = load_library(self.concept_dirs)
         concepts = select_concepts(library, self.split, self.concepts, self.limit_concepts, self.seed)
         layers = resolve_layers(build_meta_denoiser(spec), self.layers or spec.hook_patterns)
@@ -251,8 +249,7 @@ def _manifest(settings: DatasetSettings, concepts: Sequence[Concept], library: C
 
 def check_existing(out: Path, settings: DatasetSettings, overwrite: bool) -> None:
     """Refuse to mix a dataset built with other settings into `out`, unless overwriting."""
-    if out.exists() and not out.is_dir():
-        raise HTError(f"--out {out} is a file, not a directory")
+    check_output_dir(out)
     manifest = out / "manifest.json"
     if not manifest.exists():
         return
@@ -260,14 +257,49 @@ def check_existing(out: Path, settings: DatasetSettings, overwrite: bool) -> Non
     if existing.get("settings_digest") == settings.digest():
         return
     if not overwrite:
+        differ = settings_differences(existing.get("settings") or {}, settings)
         raise HTError(
-            f"{out} holds a dataset built with other settings (model, layers, prompts, seeds, encoder or "
-            "batch size differ); choose another --out or pass --overwrite"
+            f"{out} holds a dataset built with other settings ({', '.join(differ)}); "
+            "choose another --out or pass --overwrite"
         )
     for path in (out / "concepts").glob("*.safetensors"):
         path.unlink()
     (out / "source.safetensors").unlink(missing_ok=True)
     manifest.unlink()
+
+
+def _seed_of(seeds: Sequence[int]) -> int | None:
+    """The --seed behind a dataset's fitting seeds (see `make_seeds`)."""
+    return seeds[0] // 1_000_000 if seeds else None
+
+
+def settings_differences(saved: Mapping, settings: DatasetSettings) -> list[str]:
+    """What differs between a saved dataset's settings and `settings`, named by the option that
+    sets it where there is one: 'model tiny (saved pixart)', '--samples 4 (saved 8)'..."""
+    current = asdict(settings)
+    old = {key: tuple(value) if isinstance(value, list) else value for key, value in saved.items()}
+    differ = []
+
+    def compare(label: str, new, before) -> None:
+        if new != before:
+            differ.append(f"{label} {new} (saved {before})")
+
+    compare("model", settings.model, old.get("model"))
+    saved_layers = tuple(old.get("layers") or ())
+    if tuple(settings.layers) != saved_layers:
+        same_count = len(settings.layers) == len(saved_layers)
+        differ.append(f"--layers: {len(settings.layers)} {'other ' if same_count else ''}layers (saved {len(saved_layers)})")
+    elif tuple(settings.widths) != old.get("widths"):
+        differ.append("layer widths (the model's weights changed)")
+    compare("--encoder", settings.encoder, old.get("encoder"))
+    compare("--samples", len(settings.fit_seeds), len(old.get("fit_seeds") or ()))
+    compare("--eval-samples", len(settings.eval_seeds), len(old.get("eval_seeds") or ()))
+    compare("--seed", _seed_of(settings.fit_seeds), _seed_of(old.get("fit_seeds") or ()))
+    compare("--batch-size", settings.batch_size, old.get("batch_size"))
+    compare("storage dtype", settings.storage_dtype, old.get("storage_dtype"))
+    if not differ and any(current[key] != old.get(key) for key in ("fit_prompts", "eval_prompts")):
+        differ.append("the source prompts (the concept library's source prompts changed)")
+    return differ or ["settings saved by another version of ht"]
 
 
 def _sum_over_ranks(*counts: int) -> list[int]:

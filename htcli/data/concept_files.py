@@ -130,7 +130,8 @@ def read_files(base: Path, extra_dirs: Sequence[Path] = ()) -> LibraryFiles:
     extra_dirs = [d for d in extra_dirs if not (d.is_dir() and d.resolve() == base.resolve())]
     for directory in [base, *extra_dirs]:
         if not directory.is_dir():
-            found.problems.append(f"{show_path(directory)}: not a directory")
+            what = "does not exist" if not directory.exists() else "is a file, not a directory"
+            found.problems.append(f"--concepts {show_path(directory)} {what}; give a directory of concept YAML files")
             continue
         files = sorted(directory.glob("*.yaml"))
         if not files:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import os
 import random
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
@@ -22,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from htcli.core.files import atomic_path
 from htcli.data.concept_files import (
     PROMPTS_FILE,
     SOURCE_CATEGORY,
@@ -152,6 +152,19 @@ class ConceptLibrary:
             return list(self.concepts)
         return self.targets(split, category)
 
+    def summary(self) -> dict[str, Any]:
+        """Counts for a report: concepts, targets, prompts, the split and, per category, its
+        concepts and held-out ones (JSON-ready)."""
+        targets = self.targets()
+        per_category = {category: {"concepts": 0, "test": 0} for category in self.categories()}
+        for concept in targets:
+            per_category[concept.category]["concepts"] += 1
+            per_category[concept.category]["test"] += normalize(concept.name) in self._test
+        test = sum(row["test"] for row in per_category.values())
+        return {"concepts": len(self), "targets": len(targets), "prompts": len(self.prompts),
+                "split_seed": self.split_seed, "test": test, "train": len(targets) - test,
+                "categories": per_category}
+
     def record(self, concept: Concept) -> dict[str, Any]:
         """A concept as plain, JSON-ready data, with its split in this library."""
         return {
@@ -248,14 +261,9 @@ def write_split(seed: int = DEFAULT_SEED, test_size: int = TEST_SIZE) -> tuple[P
         raise HTError(problems[0])
     test = make_split(library.targets(), seed, test_size)
     path = base / SPLIT_FILE
-    fd, tmp = tempfile.mkstemp(dir=base, prefix=".split-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
-            file.write(format_split(test, seed, test_size))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(format_split(test, seed, test_size).encode("utf-8"))
+        tmp.chmod(0o644)  # mkstemp makes it private; split.yaml is read by everyone
     return path, test
 
 

@@ -10,6 +10,7 @@ Per image (all embeddings L2-normalised, `cos` their dot product):
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from htcli.errors import HTError
 from htcli.evaluation.runs import Progress, load_images
 from htcli.evaluation.stats import aggregate
 
@@ -42,6 +44,21 @@ def clip_encoder_id(arch: str | None, pretrained: str | None) -> str:
     if arch is None:
         arch, pretrained = DEFAULT_CLIP[0], pretrained or DEFAULT_CLIP[1]
     return f"open_clip:{arch}/{pretrained}" if pretrained else f"open_clip:{arch}"
+
+
+def check_clip_arch(arch: str) -> None:
+    """An open_clip architecture name that exists, else one line with a few close matches
+    (open_clip's own error lists all of its hundreds of models)."""
+    import open_clip
+
+    from htcli.methods.encoders import TINY_CLIP
+
+    known = [*open_clip.list_models(), TINY_CLIP]
+    if arch in known:
+        return
+    close = difflib.get_close_matches(arch, known, n=3, cutoff=0.5) or [DEFAULT_CLIP[0], "ViT-B-32", TINY_CLIP]
+    raise HTError(f"unknown open_clip architecture {arch!r} for --clip-model; for example {', '.join(close)} "
+                  "(python -c 'import open_clip; print(open_clip.list_models())' lists them all)")
 
 
 def embed_images(encoder, root: Path, files: Sequence[str], batch: int = 32,

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from htcli.core.files import check_output_dir
 from htcli.data.concepts import Concept
 from htcli.data.dataset import check_limit
 from htcli.errors import HTError
@@ -26,6 +27,7 @@ from htcli.evaluation.runs import (
     run_evaluation,
     select_prompts,
 )
+from htcli.evaluation.stats import plural
 
 BUILT_IN = ("prompt", "hypertransport")
 RANDOM_NOTE = "{model} has random weights: its images are noise, so CLIP and VLM scores test the pipeline, not steering"
@@ -98,27 +100,31 @@ def evaluate(
     device: str | None = None,
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> dict:
     """Generate concepts x prompts x seeds with every chosen method (same seeds) into a run folder.
 
     Every input is checked before anything heavy loads; an existing run (`out`, or the latest
     with `resume`) gets only the images it lacks. Returns counts, the run folder, the concepts,
-    prompts, seeds and methods used. `warn` hears about strengths above 1 and dropped concepts.
+    prompts, seeds and methods used. `warn` hears about strengths above 1; `note` which concepts
+    every baseline covers, when baselines narrow the split.
     """
     from htcli.core.runtime import resolve_device, run_path
     from htcli.data.concepts import load_library
     from htcli.data.dataset import select_concepts
     from htcli.generate.steer import parse_strengths
-    from htcli.models import default_model_name, get_model, load_pipeline
+    from htcli.models import get_model, load_pipeline
 
-    say = warn or (lambda text: None)
+    say, tell = warn or (lambda text: None), note or (lambda text: None)
     # 1. Every input checked before loading anything heavy.
-    spec = get_model(model or default_model_name())
+    spec = get_model(model)
     strength_list = parse_strengths(strengths) if isinstance(strengths, str) else [float(s) for s in strengths]
     if any(s > 1 for s in strength_list):
         say("strength > 1 extrapolates beyond the fitted transport")
     if out is not None and resume:
         raise HTError("give --out (an existing run continues) or --resume (the latest run), not both")
+    if out is not None:
+        check_output_dir(out, "--out")
     check_limit(limit_concepts)
     library = load_library()
     chosen = select_concepts(library, split, concepts)
@@ -128,6 +134,8 @@ def evaluate(
     found = find_baselines(folders)
     names = parse_methods(methods, list(found))
     torch_device = resolve_device(device)
+    root = latest_run(spec.id) if resume else out or default_out(spec.id)
+    run = EvalRun.open_or_create(root, spec.id)  # another model's run, or a folder of other files, is refused here
 
     # 2. The methods, and the concepts every baseline has fitted (a paired comparison).
     chosen_methods = build_methods(names, found, spec.id, hyper, str(torch_device))
@@ -138,11 +146,10 @@ def evaluate(
     if limit_concepts is not None and not concepts:  # a seeded sample of what every method covers
         chosen = sorted(random.Random(seed).sample(chosen, min(limit_concepts, len(chosen))), key=lambda c: c.name.lower())
     if any(m.kind == "baseline" for m in chosen_methods) and not concepts:
-        say(f"evaluating {len(chosen)} {split} concept(s) that every baseline has fitted")
+        which = "" if split == "all" else f"{split} "
+        tell(f"evaluating {plural(len(chosen), which + 'concept')} that every baseline has fitted")
 
     # 3. Generate what the run lacks.
-    root = latest_run(spec.id) if resume else out or default_out(spec.id)
-    run = EvalRun.open_or_create(root, spec.id)
     before = len(run.records)
     summary = run_evaluation(spec, run, chosen, prompt_list, seed_list, strength_list, chosen_methods,
                              lambda: load_pipeline(spec, model_path=model_path, device=torch_device), progress)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from htcli.core.files import atomic_path, read_json, write_json
 from htcli.evaluation.plots import plot_residuals, plot_tradeoff, plot_vlm
-from htcli.evaluation.stats import strength_label
+from htcli.evaluation.stats import plural, strength_label
 
 SCORES = "scores.json"
 REPORT = "report.md"
@@ -27,12 +27,12 @@ CLIP_COLUMNS = (("concept_fidelity", "concept"), ("zero_shot", "P(concept)"), ("
 
 
 def ci_text(ci: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """`0.512 [0.480, 0.545]`; `-` when there is nothing to show."""
+    """`0.512 [0.480, 0.545]`; `0.512` alone when the interval rounds to a point (as `pm_text`);
+    `-` when there is nothing to show."""
     if not ci or ci.get("mean") is None:
         return "-"
-    if ci["lo"] == ci["hi"]:
-        return f"{ci['mean']:.{digits}f}"
-    return f"{ci['mean']:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
+    mean, lo, hi = (f"{ci[key]:.{digits}f}" for key in ("mean", "lo", "hi"))
+    return mean if lo == hi == mean else f"{mean} [{lo}, {hi}]"
 
 
 def pm_text(ci: Mapping[str, Any] | None, digits: int = 3) -> str:
@@ -109,7 +109,8 @@ def vlm_table(section: Mapping[str, Any]) -> Table:
 
 
 def transport_table(section: Mapping[str, Any]) -> Table:
-    return rich_table(f"Transport judge: {len(section['concepts'])} held-out concepts, W2 residual ratio (lower is better)",
+    return rich_table(f"Transport judge: {plural(len(section['concepts']), 'held-out concept')}, W2 residual ratio "
+                      "(lower is better)",
                       TRANSPORT_HEAD, transport_rows(section["rows"], pm_text))
 
 
@@ -145,7 +146,7 @@ def markdown(scores: Mapping[str, Any]) -> str:
                   "", markdown_table(VLM_HEAD, vlm_rows(section)), "", f"![win tie loss]({vlm_plot_name(key)})"]
     if transport := scores.get("transport"):
         parts += ["", "## Transport judge", "",
-                  (f"W2 residual ratio in activation space on {len(transport['concepts'])} held-out concepts of "
+                  (f"W2 residual ratio in activation space on {plural(len(transport['concepts']), 'held-out concept')} of "
                    f"`{transport['data']}` (evaluation samples; 1 = no change, 0 = the target)."), "",
                   markdown_table(TRANSPORT_HEAD, transport_rows(transport["rows"])), "", f"![residual ratios]({RESIDUALS_PLOT})"]
     return "\n".join(parts) + "\n"
@@ -155,14 +156,18 @@ def vlm_plot_name(pair_key: str) -> str:
     return "vlm_" + pair_key.replace(",", "_vs_") + ".png"
 
 
-def write_report(root: Path, scores: Mapping[str, Any]) -> list[Path]:
-    """report.md and the plots of every section in `scores`, written into the run folder."""
+def write_report(root: Path, scores: Mapping[str, Any], judge: str | None = None,
+                 pair: str | None = None) -> list[Path]:
+    """report.md from every section of `scores`, and the plots of `judge` (of its VLM `pair`,
+    e.g. "hypertransport,prompt", if given; of every section when no judge is given), written
+    into the run folder. Returns what was written: other sections' plots are left as they are."""
     written = []
-    if "clip" in scores:
+    if "clip" in scores and judge in (None, "clip"):
         written.append(plot_tradeoff(scores["clip"], root / TRADEOFF_PLOT))
     for key, section in (scores.get("vlm") or {}).items():
-        written.append(plot_vlm(section, root / vlm_plot_name(key)))
-    if "transport" in scores:
+        if judge is None or (judge == "vlm" and pair in (None, key)):
+            written.append(plot_vlm(section, root / vlm_plot_name(key)))
+    if "transport" in scores and judge in (None, "transport"):
         written.append(plot_residuals(scores["transport"]["rows"], root / RESIDUALS_PLOT,
                                       "Transport judge: held-out residual ratio per method"))
     report = root / REPORT

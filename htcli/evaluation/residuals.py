@@ -80,15 +80,26 @@ def evaluate_hyper(
 SUMMARY = "summary.json"  # per baseline method, written by `ht fit-linear-baselines`
 
 
-def baseline_summaries(folders: Sequence[Path]) -> list[Path]:
-    """summary.json of each baseline method in `folders`: a method's own folder, or a baselines
-    root whose subfolders are methods (runs/<model>/baselines)."""
+def baseline_folders(folders: Sequence[Path]) -> list[Path]:
+    """The baseline method folders in `folders`: each is a method's own folder or a baselines
+    root (runs/<model>/baselines) whose subfolders are methods. One rule, for every reader of
+    baselines (`ht evaluate`, `ht score`): a method folder is one with the summary.json that
+    `ht fit-linear-baselines` writes; stray intervention files without one are not a method."""
     found = []
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise HTError(f"--baselines {folder} is not a directory; fit baselines with `ht fit-linear-baselines`")
-        found += [folder / SUMMARY] if (folder / SUMMARY).is_file() else sorted(folder.glob(f"*/{SUMMARY}"))
+        methods = [folder] if (folder / SUMMARY).is_file() else sorted(p.parent for p in folder.glob(f"*/{SUMMARY}"))
+        if not methods:
+            raise HTError(f"no baselines in {folder} or its subfolders (no {SUMMARY}); "
+                          "fit some with `ht fit-linear-baselines`")
+        found += methods
     return found
+
+
+def baseline_summaries(folders: Sequence[Path]) -> list[Path]:
+    """summary.json of each baseline method in `folders` (see `baseline_folders`)."""
+    return [folder / SUMMARY for folder in baseline_folders(folders)]
 
 
 def baseline_results(folders: Sequence[Path], names: Sequence[str]) -> list[MethodResult]:

@@ -10,8 +10,8 @@ Methods: `none` is the unsteered image (strength 0), made once per concept, prom
 whatever else is asked: it is the reference of the preservation score and the start of every
 strength curve. `prompt` applies the concept's template to the prompt and hooks nothing.
 `hypertransport` steers with the maps a hypernetwork checkpoint predicts from the concept's
-phrase. Every baseline folder from `ht fit-linear-baselines` (one `<slug>.safetensors` per
-concept) is one more method, named after the folder. A record stores the concept, its phrase,
+phrase. Every baseline folder from `ht fit-linear-baselines` (its `summary.json` and one
+`<slug>.safetensors` per concept) is one more method, named after the folder. A record stores the concept, its phrase,
 the method, the source prompt and the text sent to the model, the seed, the strength (null
 for `prompt`), the PNG's path and a digest of the weights used.
 
@@ -107,20 +107,15 @@ class Method:
 
 def find_baselines(folders: Sequence[Path]) -> dict[str, Path]:
     """Baseline method name -> folder of intervention files. A folder is one method's (it holds
-    .safetensors files) or a baselines root whose subfolders are methods (runs/<model>/baselines)."""
+    the summary.json of `ht fit-linear-baselines`) or a baselines root whose subfolders are
+    methods (runs/<model>/baselines): the rule of `baseline_folders`, shared with `ht score`."""
+    from htcli.evaluation.residuals import baseline_folders
+
     found: dict[str, Path] = {}
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise HTError(f"--baselines {folder} is not a directory; fit baselines with `ht fit-linear-baselines`")
-        methods = [folder] if any(folder.glob("*.safetensors")) else sorted(
-            d for d in folder.iterdir() if d.is_dir() and any(d.glob("*.safetensors")))
-        if not methods:
-            raise HTError(f"no intervention files in {folder} or its subfolders; fit some with `ht fit-linear-baselines`")
-        for method in methods:
-            if method.name in found or method.name in ("none", "prompt", "hypertransport"):
-                raise HTError(f"two baseline folders are named {method.name!r} (or it clashes with a built-in method)")
-            found[method.name] = method
+    for method in baseline_folders(folders):
+        if method.name in found or method.name in ("none", "prompt", "hypertransport"):
+            raise HTError(f"two baseline folders are named {method.name!r} (or it clashes with a built-in method)")
+        found[method.name] = method
     return found
 
 

@@ -28,7 +28,7 @@ class Scored:
     root: Path  # the run folder the report is in
     model: str
     section: dict[str, Any]
-    files: list[Path]  # scores.json, report.md and the plots
+    files: list[Path]  # what this call wrote: scores.json, report.md and the judge's plot
     note: str | None  # said when the model has random weights
 
 
@@ -58,12 +58,13 @@ def clip_section(run: EvalRun, clip_model: str | None, clip_pretrained: str | No
                  progress: Progress | None, warn: Callable[[str], None]) -> dict:
     """The CLIP judge on `run`; with no `clip_model`, ViT-L-14/openai, or the shipped tiny CLIP
     for an offline model (whose images are noise anyway)."""
-    from htcli.evaluation.clip import clip_encoder_id, clip_judge
+    from htcli.evaluation.clip import DEFAULT_CLIP, check_clip_arch, clip_encoder_id, clip_judge
     from htcli.methods.encoders import TINY_CLIP, get_encoder
     from htcli.models import get_model
 
     if clip_model is None and get_model(run.model).offline:
         clip_model = TINY_CLIP
+    check_clip_arch(clip_model or DEFAULT_CLIP[0])
     if clip_model not in (None, TINY_CLIP) and not clip_pretrained:
         warn(f"--clip-model {clip_model} without --clip-pretrained has random weights")
     encoder = get_encoder(clip_encoder_id(clip_model, clip_pretrained), device)
@@ -168,5 +169,6 @@ def score(
             section = vlm_section(opened, pair, backend, vlm_model, endpoint, timeout, seed, torch_device, progress)
     note = RANDOM_NOTE.format(model=model_id) if get_model(model_id).offline else None
     scores = update_scores(root, judge, section, {"run": str(root), "model": model_id} | ({"note": note} if note else {}))
-    files = [root / SCORES, *write_report(root, scores)]
+    pair_key = ",".join(section["pair"]) if judge == "vlm" else None
+    files = [root / SCORES, *write_report(root, scores, judge, pair_key)]
     return Scored(judge, root, model_id, section, files, note if judge != "transport" else None)

@@ -36,6 +36,12 @@ def strength_label(strength: float | str | None) -> str:
     return strength if isinstance(strength, str) else f"{strength:g}"
 
 
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """`1 concept`, `2 concepts`, `1,000 held-out concepts`, `3 categories` (with `many`): the
+    count and its noun, agreed."""
+    return f"{count:,} {noun if count == 1 else many or noun + 's'}"
+
+
 def method_order(method: str) -> tuple[int, str]:
     fixed = {"none": 0, "prompt": 1, "hypertransport": 2}
     return fixed.get(method, 3), method

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from htcli.core.files import atomic_path, write_json
+from htcli.core.files import atomic_path, check_output_dir, write_json
+from htcli.core.interventions import check_intervention_out
 from htcli.errors import HTError
 from htcli.generate.steer import (
     Progress,
@@ -56,21 +57,23 @@ def image_stem(index: int, steered: SteeredImage) -> str:
 
 
 def check_outputs(request: SteerRequest, out: Path | None, export: Path | None) -> None:
-    """Refuse output paths that cannot be written, before anything is generated."""
-    if out is not None and out.exists() and not out.is_dir():
-        raise HTError(f"--out {out} is a file; give a folder for the images (it is created if missing)")
+    """Refuse output paths that cannot be written, before anything is generated: `out` must be
+    a folder (or new), `export` a new .safetensors path or an ht intervention file (anything else
+    there is never overwritten)."""
+    if out is not None:
+        check_output_dir(out, "--out")
     if export is not None:
         if request.each or request.method != "hypertransport":
             raise HTError("--export needs one composed intervention: drop --each, and use --method hypertransport")
-        if export.is_dir():
-            raise HTError(f"--export {export} is a folder; give a .safetensors file name")
+        check_intervention_out(export, "--export")
 
 
 def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> list[Path]:
     """Write each image as PNG + JSON sidecar, a grid when there are several, and optionally the
     composed intervention to `export`. Every file is written atomically. Returns the PNGs."""
-    if folder.exists() and not folder.is_dir():
-        raise HTError(f"{folder} is a file; give a folder for the images")
+    check_output_dir(folder)
+    if export is not None:
+        check_intervention_out(export, "--export")
     intervention = steered.intervention() if export is not None else None  # refuse before writing
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -111,9 +114,9 @@ def steer_and_save(
     runs/<model>/generations/<time>-<prompt>)."""
     from htcli.core.runtime import run_path
     from htcli.data.concepts import slugify
-    from htcli.models import default_model_name, get_model
+    from htcli.models import get_model
 
-    spec = get_model(model or default_model_name())
+    spec = get_model(model)
     request.check()
     check_outputs(request, out, export)
     steered = steer(Steerer(spec, hyper=hyper, model_path=model_path, device=device), request, progress)

@@ -29,6 +29,7 @@ from htcli.generate.compose import Sources, Weighted, combine, resolve_sources
 from htcli.models import ModelSpec, denoiser
 
 METHODS = ("hypertransport", "prompt")
+DEFAULT_STRENGTH = 0.6
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -130,12 +131,16 @@ class SteerRequest:
     concepts: Sequence[Weighted] = ()
     reference_images: Sequence[Any] = ()
     interventions: Sequence[Weighted] = ()
-    strengths: Sequence[float] = (0.6,)  # a sweep: one image per value (and seed)
+    strengths: Sequence[float] | None = None  # a sweep: one image per value (and seed); None: DEFAULT_STRENGTH
     method: str = "hypertransport"  # or "prompt": the concept's template applied to the prompt
     seed: int = 0  # image k uses seed + k
     num_images: int = 1
     each: bool = False  # one image per source in one mixed batch, instead of composing them
     gap_correction: bool = True
+
+    @property
+    def strength_values(self) -> list[float]:
+        return [DEFAULT_STRENGTH] if self.strengths is None else [float(s) for s in self.strengths]
 
     @property
     def seeds(self) -> list[int]:
@@ -149,8 +154,9 @@ class SteerRequest:
             raise HTError(f"--method must be hypertransport or prompt, got {self.method!r}")
         if self.num_images < 1:
             raise HTError(f"--num-images must be positive, got {self.num_images}")
-        if not self.strengths or not all(math.isfinite(s) for s in self.strengths):
-            raise HTError(f"--strength needs finite numbers, got {list(self.strengths)}")
+        values = self.strength_values
+        if not values or not all(math.isfinite(s) for s in values):
+            raise HTError(f"--strength needs finite numbers, got {values}")
         if self.each and self.method == "prompt":
             raise HTError("--each needs --method hypertransport; run --method prompt once per concept instead")
         if self.method == "prompt" and (self.reference_images or self.interventions):
@@ -210,7 +216,7 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     request.check()
     spec = steerer.spec
     sources = resolve_sources(spec, request.concepts, request.reference_images, request.interventions)
-    strengths: list[float | None] = list(request.strengths)
+    strengths: list[float | None] = list(request.strength_values)
     notes = []
     if any(s > 1 for s in strengths):
         notes.append("strength > 1 extrapolates beyond the fitted transport")
@@ -220,6 +226,8 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             text = concept.apply(text)
         if any(w != 1 for _, w in sources.concepts):
             notes.append("--method prompt ignores concept weights")
+        if request.strengths is not None:
+            notes.append("--method prompt hooks nothing, so --strength does not apply: one image per seed")
         strengths = [None]  # nothing is hooked: strength does not apply
     else:
         per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes)

@@ -11,9 +11,11 @@ Two kinds, named by an id string:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -123,8 +125,10 @@ class OpenClipEncoder:
         if pretrained and not Path(pretrained).is_file():
             _require_clip_weights(arch, pretrained)
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # random (untagged) weights are the same in every process
+            # Random (untagged) weights are the same in every process; open_clip's warning that no
+            # weights were loaded is held back, since that is asked for (the caller warns if needed).
+            with torch.random.fork_rng(devices=[]), quiet_root_logger():
+                torch.manual_seed(0)
                 model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
         except RuntimeError as error:  # unknown architecture or tag
             raise HTError(f"cannot build open_clip encoder {self.id}: {error}") from None
@@ -144,6 +148,22 @@ class OpenClipEncoder:
     def encode_images(self, images: Sequence[Any]) -> Tensor:
         pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in images]).to(self.device)
         return F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
+
+
+@contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """Hold back warnings sent to the root logger, such as open_clip's "No pretrained weights
+    loaded for model ..." when a CLIP is built with random weights on purpose (the tiny one).
+    A null handler keeps `logging.warning` from installing a stderr handler for good."""
+    root, null = logging.getLogger(), logging.NullHandler()
+    previous = logging.root.manager.disable
+    root.addHandler(null)
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+        root.removeHandler(null)
 
 
 @lru_cache(maxsize=4)

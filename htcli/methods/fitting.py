@@ -4,29 +4,88 @@
 for every concept it fits the method on the concept's fitting samples, measures the residual
 ratio on its evaluation samples (other prompts and seeds), and, given a folder, saves the
 intervention file and `summary.json` after every concept. A rerun with the same settings skips
-the concepts already in the summary, so an interrupted run resumes where it stopped.
+the concepts already in the summary, so an interrupted run resumes where it stopped; a folder
+fitted with other settings is refused unless `overwrite`, which first removes its old files (so
+no stale intervention file is ever evaluated as if it were part of the new run).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from htcli.core.files import read_json, write_json
+from htcli.core.files import check_output_dir, read_json, write_json
 from htcli.core.interventions import Intervention
 from htcli.core.runtime import Progress
 from htcli.data.concepts import slugify
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
-from htcli.evaluation.residuals import MethodResult, residuals
+from htcli.evaluation.residuals import SUMMARY, MethodResult, residuals
 from htcli.methods.baselines import METHOD_FITS, LineasConfig, fit_method
 
 
 def check_method(method: str) -> None:
     if method not in METHOD_FITS:
         raise HTError(f"unknown method {method!r}; use one of {', '.join(sorted(METHOD_FITS))}")
+
+
+def fit_settings(method: str, dataset: ActivationDataset, samples: int | None = None,
+                 lineas: LineasConfig | None = None, incremental: bool = False) -> dict:
+    """The settings a method's summary.json records: a rerun with equal ones resumes the folder."""
+    check_method(method)
+    lineas = (lineas or LineasConfig()) if method == "lineas" else None
+    return {"samples": dataset.fitting_samples(samples), "dataset_digest": dataset.manifest["settings_digest"],
+            "lineas": asdict(lineas) if lineas else None, "incremental": incremental if method == "linear-act" else None}
+
+
+def settings_differences(saved: dict, model: str, settings: dict) -> list[str]:
+    """What differs from a saved summary's model and settings, by the option that sets it:
+    '--samples 8 (saved 16)', 'another dataset (settings digest ...)', '--lr 0.1 (saved 0.01)'."""
+    old = saved.get("settings") or {}
+    differ = []
+    if saved.get("model") != model:
+        differ.append(f"model {model} (saved {saved.get('model')})")
+    if old.get("dataset_digest") != settings["dataset_digest"]:
+        differ.append(f"another dataset (settings digest {settings['dataset_digest']}, saved {old.get('dataset_digest')})")
+    if old.get("samples") != settings["samples"]:
+        differ.append(f"--samples {settings['samples']} (saved {old.get('samples')})")
+    if old.get("incremental") != settings["incremental"]:
+        differ.append(f"--incremental {_on(settings['incremental'])} (saved {_on(old.get('incremental'))})")
+    new_lineas, old_lineas = settings["lineas"] or {}, old.get("lineas") or {}
+    for key in sorted(set(new_lineas) | set(old_lineas)):
+        if new_lineas.get(key) != old_lineas.get(key):
+            differ.append(f"--{key.replace('_', '-')} {new_lineas.get(key)} (saved {old_lineas.get(key)})")
+    return differ
+
+
+def _on(flag: bool | None) -> str:
+    return "on" if flag else "off"
+
+
+def prepare_folder(folder: Path, method: str, model: str, settings: dict, overwrite: bool = False) -> dict:
+    """The summary to continue in a method's `folder`: the saved one if fitted with `settings`
+    (an interrupted run resumes), else a fresh one. A folder fitted with other settings is an
+    HTError naming what differs, unless `overwrite`: then its summary and intervention files go."""
+    check_output_dir(folder, "--out")
+    fresh = {"method": method, "model": model, "settings": settings, "concepts": {}}
+    path = folder / SUMMARY
+    if not path.exists():
+        return fresh
+    saved = read_json(path)
+    differ = settings_differences(saved if isinstance(saved, dict) else {}, model, settings)
+    if not differ:
+        return saved
+    if not overwrite:
+        raise HTError(f"{folder} holds {method} fits made with other settings ({', '.join(differ)}); "
+                      "choose another --out, rerun with the saved settings, or pass --overwrite to replace them")
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    path.unlink()
+    return fresh
 
 
 def fit_baselines(
@@ -39,24 +98,25 @@ def fit_baselines(
     lineas: LineasConfig | None = None,
     incremental: bool = False,
     out: Path | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> MethodResult:
     """Fit `method` on each concept of `names` and score it on the concept's evaluation samples.
 
     `samples`: fitting samples per concept (None: all the dataset has). With `out` (a
     baselines folder, e.g. runs/<model>/baselines), files go to `out/<method>/`: one
-    intervention file per concept and summary.json, both written after every concept.
+    intervention file per concept and summary.json, both written after every concept. A
+    folder fitted with other settings is refused unless `overwrite` (see `prepare_folder`).
     """
-    check_method(method)
-    n = dataset.fitting_samples(samples)
+    settings = fit_settings(method, dataset, samples, lineas, incremental)
+    n = settings["samples"]
     lineas = (lineas or LineasConfig()) if method == "lineas" else None
-    settings = {"samples": n, "dataset_digest": dataset.manifest["settings_digest"],
-                "lineas": asdict(lineas) if lineas else None, "incremental": incremental if method == "linear-act" else None}
+    folder = out / method if out is not None else None
+    summary = (prepare_folder(folder, method, frozen.spec.id, settings, overwrite) if folder is not None
+               else {"concepts": {}})
     fit_inputs = {k: v[:n] for k, v in dataset.source_inputs("fit").items()}  # (N, ...) per input
     source_fit = {k: v[:n] for k, v in dataset.source_activations("fit").items()}  # (N, D) per layer
     eval_inputs, source_eval = dataset.source_inputs("eval"), dataset.source_activations("eval")
-    folder = out / method if out is not None else None
-    summary = _summary(folder, method, frozen.spec.id, settings)
     result = MethodResult(method, [], [])
     for index, name in enumerate(names):
         row = summary["concepts"].get(name)
@@ -70,25 +130,17 @@ def fit_baselines(
             row = {"file": f"{slugify(name)}.safetensors", "split": dataset.split_of(name), "fit_seconds": seconds,
                    "residual": overall, "residual_per_layer": per_layer, "support": intervention.support(),
                    **{k: v for k, v in info.items() if k.startswith("loss")}}
+            if "loss_first" in info:  # an optimised fit whose loss rose: a warning, not an error
+                row["diverged"] = bool(info["loss_last"] > info["loss_first"])
             if folder is not None:  # the file first: a summary row always has its file
                 intervention.save(folder / row["file"])
                 summary["concepts"][name] = row
-                write_json(folder / "summary.json", summary)
+                write_json(folder / SUMMARY, summary)
         result.residuals.append(row["residual"])
         result.seconds.append(row["fit_seconds"])
         if progress:
             progress(index + 1, len(names), name)
     return result
-
-
-def _summary(folder: Path | None, method: str, model: str, settings: dict) -> dict:
-    """The summary to continue: the saved one if fitted with `settings`, else a fresh one."""
-    path = folder / "summary.json" if folder is not None else None
-    if path is not None and path.exists():
-        saved = read_json(path)
-        if saved.get("settings") == settings and saved.get("model") == model:
-            return saved
-    return {"method": method, "model": model, "settings": settings, "concepts": {}}
 
 
 @dataclass
@@ -99,6 +151,21 @@ class BaselineRun:
     model: str
     folder: Path
     rows: dict[str, dict]
+
+    @property
+    def mean_residual(self) -> float | None:
+        """Mean held-out residual ratio over the concepts whose residual is finite (None: none is)."""
+        finite = [r["residual"] for r in self.rows.values() if r["residual"] is not None and math.isfinite(r["residual"])]
+        return statistics.fmean(finite) if finite else None
+
+    @property
+    def median_fit_seconds(self) -> float:
+        return statistics.median(r["fit_seconds"] for r in self.rows.values()) if self.rows else 0.0
+
+    @property
+    def diverged(self) -> list[str]:
+        """Concepts whose optimised fit ended with a higher loss than it started with."""
+        return [name for name, row in self.rows.items() if row.get("diverged")]
 
 
 def run_baselines(
@@ -112,6 +179,7 @@ def run_baselines(
     incremental: bool = False,
     out: Path | None = None,
     device: str | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> BaselineRun:
     """Load the dataset's denoiser and fit `method` on the named concepts (else the split's),
@@ -120,14 +188,17 @@ def run_baselines(
     from htcli.core.runtime import resolve_device, run_path
     from htcli.models import get_model, load_denoiser
 
-    check_method(method)  # every check before the model loads
+    # Every check before the model loads: method, concepts, samples, the output folder and
+    # the settings of what it already holds.
+    settings = fit_settings(method, dataset, samples, lineas, incremental)
     chosen = dataset.select(names, split)
-    dataset.fitting_samples(samples)
     spec = get_model(dataset.settings.model)
-    denoiser = load_denoiser(spec, resolve_device(device))
+    out = check_output_dir(Path(out) if out is not None else run_path(spec.id, "baselines"))
+    prepare_folder(out / method, method, spec.id, settings, overwrite)
+    torch_device = resolve_device(device)
+    denoiser = load_denoiser(spec, torch_device)
     frozen = Frozen(spec, denoiser, resolve_layers(denoiser, dataset.settings.layers))
-    out = Path(out) if out is not None else run_path(spec.id, "baselines")
     fit_baselines(method, frozen, dataset, chosen, samples=samples, lineas=lineas, incremental=incremental, out=out,
-                  progress=progress)
-    summary = read_json(out / method / "summary.json")
+                  overwrite=overwrite, progress=progress)
+    summary = read_json(out / method / SUMMARY)
     return BaselineRun(method, spec.id, out / method, {name: summary["concepts"][name] for name in chosen})

@@ -100,12 +100,15 @@ class Predictor:
 
 def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None) -> Intervention:
     """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
-    standard intervention file at `out`, and return it."""
+    standard intervention file at `out`, and return it. `out` must be a new `.safetensors` path
+    or an intervention file (replaced); anything else there is refused before anything loads."""
+    from htcli.core.interventions import check_intervention_out
     from htcli.data.concepts import load_library
     from htcli.models import default_model_name
 
-    predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
+    out = check_intervention_out(Path(out))
     resolved = load_library().resolve(concept)
+    predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
     intervention = Intervention(predictor.maps([resolved.phrase])[0], predictor.model, "hypertransport", resolved.name,
                                 predictor.checkpoint.encoder, info={"phrase": resolved.phrase})
     intervention.save(out)

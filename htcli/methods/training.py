@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from htcli.core.files import atomic_path, write_json
-from htcli.core.runtime import Progress, barrier, close_distributed, init_distributed, resolve_device
+from htcli.core.files import atomic_path, check_output_dir, write_json
+from htcli.core.runtime import Progress, barrier, close_distributed, init_distributed, is_main_process, resolve_device
 from htcli.core.transport import w2_loss
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
@@ -120,10 +120,14 @@ def sparsity_penalty(maps: dict[str, tuple[Tensor, Tensor]], l1: float, group: f
 
 # --micro-batch changes only memory (the gradient is exact), so a resumed run may change it.
 RESUMABLE_CHANGES = {"micro_batch"}
+# Settings with no command-line option: named as settings, not as options.
+LIBRARY_ONLY = {"weight_decay", "warmup", "clip"}
 
 
 def settings_differences(saved_hyper: HyperConfig, saved_train: dict, hyper: HyperConfig, config: TrainConfig) -> list[str]:
-    """'--option new (saved old)' for every architecture or training setting that differs."""
+    """Every architecture or training setting that differs, by its option: '--lr 0.005 (saved
+    0.01)', or by its name where `ht train-hyper` has no option for it: 'weight_decay 0.02
+    (saved 0.01)'."""
     differ = []
     for saved, current in ((asdict(saved_hyper), asdict(hyper)), (saved_train, asdict(config))):
         for key, value in current.items():
@@ -133,13 +137,37 @@ def settings_differences(saved_hyper: HyperConfig, saved_train: dict, hyper: Hyp
             if key in ("layers", "embed_dim"):
                 differ.append("the dataset's layers or concept encoder")
             else:
-                differ.append(f"--{key.replace('_', '-')} {value} (saved {old})")
-    return differ
+                name = key if key in LIBRARY_ONLY else f"--{key.replace('_', '-')}"
+                differ.append(f"{name} {_shown(key, value)} (saved {_shown(key, old)})")
+    return list(dict.fromkeys(differ))
+
+
+def _shown(key: str, value) -> str:
+    """A setting as its option takes it: --rank 0 for dense heads, on/off for flags."""
+    if key == "rank" and value is None:
+        return "0"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "all" if value is None else str(value)
 
 
 def _plain(value):
     """Tuples as lists: JSON-loaded settings compare equal to in-memory ones."""
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def check_resumable(out: Path, hyper: HyperConfig, config: TrainConfig) -> HyperCheckpoint:
+    """The checkpoint of the run in `out`, if `--resume` can continue it with these settings
+    (`config.samples` resolved); else an HTError naming what is missing or what differs."""
+    path = out / "hyper.safetensors"
+    if not path.exists() or not (out / "optimizer.pt").exists():
+        raise HTError(f"nothing to resume in {out}: no hyper.safetensors and optimizer.pt there")
+    saved = load_checkpoint(path)
+    differ = settings_differences(saved.config, saved.info.get("config", {}), hyper, config)
+    if differ:
+        raise HTError(f"--resume with other settings than the run in {out}: {', '.join(differ)}; "
+                      "rerun with the saved values, or pass --overwrite instead of --resume to start afresh")
+    return saved
 
 
 class Trainer:
@@ -285,14 +313,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from `out`: weights, optimizer, schedule, step and history. The run must
         have the saved run's settings: others would silently restart its schedule."""
-        path = self.out / "hyper.safetensors"
-        if not path.exists() or not (self.out / "optimizer.pt").exists():
-            raise HTError(f"nothing to resume in {self.out}: no hyper.safetensors and optimizer.pt there")
-        saved = load_checkpoint(path)
-        differ = settings_differences(saved.config, saved.info.get("config", {}), self.hyper_config, self.config)
-        if differ:
-            raise HTError(f"--resume with other settings than the run in {self.out}: {', '.join(differ)}; "
-                          "rerun with the saved values, or pass --overwrite instead of --resume to start afresh")
+        saved = check_resumable(self.out, self.hyper_config, self.config)
         self.network.load_state_dict(saved.network.state_dict())
         state = torch.load(self.out / "optimizer.pt", map_location=self.frozen.model.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -333,6 +354,7 @@ class TrainResult:
     final_loss: float | None
     val_residual: float | None  # None: no validation concepts
     test_residual: float | None  # None: the dataset has no held-out test concepts
+    already_finished: bool = False  # --resume found the run finished: nothing was trained
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -357,19 +379,33 @@ def train_hypernetwork(
     `hyper` holds HyperConfig's architecture fields (arch, hidden, depth, rank). With
     `calibration_images` (a folder), the encoder's modality gap is stored in the checkpoint.
     `progress(step, steps, text)` and `say(line)` are called on rank 0 only; returns the
-    result there and None on the other ranks.
+    result there and None on the other ranks. Every check runs before the model loads; a
+    `resume` of a finished run trains nothing (it still calibrates, given images).
     """
     import torch.distributed as dist
 
     from htcli.core.hooks import resolve_layers
     from htcli.models import get_model, load_denoiser
 
+    # Every check before the model loads: the output folder, the calibration images and the
+    # encoder they need, the samples, the concepts, and the run a --resume continues.
+    out = check_output_dir(Path(out))
     if (out / "hyper.safetensors").exists() and not (resume or overwrite):
         raise HTError(f"{out} already holds a hypernetwork; pass --resume to continue it or --overwrite to replace it")
-    images = _calibration_paths(calibration_images) if calibration_images is not None else None
+    images = None
+    if calibration_images is not None:
+        images = _calibration_paths(calibration_images)
+        _check_image_encoder(dataset.settings.encoder)
+    config = replace(config, samples=dataset.fitting_samples(config.samples))
+    train_names, _ = split_train_val(dataset.names("train"), config.val_fraction, config.seed, config.limit_concepts)
     spec = get_model(dataset.settings.model)
     embed_dim = int(dataset.embeddings(dataset.names()[:1]).shape[-1])
     hyper_config = HyperConfig(embed_dim=embed_dim, layers=tuple(dataset.layers.items()), **(hyper or {}))
+    if resume:
+        saved = check_resumable(out, hyper_config, config)
+        if saved.info.get("step", 0) >= config.steps and "final_loss" in saved.info:
+            return _finished(out, saved.info, images, train_names, say)
+
     distributed = init_distributed()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main = rank == 0
@@ -383,19 +419,14 @@ def train_hypernetwork(
         if resume:
             trainer.resume()
         if main and say:
-            say(f"training {hyper_config.arch} hypernetwork ({parameter_count(hyper_config) / 1e6:.2f}M parameters, "
+            start = f"resuming at step {trainer.step} of {config.steps}: " if trainer.step else ""
+            say(f"{start}training {hyper_config.arch} hypernetwork ({parameter_count(hyper_config) / 1e6:.2f}M parameters, "
                 f"{hyper_config.neurons:,} neurons) on {len(trainer.train)} concepts ({len(trainer.val)} validation, "
                 f"{len(trainer.test)} held-out test), {world} process(es)")
         report = (lambda step, loss: progress(step, trainer.config.steps, f"loss {loss:.3g}")) if main and progress else None
         summary = trainer.fit(report)
         if main and images is not None:
-            from htcli.core.files import load_rgb_images
-            from htcli.data.concepts import load_library
-            from htcli.methods.predict import calibrate_gap
-
-            library = load_library()
-            calibrate_gap(out / "hyper.safetensors", load_rgb_images(images, "calibration image"),
-                          [library.resolve(name).phrase for name in trainer.train])
+            _calibrate(out, images, trainer.train)
     finally:
         close_distributed()
     if not main:
@@ -404,8 +435,44 @@ def train_hypernetwork(
                        summary["val_residual"], summary["test_residual"])
 
 
+def _finished(out: Path, info: dict, images: list[Path] | None, train_names: Sequence[str],
+              say: Callable[[str], None] | None) -> TrainResult | None:
+    """`--resume` of a run that already reached its last step: its saved result, nothing trained."""
+    if not is_main_process():
+        return None
+    if say:
+        say(f"the run in {out} is already finished ({info['step']} steps): nothing to train "
+            "(pass --overwrite instead of --resume to train it afresh)")
+    if images is not None:
+        _calibrate(out, images, train_names)
+    return TrainResult(out / "hyper.safetensors", info["step"], info.get("train_seconds", 0.0), info.get("final_loss"),
+                       info.get("val_residual"), info.get("test_residual"), already_finished=True)
+
+
+def _calibrate(out: Path, images: list[Path], train_names: Sequence[str]) -> None:
+    from htcli.core.files import load_rgb_images
+    from htcli.data.concepts import load_library
+    from htcli.methods.predict import calibrate_gap
+
+    library = load_library()
+    calibrate_gap(out / "hyper.safetensors", load_rgb_images(images, "calibration image"),
+                  [library.resolve(name).phrase for name in train_names])
+
+
+def _check_image_encoder(encoder_id: str) -> None:
+    """Calibration images need an encoder with an image tower; decided from the id (no weights
+    load): `minilm` is text only, `open_clip:...` has both towers."""
+    from htcli.methods.encoders import MiniLMEncoder, OpenClipEncoder
+
+    kind = MiniLMEncoder if encoder_id == "minilm" else OpenClipEncoder if encoder_id.startswith("open_clip:") else None
+    if kind is None or not kind.has_images:
+        raise HTError(f"--calibration-images needs a concept encoder with an image tower, and this dataset's encoder "
+                      f"{encoder_id} has none: build the dataset with an open_clip --encoder, or leave the images out")
+
+
 def _calibration_paths(folder: Path) -> list[Path]:
     """The images in `folder`, checked before training so a typo costs no training time."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise HTError(f"--calibration-images {folder} is not a folder")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

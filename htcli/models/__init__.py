@@ -14,7 +14,7 @@ import difflib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,11 @@ class ModelSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def record(self) -> dict[str, Any]:
+        """The spec as plain, JSON-ready data (`ht models --json`): every field but the loaders."""
+        skip = {"loader", "denoiser_loader"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for one sampling call of the spec's pipeline."""
@@ -130,17 +135,28 @@ def list_models() -> list[ModelSpec]:
     return list(_REGISTRY.values())
 
 
-def get_model(name: str) -> ModelSpec:
-    """The spec called `name`; an unknown name is an error listing the known ones."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+def _unknown(name: str, source: str = "") -> HTError:
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise HTError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}.{hint}")
+    return HTError(f"unknown model {name!r}{source}; known models: {', '.join(_REGISTRY)}.{hint}")
+
+
+def get_model(name: str | None = None) -> ModelSpec:
+    """The spec called `name` (None: `default_model_name()`); an unknown name is an error
+    listing the known ones."""
+    name = default_model_name() if name is None else name
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    raise _unknown(name)
 
 
 def default_model_name() -> str:
-    return os.environ.get("HT_MODEL", "pixart")
+    """$HT_MODEL, else pixart. An unknown $HT_MODEL is an error that names the variable (the
+    user gave no --model, so an error about "the model" alone would puzzle)."""
+    name = os.environ.get("HT_MODEL", "pixart")
+    if name not in _REGISTRY:
+        raise _unknown(name, " (from $HT_MODEL; pass --model or change the variable)")
+    return name
 
 
 from htcli.models import hub as _hub  # noqa: E402,F401  (registers pixart, dmd2)

@@ -74,6 +74,15 @@ def human_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def human_count(n: int) -> str:
+    """611M, 2.6B, 48.3k, or the number itself below a thousand: three significant digits, so
+    a tiny model's denoiser is not "0M"."""
+    for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size * 0.9995:  # 999,999 is 1M, not 1e+03k
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 def _meta_inputs(spec: ModelSpec, config: dict) -> dict:
     """One sample of the denoiser's inputs at the spec's resolution and first timestep."""
     dtype = spec.torch_dtype
