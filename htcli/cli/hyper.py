@@ -69,7 +69,7 @@ def train_hyper_command(
     """
     from htcli.core.runtime import run_path
     from htcli.data.dataset import open_dataset
-    from htcli.methods.training import train_hypernetwork
+    from htcli.methods.training_run import train_hypernetwork
 
     dataset = open_dataset(data, model)
     config = TrainConfig(steps=steps_, concepts_per_step=concepts_per_step, samples=samples, lr=lr, l1=l1, group=group,
