@@ -21,7 +21,7 @@ def demo_command(
     lineas_steps: Annotated[int, typer.Option(help="LinEAS steps per held-out concept.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed for concept choice, prompts and noise.")] = 0,
 ) -> None:
-    """Run the whole method offline on `tiny` and write a report (a few minutes on 2 CPU cores).
+    """Run the whole method offline on `tiny` and write a report (about 6 minutes on 2 CPU cores).
 
     Builds a dataset, fits mean shift, Linear-AcT and LinEAS on held-out concepts, trains the
     hypernetwork on other concepts, compares them in activation space, and steers a prompt

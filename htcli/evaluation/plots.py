@@ -106,12 +106,15 @@ def plot_residuals(rows: Sequence[Mapping[str, Any]], path: Path, title: str) ->
         figure, axes = plt.subplots(figsize=(7.0, 1.2 + 0.45 * len(rows)))
         errors = [[m - r["residual"]["lo"] for m, r in zip(means, rows)], [r["residual"]["hi"] - m for m, r in zip(means, rows)]]
         colors = ["#999999" if n == "none" else PALETTE[i % len(PALETTE)] for i, n in enumerate(names)]
-        bars = axes.barh(names, means, xerr=errors, color=colors, capsize=3)
-        axes.bar_label(bars, labels=[f"{m:.3f}" for m in means], padding=4, fontsize=8)
-        axes.axvline(1.0, color="black", linestyle="--", linewidth=1, label="no steering (1)")
+        axes.barh(names, means, xerr=errors, color=colors, capsize=3)
+        for y, (mean, row) in enumerate(zip(means, rows)):  # the value past its whisker, never on it
+            axes.annotate(f"{mean:.3f}", (row["residual"]["hi"], y), xytext=(4, 0), textcoords="offset points",
+                          va="center", fontsize=8)
+        axes.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        axes.annotate("no steering", (1.0, 0.0), xycoords=("data", "axes fraction"), xytext=(4, 4),
+                      textcoords="offset points", fontsize=8)
         axes.invert_yaxis()
-        axes.set_xlim(0, max([1.1, *(r["residual"]["hi"] * 1.15 for r in rows)]))
+        axes.set_xlim(0, max([1.2, *(r["residual"]["hi"] * 1.15 for r in rows)]))
         axes.set_xlabel("W2 residual ratio (lower is better; 0 = the target)")
         axes.set_title(title)
-        axes.legend(loc="lower right")
         return _save(figure, path)
