@@ -5,7 +5,9 @@
 - `plot_vlm`: the VLM judge's win / tie / loss rates of A, stacked, one bar per strength;
 - `plot_residuals`: residual ratio per method (lower is better; 1 = no steering).
 
-The Agg backend is chosen here, so plotting works on machines with no display.
+Figures are `matplotlib.figure.Figure` objects, never pyplot's: no global backend is chosen
+and no figure state is shared, so importing this module changes nothing for a notebook, and
+plotting works with no display and from several threads.
 """
 
 from __future__ import annotations
@@ -14,18 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-
-import matplotlib.pyplot as plt
+import matplotlib as mpl
+from matplotlib.figure import Figure
 
 from htcli.core.files import atomic_path
 from htcli.evaluation.stats import strength_label
 
 STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.spines.top": False, "axes.spines.right": False,
          "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False, "savefig.dpi": 120}
-PALETTE = plt.get_cmap("tab10").colors
+PALETTE = mpl.colormaps["tab10"].colors
 OUTCOME_COLORS = {"win": "#2ca02c", "tie": "#aaaaaa", "loss": "#d62728"}
 
 
@@ -33,7 +32,6 @@ def _save(figure: Any, path: Path) -> Path:
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
-    plt.close(figure)
     return path
 
 
@@ -48,8 +46,9 @@ def plot_tradeoff(section: Mapping[str, Any], path: Path) -> Path:
             if r["concept_fidelity"]["mean"] is not None and r["input_fidelity"]["mean"] is not None]
     none = next((r for r in rows if r["method"] == "none"), None)
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "none"]
-    with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    with mpl.rc_context(STYLE):
+        figure = Figure(figsize=(7.5, 4.8))
+        axes = figure.subplots()
         for i, method in enumerate(methods):
             own = [r for r in rows if r["method"] == method]
             if method != "prompt" and none is not None:
@@ -80,8 +79,9 @@ def plot_vlm(section: Mapping[str, Any], path: Path) -> Path:
     """Stacked horizontal bars of A's win / tie / loss rates, one per strength (and overall)."""
     rows = [r for r in section["summary"] if r["judged"]]
     a, b = section["pair"]
-    with plt.rc_context(STYLE | {"axes.grid": False}):
-        figure, axes = plt.subplots(figsize=(7.5, 1.2 + 0.5 * max(len(rows), 1)))
+    with mpl.rc_context(STYLE | {"axes.grid": False}):
+        figure = Figure(figsize=(7.5, 1.2 + 0.5 * max(len(rows), 1)))
+        axes = figure.subplots()
         labels = ["all strengths" if r["strength"] == "all" else f"strength {strength_label(r['strength'])}" for r in rows]
         left = [0.0] * len(rows)
         for outcome, color in OUTCOME_COLORS.items():
@@ -102,8 +102,9 @@ def plot_residuals(rows: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     """Residual ratio per method with its 95% interval; the dashed line at 1 is no steering."""
     names = [r["method"] for r in rows]
     means = [r["residual"]["mean"] for r in rows]
-    with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(figsize=(7.0, 1.2 + 0.45 * len(rows)))
+    with mpl.rc_context(STYLE):
+        figure = Figure(figsize=(7.0, 1.2 + 0.45 * len(rows)))
+        axes = figure.subplots()
         errors = [[m - r["residual"]["lo"] for m, r in zip(means, rows)], [r["residual"]["hi"] - m for m, r in zip(means, rows)]]
         colors = ["#999999" if n == "none" else PALETTE[i % len(PALETTE)] for i, n in enumerate(names)]
         axes.barh(names, means, xerr=errors, color=colors, capsize=3)
