@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from htcli import __version__
 from htcli.core.files import check_output_file, read_tensors, save_tensors
+from htcli.core.transport import Maps
 from htcli.errors import HTError
 
 FORMAT = "ht-intervention/1"
@@ -29,7 +29,7 @@ METHODS = ("linear-act", "lineas", "mean-shift", "hypertransport")
 class Intervention:
     """Affine maps per layer name, plus what they were made for."""
 
-    maps: dict[str, tuple[Tensor, Tensor]]  # layer -> (omega, beta), each (D,)
+    maps: Maps  # layer -> (omega, beta), each (D,)
     model: str
     method: str
     concept: str

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from htcli.core.files import read_tensors, save_tensors
+from htcli.core.transport import Maps
 from htcli.errors import HTError
 
 FORMAT = "ht-hypernetwork/1"
@@ -91,7 +92,7 @@ class MLPHyper(nn.Module):
         self.trunk = nn.Sequential(*blocks)
         self.head = LowRankHead(config.hidden, [w for _, w in config.layers], config.rank)
 
-    def forward(self, embedding: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    def forward(self, embedding: Tensor) -> Maps:
         """(K, E) embeddings -> {layer: (omega (K, D), beta (K, D))}."""
         h = self.trunk(F.normalize(embedding.float(), dim=-1))
         maps = {}
@@ -103,7 +104,7 @@ class MLPHyper(nn.Module):
 ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLPHyper}
 
 
-def unbatch(maps: dict[str, tuple[Tensor, Tensor]]) -> list[dict[str, tuple[Tensor, Tensor]]]:
+def unbatch(maps: Maps) -> list[Maps]:
     """{layer: ((K, D), (K, D))} -> K per-concept maps {layer: ((D,), (D,))}."""
     count = next(iter(maps.values()))[0].shape[0]
     return [{layer: (o[i], b[i]) for layer, (o, b) in maps.items()} for i in range(count)]
@@ -144,7 +145,7 @@ class HyperCheckpoint:
         save_tensors(path, tensors, metadata)
 
     @torch.no_grad()
-    def maps(self, embedding: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    def maps(self, embedding: Tensor) -> Maps:
         self.network.eval()
         return self.network(embedding)
 

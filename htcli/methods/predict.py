@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from htcli.core.files import file_digest
-from htcli.core.interventions import Intervention
+from htcli.core.interventions import Intervention, check_intervention_out
 from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
 from htcli.errors import HTError
@@ -102,7 +102,6 @@ def export_intervention(concept: str, out: Path, hyper: Path | None = None, mode
     """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
     standard intervention file at `out`, and return it. `out` must be a new `.safetensors` path
     or an intervention file (replaced); anything else there is refused before anything loads."""
-    from htcli.core.interventions import check_intervention_out
     from htcli.data.concepts import load_library
     from htcli.models import default_model_name
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from htcli.core.files import atomic_path, write_json
 from htcli.core.runtime import barrier
-from htcli.core.transport import w2_loss
+from htcli.core.transport import Maps, w2_loss
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
@@ -105,7 +105,7 @@ def _schedule(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def sparsity_penalty(maps: dict[str, tuple[Tensor, Tensor]], l1: float, group: float) -> Tensor:
+def sparsity_penalty(maps: Maps, l1: float, group: float) -> Tensor:
     """Sparse group lasso on predicted (omega - 1, beta), per concept, averaged over concepts."""
     total = torch.zeros(())
     for omega, beta in maps.values():
@@ -212,7 +212,7 @@ class Trainer:
         targets = self.dataset.targets(names, "fit")
         sorted_targets = {layer: torch.sort(t[:, :n].to(device), dim=1).values for layer, t in targets.items()}
 
-        def per_sample(rows: slice) -> dict[str, tuple[Tensor, Tensor]]:
+        def per_sample(rows: slice) -> Maps:
             maps = network(embedding)  # {layer: ((K, D), (K, D))}
             return {layer: (o.repeat_interleave(n, 0)[rows], b.repeat_interleave(n, 0)[rows]) for layer, (o, b) in maps.items()}
 
