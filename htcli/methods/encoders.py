@@ -7,6 +7,7 @@ Two kinds, named by an id string:
   open_clip, with text and image towers. `open_clip:ARCH` with no tag builds random weights;
   `open_clip:ht-tiny-clip` is a tiny config shipped here, so the image path (reference
   images, the CLIP judge) is tested offline. Its weights are random: its scores mean nothing.
+  Weights trained with QuickGELU (OpenAI's, among others) get QuickGELU: see `open_clip_request`.
 """
 
 from __future__ import annotations
@@ -111,6 +112,24 @@ def _require_clip_weights(arch: str, pretrained: str) -> None:
     require_hub_files(repo, candidates, f"CLIP weights {arch}/{pretrained}")
 
 
+def open_clip_request(arch: str, pretrained: str | None) -> dict[str, Any]:
+    """Keyword arguments of `open_clip.create_model_and_transforms` for `arch` with `pretrained`
+    weights, asking for the activation those weights were trained with.
+
+    open_clip builds e.g. `ViT-L-14` with nn.GELU, while OpenAI's weights (and some others, such
+    as MetaCLIP's) were trained with QuickGELU, x * sigmoid(1.702 x); given `pretrained="openai"`
+    it only warns and embeds with the wrong activation. Its pretrained registry records the
+    activation of each (arch, tag) as `quick_gelu`, so that field decides, for any arch. Random
+    weights (no tag) and weight files keep the config's activation; a `-quickgelu` arch already
+    has QuickGELU. The ids users write, and that datasets record, do not change.
+    """
+    import open_clip
+
+    tag_config = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}  # {} for files, unknown tags
+    quick_gelu = bool(tag_config.get("quick_gelu"))
+    return {"model_name": arch, "pretrained": pretrained or None, "force_quick_gelu": quick_gelu}
+
+
 class OpenClipEncoder:
     has_images = True
 
@@ -129,7 +148,7 @@ class OpenClipEncoder:
             # weights were loaded is held back, since that is asked for (the caller warns if needed).
             with torch.random.fork_rng(devices=[]), quiet_root_logger():
                 torch.manual_seed(0)
-                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
+                model, _, preprocess = open_clip.create_model_and_transforms(**open_clip_request(arch, pretrained))
         except RuntimeError as error:  # unknown architecture or tag
             raise HTError(f"cannot build open_clip encoder {self.id}: {error}") from None
         except OSError as error:  # no network and no cache
