@@ -22,6 +22,8 @@ BENCHMARKS = {
     "baselines": "median seconds per concept per baseline on tiny (LinEAS 1000 steps)",
     "steer": "steered vs plain generation; concept text to maps",
     "amortization": "HyperTransport forward vs LinEAS fit on held-out concepts",
+    "checkpointing": "activations kept per sample with/without gradient checkpointing (meta); time ratio on tiny",
+    "loading": "peak RSS loading pixart's transformer, new vs old way (random float16 file)",
 }
 QUICK = {"baselines": ["--concepts", "2", "--steps", "200"], "amortization": ["--concepts", "5", "--steps", "200"]}
 

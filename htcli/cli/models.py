@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -21,6 +22,9 @@ from htcli.cli.options import (
 from htcli.cli.output import console, print_table
 from htcli.core.files import dumps_json
 from htcli.models import get_model, list_models
+
+if TYPE_CHECKING:
+    from htcli.models.plan import Plan
 
 
 @app.command("models")
@@ -57,7 +61,8 @@ def plan_command(
     from htcli.models.plan import human_bytes, human_count, make_plan
 
     spec = get_model(model)
-    plan = make_plan(spec, layers).summary(samples, eval_samples, concepts_per_step)
+    measured = make_plan(spec, layers)
+    plan = measured.summary(samples, eval_samples, concepts_per_step) | {"batches": _batches_here(measured)}
     if as_json:
         typer.echo(dumps_json(plan))
         return
@@ -78,3 +83,32 @@ def plan_command(
         f"(estimate): {human_bytes(plan['training_bytes'])} ({human_bytes(plan['activation_bytes_per_sample'])} of "
         "activations per sample)"
     )
+    batches = plan["batches"]
+    console.print(
+        f"batches on {batches['device']} ({human_bytes(batches['free_bytes'])} free, {batches['dtype']}): "
+        f"micro-batch {batches['micro_batch']} "
+        f"({batches['micro_batch_grad_checkpointing']} with --grad-checkpointing), "
+        f"forward batch {batches['forward_batch']}"
+    )
+
+
+def _batches_here(plan: Plan) -> dict:
+    """The batch sizes training would choose on this machine's default device, weights not loaded."""
+    from htcli.core.precision import training_dtype
+    from htcli.core.runtime import resolve_device
+    from htcli.models.memory import choose_batches, free_bytes
+
+    device = resolve_device(None)
+    dtype = training_dtype("auto", device)
+    free = free_bytes(device)
+    plain, checkpointed = (
+        choose_batches(plan, device, dtype, grad_checkpointing=checkpointing, weights_loaded=False, free=free)
+        for checkpointing in (False, True)
+    )
+    return {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        **asdict(plain),
+        "micro_batch_grad_checkpointing": checkpointed.micro_batch,
+        "per_sample_bytes_grad_checkpointing": checkpointed.per_sample_bytes,
+    }

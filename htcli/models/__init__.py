@@ -40,7 +40,7 @@ class ModelSpec:
     resolution: int
     dtype: str
     loader: Callable[..., Any]  # (spec, model_path, device, dtype) -> diffusers pipeline
-    denoiser_loader: Callable[..., nn.Module]  # (spec, dtype) -> the denoiser alone, on the CPU
+    denoiser_loader: Callable[..., nn.Module]  # (spec, dtype, device) -> the denoiser alone, there
     guidance_scale: float = 0.0  # the distilled models sample without classifier-free guidance
     concept_encoder: str = "open_clip:ViT-L-14/openai"  # see htcli.methods.encoders
     offline: bool = False  # runs with no download at all
@@ -115,9 +115,9 @@ def load_pipeline(
 
 def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Only the denoiser, frozen and in eval mode: all that fitting and training need once
-    the inputs are cached (no text encoder, no VAE)."""
-    model = spec.denoiser_loader(spec, dtype or spec.torch_dtype)
-    return model.to(device).eval().requires_grad_(False)
+    the inputs are cached (no text encoder, no VAE). Its weights go straight to `device`."""
+    model = spec.denoiser_loader(spec, dtype or spec.torch_dtype, torch.device(device))
+    return model.eval().requires_grad_(False)
 
 
 # Registration happens in the loader modules, which import this one.

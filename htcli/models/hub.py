@@ -3,16 +3,20 @@
 Nothing downloads at import. Loading resolves the distilled weights file inside its Hub repo
 (names have changed over time), reads it with safetensors (a `.bin` only with
 `weights_only=True`), and loads it strictly: missing or unexpected keys are an error.
+The denoiser is built without allocating its parameters and takes the file's tensors, each
+converted to the target dtype and device as it is read: no float32 copy of 2.6B parameters.
 These loaders are exercised here only up to the download; the shapes and layer names they
 produce are tested on the meta device from the shipped configs.
 """
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from htcli.errors import HTError
 from htcli.models import ModelSpec, denoiser_class, denoiser_config, register
@@ -52,29 +56,64 @@ def _download_weights(spec: ModelSpec) -> Path:
     raise HTError(f"cannot load {spec.id} weights: tried {'; '.join(tried)}; {OFFLINE_HINT}")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: safetensors, or a pickle read with `weights_only=True`."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def read_state_dict(path: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a weights file on `device`, floating ones in `dtype`: safetensors, converted
+    one tensor at a time (a float32 file never sits whole in memory next to its converted copy),
+    or a pickle read with `weights_only=True`."""
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            return {key: convert(file.get_tensor(key)) for key in file.keys()}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: convert(tensor) for key, tensor in state.items()}
+
+
+class EmptyParameters(TorchFunctionMode):
+    """Build modules without allocating their parameters.
+
+    torch.nn layers create each parameter with `torch.empty` and initialise it in place, so
+    sending those calls to the meta device allocates and computes nothing. Everything else stays
+    real: buffers a constructor computes, such as PixArt's sin-cos position table (not in the
+    state dict, as it is non-persistent), and the few small parameters diffusers draws directly.
+    Unlike `accelerate.init_empty_weights`, which creates each parameter on the CPU (uninitialised)
+    before moving it to meta, nothing parameter-sized is ever allocated, and no dependency is needed.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    """Make `state`'s tensors the module's own (no copy: they keep their dtype and device).
+
+    Missing or unexpected keys are an error, and so is any tensor left on the meta device by
+    `EmptyParameters`, which the state dict did not replace."""
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise HTError(
             f"{what} does not fit the architecture: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    empty = [name for name, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+    if empty:
+        raise HTError(f"{what} leaves {len(empty)} tensors of the architecture without values (e.g. {empty[:3]})")
 
 
-def _distilled_denoiser(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
+def _distilled_denoiser(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+    """The distilled denoiser in `dtype` on `device`, holding the weights file's tensors."""
     weights = _download_weights(spec)
-    denoiser = denoiser_class(spec).from_config(denoiser_config(spec))
-    load_strict(denoiser, read_state_dict(weights), f"{weights.name}")
-    return denoiser.to(dtype)
+    with EmptyParameters():
+        denoiser = denoiser_class(spec).from_config(denoiser_config(spec))
+    load_strict(denoiser, read_state_dict(weights, dtype, device), weights.name)
+    return denoiser.to(device, dtype)  # the buffers the constructor computed, in float32 on the CPU
 
 
 def _from_pretrained(pipeline_class: Any, spec: ModelSpec, model_path: str | None, **components: Any) -> Any:
@@ -90,7 +129,7 @@ def _from_pretrained(pipeline_class: Any, spec: ModelSpec, model_path: str | Non
 def _load_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     from diffusers import PixArtSigmaPipeline
 
-    transformer = _distilled_denoiser(spec, dtype)
+    transformer = _distilled_denoiser(spec, dtype, device)
     pipe = _from_pretrained(PixArtSigmaPipeline, spec, model_path, transformer=transformer, torch_dtype=dtype)
     return pipe.to(device)
 
@@ -98,7 +137,7 @@ def _load_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
 def _load_dmd2(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    unet = _distilled_denoiser(spec, dtype)
+    unet = _distilled_denoiser(spec, dtype, device)
     pipe = _from_pretrained(StableDiffusionXLPipeline, spec, model_path, unet=unet, torch_dtype=dtype)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     return pipe.to(device)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
 from htcli.models import ModelSpec, build_meta_denoiser, denoiser_config
@@ -32,7 +34,8 @@ class Plan:
     layers: list[Layer]
     denoiser_params: int
     weights_bytes: int  # denoiser in the spec's dtype
-    activation_bytes_per_sample: int  # kept for backward, up to the last hooked layer
+    # Kept for backward, up to the last hooked layer (attention as fused kernels keep it).
+    activation_bytes_per_sample: int
 
     @property
     def neurons(self) -> int:
@@ -83,8 +86,9 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def _meta_inputs(spec: ModelSpec, config: dict) -> dict:
-    """One sample of the denoiser's inputs at the spec's resolution and first timestep."""
+def example_inputs(spec: ModelSpec, config: dict) -> dict:
+    """One random sample of the denoiser's inputs at the spec's resolution and first timestep,
+    on the default device (under `torch.device("meta")`: no memory)."""
     dtype = spec.torch_dtype
     latent = spec.resolution // 8
     text = torch.randn(1, TEXT_TOKENS[spec.family], config[TEXT_WIDTH[spec.family]], dtype=dtype)
@@ -106,23 +110,23 @@ def _meta_inputs(spec: ModelSpec, config: dict) -> dict:
     return inputs
 
 
-def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None) -> Plan:
-    """Build the spec's denoiser on the meta device and measure one steered forward pass."""
+def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_checkpointing: bool = False) -> Plan:
+    """Build the spec's denoiser on the meta device and measure one steered forward pass (with
+    `grad_checkpointing`, as diffusers checkpoints its blocks: only their inputs are kept)."""
     config = denoiser_config(spec)
     model = build_meta_denoiser(spec).to(spec.torch_dtype).requires_grad_(False)
+    if grad_checkpointing:
+        model.enable_gradient_checkpointing()
+        model.train()
     layers = resolve_layers(model, patterns or spec.hook_patterns)
     with torch.device("meta"):
         maps = {
             name: (torch.ones(module_width(m), requires_grad=True), torch.zeros(module_width(m), requires_grad=True))
             for name, m in layers.items()
         }
-        inputs = _meta_inputs(spec, config)
+        inputs = example_inputs(spec, config)
     shapes: dict[str, tuple[int, ...]] = {}
-    saved: list[tuple[int, int]] = []  # (numel, bytes) of every tensor kept for backward
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append((t.numel(), t.numel() * t.element_size()))
-        return t
+    saved = _SavedForBackward()
 
     def record_shape(name):
         def hook(module, args, out) -> None:
@@ -132,19 +136,50 @@ def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None) -> Plan:
 
     handles = [m.register_forward_hook(record_shape(n)) for n, m in layers.items()]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             with hooked(model, layers, capture=True, steering=Steering(maps), stop_early=True):
                 model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
     planned = [Layer(n, module_width(m), _tokens(shapes[n])) for n, m in layers.items()]
-    # Attention score matrices (tokens x tokens x heads) are only materialised by the math
-    # attention the meta device runs; fused GPU kernels never store them, so leave them out.
-    largest = max(layer.width * layer.tokens for layer in planned)
-    activation_bytes = sum(b for numel, b in saved if numel <= 4 * largest)
     params = sum(p.numel() for p in model.parameters())
-    return Plan(spec, planned, params, params * torch.finfo(spec.torch_dtype).bits // 8, activation_bytes)
+    return Plan(spec, planned, params, params * torch.finfo(spec.torch_dtype).bits // 8, saved.bytes)
+
+
+class _SavedForBackward(TorchFunctionMode):
+    """Bytes autograd keeps for backward (`pack` is the saved-tensors hook), with attention
+    counted as fused GPU kernels (flash, memory-efficient) keep it: query, key, value, output.
+    The meta device runs math attention, which also keeps the (tokens x tokens x heads) score
+    matrices that fused kernels never store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self._in_attention = False
+        self._attention_saved = False  # whether this attention call saved through `pack` at all
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._in_attention:
+            self._attention_saved = True
+        else:
+            self.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self._in_attention, self._attention_saved = True, False
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self._in_attention = False
+        # Inside a checkpointed block the checkpoint's own hooks take what attention saves and
+        # drop it: then nothing is kept.
+        if self._attention_saved:
+            self.bytes += sum(t.numel() * t.element_size() for t in (*args[:3], out))
+        return out
 
 
 def _tokens(shape: tuple[int, ...]) -> int:

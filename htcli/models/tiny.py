@@ -44,9 +44,10 @@ def _seeded(build, seed: int):
         return build()
 
 
-def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32) -> torch.nn.Module:
+def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
     model = _seeded(lambda: denoiser_class(spec).from_config(denoiser_config(spec)), SEED)
-    return model if dtype == torch.float32 else model.to(dtype)
+    # Cast only when asked: diffusers warns on every dtype given to `to`, float32 included.
+    return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
 
 
 def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
