@@ -2,17 +2,20 @@
 intervention files whose maps they apply."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 from conftest import generate
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from htcli.core.files import read_tensors, save_tensors
 from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
 from htcli.core.interventions import Intervention, load_intervention
+from htcli.core.transport import apply_affine
 from htcli.errors import HTError
-from htcli.models import denoiser
+from htcli.models import denoiser, get_model, load_pipeline
 
 
 class Tiny(nn.Module):
@@ -229,3 +232,108 @@ def test_intervention_files_store_no_strength_and_older_ones_still_load(tmp_path
     assert old.concept == "art deco" and not hasattr(old, "strength")
     for got, want in zip(old.maps["a"], maps["a"]):
         assert torch.equal(got, want)
+
+
+class RecordConversions(TorchFunctionMode):
+    """Records every device/dtype conversion or copy that reads one of `watched` (by identity)."""
+
+    CONVERSIONS = {"to", "cuda", "cpu", "type", "copy_", "double", "half", "bfloat16"}
+
+    def __init__(self, watched):
+        super().__init__()
+        self.watched, self.calls = watched, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.CONVERSIONS and any(arg is t for arg in args for t in self.watched):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module", params=["cpu", "cuda"])
+def sdxl_on(request, tiny_sdxl):
+    """tiny-sdxl on the CPU, and on a GPU when there is one (where CPU maps must really move)."""
+    if request.param == "cpu":
+        return tiny_sdxl
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    spec = get_model("tiny-sdxl")
+    return spec, load_pipeline(spec, device="cuda")
+
+
+def test_maps_move_to_the_model_device_once_not_per_hook_call(sdxl_on):
+    """4 denoising steps x 24 steered layers x 3 tensors: the old per-call `.to` showed up 288 times."""
+    spec, pipe = sdxl_on
+    model = denoiser(pipe, spec)
+    device = next(model.parameters()).device
+    layers = resolve_layers(model, spec.hook_patterns)
+    maps = _random_maps(layers, batch=2)  # (B, D) CPU maps and per-sample strengths: every tensor kind
+    strength = torch.tensor([[1.0], [0.5]])
+    watched = [t for pair in maps.values() for t in pair] + [strength]
+    recorder = RecordConversions(watched)
+    with hooked(model, layers, steering=Steering(maps, strength)):
+        with recorder:
+            steered = generate(spec, pipe, ["a teapot", "a kite"])
+    assert recorder.calls == []
+    on_device = {name: (o.to(device), b.to(device)) for name, (o, b) in maps.items()}
+    with hooked(model, layers, steering=Steering(on_device, strength.to(device))):
+        reference = generate(spec, pipe, ["a teapot", "a kite"])
+    assert torch.equal(steered, reference)
+    assert (steered - generate(spec, pipe, ["a teapot", "a kite"])).abs().max() > 1e-3  # it did steer
+
+
+def test_steering_to_keeps_float32_and_tensors_already_there():
+    omega, beta = torch.rand(3), torch.zeros(3)
+    moved = Steering({"a": (omega, beta)}, torch.ones(2, 1, dtype=torch.float64)).to("cpu")
+    assert moved.maps["a"][0] is omega and moved.maps["a"][1] is beta  # no copy
+    assert moved.strength.dtype == torch.float32
+    half = Steering({"a": (omega.half(), beta.half())}).to("cpu")  # float32, never the model's half precision
+    assert half.maps["a"][0].dtype == torch.float32
+
+
+def test_steering_window_applies_exactly_at_its_calls(tiny_sdxl, monkeypatch):
+    spec, pipe = tiny_sdxl
+    model = denoiser(pipe, spec)
+    layers = resolve_layers(model, spec.hook_patterns)
+    maps = _random_maps(layers)
+    call = []  # an independent count of the denoiser's calls, one per denoising step
+    counter = model.register_forward_pre_hook(lambda module, args: call.append(len(call)))
+    applied = Counter()
+
+    def counting_affine(*args, **kwargs):
+        applied[call[-1]] += 1
+        return apply_affine(*args, **kwargs)
+
+    monkeypatch.setattr("htcli.core.hooks.apply_affine", counting_affine)
+    try:
+        with hooked(model, layers, steering=Steering(maps, steps=range(1, 3))):
+            generate(spec, pipe, "a teapot")
+        assert len(call) == len(spec.timesteps) == 4
+        assert applied == {1: len(layers), 2: len(layers)}
+        assert not model._forward_pre_hooks.keys() - {counter.id}  # the step counter is gone
+        # The count starts again in every block: step 0 of the next image is steered.
+        call.clear()
+        applied.clear()
+        with hooked(model, layers, steering=Steering(maps, steps=range(0, 1))):
+            generate(spec, pipe, "a teapot")
+        assert applied == {0: len(layers)}
+    finally:
+        counter.remove()
+
+
+def test_intervention_files_record_the_fitted_timestep(tmp_path):
+    maps = {"a": (torch.tensor([2.0, 1.0]), torch.tensor([0.0, 5.0]))}
+    Intervention(maps, "tiny-sdxl", "lineas", "art deco").save(tmp_path / "new.safetensors")
+    loaded = load_intervention(tmp_path / "new.safetensors")
+    assert loaded.fitted_timestep == 999 == get_model("tiny-sdxl").timesteps[0]
+    assert loaded.describe()["fitted_timestep"] == 999  # what `ht inspect` shows
+    Intervention(maps, "tiny-sdxl", "lineas", "x", fitted_timestep=499).save(tmp_path / "known.safetensors")
+    assert load_intervention(tmp_path / "known.safetensors").fitted_timestep == 499  # a known value is kept
+    tensors, meta = read_tensors(tmp_path / "new.safetensors", "test")
+    del meta["fitted_timestep"]  # a file written before the timestep was stored
+    save_tensors(tmp_path / "old.safetensors", tensors, meta)
+    assert load_intervention(tmp_path / "old.safetensors").fitted_timestep is None  # unknown, still loads
+    meta["fitted_timestep"] = "late"
+    save_tensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(HTError, match="damaged metadata"):
+        load_intervention(tmp_path / "bad.safetensors")

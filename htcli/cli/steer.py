@@ -35,6 +35,10 @@ def steer_command(
     method: Annotated[
         Method, typer.Option(help="hypertransport (steer activations) or prompt (apply the concept's template to the prompt).")
     ] = Method.hypertransport,
+    steer_steps: Annotated[
+        str, typer.Option(help="Denoising steps to steer, 0-based: all, a step '2', or a window START:STOP like "
+                          "'0:1' (first step only), '1:' or ':2'.")
+    ] = "all",
     model: ModelOption = None,
     hyper: HyperOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image k uses seed + k.")] = 0,
@@ -54,7 +58,8 @@ def steer_command(
     """Generate images steered towards concepts, reference images or saved interventions.
 
     Several sources compose additively: omega = 1 + sum w_i (omega_i - 1), beta = sum w_i beta_i,
-    then --strength scales the result (0 = the unsteered model, bit for bit).
+    then --strength scales the result (0 = the unsteered model, bit for bit). --steer-steps
+    limits steering to some denoising steps of multi-step models (default: all).
 
     Example: ht steer "cyberpunk city" --concept "art deco" --strength 0,0.5,1 --model tiny
     """
@@ -63,7 +68,7 @@ def steer_command(
     request = SteerRequest(
         prompt, concepts=concept or [], reference_images=reference_image or [], interventions=intervention or [],
         strengths=None if strength is None else parse_strengths(strength), method=method.value, seed=seed,
-        num_images=num_images, each=each, gap_correction=not no_gap_correction,
+        num_images=num_images, each=each, gap_correction=not no_gap_correction, steer_steps=steer_steps,
     )
     with steps("steer") as progress:
         run = steer_and_save(request, model=model, hyper=hyper, out=out, export=export, model_path=model_path,

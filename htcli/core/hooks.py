@@ -10,7 +10,9 @@ removes every one of them on exit, also after an exception:
 
 Outputs may be (B, T, D) token sequences, (B, C, H, W) feature maps, or tuples whose first
 element is one of those (the hook returns the same type). Steering math runs in float32 and is
-cast back to the module's dtype, so fp16/bf16 models are safe.
+cast back to the module's dtype, so fp16/bf16 models are safe. The maps move to the model's
+device once, when the hooks attach, never per hook call. `Steering.steps` limits steering to
+some denoiser calls (the denoising steps of a pipeline call), counted per `hooked` block.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -39,10 +41,24 @@ class Steering:
 
     maps: Mapping[str, tuple[Tensor, Tensor]]
     strength: float | Tensor = 1.0  # a float, or (B, 1) per-sample strengths
+    steps: Collection[int] | None = None  # 0-based calls of the hooked model that steer; None: all
 
     def __post_init__(self) -> None:
         if isinstance(self.strength, (int, float)) and not torch.isfinite(torch.tensor(float(self.strength))):
             raise HTError(f"strength must be a finite number, got {self.strength}")
+
+    def to(self, device: torch.device | str) -> Steering:
+        """The same steering with every tensor on `device`, as float32.
+
+        float32 rather than the model's dtype on purpose: `apply_affine` computes in float32,
+        and omega near 1 in bfloat16 would be quantised to 0.996, 1.0, 1.008, ...
+        Tensors already there are kept as they are (no copy), autograd included."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, torch.float32)
+
+        strength = move(self.strength) if isinstance(self.strength, Tensor) else self.strength
+        return replace(self, maps={name: (move(o), move(b)) for name, (o, b) in self.maps.items()}, strength=strength)
 
 
 @dataclass
@@ -152,7 +168,9 @@ def hooked(
     capture: record each layer's pooled output (after steering) the first time it runs (the
         first denoising step) in `run.pooled`, float32, with autograd intact (wrap in
         `torch.no_grad()` when no gradient is wanted).
-    steering: apply its maps to the layers it names (each must be in `layers`).
+    steering: apply its maps to the layers it names (each must be in `layers`), moved once to
+        the device of `model`'s parameters (in float32); with `steering.steps`, only during those calls of
+        `model` (0-based, counted from the start of the block: one call per denoising step).
     stop_early: end the forward pass once every captured layer has run; the `with` block
         swallows that stop, so code after the model call inside the block does not run.
     """
@@ -162,28 +180,32 @@ def hooked(
             raise HTError(f"steering maps name layers that are not hooked: {', '.join(sorted(unknown))}")
     if stop_early and not capture:
         raise HTError("stop_early needs capture=True: it stops once every captured layer has run")
+    parameter = next(model.parameters(), None)
+    if steering is not None and parameter is not None:
+        # Once here, not per hook call: a 4-step SDXL image runs the steering hooks 840 times.
+        steering = steering.to(parameter.device)
     run = HookRun()
     stop = StopForward()
     remaining = set(layers)
+    call = -1  # index of the running call of `model`, counted only when steering has a window
+
+    def count_call(module: nn.Module, args: tuple) -> None:
+        nonlocal call
+        call += 1
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: object) -> object:
             z = _activation(output)
             changed = False
-            if steering is not None and name in steering.maps:
+            if (steering is not None and name in steering.maps
+                    and (steering.steps is None or call in steering.steps)):
                 omega, beta = steering.maps[name]
                 batch = z.shape[0]
                 strength = steering.strength
                 if isinstance(strength, Tensor):
-                    strength = _per_batch(strength.to(z.device), batch)
+                    strength = _per_batch(strength, batch)
                 channel_dim = 1 if z.ndim == 4 else -1
-                z = apply_affine(
-                    z,
-                    _per_batch(omega.to(z.device), batch),
-                    _per_batch(beta.to(z.device), batch),
-                    strength,
-                    channel_dim=channel_dim,
-                )
+                z = apply_affine(z, _per_batch(omega, batch), _per_batch(beta, batch), strength, channel_dim)
                 changed = True
             if capture and name not in run.pooled:  # the first call: the first denoising step
                 run.pooled[name] = _pool(z)
@@ -195,6 +217,8 @@ def hooked(
         return hook
 
     handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
+    if steering is not None and steering.steps is not None:
+        handles.append(model.register_forward_pre_hook(count_call))
     try:
         yield run
     except StopForward as raised:

@@ -2,9 +2,11 @@
 
 A file holds `NAME.omega` and `NAME.beta` (float32, shape (D,)) for every hooked layer, and
 string metadata: format, model spec id, layers and widths (JSON), pooling, method, concept,
-encoder, package version. Strength is chosen when steering, never stored (files from older
-versions carry a "strength" key; it is ignored). Loading checks the file against the model it
-is meant for; any mismatch is one clear error, never a silent partial application.
+encoder, the denoising timestep the maps were fitted at, package version. Strength is chosen
+when steering, never stored (files from older versions carry a "strength" key; it is ignored).
+Files written before the fitted timestep was stored load with `fitted_timestep` None: unknown.
+Loading checks the file against the model it is meant for; any mismatch is one clear error,
+never a silent partial application.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Intervention:
     concept: str
     encoder: str = ""
     info: dict = field(default_factory=dict)  # free-form: fit settings, residuals...
+    fitted_timestep: int | None = None  # None: not known yet (`save` takes the model's) or an older file
 
     @property
     def widths(self) -> dict[str, int]:
@@ -48,8 +51,8 @@ class Intervention:
     def describe(self) -> dict:
         """What the file is, for `ht inspect`: model, method, concept, size, support, fit info."""
         return {"model": self.model, "method": self.method, "concept": self.concept, "encoder": self.encoder,
-                "layers": len(self.maps), "neurons": sum(self.widths.values()), "support": self.support(),
-                "info": self.info}
+                "fitted_timestep": self.fitted_timestep, "layers": len(self.maps), "neurons": sum(self.widths.values()),
+                "support": self.support(), "info": self.info}
 
     def save(self, path: Path) -> None:
         tensors = {}
@@ -67,7 +70,7 @@ class Intervention:
             "info": json.dumps(self.info),
             "ht_version": __version__,
         }
-        save_tensors(Path(path), tensors, metadata)
+        save_tensors(Path(path), tensors, metadata | fitted_timestep_metadata(self.fitted_timestep, self.model))
 
     def check(self, model: str, widths: Mapping[str, int], where: str = "intervention") -> None:
         """Raise HTError unless every layer of the maps exists in `widths` with its width."""
@@ -78,6 +81,30 @@ class Intervention:
                 raise HTError(f"{where} steers layer {name!r}, which model {model!r} does not have")
             if widths[name] != width:
                 raise HTError(f"{where}: layer {name!r} has width {width} in the file but {widths[name]} in the model")
+
+
+def fitted_timestep_metadata(known: int | None, model: str) -> dict[str, str]:
+    """File metadata saying at which denoising timestep maps were fitted: `known`, else the first
+    timestep of the spec `model` (where every activation dataset is captured, see
+    `htcli.data.forward`); nothing for a model id this install does not know."""
+    from htcli.models import get_model
+
+    if known is None:
+        try:
+            known = get_model(model).timesteps[0]
+        except HTError:
+            return {}
+    return {"fitted_timestep": str(known)}
+
+
+def read_fitted_timestep(meta: Mapping[str, str], path: Path) -> int | None:
+    """The fitted timestep from file metadata; None (unknown) for files written before it was stored."""
+    if "fitted_timestep" not in meta:
+        return None
+    try:
+        return int(meta["fitted_timestep"])
+    except ValueError:
+        raise HTError(f"{path}: damaged metadata (fitted_timestep {meta['fitted_timestep']!r})") from None
 
 
 def check_intervention_out(path: Path, option: str = "--out") -> Path:
@@ -125,6 +152,7 @@ def load_intervention(path: Path, model: str | None = None, widths: Mapping[str,
         concept=meta.get("concept", ""),
         encoder=meta.get("encoder", ""),
         info=info,
+        fitted_timestep=read_fitted_timestep(meta, path),
     )
     if model is not None:
         intervention.check(model, widths or intervention.widths, where=str(path))

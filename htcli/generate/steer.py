@@ -6,6 +6,7 @@
 
 `Steerer` keeps the pipeline and the `Predictor` loaded between requests. Strength 0 (or no
 maps) runs the pipeline with no hook at all, so it equals unsteered generation bit for bit.
+`steer_steps` ("all", "0:1", "1:", ":2", "2") limits steering to some denoising steps.
 """
 
 from __future__ import annotations
@@ -46,6 +47,35 @@ def parse_strengths(text: str) -> list[float]:
     return values
 
 
+def parse_steer_steps(text: str, num_steps: int) -> range | None:
+    """The denoising steps to steer, 0-based: a Python slice `START:STOP` (STOP excluded; either
+    may be left out) or one step `N`, checked against the model's `num_steps`. `"all"` (or any
+    window covering every step) gives None: steer every step."""
+    text = text.strip()
+    if text == "all":
+        return None
+    form = f"--steer-steps takes 'all', a step N or a window START:STOP (0-based, STOP excluded), got {text!r}"
+    start_text, colon, stop_text = text.partition(":")
+    try:
+        if colon:
+            start = int(start_text) if start_text.strip() else 0
+            stop = int(stop_text) if stop_text.strip() else num_steps
+        else:
+            start = int(text)
+            stop = start + 1
+    except ValueError:
+        raise HTError(form) from None
+    if start < 0 or stop < 0:
+        raise HTError(f"{form}: steps count from 0")
+    if start >= num_steps or stop > num_steps:
+        numbers = f"0 to {num_steps - 1}" if num_steps > 1 else "only step 0"
+        raise HTError(f"--steer-steps {text} is past the model's last step: it denoises in {num_steps} "
+                      f"step{'s' * (num_steps > 1)}, {numbers}")
+    if stop <= start:
+        raise HTError(f"--steer-steps {text} is an empty window: STOP must be greater than START")
+    return None if (start, stop) == (0, num_steps) else range(start, stop)
+
+
 @dataclass
 class Generated:
     image: Image.Image
@@ -66,13 +96,15 @@ def _pipeline(spec: ModelSpec, pipe: Any, prompt: str, seeds: Sequence[int], ste
 
 
 def generate(
-    spec: ModelSpec, pipe: Any, prompt: str, maps: Maps | None, strengths: Sequence[float | None], seeds: Sequence[int]
+    spec: ModelSpec, pipe: Any, prompt: str, maps: Maps | None, strengths: Sequence[float | None], seeds: Sequence[int],
+    steps: range | None = None,
 ) -> list[Generated]:
-    """One pipeline call per strength, batched over seeds. Strength 0 or None (or no maps)
-    runs the pipeline with no hook at all, so it equals unsteered generation bit for bit."""
+    """One pipeline call per strength, batched over seeds, steering the denoising `steps`
+    (None: all). Strength 0 or None (or no maps) runs the pipeline with no hook at all, so it
+    equals unsteered generation bit for bit."""
     results = []
     for strength in strengths:
-        steering = Steering(maps, strength) if maps and strength else None
+        steering = Steering(maps, strength, steps) if maps and strength else None
         images = _pipeline(spec, pipe, prompt, seeds, steering)
         prefix = "" if strength is None else f"strength {strength:g}, "
         results += [Generated(img, strength, int(s), f"{prefix}seed {s}") for img, s in zip(images, seeds)]
@@ -80,14 +112,14 @@ def generate(
 
 
 def generate_mixed(spec: ModelSpec, pipe: Any, prompt: str, maps: Sequence[Maps], strength: float,
-                   seeds: Sequence[int]) -> list[Image.Image]:
+                   seeds: Sequence[int], steps: range | None = None) -> list[Image.Image]:
     """One pipeline call whose samples carry different maps: for each seed, one image per map
     (seed-major order, len(seeds) * len(maps) images)."""
     # (B, D) per layer: sample b = (seed b // len(maps), maps b % len(maps)).
     stacked = {layer: tuple(torch.stack([m[layer][i] for m in maps]).repeat(len(seeds), 1) for i in (0, 1))
                for layer in maps[0]}
     batch_seeds = [s for s in seeds for _ in maps]
-    return _pipeline(spec, pipe, prompt, batch_seeds, Steering(stacked, strength))
+    return _pipeline(spec, pipe, prompt, batch_seeds, Steering(stacked, strength, steps))
 
 
 class Steerer:
@@ -137,6 +169,7 @@ class SteerRequest:
     num_images: int = 1
     each: bool = False  # one image per source in one mixed batch, instead of composing them
     gap_correction: bool = True
+    steer_steps: str = "all"  # denoising steps to steer: "all", "0:1", "1:", ":2", "2" (see parse_steer_steps)
 
     @property
     def strength_values(self) -> list[float]:
@@ -215,6 +248,7 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     and one row per seed; with `each`, one column per source and one row per strength and seed."""
     request.check()
     spec = steerer.spec
+    steps = parse_steer_steps(request.steer_steps, len(spec.timesteps))
     sources = resolve_sources(spec, request.concepts, request.reference_images, request.interventions)
     strengths: list[float | None] = list(request.strength_values)
     notes = []
@@ -228,6 +262,8 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             notes.append("--method prompt ignores concept weights")
         if request.strengths is not None:
             notes.append("--method prompt hooks nothing, so --strength does not apply: one image per seed")
+        if steps is not None:
+            notes.append("--method prompt hooks nothing, so --steer-steps does not apply")
         strengths = [None]  # nothing is hooked: strength does not apply
     else:
         per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes)
@@ -241,19 +277,20 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     pipe = steerer.pipe
     base = {"prompt": request.prompt, "text": text, "sources": sources.describe(), "model": spec.id,
             "method": request.method, "composition": "each" if request.each else "additive",
-            "checkpoint_sha256": digest, "ht_version": __version__, "intervention_ms": ms}
+            "steer_steps": request.steer_steps, "checkpoint_sha256": digest, "ht_version": __version__, "intervention_ms": ms}
     cells: dict[tuple[int, int], SteeredImage] = {}  # (row, column) -> image
     for j, strength in enumerate(strengths):
         if request.each:
             # Each source at its own weight, all in one batch.
-            batch = generate_mixed(spec, pipe, text, [combine([pair]) for pair in per_source], strength, seeds)
+            maps = [combine([pair]) for pair in per_source]
+            batch = generate_mixed(spec, pipe, text, maps, strength, seeds, steps)
             for b, image in enumerate(batch):
                 k, i = divmod(b, len(sources))
                 label = f"{sources.labels[i]}, strength {strength:g}, seed {seeds[k]}"
                 meta = {**base, "source": sources.labels[i], "strength": strength, "seed": seeds[k]}
                 cells[(j * len(seeds) + k, i)] = SteeredImage(image, label, meta)
         else:
-            for k, g in enumerate(generate(spec, pipe, text, combined, [strength], seeds)):
+            for k, g in enumerate(generate(spec, pipe, text, combined, [strength], seeds, steps)):
                 meta = {**base, "source": None, "strength": strength, "seed": g.seed}
                 cells[(k, j)] = SteeredImage(g.image, g.label, meta)
         if progress:

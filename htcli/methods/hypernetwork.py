@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from htcli.core.files import read_tensors, save_tensors
+from htcli.core.interventions import fitted_timestep_metadata, read_fitted_timestep
 from htcli.core.transport import Maps
 from htcli.errors import HTError
 
@@ -130,6 +131,7 @@ class HyperCheckpoint:
     encoder: str
     gap: tuple[Tensor, Tensor] | None = None  # modality-gap means (image, text), for references
     info: dict = field(default_factory=dict)  # dataset digest, split, training summary
+    fitted_timestep: int | None = None  # of its training maps; None: not known yet (`save` takes the model's) or older
 
     def save(self, path: Path) -> None:
         tensors = {f"net.{k}": v for k, v in self.network.state_dict().items()}
@@ -141,6 +143,7 @@ class HyperCheckpoint:
             "model": self.model,
             "encoder": self.encoder,
             "info": json.dumps(self.info),
+            **fitted_timestep_metadata(self.fitted_timestep, self.model),
         }
         save_tensors(path, tensors, metadata)
 
@@ -162,4 +165,6 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> HyperChec
     if missing or unexpected:
         raise HTError(f"{path}: weights do not fit the stored config ({len(missing)} missing, {len(unexpected)} unexpected)")
     gap = (tensors["gap.image_mean"], tensors["gap.text_mean"]) if "gap.image_mean" in tensors else None
-    return HyperCheckpoint(network.to(device).eval(), config, meta["model"], meta["encoder"], gap, json.loads(meta["info"]))
+    info = json.loads(meta["info"])
+    return HyperCheckpoint(network.to(device).eval(), config, meta["model"], meta["encoder"], gap, info,
+                           read_fitted_timestep(meta, path))
