@@ -3,8 +3,10 @@ how long jobs report progress."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,19 +27,36 @@ def run_path(model: str, kind: str) -> Path:
     return runs_root() / model / kind
 
 
+def world_size() -> int:
+    """How many processes run the job: torchrun's WORLD_SIZE, 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(device: str | None) -> torch.device:
-    """`--device`: default CUDA when available (this rank's GPU under torchrun), else CPU."""
+    """`--device`: default CUDA when available, else CPU. A CUDA device without index is this
+    process's GPU: `cuda:$LOCAL_RANK` under torchrun, else `cuda:0`. Under torchrun with several
+    processes an explicit `cuda:N` is refused: it would put every process on one GPU."""
     if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise HTError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise HTError("--device cuda asked for, but no CUDA device is available")
-    return resolved
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            resolved = torch.device(device)
+        except RuntimeError:
+            raise HTError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise HTError("--device cuda asked for, but no CUDA device is available")
+    if resolved.type != "cuda":
+        return resolved
+    if resolved.index is not None:
+        if world_size() > 1:
+            raise HTError(f"--device {device} under torchrun with {world_size()} processes would put them all on one "
+                          "GPU: pass --device cuda (each takes cuda:$LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
+        return resolved
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= visible:
+        raise HTError(f"torchrun process with LOCAL_RANK {local_rank} has no GPU of its own ({visible} visible): "
+                      f"start at most {visible} processes per machine (--nproc_per_node)")
+    return torch.device("cuda", local_rank)
 
 
 def is_main_process() -> bool:
@@ -46,13 +65,39 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def init_distributed() -> bool:
-    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+# How long a rank waits in a collective for the others before the job fails, in minutes. The
+# longest waits are model loading on a cold disk (DDP's first broadcast), the uneven tail of
+# an evaluation round and rank 0's checkpoint writes: NCCL's own 10 minutes is short for those.
+TIMEOUT_VARIABLE = "HT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def distributed_timeout() -> timedelta:
+    """The collective timeout: `HT_DIST_TIMEOUT` minutes (default 30)."""
+    value = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = math.nan
+    if not 0 < minutes < math.inf:
+        raise HTError(f"{TIMEOUT_VARIABLE} must be a positive number of minutes, got {value!r}")
+    return timedelta(minutes=minutes)
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group when torchrun launched several processes: NCCL bound to this
+    rank's GPU when `device` (from `resolve_device`) is CUDA, gloo on CPU. Returns whether the
+    job is distributed."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if world_size() <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = distributed_timeout()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives and object gathers use the current device
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
     return True
 
 

@@ -157,12 +157,12 @@ def build(
     from htcli.models import load_pipeline
 
     spec, out, library, concepts, settings = request.resolve()
-    distributed = init_distributed()
+    torch_device = resolve_device(device)  # this rank's GPU under torchrun
+    distributed = init_distributed(torch_device)
     try:
         rank = dist.get_rank() if distributed else 0
         if rank == 0:
             check_existing(out, settings, overwrite)
-        torch_device = resolve_device(device)
         pipe = load_pipeline(spec, model_path=model_path, device=torch_device)
         layers = resolve_layers(denoiser(pipe, spec), settings.layers)
         builder = Builder(spec, pipe, layers, settings, get_encoder(settings.encoder, str(torch_device)))
@@ -302,13 +302,14 @@ def settings_differences(saved: Mapping, settings: DatasetSettings) -> list[str]
     return differ or ["settings saved by another version of ht"]
 
 
-def _sum_over_ranks(*counts: int) -> list[int]:
-    """Totals of per-rank counts (each rank builds its own shard)."""
+def _sum_over_ranks(counts: Sequence[int], device: torch.device) -> list[int]:
+    """Totals of per-rank counts (each rank builds its own shard), summed on `device`: NCCL
+    reduces CUDA tensors only."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return list(counts)
-    total = torch.tensor(counts, dtype=torch.int64)
+    total = torch.tensor(counts, dtype=torch.int64, device=device)
     dist.all_reduce(total)
     return total.tolist()
 
@@ -329,9 +330,11 @@ def build_dataset(
         # Adding concepts to a finished dataset keeps the ones already built.
         merged = list(concepts) + [library.resolve(n) for n in sorted(names - {c.name for c in concepts})]
         write_json(out / "manifest.json", _manifest(settings, merged, library, complete=False))
-        if _stored_digest(out / "source.safetensors") != digest:
-            save_tensors(out / "source.safetensors", builder.source_tensors(library.source), {"settings_digest": digest})
-    barrier()
+    barrier()  # no rank writes before rank 0 has swept the stale temporary files
+    # The source file is one more unit of work, for the last rank (the fewest concepts when
+    # they do not divide evenly): no rank waits in a collective while another computes it.
+    if rank == world - 1 and _stored_digest(out / "source.safetensors") != digest:
+        save_tensors(out / "source.safetensors", builder.source_tensors(library.source), {"settings_digest": digest})
     mine = list(concepts)[rank::world]
     built = skipped = 0
     for index, concept in enumerate(mine):
@@ -344,8 +347,7 @@ def build_dataset(
             built += 1
         if progress:
             progress(index + 1, len(mine), concept.name)
-    barrier()
-    built, skipped = _sum_over_ranks(built, skipped)
+    built, skipped = _sum_over_ranks([built, skipped], builder.model.device)  # also waits for every shard
     elapsed = time.perf_counter() - started
     summary = BuildSummary(
         concepts=len(concepts),
