@@ -31,7 +31,6 @@ def main() -> None:
     args = parser.parse_args()
     quiet()
     from htcli.core.files import write_json
-    from htcli.core.hooks import resolve_layers
     from htcli.data.concepts import load_library
     from htcli.data.dataset import ActivationDataset
     from htcli.data.forward import Frozen
@@ -39,14 +38,13 @@ def main() -> None:
     from htcli.methods.baselines import LineasConfig
     from htcli.methods.fitting import fit_baselines
     from htcli.methods.predict import Predictor
-    from htcli.models import get_model, load_denoiser
+    from htcli.models import get_model
 
     data = ActivationDataset(args.data)
     predictor = Predictor.load(args.hyper / "hyper.safetensors")
     checkpoint = predictor.checkpoint
     spec = get_model(data.settings.model)
-    model = load_denoiser(spec)
-    frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
+    frozen = Frozen.load(spec, data.settings.layers, "cpu")
     names = data.names("test")[: args.concepts]
     baselines = []
     for method in ("mean-shift", "linear-act", "lineas"):

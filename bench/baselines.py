@@ -29,12 +29,11 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from htcli.cli import app
-    from htcli.core.hooks import resolve_layers
     from htcli.data.dataset import ActivationDataset
     from htcli.data.forward import Frozen
     from htcli.methods.baselines import LineasConfig
     from htcli.methods.fitting import fit_baselines
-    from htcli.models import get_model, load_denoiser
+    from htcli.models import get_model
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "data"
@@ -43,8 +42,7 @@ def main() -> None:
         assert result.exit_code == 0, result.output
         data = ActivationDataset(out)
         spec = get_model("tiny")
-        model = load_denoiser(spec)
-        frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
+        frozen = Frozen.load(spec, data.settings.layers, "cpu")
         medians = {}
         for method in ("mean-shift", "linear-act", "lineas"):
             result = fit_baselines(method, frozen, data, data.names(), lineas=LineasConfig(steps=args.steps))

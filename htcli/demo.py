@@ -36,7 +36,7 @@ from htcli.methods.fitting import fit_baselines
 from htcli.methods.hypernetwork import HyperConfig
 from htcli.methods.predict import Predictor, resolve_checkpoint
 from htcli.methods.training import TrainConfig, Trainer
-from htcli.models import denoiser, get_model, load_denoiser, load_pipeline
+from htcli.models import denoiser, get_model, load_pipeline
 
 SWEEP_PROMPT = "a lighthouse on a cliff"
 
@@ -81,8 +81,7 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     check_existing(out / "data", settings, overwrite=True)  # a rerun with other settings starts afresh
     build_dataset(builder, library, train + test, out / "data")
     data = ActivationDataset(out / "data")
-    model = load_denoiser(spec)
-    frozen = Frozen(spec, model, resolve_layers(model, settings.layers))
+    frozen = Frozen.load(spec, settings.layers, "cpu")
 
     # 2. Per-concept baselines on the held-out concepts.
     say(1, f"fitting mean shift, Linear-AcT and LinEAS ({config.lineas_steps} steps) per held-out concept")

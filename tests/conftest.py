@@ -30,3 +30,21 @@ def generate(spec, pipe, prompt, seed=0, **kwargs) -> torch.Tensor:
     count = len(prompt) if isinstance(prompt, list) else 1
     generator = [torch.Generator().manual_seed(seed + i) for i in range(count)]
     return pipe(prompt, generator=generator, output_type="pt", **spec.pipeline_kwargs(), **kwargs).images
+
+
+def build_tiny_dataset(out, train: int, test: int, samples: int = 8, eval_samples: int = 8):
+    """A `tiny` dataset of the library's first `train` training and `test` held-out concepts,
+    built through `ht build-dataset` (the CLI path users take)."""
+    from typer.testing import CliRunner
+
+    from htcli.cli import app
+    from htcli.data.concepts import load_library
+    from htcli.data.dataset import ActivationDataset
+
+    library = load_library()
+    names = [c.name for c in library.targets("train")[:train] + library.targets("test")[:test]]
+    args = [arg for name in names for arg in ("--concept", name)]
+    result = CliRunner().invoke(app, ["build-dataset", "-m", "tiny", "-o", str(out), *args, "--samples", str(samples),
+                                      "--eval-samples", str(eval_samples), "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    return ActivationDataset(out)

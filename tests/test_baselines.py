@@ -96,8 +96,8 @@ def test_lineas_sparsity_shrinks_the_support(data, frozen):
     support = lambda maps: Intervention(maps, "tiny", "lineas", name).support()  # noqa: E731
     # l1 is in units of the loss gradient: probe the gradient at the identity to pick one.
     omega = {n: torch.ones(t.shape[-1], requires_grad=True) for n, t in target.items()}
-    pooled = frozen.pooled(inputs, {n: (omega[n], torch.zeros_like(omega[n])) for n in target}, grad=True)
-    torch.stack([w2_loss(pooled[n], target[n]) for n in target]).mean().backward()
+    with frozen.graph(inputs, {n: (omega[n], torch.zeros_like(omega[n])) for n in target}) as pooled:
+        torch.stack([w2_loss(pooled[n], target[n]) for n in target]).mean().backward()
     typical = torch.cat([o.grad.abs() for o in omega.values()]).median().item()
     dense, _ = fit_lineas(frozen, inputs, target, LineasConfig(steps=30))
     sparse, _ = fit_lineas(frozen, inputs, target, LineasConfig(steps=30, l1=typical))

@@ -1,4 +1,4 @@
-"""The hypernetwork: identity at init, training, checkpoints, resume, DDP, export."""
+"""The hypernetwork: identity at init, training, checkpoints, resume, export (DDP: test_distributed.py)."""
 
 import json
 import math
@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
+from conftest import build_tiny_dataset
 from typer.testing import CliRunner
 
 from htcli.cli import app
 from htcli.core.interventions import load_intervention
 from htcli.data.concepts import load_library
-from htcli.data.dataset import ActivationDataset
 from htcli.errors import HTError
 from htcli.methods.hypernetwork import (
     HyperCheckpoint,
@@ -32,14 +32,7 @@ LAYERS = (("a", 3), ("b", 5))
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    library = load_library()
-    names = [c.name for c in library.targets("train")[:6] + library.targets("test")[:2]]
-    out = tmp_path_factory.mktemp("hyper") / "data"
-    args = [arg for name in names for arg in ("--concept", name)]
-    result = runner.invoke(app, ["build-dataset", "-m", "tiny", "-o", str(out), *args,
-                                 "--samples", "8", "--eval-samples", "8", "--batch-size", "8"])
-    assert result.exit_code == 0, result.output
-    return ActivationDataset(out)
+    return build_tiny_dataset(tmp_path_factory.mktemp("hyper") / "data", train=6, test=2)
 
 
 TRAIN = ["--steps", "8", "--concepts-per-step", "2", "--eval-every", "4", "--hidden", "32",
@@ -198,10 +191,11 @@ def test_settings_without_an_option_are_named_as_settings():
 
     hyper = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=None)
     saved = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=4)
-    config = TrainConfig(weight_decay=0.02, bf16=True)
+    config = TrainConfig(weight_decay=0.02, eval_every=7, dtype="bfloat16")
     saved_train = {**TrainConfig().__dict__, "weight_decay": 0.01}
     differ = settings_differences(saved, saved_train, hyper, config)
-    assert differ == ["--rank 0 (saved 4)", "weight_decay 0.02 (saved 0.01)", "--bf16 on (saved off)"]
+    # --dtype only changes rounding (a run may resume on another device): not a difference.
+    assert differ == ["--rank 0 (saved 4)", "weight_decay 0.02 (saved 0.01)", "--eval-every 7 (saved 250)"]
 
 
 def _refuse_to_load(*args, **kwargs):
@@ -239,7 +233,7 @@ def test_bad_out_and_calibration_are_refused_before_the_model_loads(data, tmp_pa
 
 def test_flags_are_single_flags():
     help_text = " ".join(runner.invoke(app, ["train-hyper", "-h"]).output.split())
-    for flag in ("--resume", "--overwrite", "--bf16", "--grad-checkpointing"):
+    for flag in ("--resume", "--overwrite", "--grad-checkpointing"):
         assert f"{flag} " in help_text and f"--no-{flag[2:]}" not in help_text
     assert runner.invoke(app, ["train-hyper", "--no-resume"]).exit_code == 2
 
@@ -287,24 +281,6 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
         assert torch.equal(a, b), name
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(json.loads((out / "history.json").read_text())) == strip(json.loads((reference / "history.json").read_text()))
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_match_single_process(data, tmp_path):
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    single = tmp_path / "single"
-    subprocess.run(_train(data, single), check=True, env=env, capture_output=True)
-    ddp = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "htcli",
-               *_train(data, ddp)[3:]]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = json.loads((single / "history.json").read_text())
-    b = json.loads((ddp / "history.json").read_text())
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-3)
-        assert ra["test_residual"] == pytest.approx(rb["test_residual"], rel=1e-3)
 
 
 def test_micro_batched_gradient_equals_one_pass(data):

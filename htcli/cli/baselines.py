@@ -14,11 +14,15 @@ from htcli.cli.options import (
     DataOption,
     DatasetSplit,
     DeviceOption,
+    DtypeOption,
+    GradCheckpointingOption,
     JsonOption,
+    MicroBatchOption,
     ModelOption,
     SamplesOption,
     SeedOption,
     SplitOption,
+    TrainingDtype,
 )
 from htcli.cli.output import console, print_table, steps, warn
 from htcli.core.files import dumps_json
@@ -53,13 +57,13 @@ def fit_baselines_command(
     incremental: Annotated[
         bool, typer.Option("--incremental", help="Linear-AcT: fit layer l with layers < l already steered.")
     ] = False,
-    micro_batch: Annotated[
-        int, typer.Option(help="LinEAS: samples per backward pass (exact two-pass gradient). 0: all at once.")
-    ] = LineasConfig.micro_batch,
+    micro_batch: MicroBatchOption = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the method's fits in --out made with other settings.")
     ] = False,
     seed: SeedOption = LineasConfig.seed,
+    dtype: DtypeOption = TrainingDtype.auto,
+    grad_checkpointing: GradCheckpointingOption = False,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -81,6 +85,7 @@ def fit_baselines_command(
     with steps(name) as bar:
         run = run_baselines(name, open_dataset(data, model), names=concept or (), split=split.value, samples=samples,
                             lineas=lineas, incremental=incremental, out=out, overwrite=overwrite, device=device,
+                            dtype=dtype.value, grad_checkpointing=grad_checkpointing,
                             progress=lambda done, total, text: bar.update(done, total, text))
     if run.diverged:  # one line, however many concepts
         shown = ", ".join(run.diverged[:5]) + (f" and {len(run.diverged) - 5} more" if len(run.diverged) > 5 else "")
@@ -119,8 +124,9 @@ def inspect_command(
     if as_json:
         typer.echo(dumps_json({**meta, "layer_stats": stats}))
         return
+    width = max(len(key) for key in meta) + 2
     for key, value in meta.items():  # nested fit settings as JSON, not a Python repr
-        console.print(f"{key + ':':10} {dumps_json(value) if isinstance(value, dict) else value}", markup=False)
+        console.print(f"{key + ':':{width}} {dumps_json(value) if isinstance(value, dict) else value}", markup=False)
     table = Table(title="per-layer statistics")
     columns = ("layer", "dim", "omega_mean", "omega_std", "omega_min", "omega_max", "beta_mean", "beta_std", "support")
     for column in columns:

@@ -12,11 +12,15 @@ from htcli.cli.options import (
     CONCEPTS_PER_STEP,
     DataOption,
     DeviceOption,
+    DtypeOption,
+    GradCheckpointingOption,
     HyperOption,
     LimitConceptsOption,
+    MicroBatchOption,
     ModelOption,
     SamplesOption,
     SeedOption,
+    TrainingDtype,
 )
 from htcli.cli.output import console, err, steps
 from htcli.core.runtime import is_main_process
@@ -48,11 +52,9 @@ def train_hyper_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after an interruption (same settings).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished or different run in --out.")] = False,
     seed: SeedOption = TrainConfig.seed,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the frozen model (maps and loss stay float32).")] = False,
-    grad_checkpointing: Annotated[
-        bool, typer.Option("--grad-checkpointing", help="Recompute denoiser activations in backward (less memory).")
-    ] = False,
-    micro_batch: Annotated[int, typer.Option(help="Samples per backward pass (exact two-pass W2 gradient; memory ~ this, not K*N). 0: all at once.")] = TrainConfig.micro_batch,
+    dtype: DtypeOption = TrainingDtype.auto,
+    grad_checkpointing: GradCheckpointingOption = False,
+    micro_batch: MicroBatchOption = None,
     calibration_images: Annotated[
         Optional[Path], typer.Option(help="Folder of images to estimate the modality gap (image-capable encoders).")
     ] = None,
@@ -74,7 +76,7 @@ def train_hyper_command(
     dataset = open_dataset(data, model)
     config = TrainConfig(steps=steps_, concepts_per_step=concepts_per_step, samples=samples, lr=lr, l1=l1, group=group,
                          eval_every=eval_every, val_fraction=val_fraction, limit_concepts=limit_concepts, seed=seed,
-                         bf16=bf16, micro_batch=micro_batch)
+                         dtype=dtype.value, micro_batch=micro_batch)
     with steps("train-hyper", config.steps, enabled=is_main_process()) as bar:  # one bar under torchrun
         result = train_hypernetwork(
             dataset, out or run_path(dataset.settings.model, "hyper"), config,

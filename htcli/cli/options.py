@@ -63,3 +63,24 @@ LayersOption = Annotated[
     typer.Option("--layers", "-l", help="Module-name pattern to hook (glob, or regex as 're:...'); repeatable. "
                  "Default: the spec's."),
 ]
+
+
+class TrainingDtype(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+DtypeOption = Annotated[
+    TrainingDtype,
+    typer.Option("--dtype", help="What the frozen denoiser computes in while gradients flow through it: auto = bfloat16 "
+                 "on CUDA, float32 on CPU (never float16: its gradients underflow). Maps and loss stay float32."),
+]
+MicroBatchOption = Annotated[
+    int | None,
+    typer.Option("--micro-batch", help="Samples per backward pass (exact two-pass W2 gradient; memory ~ this). "
+                 "0: all at once. Default: what fits in free memory."),
+]
+GradCheckpointingOption = Annotated[
+    bool, typer.Option("--grad-checkpointing", help="Recompute the denoiser's blocks in backward: ~5% of the activation memory, ~1.5x the time.")
+]

@@ -16,7 +16,10 @@ All specs use schedulers (DPM-Solver, LCM) whose first-step input scaling is the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import inspect
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,18 +49,19 @@ def encode_inputs(spec: ModelSpec, pipe: Any, prompts: Sequence[str], seeds: Seq
     model = denoiser(pipe, spec)
     inputs = {"noise": initial_noise(spec, model, seeds)}
     if spec.family == "pixart":
-        # The pipeline pads every prompt to max_sequence_length (300 T5 tokens); attention
-        # ignores masked padding, so pad only to the longest prompt: same result, far cheaper.
-        tokens = pipe.tokenizer(
+        # The pipeline's own encoder: it lowercases and strips every prompt (T5 is case-sensitive,
+        # so raw text would give other token sequences than generation sees) and pads to
+        # max_sequence_length. Attention ignores masked padding, so the cache keeps only the
+        # longest prompt's tokens: the same conditioning, far smaller.
+        text, mask, _, _ = pipe.encode_prompt(
             list(prompts),
-            padding="longest",
-            max_length=spec.call_kwargs.get("max_sequence_length", 300),
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        ).to(device)
-        text = pipe.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
-        inputs |= {"text": text.cpu(), "mask": tokens.attention_mask.cpu()}
+            do_classifier_free_guidance=False,
+            device=device,
+            clean_caption=_call_default(spec, pipe, "clean_caption"),
+            max_sequence_length=_call_default(spec, pipe, "max_sequence_length"),
+        )
+        length = int(mask.sum(dim=1).max())
+        inputs |= {"text": text[:, :length].cpu(), "mask": mask[:, :length].cpu()}
     else:
         text, _, pooled, _ = pipe.encode_prompt(
             list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -68,6 +72,14 @@ def encode_inputs(spec: ModelSpec, pipe: Any, prompts: Sequence[str], seeds: Seq
         )
         inputs |= {"text": text.cpu(), "pooled": pooled.cpu(), "time_ids": time_ids.repeat(len(prompts), 1).cpu()}
     return inputs
+
+
+def _call_default(spec: ModelSpec, pipe: Any, name: str) -> Any:
+    """A pipeline-call argument as `pipe(prompt, **spec.pipeline_kwargs())` gets it: the spec's
+    value, else the pipeline's own default."""
+    if name in spec.call_kwargs:
+        return spec.call_kwargs[name]
+    return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
 def pad_text(batches: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -124,7 +136,7 @@ def pooled_activations(
     """Pooled (B, D) float32 activations of `layers` at the first timestep, steered if asked.
 
     The forward pass stops after the last hooked layer. Gradients flow to the steering maps
-    unless called under `torch.no_grad()`.
+    unless called under `torch.no_grad()` (for a backward pass, see `Frozen.graph`).
     """
     with hooked(model, layers, capture=True, steering=steering, stop_early=True) as run:
         _denoiser_call(spec, model, inputs)
@@ -141,16 +153,47 @@ class Frozen:
     spec: ModelSpec
     model: nn.Module
     layers: Mapping[str, nn.Module]
-    batch_size: int = 32
+    batch_size: int = 32  # samples per forward pass without a graph
+    micro_batch: int = 0  # samples per backward pass when the caller does not say; 0: all at once
 
-    def pooled(self, inputs: Mapping[str, Tensor], maps: Maps | None = None, grad: bool = False) -> dict[str, Tensor]:
-        """Pooled (N, D) activations of every hooked layer for all N samples of `inputs`.
+    @classmethod
+    def load(cls, spec: ModelSpec, patterns: Sequence[str], device: str | torch.device | None = None,
+             dtype: str = "auto", grad_checkpointing: bool = False) -> Frozen:
+        """The spec's denoiser alone (no text encoder, no VAE), frozen on `device` (default: as
+        `resolve_device`), in the training dtype `dtype` names (`htcli.core.precision`), hooked
+        at `patterns`. Gradient checkpointing trades a recomputation in backward for memory.
+
+        The forward batch and the default micro-batch are what fits in the device's free memory
+        once the weights are loaded (`htcli.models.memory`, from the meta-device plan)."""
+        from htcli.core.hooks import resolve_layers
+        from htcli.core.precision import training_dtype
+        from htcli.core.runtime import resolve_device
+        from htcli.models import load_denoiser
+        from htcli.models.memory import choose_batches, free_bytes
+        from htcli.models.plan import make_plan
+
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        dtype_ = training_dtype(dtype, device)
+        model = load_denoiser(spec, device, dtype_)
+        if grad_checkpointing:
+            model.enable_gradient_checkpointing()
+            model.train()  # diffusers checkpoints only in training mode; its denoisers have no dropout
+        free = free_bytes(device)
+        if device.type == "cpu":  # torchrun's ranks on one machine share its RAM
+            free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        batches = choose_batches(make_plan(spec, patterns), device, dtype_, grad_checkpointing=grad_checkpointing,
+                                 free=free)
+        return cls(spec, model, resolve_layers(model, patterns), batches.forward_batch, batches.micro_batch)
+
+    def pooled(self, inputs: Mapping[str, Tensor], maps: Maps | None = None) -> dict[str, Tensor]:
+        """Pooled (N, D) activations of every hooked layer for all N samples of `inputs`, without
+        a graph, in forward batches of `batch_size`.
 
         `maps` hold (D,) tensors shared by all samples, or (N, D) per-sample maps.
         """
         n = inputs["noise"].shape[0]
         parts: dict[str, list[Tensor]] = {name: [] for name in self.layers}
-        with torch.set_grad_enabled(grad):
+        with torch.no_grad():
             for start in range(0, n, self.batch_size):
                 rows = slice(start, start + self.batch_size)
                 batch = {k: v[rows] for k, v in inputs.items()}
@@ -161,6 +204,19 @@ class Frozen:
                 for name in self.layers:
                     parts[name].append(out[name])
         return {name: torch.cat(p) for name, p in parts.items()}
+
+    @contextmanager
+    def graph(self, inputs: Mapping[str, Tensor], maps: Maps) -> Iterator[dict[str, Tensor]]:
+        """Pooled (N, D) activations of all N samples in one forward pass, with autograd to `maps`.
+
+        Run backward inside the block: the steering hooks stay attached until it ends, because
+        gradient checkpointing recomputes the denoiser's blocks during backward and that
+        recomputation must be steered as the forward pass was (else torch.utils.checkpoint
+        raises CheckpointError). One pass rather than batches: a graph keeps every batch's
+        activations anyway; callers bound memory with micro-batches of samples instead.
+        """
+        with hooked(self.model, self.layers, steering=Steering(maps)):
+            yield pooled_activations(self.spec, self.model, self.layers, inputs)
 
     def execution_order(self, inputs: Mapping[str, Tensor]) -> list[str]:
         """Hooked layers in the order the forward pass reaches them (for UNets this is not

@@ -86,14 +86,13 @@ def transport_section(model: str | None, data: Path | None, hyper: Path | None, 
                       split: str, limit_concepts: int | None, seed: int, device: str,
                       progress: Progress | None) -> tuple[str, dict]:
     """(model id, the transport section) on the dataset's concepts every baseline has fitted."""
-    from htcli.core.hooks import resolve_layers
     from htcli.core.runtime import run_path
     from htcli.data.concepts import load_library
     from htcli.data.dataset import ActivationDataset, resolve_dataset
     from htcli.data.forward import Frozen
     from htcli.evaluation.residuals import transport_concepts, transport_judge
     from htcli.methods.predict import Predictor, resolve_checkpoint
-    from htcli.models import default_model_name, get_model, load_denoiser
+    from htcli.models import default_model_name, get_model
 
     dataset = ActivationDataset(resolve_dataset(data, model or default_model_name()))
     model_id = dataset.settings.model
@@ -102,8 +101,7 @@ def transport_section(model: str | None, data: Path | None, hyper: Path | None, 
     folders = list(baselines) if baselines else ([default] if default.is_dir() else [])
     names = transport_concepts(dataset, split, folders, limit_concepts, seed)
     spec = get_model(model_id)
-    denoiser = load_denoiser(spec, device)
-    frozen = Frozen(spec, denoiser, resolve_layers(denoiser, dataset.settings.layers))
+    frozen = Frozen.load(spec, dataset.settings.layers, device)
     return model_id, transport_judge(predictor, load_library(), frozen, dataset, names, folders, seed, progress)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from htcli.core.transport import Maps, fit_linear_act, fit_mean_shift, prox_sparse_group_lasso, w2_loss
+from htcli.core.transport import Maps, fit_linear_act, fit_mean_shift, prox_sparse_group_lasso
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.methods.objective import w2_backward
@@ -30,10 +30,10 @@ class LineasConfig:
     l1: float = 0.0
     group: float = 0.0
     seed: int = 0
-    micro_batch: int = 0  # samples per backward pass; 0 = all N at once
+    micro_batch: int | None = None  # samples per backward pass; None: what fits in memory; 0: all N at once
 
     def __post_init__(self) -> None:
-        if self.micro_batch < 0:
+        if self.micro_batch is not None and self.micro_batch < 0:
             raise HTError(f"--micro-batch must be 0 (off) or positive, got {self.micro_batch}")
         if self.steps < 1:
             raise HTError(f"--steps must be positive, got {self.steps}")
@@ -107,13 +107,8 @@ def fit_lineas(
     history = []
     for step in range(config.steps):
         optimizer.zero_grad(set_to_none=True)
-        if config.micro_batch:
-            shared = lambda rows: {n: (1 + delta[n], beta[n]) for n in target}  # noqa: E731
-            loss = w2_backward(frozen, inputs, shared, {n: t[None] for n, t in sorted_target.items()}, 1, config.micro_batch)
-        else:
-            pooled = frozen.pooled(inputs, {n: (1 + delta[n], beta[n]) for n in target}, grad=True)
-            loss = torch.stack([w2_loss(pooled[n], sorted_target[n], y_is_sorted=True) for n in target]).mean()
-            loss.backward()
+        shared = lambda rows: {n: (1 + delta[n], beta[n]) for n in target}  # noqa: E731
+        loss = w2_backward(frozen, inputs, shared, {n: t[None] for n, t in sorted_target.items()}, 1, config.micro_batch)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         schedule.step()

@@ -38,8 +38,10 @@ def fit_settings(method: str, dataset: ActivationDataset, samples: int | None = 
     """The settings a method's summary.json records: a rerun with equal ones resumes the folder."""
     check_method(method)
     lineas = (lineas or LineasConfig()) if method == "lineas" else None
+    # --micro-batch changes memory only (the gradient is exact): a rerun with another one resumes.
+    fitted = {k: v for k, v in asdict(lineas).items() if k != "micro_batch"} if lineas else None
     return {"samples": dataset.fitting_samples(samples), "dataset_digest": dataset.manifest["settings_digest"],
-            "lineas": asdict(lineas) if lineas else None, "incremental": incremental if method == "linear-act" else None}
+            "lineas": fitted, "incremental": incremental if method == "linear-act" else None}
 
 
 def settings_differences(saved: dict, model: str, settings: dict) -> list[str]:
@@ -179,14 +181,17 @@ def run_baselines(
     incremental: bool = False,
     out: Path | None = None,
     device: str | None = None,
+    dtype: str = "auto",
+    grad_checkpointing: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> BaselineRun:
     """Load the dataset's denoiser and fit `method` on the named concepts (else the split's),
-    writing to `out/<method>/` (default runs/<model>/baselines/<method>)."""
-    from htcli.core.hooks import resolve_layers
-    from htcli.core.runtime import resolve_device, run_path
-    from htcli.models import get_model, load_denoiser
+    writing to `out/<method>/` (default runs/<model>/baselines/<method>). `dtype`: what the
+    denoiser computes in (`htcli.core.precision`: auto = bfloat16 on CUDA, float32 on CPU);
+    `grad_checkpointing` recomputes its blocks in backward (LinEAS: less memory)."""
+    from htcli.core.runtime import run_path
+    from htcli.models import get_model
 
     # Every check before the model loads: method, concepts, samples, the output folder and
     # the settings of what it already holds.
@@ -195,9 +200,7 @@ def run_baselines(
     spec = get_model(dataset.settings.model)
     out = check_output_dir(Path(out) if out is not None else run_path(spec.id, "baselines"))
     prepare_folder(out / method, method, spec.id, settings, overwrite)
-    torch_device = resolve_device(device)
-    denoiser = load_denoiser(spec, torch_device)
-    frozen = Frozen(spec, denoiser, resolve_layers(denoiser, dataset.settings.layers))
+    frozen = Frozen.load(spec, dataset.settings.layers, device, dtype, grad_checkpointing)
     fit_baselines(method, frozen, dataset, chosen, samples=samples, lineas=lineas, incremental=incremental, out=out,
                   overwrite=overwrite, progress=progress)
     summary = read_json(out / method / SUMMARY)

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from htcli.core.files import atomic_path, write_json
-from htcli.core.runtime import barrier
-from htcli.core.transport import Maps, w2_loss
+from htcli.core.transport import Maps
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
@@ -51,10 +50,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 100
     clip: float = 1.0
-    # Memory: bf16 autocast for the frozen model; samples per backward pass (two-pass W2
-    # gradient), 0 = all K * N at once.
-    bf16: bool = False
-    micro_batch: int = 0
+    # Precision and memory: the frozen model's dtype (htcli.core.precision: auto = bfloat16 on
+    # CUDA, float32 on CPU); samples per backward pass (two-pass W2 gradient): None = what fits in
+    # free memory, 0 = all K * N at once.
+    dtype: str = "auto"
+    micro_batch: int | None = None
     # Sparse group lasso on the predicted maps; evaluation interval; seed.
     l1: float = 0.0
     group: float = 0.0
@@ -67,7 +67,7 @@ class TrainConfig:
                 raise HTError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise HTError(f"--lr must be positive, got {self.lr}")
-        if self.micro_batch < 0:
+        if self.micro_batch is not None and self.micro_batch < 0:
             raise HTError(f"--micro-batch must be 0 (off) or positive, got {self.micro_batch}")
         if not 0 <= self.val_fraction < 1:
             raise HTError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
@@ -117,8 +117,9 @@ def sparsity_penalty(maps: Maps, l1: float, group: float) -> Tensor:
     return total
 
 
-# --micro-batch changes only memory (the gradient is exact), so a resumed run may change it.
-RESUMABLE_CHANGES = {"micro_batch"}
+# --micro-batch changes only memory (the gradient is exact) and --dtype only rounding (a run
+# may resume on another device), so a resumed run may change them.
+RESUMABLE_CHANGES = {"micro_batch", "dtype"}
 # Settings with no command-line option: named as settings, not as options.
 LIBRARY_ONLY = {"weight_decay", "warmup", "clip"}
 
@@ -216,28 +217,16 @@ class Trainer:
             maps = network(embedding)  # {layer: ((K, D), (K, D))}
             return {layer: (o.repeat_interleave(n, 0)[rows], b.repeat_interleave(n, 0)[rows]) for layer, (o, b) in maps.items()}
 
-        sparse = bool(self.config.l1 or self.config.group)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            if self.config.micro_batch:
-                no_sync = self.ddp.no_sync if self.ddp is not None else None
-                penalty = torch.zeros(())
-                if sparse:  # its gradient joins the micro-batches' before DDP's one all-reduce
-                    with no_sync() if no_sync else contextlib.nullcontext():
-                        penalty = sparsity_penalty(network(embedding), self.config.l1, self.config.group)
-                        penalty.backward()
-                loss = w2_backward(self.frozen, inputs, per_sample, sorted_targets, k, self.config.micro_batch, no_sync)
-                return loss + penalty.detach()
-            maps = network(embedding)
-            pooled = self.frozen.pooled(inputs, {
-                layer: (o.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for layer, (o, b) in maps.items()
-            }, grad=True)  # concept-major rows
-            loss = torch.stack(
-                [w2_loss(acts.float().view(k, n, -1), sorted_targets[layer], y_is_sorted=True) for layer, acts in pooled.items()]
-            ).mean()
-            if sparse:
-                loss = loss + sparsity_penalty(maps, self.config.l1, self.config.group)
-            loss.backward()
-            return loss.detach()
+        # No autocast: the hypernetwork, its maps and the loss stay float32 whatever dtype the
+        # frozen denoiser computes in (htcli.core.precision).
+        no_sync = self.ddp.no_sync if self.ddp is not None else None
+        penalty = torch.zeros(())
+        if self.config.l1 or self.config.group:  # its gradient joins the W2 gradient before DDP's all-reduce
+            with no_sync() if no_sync else contextlib.nullcontext():
+                penalty = sparsity_penalty(network(embedding), self.config.l1, self.config.group)
+                penalty.backward()
+        loss = w2_backward(self.frozen, inputs, per_sample, sorted_targets, k, self.config.micro_batch, no_sync)
+        return loss + penalty.detach()
 
     def train_step(self) -> float:
         names = draw(self.train, self.config.concepts_per_step, self.config.seed, self.step)
@@ -261,18 +250,34 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, names: Sequence[str]) -> float | None:
-        """Mean held-out residual ratio on the evaluation samples of `names` (None: no concepts)."""
-        if not names:
-            return None
+    def concept_residual(self, name: str) -> float:
+        """Held-out residual ratio of one concept's predicted maps, on its evaluation samples."""
         self.network.eval()
-        device = self.frozen.model.device
-        ratios = []
-        for name in names:
-            maps = unbatch(self.network(self.embeddings[name][None].to(device)))[0]
-            target = {k: v[0] for k, v in self.dataset.targets([name], "eval").items()}
-            ratios.append(residuals(self.frozen, self.eval_inputs, self.source_eval, target, maps)[0])
-        return sum(ratios) / len(ratios)
+        maps = unbatch(self.network(self.embeddings[name][None].to(self.frozen.model.device)))[0]
+        target = {k: v[0] for k, v in self.dataset.targets([name], "eval").items()}
+        return residuals(self.frozen, self.eval_inputs, self.source_eval, target, maps)[0]
+
+    def evaluate(self, *splits: Sequence[str]) -> list[float | None]:
+        """Mean held-out residual ratio of each list of concepts in `splits` (None: empty list).
+
+        Under DDP every rank computes its share of all the concepts and one all-reduce gives
+        every rank all the ratios, so no rank waits in a collective while another evaluates
+        alone. Each slot is written by one rank and is zero on the others: the sum is exact,
+        and the means equal a single process's.
+        """
+        names = [name for split in splits for name in split]
+        ratios = torch.zeros(len(names), dtype=torch.float64, device=self.frozen.model.device)  # (concepts,)
+        for i in range(self.rank, len(names), self.world):
+            ratios[i] = self.concept_residual(names[i])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(ratios)
+        shared, means = ratios.tolist(), []
+        for split in splits:
+            part, shared = shared[: len(split)], shared[len(split) :]
+            means.append(sum(part) / len(part) if part else None)
+        return means
 
     # --- checkpoints -----------------------------------------------------------------
 
@@ -329,14 +334,12 @@ class Trainer:
             if on_step:
                 on_step(self.step, loss)
             if self.step % config.eval_every == 0 or self.step == config.steps:
-                if self.rank == 0:  # the other ranks go on to the next step and wait for it there
-                    self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                                         "val_residual": self.evaluate(self.val),
-                                         "test_residual": self.evaluate(self.test), "seconds": self.train_seconds})
-                    self.save()
+                val, test = self.evaluate(self.val, self.test)  # every rank: its share, then all the means
+                self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                     "val_residual": val, "test_residual": test, "seconds": self.train_seconds})
+                self.save()  # rank 0 only: the others go on and wait for it in the next step's all-reduce
         final = self.history[-1] if self.history else {}
         summary = {"final_loss": final.get("loss"), "val_residual": final.get("val_residual"),
                    "test_residual": final.get("test_residual"), "train_seconds": self.train_seconds}
         self.save(summary)
-        barrier()  # the other ranks wait for rank 0's last evaluation and checkpoint before exiting
         return summary

@@ -58,8 +58,7 @@ def train_hypernetwork(
     """
     import torch.distributed as dist
 
-    from htcli.core.hooks import resolve_layers
-    from htcli.models import get_model, load_denoiser
+    from htcli.models import get_model
 
     # Every check before the model loads: the output folder, the calibration images and the
     # encoder they need, the samples, the concepts, and the run a --resume continues.
@@ -80,15 +79,12 @@ def train_hypernetwork(
         if saved.info.get("step", 0) >= config.steps and "final_loss" in saved.info:
             return _finished(out, saved.info, images, train_names, say)
 
-    distributed = init_distributed()
+    torch_device = resolve_device(device)  # this rank's GPU under torchrun
+    distributed = init_distributed(torch_device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main = rank == 0
     try:
-        denoiser = load_denoiser(spec, resolve_device(device))
-        if grad_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-            denoiser.train()  # diffusers checkpoints only in training mode; the model has no dropout here
-        frozen = Frozen(spec, denoiser, resolve_layers(denoiser, dataset.settings.layers))
+        frozen = Frozen.load(spec, dataset.settings.layers, torch_device, config.dtype, grad_checkpointing)
         trainer = Trainer(frozen, dataset, hyper_config, config, out, spec.id, rank, world)
         if resume:
             trainer.resume()

@@ -1,0 +1,102 @@
+"""One prompt path: what `build-dataset` caches is what the denoiser receives inside `pipe(prompt)`.
+
+PixArt pipelines lowercase and strip every prompt before T5, which is case-sensitive; MiniLM
+(the tiny model's encoder) is uncased and would hide a difference, so the PixArt test swaps in
+a cased word-level tokenizer and a small random T5 encoder.
+"""
+
+import pytest
+import torch
+
+from htcli.data.forward import encode_inputs
+from htcli.models import denoiser
+
+PROMPTS = ["An Art Deco lighthouse ", "a Cat in a Garden"]
+SEEDS = [3, 4]
+
+
+def _cased_pixart(tiny):
+    """The tiny PixArt pipeline with a cased tokenizer and a random T5 encoder of its width."""
+    from diffusers import PixArtSigmaPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    spec, pipe = tiny
+    words = ["<pad>", "</s>", "<unk>", *sorted({w for p in PROMPTS for w in p.split()} | {w.lower() for p in PROMPTS for w in p.split()})]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    width = pipe.transformer.config.caption_channels
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=width, d_kv=16, d_ff=64, num_layers=2,
+                                          num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    cased = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=pipe.vae, transformer=pipe.transformer,
+                                scheduler=pipe.scheduler)
+    cased.set_progress_bar_config(disable=True)
+    return spec, cased
+
+
+def _received(spec, pipe, prompts, seeds) -> dict:
+    """The denoiser's keyword inputs at the first step of `pipe(prompts)` (forward pre-hook)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("kwargs", {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        seen.setdefault("args", [a.detach().clone() for a in args])
+
+    model = denoiser(pipe, spec)
+    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        pipe(list(prompts), generator=generators, output_type="latent", **spec.pipeline_kwargs())
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_pixart_cache_equals_what_the_pipeline_feeds_its_transformer(tiny):
+    spec, pipe = _cased_pixart(tiny)
+    cached = encode_inputs(spec, pipe, PROMPTS, SEEDS)
+    seen = _received(spec, pipe, PROMPTS, SEEDS)
+    latents, seen = seen["args"][0], seen["kwargs"]
+    text, mask = seen["encoder_hidden_states"], seen["encoder_attention_mask"]
+    length = cached["text"].shape[1]
+    assert length == int(mask.sum(dim=1).max())  # padding past the longest prompt is dropped...
+    assert not mask[:, length:].any()  # ...and it was all masked out in the pipeline's call
+    torch.testing.assert_close(cached["mask"], mask[:, :length].to(cached["mask"].dtype), rtol=0, atol=0)
+    torch.testing.assert_close(cached["text"], text[:, :length], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached["noise"], latents)
+
+    # The case matters to this tokenizer: raw text would have cached another conditioning.
+    tokens = pipe.tokenizer(PROMPTS[0]).input_ids
+    assert tokens != pipe.tokenizer(PROMPTS[0].lower().strip()).input_ids
+
+
+def test_sdxl_cache_equals_what_the_pipeline_feeds_its_unet(tiny_sdxl):
+    spec, pipe = tiny_sdxl
+    cached = encode_inputs(spec, pipe, PROMPTS, SEEDS)
+    seen = _received(spec, pipe, PROMPTS, SEEDS)
+    kwargs = seen["kwargs"]
+    torch.testing.assert_close(cached["text"], kwargs["encoder_hidden_states"], rtol=0, atol=0)
+    torch.testing.assert_close(cached["pooled"], kwargs["added_cond_kwargs"]["text_embeds"], rtol=0, atol=0)
+    torch.testing.assert_close(cached["time_ids"], kwargs["added_cond_kwargs"]["time_ids"], rtol=0, atol=0)
+    torch.testing.assert_close(cached["noise"], seen["args"][0])
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl"])
+def test_cached_inputs_reproduce_the_pipelines_first_step_activations(fixture, request):
+    """End to end: the pooled activations built from the cache equal those of `pipe(prompt)`."""
+    from htcli.core.hooks import hooked, resolve_layers
+    from htcli.data.forward import pooled_activations
+
+    spec, pipe = request.getfixturevalue(fixture)
+    model = denoiser(pipe, spec)
+    layers = resolve_layers(model, spec.hook_patterns)
+    with torch.no_grad():
+        cached = pooled_activations(spec, model, layers, encode_inputs(spec, pipe, PROMPTS, SEEDS))
+        with hooked(model, layers, capture=True, stop_early=True) as run:
+            pipe(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="latent",
+                 **spec.pipeline_kwargs())
+    for name in layers:
+        torch.testing.assert_close(cached[name], run.pooled[name], rtol=1e-5, atol=1e-5)
