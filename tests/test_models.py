@@ -136,3 +136,30 @@ def test_tiny_is_built_identically_every_time(tiny):
     other = load_pipeline(spec)
     for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), other.transformer.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_tiny_weights_come_from_the_shipped_files(tmp_path, monkeypatch):
+    """`tiny`'s transformer and VAE hold the tensors of safetensors files (shipped in the package;
+    not a seeded draw that a PyTorch release could change), so hypernetworks trained on `tiny`
+    stay valid. Checked with altered copies of the files: what loads is what they hold."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    import htcli.models.tiny as tiny_module
+    from htcli.models import load_denoiser
+
+    altered = {}
+    for path in (tiny_module.TINY_TRANSFORMER, tiny_module.TINY_VAE):
+        altered[path.name] = {k: v * 2 if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        save_file(altered[path.name], str(tmp_path / path.name))
+    monkeypatch.setattr(tiny_module, "TINY_VAE", tmp_path / tiny_module.TINY_VAE.name)
+    spec = dataclasses.replace(get_model("tiny"), weights=(str(tmp_path / tiny_module.TINY_TRANSFORMER.name),))
+    pipe = load_pipeline(spec)
+    for module, name in ((pipe.transformer, tiny_module.TINY_TRANSFORMER.name), (load_denoiser(spec),
+                         tiny_module.TINY_TRANSFORMER.name), (pipe.vae, tiny_module.TINY_VAE.name)):
+        state = module.state_dict()
+        assert set(state) == set(altered[name]), name
+        for key, tensor in altered[name].items():
+            assert torch.equal(state[key], tensor), key
+    assert get_model("tiny").weights == (str(tiny_module.TINY_TRANSFORMER),) and tiny_module.TINY_TRANSFORMER.is_file()

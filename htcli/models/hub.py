@@ -11,6 +11,7 @@ produce are tested on the meta device from the shipped configs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -107,13 +108,22 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
         raise HTError(f"{what} leaves {len(empty)} tensors of the architecture without values (e.g. {empty[:3]})")
 
 
+def load_module(build: Callable[[], torch.nn.Module], weights: Path, dtype: torch.dtype,
+                device: str | torch.device) -> torch.nn.Module:
+    """`build()` with the tensors of the `weights` file, in `dtype` on `device`: parameters are
+    never allocated before the file's tensors are assigned (no float32 copy)."""
+    with EmptyParameters():
+        module = build()
+    load_strict(module, read_state_dict(weights, dtype, device), weights.name)
+    # The buffers the constructor computed are float32 on the CPU. nn.Module's own `to`: diffusers'
+    # override warns about modules "to keep in float32" on every cast, even when there are none.
+    return torch.nn.Module.to(module, device, dtype)
+
+
 def _distilled_denoiser(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
     """The distilled denoiser in `dtype` on `device`, holding the weights file's tensors."""
-    weights = _download_weights(spec)
-    with EmptyParameters():
-        denoiser = denoiser_class(spec).from_config(denoiser_config(spec))
-    load_strict(denoiser, read_state_dict(weights, dtype, device), weights.name)
-    return denoiser.to(device, dtype)  # the buffers the constructor computed, in float32 on the CPU
+    return load_module(lambda: denoiser_class(spec).from_config(denoiser_config(spec)), _download_weights(spec),
+                       dtype, device)
 
 
 def _from_pretrained(pipeline_class: Any, spec: ModelSpec, model_path: str | None, **components: Any) -> Any:

