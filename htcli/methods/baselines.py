@@ -81,23 +81,40 @@ def step_sizes(optimizer: torch.optim.Optimizer, param: Tensor, lr: float) -> Te
     return lr / (v_hat.sqrt() + eps)
 
 
+def check_init(init: Maps, target: Mapping[str, Tensor]) -> None:
+    """A warm start must hold a (D,) omega and beta for every layer being fitted."""
+    for name, t in target.items():
+        if name not in init:
+            raise HTError(f"the initial maps have no layer {name!r}; they were made for other layers")
+        if any(tuple(x.shape) != (t.shape[-1],) for x in init[name]):
+            raise HTError(f"the initial maps of layer {name!r} are not ({t.shape[-1]},) vectors")
+
+
 def fit_lineas(
     frozen: Frozen,
     inputs: Mapping[str, Tensor],
     target: Mapping[str, Tensor],
     config: LineasConfig,
     on_step: Callable[[int, float], None] | None = None,
+    init: Maps | None = None,
 ) -> tuple[Maps, list[float]]:
-    """LinEAS: all layers' maps optimised jointly through the frozen model (identity init).
+    """LinEAS: all layers' maps optimised jointly through the frozen model.
 
     Each step runs the N source samples with the current maps, takes the W2 loss at every
     hooked layer against the (pre-sorted) targets, averages over layers and steps the maps;
-    the sparse-group-lasso prox follows each step. Cosine learning-rate schedule.
+    the sparse-group-lasso prox follows each step. Cosine learning-rate schedule. The maps
+    start at the identity, or at `init` (a warm start, e.g. HyperTransport's prediction).
     """
     device = frozen.model.device
     torch.manual_seed(config.seed)
-    delta = {n: torch.zeros(t.shape[-1], device=device, requires_grad=True) for n, t in target.items()}
-    beta = {n: torch.zeros(t.shape[-1], device=device, requires_grad=True) for n, t in target.items()}
+    if init is None:
+        delta = {n: torch.zeros(t.shape[-1], device=device, requires_grad=True) for n, t in target.items()}
+        beta = {n: torch.zeros(t.shape[-1], device=device, requires_grad=True) for n, t in target.items()}
+    else:
+        check_init(init, target)
+        # omega - 1 is exact for omega in [0.5, 2] (Sterbenz), so step 0 runs the given maps bit for bit.
+        delta = {n: (init[n][0].float() - 1).to(device).requires_grad_() for n in target}
+        beta = {n: init[n][1].float().to(device).clone().requires_grad_() for n in target}
     params = [*delta.values(), *beta.values()]
     optimizer = (
         torch.optim.Adam(params, lr=config.lr) if config.optimizer == "adam" else torch.optim.SGD(params, lr=config.lr, momentum=0.9)
@@ -139,8 +156,12 @@ def fit_method(
     lineas: LineasConfig | None = None,
     incremental: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    init: Maps | None = None,
 ) -> tuple[Maps, float, dict]:
-    """Fit one concept with `method`; returns maps, fit seconds and method-specific info."""
+    """Fit one concept with `method`; returns maps, fit seconds and method-specific info.
+    `init`: LinEAS's starting maps (default the identity)."""
+    if init is not None and method != "lineas":
+        raise HTError(f"only LinEAS starts from given maps, not {method}")
     start = time.perf_counter()
     info: dict = {}
     if method == "mean-shift":
@@ -150,7 +171,7 @@ def fit_method(
         info["incremental"] = incremental
     elif method == "lineas":
         config = lineas or LineasConfig()
-        maps, history = fit_lineas(frozen, inputs, target, config, on_step)
+        maps, history = fit_lineas(frozen, inputs, target, config, on_step, init)
         info |= {"steps": config.steps, "lr": config.lr, "optimizer": config.optimizer, "l1": config.l1,
                  "group": config.group, "loss_first": history[0], "loss_last": history[-1]}
     else:

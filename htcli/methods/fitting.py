@@ -26,6 +26,8 @@ from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.evaluation.residuals import SUMMARY, MethodResult, residuals
 from htcli.methods.baselines import METHOD_FITS, LineasConfig, fit_method
+from htcli.methods.predict import Predictor
+from htcli.methods.refine import check_refine_steps, refine_maps, refined_method
 
 
 def check_method(method: str) -> None:
@@ -34,12 +36,20 @@ def check_method(method: str) -> None:
 
 
 def fit_settings(method: str, dataset: ActivationDataset, samples: int | None = None,
-                 lineas: LineasConfig | None = None, incremental: bool = False) -> dict:
-    """The settings a method's summary.json records: a rerun with equal ones resumes the folder."""
+                 lineas: LineasConfig | None = None, incremental: bool = False, refine: int | None = None,
+                 checkpoint: str | None = None) -> dict:
+    """The settings a method's summary.json records: a rerun with equal ones resumes the folder.
+    `refine` N: LinEAS runs N steps from the predictions of the hypernetwork whose file digest
+    is `checkpoint`; both are recorded with the LinEAS settings, so another checkpoint is refused."""
     check_method(method)
     lineas = (lineas or LineasConfig()) if method == "lineas" else None
     # --micro-batch changes memory only (the gradient is exact): a rerun with another one resumes.
     fitted = {k: v for k, v in asdict(lineas).items() if k != "micro_batch"} if lineas else None
+    if refine is not None:
+        if method != "lineas":
+            raise HTError(f"--refine warm-starts LinEAS from HyperTransport; use it with --method lineas, not {method}")
+        check_refine_steps(refine)
+        fitted |= {"steps": refine, "refine": refine, "hyper": checkpoint}
     return {"samples": dataset.fitting_samples(samples), "dataset_digest": dataset.manifest["settings_digest"],
             "lineas": fitted, "incremental": incremental if method == "linear-act" else None}
 
@@ -99,35 +109,51 @@ def fit_baselines(
     samples: int | None = None,
     lineas: LineasConfig | None = None,
     incremental: bool = False,
+    refine: int | None = None,
+    predictor: Predictor | None = None,
     out: Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> MethodResult:
     """Fit `method` on each concept of `names` and score it on the concept's evaluation samples.
 
-    `samples`: fitting samples per concept (None: all the dataset has). With `out` (a
-    baselines folder, e.g. runs/<model>/baselines), files go to `out/<method>/`: one
-    intervention file per concept and summary.json, both written after every concept. A
+    `samples`: fitting samples per concept (None: all the dataset has). `refine` N (LinEAS,
+    with `predictor`): N steps from the hypernetwork's prediction instead of `lineas.steps`
+    from the identity, saved as method `lineas-refine<N>`; fit seconds include the prediction.
+    With `out` (a baselines folder, e.g. runs/<model>/baselines), files go to `out/<method>/`:
+    one intervention file per concept and summary.json, both written after every concept. A
     folder fitted with other settings is refused unless `overwrite` (see `prepare_folder`).
     """
-    settings = fit_settings(method, dataset, samples, lineas, incremental)
+    from htcli.data.concepts import load_library
+
+    if (refine is None) != (predictor is None):
+        raise HTError("--refine needs a hypernetwork to start from, and a hypernetwork is only used with --refine")
+    digest = predictor.digest if predictor is not None else None
+    settings = fit_settings(method, dataset, samples, lineas, incremental, refine, digest)
     n = settings["samples"]
     lineas = (lineas or LineasConfig()) if method == "lineas" else None
-    folder = out / method if out is not None else None
-    summary = (prepare_folder(folder, method, frozen.spec.id, settings, overwrite) if folder is not None
+    label = method if refine is None else refined_method(refine)
+    library = load_library() if refine is not None else None  # concept phrases for the hypernetwork
+    folder = out / label if out is not None else None
+    summary = (prepare_folder(folder, label, frozen.spec.id, settings, overwrite) if folder is not None
                else {"concepts": {}})
     fit_inputs = {k: v[:n] for k, v in dataset.source_inputs("fit").items()}  # (N, ...) per input
     source_fit = {k: v[:n] for k, v in dataset.source_activations("fit").items()}  # (N, D) per layer
     eval_inputs, source_eval = dataset.source_inputs("eval"), dataset.source_activations("eval")
-    result = MethodResult(method, [], [])
+    result = MethodResult(label, [], [])
     for index, name in enumerate(names):
         row = summary["concepts"].get(name)
         if row is None or folder is None or not (folder / row["file"]).exists():
-            target_fit = {k: v[0, :n] for k, v in dataset.targets([name], "fit").items()}  # (N, D)
-            maps, seconds, info = fit_method(method, frozen, fit_inputs, source_fit, target_fit, lineas, incremental)
+            if predictor is None:
+                target_fit = {k: v[0, :n] for k, v in dataset.targets([name], "fit").items()}  # (N, D)
+                maps, seconds, info = fit_method(method, frozen, fit_inputs, source_fit, target_fit, lineas, incremental)
+            else:  # LinEAS from HyperTransport's prediction, on the same fitting samples
+                maps, info = refine_maps(predictor, frozen, library.resolve(name), dataset, refine, lineas=lineas,
+                                         samples=n, evaluate=False)
+                seconds = info["seconds"]
             target_eval = {k: v[0] for k, v in dataset.targets([name], "eval").items()}  # (M, D)
             overall, per_layer = residuals(frozen, eval_inputs, source_eval, target_eval, maps)
-            intervention = Intervention(maps, frozen.spec.id, method, name, dataset.settings.encoder,
+            intervention = Intervention(maps, frozen.spec.id, label, name, dataset.settings.encoder,
                                         info=info | {"fit_seconds": seconds, "samples": n, "residual": overall})
             row = {"file": f"{slugify(name)}.safetensors", "split": dataset.split_of(name), "fit_seconds": seconds,
                    "residual": overall, "residual_per_layer": per_layer, "support": intervention.support(),
@@ -179,6 +205,8 @@ def run_baselines(
     samples: int | None = None,
     lineas: LineasConfig | None = None,
     incremental: bool = False,
+    refine: int | None = None,
+    hyper: Path | None = None,
     out: Path | None = None,
     device: str | None = None,
     dtype: str = "auto",
@@ -189,19 +217,29 @@ def run_baselines(
     """Load the dataset's denoiser and fit `method` on the named concepts (else the split's),
     writing to `out/<method>/` (default runs/<model>/baselines/<method>). `dtype`: what the
     denoiser computes in (`htcli.core.precision`: auto = bfloat16 on CUDA, float32 on CPU);
-    `grad_checkpointing` recomputes its blocks in backward (LinEAS: less memory)."""
+    `grad_checkpointing` recomputes its blocks in backward (LinEAS: less memory). `refine` N:
+    LinEAS for N steps from the predictions of the hypernetwork `hyper` (default
+    runs/<model>/hyper), in `out/lineas-refine<N>/`."""
+    from htcli.core.files import file_digest
     from htcli.core.runtime import run_path
+    from htcli.methods.predict import resolve_checkpoint
     from htcli.models import get_model
 
-    # Every check before the model loads: method, concepts, samples, the output folder and
-    # the settings of what it already holds.
-    settings = fit_settings(method, dataset, samples, lineas, incremental)
-    chosen = dataset.select(names, split)
+    # Every check before the model loads: method, concepts, samples, the hypernetwork, the
+    # output folder and the settings of what it already holds.
+    if hyper is not None and refine is None:
+        raise HTError("--hyper is only used with --refine (LinEAS from the hypernetwork's prediction)")
     spec = get_model(dataset.settings.model)
+    checkpoint = resolve_checkpoint(hyper, spec.id) if refine is not None else None
+    digest = file_digest(checkpoint) if checkpoint is not None else None
+    settings = fit_settings(method, dataset, samples, lineas, incremental, refine, digest)
+    chosen = dataset.select(names, split)
+    label = method if refine is None else refined_method(refine)
     out = check_output_dir(Path(out) if out is not None else run_path(spec.id, "baselines"))
-    prepare_folder(out / method, method, spec.id, settings, overwrite)
+    prepare_folder(out / label, label, spec.id, settings, overwrite)
     frozen = Frozen.load(spec, dataset.settings.layers, device, dtype, grad_checkpointing)
-    fit_baselines(method, frozen, dataset, chosen, samples=samples, lineas=lineas, incremental=incremental, out=out,
-                  overwrite=overwrite, progress=progress)
-    summary = read_json(out / method / SUMMARY)
-    return BaselineRun(method, spec.id, out / method, {name: summary["concepts"][name] for name in chosen})
+    predictor = Predictor.load(checkpoint, model=spec.id, device=frozen.model.device) if checkpoint else None
+    fit_baselines(method, frozen, dataset, chosen, samples=samples, lineas=lineas, incremental=incremental,
+                  refine=refine, predictor=predictor, out=out, overwrite=overwrite, progress=progress)
+    summary = read_json(out / label / SUMMARY)
+    return BaselineRun(label, spec.id, out / label, {name: summary["concepts"][name] for name in chosen})
