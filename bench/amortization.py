@@ -1,12 +1,15 @@
 """Benchmark: HyperTransport's one forward pass against per-concept fitting, on held-out concepts.
 
 Run (after building the tiny dataset and training a hypernetwork on it):
-    python -m bench.amortization --data runs/tiny/data --hyper runs/tiny/hyper [--concepts 20]
-In this one run it fits mean shift, Linear-AcT and LinEAS (1000 steps) on the first held-out
-test concepts, evaluates the hypernetwork on the same concepts (concept text -> maps, timed),
-and prints residual ratios on the evaluation samples, times per concept, the break-even
-number of concepts, and last:
-speed_ratio=<LinEAS fit / HT forward> quality_ratio=<HT / LinEAS held-out residual>
+    python -m bench.amortization --data runs/tiny/data --hyper runs/tiny/hyper [--concepts 0] [--lineas-concepts 40]
+In this one run, on the held-out test concepts (`--concepts 0`: all 167), it fits mean shift
+and Linear-AcT, LinEAS (1000 steps, on the first `--lineas-concepts` of them if that is fewer:
+it takes ~45 s a concept on 2 cores), evaluates the hypernetwork (concept text -> maps, timed)
+and HyperTransport + `--refine` 10 and 50 LinEAS steps from its prediction, and prints residual
+ratios on the evaluation samples, times per concept, the break-even number of concepts, and last:
+speed_ratio=<LinEAS fit / HT forward> quality_ratio=<HT / LinEAS residual>
+refine50_ratio=<HT+50 / LinEAS residual> refine50_speedup=<LinEAS time / HT+50 time>
+(ratios against LinEAS are taken on the concepts LinEAS was fitted on).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path("runs/tiny/data"))
     parser.add_argument("--hyper", type=Path, default=Path("runs/tiny/hyper"))
-    parser.add_argument("--concepts", type=int, default=20)
+    parser.add_argument("--concepts", type=int, default=0, help="held-out concepts; 0: all")
+    parser.add_argument("--lineas-concepts", type=int, default=40, help="LinEAS on the first N of them; 0: all")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -45,27 +49,39 @@ def main() -> None:
     checkpoint = predictor.checkpoint
     spec = get_model(data.settings.model)
     frozen = Frozen.load(spec, data.settings.layers, "cpu")
-    names = data.names("test")[: args.concepts]
-    baselines = []
-    for method in ("mean-shift", "linear-act", "lineas"):
-        result = fit_baselines(method, frozen, data, names, lineas=LineasConfig(steps=args.steps))
-        baselines.append(result)
-        print(f"{method:14s} residual {statistics.fmean(result.residuals):.3f} +- {statistics.stdev(result.residuals):.3f}, "
-              f"median {statistics.median(result.seconds):.4f} s/concept", flush=True)
+    names = data.names("test")[: args.concepts or None]
+    lineas_names = names[: args.lineas_concepts or None]
+    print(f"{len(names)} held-out concepts (LinEAS on {len(lineas_names)} of them)", flush=True)
+    fitted = [fit_baselines(method, frozen, data, names) for method in ("mean-shift", "linear-act")]
+    fitted.append(fit_baselines("lineas", frozen, data, lineas_names, lineas=LineasConfig(steps=args.steps)))
+    fitted += [fit_baselines("lineas", frozen, data, names, refine=steps, predictor=predictor) for steps in (10, 50)]
     hyper = evaluate_hyper(predictor, load_library(), frozen, data, names)
-    rows = compare(hyper, baselines)
-    ht, lineas = rows[-1], next(r for r in rows if r["method"] == "lineas")
-    print(f"{'hypertransport':14s} residual {ht['residual_mean']:.3f} +- {ht['residual_std']:.3f}, "
-          f"median {ht['seconds_median'] * 1e3:.2f} ms/concept (text -> maps)")
+    rows = compare(hyper, fitted)
+    for row in rows:
+        print(f"{row['method']:16s} residual {row['residual_mean']:.3f} +- {row['residual_std'] or 0:.3f}, "
+              f"median {row['seconds_median'] * 1e3:.2f} ms/concept", flush=True)
+
+    # Against LinEAS: on the concepts it was fitted on.
+    on_lineas = [names.index(name) for name in lineas_names]
+    mean = lambda result: statistics.fmean(result.residuals[i] for i in on_lineas)  # noqa: E731
+    lineas, refine50 = fitted[2], fitted[4]
+    lineas_residual = statistics.fmean(lineas.residuals)
+    lineas_seconds, ht_seconds = statistics.median(lineas.seconds), statistics.median(hyper.seconds)
     train_seconds = checkpoint.info.get("train_seconds", float("nan"))
-    break_even = train_seconds / (lineas["seconds_median"] - ht["seconds_median"])
-    print(f"{len(names)} held-out concepts; hypernetwork training took {train_seconds:.0f} s on "
-          f"{checkpoint.info.get('train_concepts')} concepts: it pays for itself after {break_even:.1f} concepts")
-    speed, quality = lineas["seconds_median"] / ht["seconds_median"], ht["residual_mean"] / lineas["residual_mean"]
+    break_even = train_seconds / (lineas_seconds - ht_seconds)
+    print(f"hypernetwork training took {train_seconds:.0f} s on {checkpoint.info.get('train_concepts')} concepts: "
+          f"it pays for itself after {break_even:.1f} concepts")
+    figures = {
+        "speed_ratio": lineas_seconds / ht_seconds,
+        "quality_ratio": mean(hyper) / lineas_residual,
+        "refine50_ratio": mean(refine50) / lineas_residual,
+        "refine50_speedup": lineas_seconds / statistics.median(refine50.seconds),
+    }
     if args.json:
-        write_json(args.json, {"concepts": names, "rows": rows, "break_even": break_even,
-                                "speed_ratio": speed, "quality_ratio": quality})
-    print(f"speed_ratio={speed:.0f} quality_ratio={quality:.3f}")
+        write_json(args.json, {"concepts": names, "lineas_concepts": lineas_names, "rows": rows,
+                                "break_even": break_even, **figures})
+    print(f"speed_ratio={figures['speed_ratio']:.0f} quality_ratio={figures['quality_ratio']:.3f} "
+          f"refine50_ratio={figures['refine50_ratio']:.3f} refine50_speedup={figures['refine50_speedup']:.1f}")
 
 
 if __name__ == "__main__":

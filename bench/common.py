@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def quiet() -> None:
@@ -39,3 +40,22 @@ def paired_ratio(numerator: Callable[[], object], denominator: Callable[[], obje
             out.append(time.perf_counter() - start)
     ta, tb = statistics.median(a), statistics.median(b)
     return ta, tb, ta / tb
+
+
+def train_run(data: Path, out: Path, options: list[str]) -> dict:
+    """One `ht train-hyper` run into `out` (replaced); its final train, validation and test
+    residuals, training concepts and seconds, from history.json and the checkpoint."""
+    import json
+
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from htcli.cli import app
+
+    result = CliRunner().invoke(app, ["train-hyper", "--data", str(data), "--out", str(out), "--overwrite", *options])
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "history.json").read_text())[-1]
+    with safe_open(str(out / "hyper.safetensors"), "pt") as f:
+        info = json.loads(f.metadata()["info"])
+    return {"train_concepts": info["train_concepts"], "train_residual": final.get("train_residual"),
+            "val_residual": final["val_residual"], "test_residual": final["test_residual"], "train_seconds": final["seconds"]}

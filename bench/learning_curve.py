@@ -15,7 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.common import quiet  # noqa: E402
+from bench.common import quiet, train_run  # noqa: E402
 
 
 def main() -> None:
@@ -27,23 +27,10 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="more train-hyper options, space separated")
     args = parser.parse_args()
     quiet()
-    from typer.testing import CliRunner
-
-    from htcli.cli import app
-
     results = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        out = args.out / f"train-{size or 'all'}"
-        command = ["train-hyper", "--data", str(args.data), "--out", str(out), "--steps", str(args.steps),
-                   "--eval-every", str(args.steps), "--overwrite", *args.extra.split()]
-        if size:
-            command += ["--limit-concepts", str(size)]
-        result = CliRunner().invoke(app, command)
-        assert result.exit_code == 0, result.output
-        info = json.loads((out / "history.json").read_text())[-1]
-        checkpoint_info = json.loads(__import__("safetensors").safe_open(str(out / "hyper.safetensors"), "pt").metadata()["info"])
-        row = {"train_concepts": checkpoint_info["train_concepts"], "val_residual": info["val_residual"],
-               "test_residual": info["test_residual"], "train_seconds": info["seconds"]}
+        options = ["--steps", str(args.steps), "--eval-every", str(args.steps), *args.extra.split()]
+        row = train_run(args.data, args.out / f"train-{size or 'all'}", options + (["--limit-concepts", str(size)] if size else []))
         results.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

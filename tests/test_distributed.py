@@ -175,8 +175,8 @@ def test_one_gradient_all_reduce_per_step(ddp, variant):
 @pytest.mark.slow
 def test_each_rank_evaluates_its_share_and_all_ranks_get_every_mean(ddp, variant):
     records = _records(ddp, variant)
-    names = records[0]["val"] + records[0]["test"]
-    assert len(records[0]["val"]) == 1 and len(records[0]["test"]) == 2
+    names = records[0]["train_probe"] + records[0]["val"] + records[0]["test"]
+    assert len(records[0]["train_probe"]) == 4 and len(records[0]["val"]) == 1 and len(records[0]["test"]) == 2
     for rank, record in enumerate(records):
         assert record["evaluated"] == names[rank::2] * 2  # two evaluation rounds: steps 4 and 8
     strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]  # noqa: E731
@@ -222,7 +222,7 @@ def _probe(data_root: str, root: Path) -> None:
         app(_train_args(data_root, variant, root / variant / "hyper"), standalone_mode=False)
         (trainer,) = trainers
         record = {"buckets_per_step": buckets_per_step, "evaluated": evaluated, "history": trainer.history,
-                  "val": trainer.val, "test": trainer.test}
+                  "train_probe": trainer.train_probe, "val": trainer.val, "test": trainer.test}
         (root / variant / f"rank{trainer.rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 

@@ -16,9 +16,11 @@ from htcli.cli.options import (
     DeviceOption,
     DtypeOption,
     GradCheckpointingOption,
+    HyperOption,
     JsonOption,
     MicroBatchOption,
     ModelOption,
+    RefineOption,
     SamplesOption,
     SeedOption,
     SplitOption,
@@ -49,7 +51,11 @@ def fit_baselines_command(
     split: SplitOption = DatasetSplit.test,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory. Default: runs/<model>/baselines.")] = None,
     samples: SamplesOption = None,
-    steps_: Annotated[int, typer.Option("--steps", help="LinEAS optimisation steps.")] = LineasConfig.steps,
+    steps_: Annotated[
+        Optional[int], typer.Option("--steps", help=f"LinEAS optimisation steps. Default: {LineasConfig.steps}.")
+    ] = None,
+    refine: RefineOption = None,
+    hyper: HyperOption = None,
     lr: Annotated[float, typer.Option(help="LinEAS learning rate.")] = LineasConfig.lr,
     optimizer: Annotated[Optimizer, typer.Option(help="LinEAS optimiser.")] = DEFAULT_OPTIMIZER,
     l1: Annotated[float, typer.Option(help="LinEAS sparsity: L1 weight per neuron.")] = LineasConfig.l1,
@@ -77,15 +83,18 @@ def fit_baselines_command(
     Example: ht fit-linear-baselines --model tiny --method lineas --steps 300
     """
     from htcli.data.dataset import open_dataset
+    from htcli.errors import HTError
     from htcli.methods.fitting import run_baselines
 
     name = method.value
-    lineas = (LineasConfig(steps=steps_, lr=lr, optimizer=optimizer.value, l1=l1, group=group, seed=seed,
-                           micro_batch=micro_batch) if name == "lineas" else None)
+    if refine is not None and steps_ is not None:
+        raise HTError("--refine N runs N LinEAS steps from the hypernetwork's prediction; drop --steps")
+    lineas = (LineasConfig(steps=LineasConfig.steps if steps_ is None else steps_, lr=lr, optimizer=optimizer.value,
+                           l1=l1, group=group, seed=seed, micro_batch=micro_batch) if name == "lineas" else None)
     with steps(name) as bar:
         run = run_baselines(name, open_dataset(data, model), names=concept or (), split=split.value, samples=samples,
-                            lineas=lineas, incremental=incremental, out=out, overwrite=overwrite, device=device,
-                            dtype=dtype.value, grad_checkpointing=grad_checkpointing,
+                            lineas=lineas, incremental=incremental, refine=refine, hyper=hyper, out=out,
+                            overwrite=overwrite, device=device, dtype=dtype.value, grad_checkpointing=grad_checkpointing,
                             progress=lambda done, total, text: bar.update(done, total, text))
     if run.diverged:  # one line, however many concepts
         shown = ", ".join(run.diverged[:5]) + (f" and {len(run.diverged) - 5} more" if len(run.diverged) > 5 else "")

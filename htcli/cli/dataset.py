@@ -16,6 +16,7 @@ from htcli.cli.options import (
     DatasetSplit,
     DeviceOption,
     EvalSamplesOption,
+    ExtraConceptsOption,
     LayersOption,
     LimitConceptsOption,
     ModelOption,
@@ -26,6 +27,7 @@ from htcli.cli.options import (
 from htcli.cli.output import console, steps
 from htcli.core.runtime import is_main_process
 from htcli.data.build import DatasetRequest
+from htcli.data.concepts import read_concept_names
 
 
 @app.command("build-dataset")
@@ -39,6 +41,7 @@ def build_dataset_command(
         typer.Option("--concept", "-c", help="Build only this concept (library name or any free text); repeatable."),
     ] = None,
     limit_concepts: LimitConceptsOption = None,
+    extra_concepts: ExtraConceptsOption = None,
     samples: BuildSamplesOption = BUILD_SAMPLES,
     eval_samples: EvalSamplesOption = BUILD_EVAL_SAMPLES,
     layers: LayersOption = None,
@@ -61,7 +64,8 @@ def build_dataset_command(
     from htcli.models import default_model_name
     from htcli.models.plan import human_bytes
 
-    request = DatasetRequest(model or default_model_name(), out, split.value, concept or (), concept_dirs or (),
+    extra = read_concept_names(extra_concepts) if extra_concepts else ()
+    request = DatasetRequest(model or default_model_name(), out, split.value, concept or (), extra, concept_dirs or (),
                              limit_concepts, samples, eval_samples, layers, seed, batch_size, encoder)
     if dry_run:
         plan = estimate(request)

@@ -13,17 +13,20 @@ from htcli.cli.options import (
     DataOption,
     DeviceOption,
     DtypeOption,
+    ExtraConceptsOption,
     GradCheckpointingOption,
     HyperOption,
     LimitConceptsOption,
     MicroBatchOption,
     ModelOption,
+    RefineOption,
     SamplesOption,
     SeedOption,
     TrainingDtype,
 )
-from htcli.cli.output import console, err, steps
+from htcli.cli.output import console, err, note, steps
 from htcli.core.runtime import is_main_process
+from htcli.data.concepts import read_concept_names
 from htcli.methods.hypernetwork import HyperConfig
 from htcli.methods.training import TrainConfig
 
@@ -52,6 +55,7 @@ def train_hyper_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after an interruption (same settings).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished or different run in --out.")] = False,
     seed: SeedOption = TrainConfig.seed,
+    extra_concepts: ExtraConceptsOption = None,
     dtype: DtypeOption = TrainingDtype.auto,
     grad_checkpointing: GradCheckpointingOption = False,
     micro_batch: MicroBatchOption = None,
@@ -76,7 +80,8 @@ def train_hyper_command(
     dataset = open_dataset(data, model)
     config = TrainConfig(steps=steps_, concepts_per_step=concepts_per_step, samples=samples, lr=lr, l1=l1, group=group,
                          eval_every=eval_every, val_fraction=val_fraction, limit_concepts=limit_concepts, seed=seed,
-                         dtype=dtype.value, micro_batch=micro_batch)
+                         dtype=dtype.value, micro_batch=micro_batch,
+                         extra_concepts=tuple(read_concept_names(extra_concepts)) if extra_concepts else ())
     with steps("train-hyper", config.steps, enabled=is_main_process()) as bar:  # one bar under torchrun
         result = train_hypernetwork(
             dataset, out or run_path(dataset.settings.model, "hyper"), config,
@@ -89,7 +94,9 @@ def train_hyper_command(
         return
     held_out = ("no held-out test concepts in the dataset" if result.test_residual is None
                 else f"held-out residual {result.test_residual:.3f}")
-    validation = "" if result.val_residual is None else f" (validation {result.val_residual:.3f})"
+    seen = [f"{split} {value:.3f}" for split, value in (("train", result.train_residual),
+                                                          ("validation", result.val_residual)) if value is not None]
+    validation = f" ({', '.join(seen)})" if seen else ""
     finished = " (already finished: nothing trained)" if result.already_finished else ""
     console.print(f"[green]hypernetwork[/] {result.checkpoint}: {result.steps} steps in {result.train_seconds:.1f} s"
                   f"{finished}, {held_out}{validation}")
@@ -101,12 +108,27 @@ def export_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Intervention file to write (.safetensors).")],
     hyper: HyperOption = None,
     model: ModelOption = None,
+    refine: RefineOption = None,
+    data: DataOption = None,
 ) -> None:
     """Write the intervention the hypernetwork predicts for a concept, as a standard file.
 
+    --refine N spends seconds on N LinEAS steps from the prediction (method lineas-refine<N>).
+
     Example: ht hyper export --model tiny --concept "art deco" --out art-deco.safetensors
     """
-    from htcli.methods.predict import export_intervention
+    from htcli.cli.steer import neighbours_line
+    from htcli.methods.predict import Predictor, export_intervention
 
-    written = export_intervention(concept, out, hyper, model)
+    written = export_intervention(concept, out, hyper, model, refine, data)
     console.print(f"wrote {out} ({written.model}, {len(written.maps)} layers) for {written.concept!r}", markup=False)
+    if refine is not None:
+        info = written.info
+        console.print(f"refined with {refine} LinEAS steps in {info['seconds']:.2f} s: residual "
+                      f"{info['residual_before']:.3f} -> {info['residual_after']:.3f} (evaluation samples)",
+                      highlight=False, markup=False)
+    if written.info["nearest_training_concepts"]:
+        console.print(neighbours_line(written.concept, written.info["nearest_training_concepts"]), highlight=False,
+                      markup=False)
+    if text := Predictor.neighbour_note(written.concept, written.info):
+        note(text)

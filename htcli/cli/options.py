@@ -65,6 +65,18 @@ LayersOption = Annotated[
 ]
 
 
+RefineOption = Annotated[
+    int | None,
+    typer.Option("--refine", help="N LinEAS steps warm-started from the hypernetwork's prediction, on the concept's "
+                 "samples in --data (it must be built there): seconds for per-concept quality (method lineas-refine<N>)."),
+]
+ExtraConceptsOption = Annotated[
+    Path | None,
+    typer.Option("--extra-concepts", help="Text file of your own training concepts, one per line (free text or "
+                 "library names); held-out test concepts are refused, however spelt."),
+]
+
+
 class TrainingDtype(str, Enum):
     auto = "auto"
     bfloat16 = "bfloat16"

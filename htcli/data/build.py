@@ -83,6 +83,7 @@ class DatasetRequest:
     out: Path | None = None  # default runs/<model>/data
     split: str = "all"
     concepts: Sequence[str] = ()  # library names or free text; overrides split
+    extra_concepts: Sequence[str] = ()  # training concepts added to the selection (never test ones)
     concept_dirs: Sequence[Path] = ()
     limit_concepts: int | None = None
     samples: int = 32
@@ -100,6 +101,8 @@ class DatasetRequest:
         out = check_output_dir(Path(self.out) if self.out is not None else run_path(spec.id, "data"))
         library = load_library(self.concept_dirs)
         concepts = select_concepts(library, self.split, self.concepts, self.limit_concepts, self.seed)
+        chosen = {c.name for c in concepts}
+        concepts += [c for c in library.extra_training(self.extra_concepts) if c.name not in chosen]
         layers = resolve_layers(build_meta_denoiser(spec), self.layers or spec.hook_patterns)
         settings = make_settings(spec, library, layers, self.samples, self.eval_samples, self.seed, self.encoder,
                                  self.batch_size)

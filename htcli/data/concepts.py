@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import random
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
@@ -101,6 +102,30 @@ class ConceptLibrary:
             raise HTError(f"unknown concept {name!r}{hint} (`ht concepts list` shows all {len(self)})")
         return concept
 
+    def held_out_match(self, text: str) -> Concept | None:
+        """The held-out test concept `text` names, ignoring case, accents and whitespace and
+        going through aliases ("Art Déco" -> "art deco"), or None. Extra training concepts must
+        not be test concepts under another spelling: that would leak the test split into training."""
+        if self.split_seed is None:
+            return None
+        key = _loose(text)
+        for concept in self.targets("test"):
+            if key in {_loose(concept.name), *map(_loose, concept.aliases)}:
+                return concept
+        return None
+
+    def extra_training(self, names: Sequence[str], source: str = "--extra-concepts") -> list[Concept]:
+        """User-given training concepts (library names or free text), each refused with an
+        HTError when it is a held-out test concept under any spelling."""
+        concepts = []
+        for name in names:
+            held_out = self.held_out_match(name)
+            if held_out is not None:
+                raise HTError(f"extra concept {name!r} ({source}) is the held-out test concept {held_out.name!r}: "
+                              "training on it would leak the test split; remove it")
+            concepts.append(self.resolve(name))
+        return concepts
+
     def resolve(self, text: str) -> Concept:
         """A library concept, or else a free-text concept with DEFAULT_TEMPLATE."""
         text = " ".join(text.split())
@@ -177,6 +202,25 @@ class ConceptLibrary:
             "slug": concept.slug,
             "file": str(concept.source_file) if concept.source_file else None,
         }
+
+
+def _loose(text: str) -> str:
+    """Case-, accent- and whitespace-insensitive key: 'Art  Déco' -> 'art deco'."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return normalize("".join(ch for ch in decomposed if not unicodedata.combining(ch)))
+
+
+def read_concept_names(path: Path) -> list[str]:
+    """Concept names from a text file: one per line, blank lines and `#` comments ignored,
+    duplicates dropped (`--extra-concepts FILE`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HTError(f"--extra-concepts {path} is not a file (one concept name per line)")
+    names = [" ".join(line.split("#", 1)[0].split()) for line in path.read_text(encoding="utf-8").splitlines()]
+    names = list(dict.fromkeys(name for name in names if name))
+    if not names:
+        raise HTError(f"--extra-concepts {path} names no concept")
+    return names
 
 
 def load_library(extra_dirs: Sequence[Path] = ()) -> ConceptLibrary:

@@ -131,7 +131,7 @@ class Steerer:
         if predictor is not None and predictor.model != spec.id:
             raise HTError(f"the hypernetwork was trained for model {predictor.model!r}, not {spec.id!r}")
         self.spec, self.hyper, self.model_path, self.device = spec, hyper, model_path, device
-        self._pipe, self._predictor = pipe, predictor
+        self._pipe, self._predictor, self._frozen = pipe, predictor, None
 
     @property
     def pipe(self) -> Any:
@@ -141,6 +141,15 @@ class Steerer:
 
             self._pipe = load_pipeline(self.spec, model_path=self.model_path, device=resolve_device(self.device))
         return self._pipe
+
+    def frozen(self, layers: Sequence[str]) -> Any:
+        """The denoiser alone, in the training dtype, hooked at `layers`: what `refine` fits
+        through (its own copy: the pipeline's may compute in float16, whose gradients underflow)."""
+        if self._frozen is None or list(self._frozen.layers) != list(layers):
+            from htcli.data.forward import Frozen
+
+            self._frozen = Frozen.load(self.spec, layers, self.device)
+        return self._frozen
 
     @property
     def predictor(self) -> Any:
@@ -170,6 +179,8 @@ class SteerRequest:
     each: bool = False  # one image per source in one mixed batch, instead of composing them
     gap_correction: bool = True
     steer_steps: str = "all"  # denoising steps to steer: "all", "0:1", "1:", ":2", "2" (see parse_steer_steps)
+    refine: int | None = None  # N LinEAS steps from each concept's prediction (`htcli.methods.refine`)
+    data: Path | None = None  # the dataset --refine fits on; None: runs/<model>/data
 
     @property
     def strength_values(self) -> list[float]:
@@ -194,6 +205,14 @@ class SteerRequest:
             raise HTError("--each needs --method hypertransport; run --method prompt once per concept instead")
         if self.method == "prompt" and (self.reference_images or self.interventions):
             raise HTError("--method prompt appends concept text; it cannot use --reference-image or --intervention")
+        if self.refine is None and self.data is not None:
+            raise HTError("--data is only used with --refine (LinEAS on the dataset's samples of each concept)")
+        if self.refine is not None:
+            from htcli.methods.refine import check_refine_steps
+
+            check_refine_steps(self.refine)
+            if self.method == "prompt" or not self.concepts:
+                raise HTError("--refine refines the maps of --concept sources; give one, with --method hypertransport")
 
 
 @dataclass
@@ -225,20 +244,57 @@ class Steered:
                             info={"sources": self.sources.describe()})
 
 
-def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool,
-                 notes: list[str]) -> tuple[list[tuple[Maps, float]], str | None, float]:
+def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes: list[str],
+                 refine: int | None = None, data: Path | None = None) -> tuple[list[tuple[Maps, float]], str | None, float]:
     """(maps, weight) per source in `sources` order, the checkpoint digest (None when nothing
-    was predicted) and the milliseconds the prediction took (encoding included)."""
+    was predicted) and the milliseconds the maps took (encoding, and `refine` LinEAS steps per
+    concept on the dataset `data`, included)."""
     if not (sources.concepts or sources.images):
         return [(f.maps, w) for f, w, _ in sources.files], None, 0.0
+    refined, refine_ms = [], 0.0
+    if refine is not None:
+        from htcli.data.dataset import open_dataset
+        from htcli.methods.refine import check_refine, refine_maps
+
+        dataset = open_dataset(data, steerer.spec.id)
+        check_refine(refine, dataset, [c.name for c, _ in sources.concepts])  # before anything loads
+        frozen = steerer.frozen(dataset.settings.layers)
+        for concept, _ in sources.concepts:
+            maps, info = refine_maps(steerer.predictor, frozen, concept, dataset, refine, evaluate=False)
+            refined.append(maps)
+            refine_ms += info["seconds"] * 1e3
     predictor = steerer.predictor
+    # Predicted last, all sources at once: `predictor.last_ms` and its per-source records describe this call.
     predicted = predictor.maps([c.phrase for c, _ in sources.concepts], sources.images, gap_correction)
+    predicted[: len(refined)] = refined
     if sources.images and gap_correction and not predictor.has_gap:
         notes.append("the hypernetwork stores no modality gap; raw image embeddings were used "
                      "(train it with --calibration-images to store one)")
     weights = [w for _, w in sources.concepts] + [1.0] * bool(sources.images)
     per_source = list(zip(predicted, weights)) + [(f.maps, w) for f, w, _ in sources.files]
-    return per_source, predictor.digest, predictor.last_ms
+    return per_source, predictor.digest, predictor.last_ms + refine_ms
+
+
+def _neighbours(steerer: Steerer, sources: Sources, notes: list[str]) -> list[dict]:
+    """Per predicted source (concepts, then the reference images), after `_source_maps`: its
+    `Predictor.neighbour_info` with a "source" label. Notes name the sources that are out of
+    distribution, or say once that the checkpoint cannot tell."""
+    if not (sources.concepts or sources.images):
+        return []
+    predictor = steerer.predictor
+    labels = sources.labels[: len(sources.concepts) + bool(sources.images)]
+    records = [{"source": label, **predictor.neighbour_info(i)} for i, label in enumerate(labels)]
+    for record in records:
+        text = predictor.neighbour_note(record["source"], record)
+        if text and text not in notes:
+            notes.append(text)
+    return records
+
+
+def _ood(records: list[dict], labels: Sequence[str]) -> bool | None:
+    """Whether a source among `labels` is out of distribution; None when that is unknown."""
+    flags = [r["ood"] for r in records if r["source"] in labels]
+    return None if not flags or None in flags else any(flags)
 
 
 def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = None) -> Steered:
@@ -251,7 +307,7 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     steps = parse_steer_steps(request.steer_steps, len(spec.timesteps))
     sources = resolve_sources(spec, request.concepts, request.reference_images, request.interventions)
     strengths: list[float | None] = list(request.strength_values)
-    notes = []
+    notes, neighbours = [], []
     if any(s > 1 for s in strengths):
         notes.append("strength > 1 extrapolates beyond the fitted transport")
     text, per_source, combined, digest, ms = request.prompt, [], None, None, None
@@ -266,7 +322,9 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             notes.append("--method prompt hooks nothing, so --steer-steps does not apply")
         strengths = [None]  # nothing is hooked: strength does not apply
     else:
-        per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes)
+        per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes, request.refine,
+                                              request.data)
+        neighbours = _neighbours(steerer, sources, notes)
         combined = None if request.each else combine(per_source)
 
     seeds = request.seeds
@@ -275,9 +333,12 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     if progress:
         progress(0, total, "loading the pipeline")
     pipe = steerer.pipe
+    nearest = [{"source": r["source"], **n} for r in neighbours for n in r["nearest_training_concepts"]]
     base = {"prompt": request.prompt, "text": text, "sources": sources.describe(), "model": spec.id,
             "method": request.method, "composition": "each" if request.each else "additive",
-            "steer_steps": request.steer_steps, "checkpoint_sha256": digest, "ht_version": __version__, "intervention_ms": ms}
+            "steer_steps": request.steer_steps, "checkpoint_sha256": digest, "ht_version": __version__, "intervention_ms": ms,
+            "refine": request.refine, "nearest_training_concepts": nearest, "ood": _ood(neighbours, sources.labels),
+            "ood_threshold": neighbours[0]["ood_threshold"] if neighbours else None}
     cells: dict[tuple[int, int], SteeredImage] = {}  # (row, column) -> image
     for j, strength in enumerate(strengths):
         if request.each:
@@ -287,7 +348,8 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             for b, image in enumerate(batch):
                 k, i = divmod(b, len(sources))
                 label = f"{sources.labels[i]}, strength {strength:g}, seed {seeds[k]}"
-                meta = {**base, "source": sources.labels[i], "strength": strength, "seed": seeds[k]}
+                meta = {**base, "source": sources.labels[i], "strength": strength, "seed": seeds[k],
+                        "ood": _ood(neighbours, [sources.labels[i]])}
                 cells[(j * len(seeds) + k, i)] = SteeredImage(image, label, meta)
         else:
             for k, g in enumerate(generate(spec, pipe, text, combined, [strength], seeds, steps)):

@@ -8,7 +8,9 @@ H * 2 * sum(D_l) parameters (66M for PixArt at H = 512); the low-rank head costs
 L * H * r + r * 2 * sum(D_l). The last projection starts at zero, so the untrained network
 outputs the identity map for every concept.
 
-Architectures register in `ARCHITECTURES`; a checkpoint stores its `HyperConfig` as JSON.
+Architectures register in `ARCHITECTURES`; a checkpoint stores its `HyperConfig` as JSON, and
+the training concepts' names and embeddings with an out-of-distribution threshold
+(`TrainingConcepts`), so every prediction can name its nearest training concepts.
 """
 
 from __future__ import annotations
@@ -121,6 +123,48 @@ def parameter_count(config: HyperConfig) -> int:
         return sum(p.numel() for p in build_hypernetwork(config).parameters())
 
 
+# A concept less similar to its nearest training concept than 95% of validation concepts are
+# to theirs is out of distribution: its maps extrapolate beyond what training covered.
+OOD_QUANTILE = 0.05
+
+
+def nearest_similarities(queries: Tensor, references: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Cosine similarities (Q, k) of queries (Q, E) to their k nearest references (C, E), best
+    first, and the references' indices (Q, k)."""
+    queries = F.normalize(queries.float().to(references.device), dim=-1)
+    similarity = queries @ F.normalize(references.float(), dim=-1).T  # (Q, C)
+    return similarity.topk(min(k, references.shape[0]), dim=-1)
+
+
+def ood_threshold(validation: Tensor, training: Tensor) -> float | None:
+    """The similarity to the nearest training concept below which a concept is out of
+    distribution: the OOD_QUANTILE quantile of the validation concepts' (V, E) similarities to
+    their nearest training concept (C, E). None without validation concepts."""
+    if validation.shape[0] == 0:
+        return None
+    best = nearest_similarities(validation, training, 1)[0][:, 0]  # (V,)
+    return torch.quantile(best, OOD_QUANTILE).item()
+
+
+@dataclass
+class TrainingConcepts:
+    """The concepts a hypernetwork was trained on, to name a prediction's nearest neighbours."""
+
+    names: list[str]
+    embeddings: Tensor  # (C, E): the concept embeddings the trainer used
+    threshold: float | None = None  # see `ood_threshold`; None: trained without validation concepts
+
+    def nearest(self, embeddings: Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
+        """The k training concepts nearest to each (Q, E) embedding, best first: (name, cosine)."""
+        values, indices = nearest_similarities(embeddings, self.embeddings, k)
+        return [[(self.names[i], s) for i, s in zip(row_indices, row_values)]
+                for row_indices, row_values in zip(indices.tolist(), values.tolist())]
+
+    def is_ood(self, similarity: float) -> bool | None:
+        """Whether a best similarity is out of distribution; None when there is no threshold."""
+        return None if self.threshold is None else similarity < self.threshold
+
+
 @dataclass
 class HyperCheckpoint:
     """A trained hypernetwork and what it was trained for."""
@@ -132,11 +176,17 @@ class HyperCheckpoint:
     gap: tuple[Tensor, Tensor] | None = None  # modality-gap means (image, text), for references
     info: dict = field(default_factory=dict)  # dataset digest, split, training summary
     fitted_timestep: int | None = None  # of its training maps; None: not known yet (`save` takes the model's) or older
+    training_concepts: TrainingConcepts | None = None  # None: saved before ht stored them
 
     def save(self, path: Path) -> None:
         tensors = {f"net.{k}": v for k, v in self.network.state_dict().items()}
         if self.gap is not None:
             tensors["gap.image_mean"], tensors["gap.text_mean"] = self.gap
+        concepts = {}
+        if self.training_concepts is not None:
+            tensors["concepts.embeddings"] = self.training_concepts.embeddings.float().contiguous()
+            concepts = {"training_concepts": json.dumps(self.training_concepts.names),
+                        "ood_threshold": json.dumps(self.training_concepts.threshold)}
         metadata = {
             "format": FORMAT,
             "config": self.config.to_json(),
@@ -144,6 +194,7 @@ class HyperCheckpoint:
             "encoder": self.encoder,
             "info": json.dumps(self.info),
             **fitted_timestep_metadata(self.fitted_timestep, self.model),
+            **concepts,
         }
         save_tensors(path, tensors, metadata)
 
@@ -166,5 +217,9 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> HyperChec
         raise HTError(f"{path}: weights do not fit the stored config ({len(missing)} missing, {len(unexpected)} unexpected)")
     gap = (tensors["gap.image_mean"], tensors["gap.text_mean"]) if "gap.image_mean" in tensors else None
     info = json.loads(meta["info"])
+    concepts = None
+    if "concepts.embeddings" in tensors:
+        concepts = TrainingConcepts(json.loads(meta["training_concepts"]), tensors["concepts.embeddings"],
+                                    json.loads(meta["ood_threshold"]))
     return HyperCheckpoint(network.to(device).eval(), config, meta["model"], meta["encoder"], gap, info,
-                           read_fitted_timestep(meta, path))
+                           read_fitted_timestep(meta, path), concepts)

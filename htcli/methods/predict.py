@@ -28,7 +28,7 @@ from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
 from htcli.errors import HTError
 from htcli.methods.encoders import close_gap, get_encoder, modality_gap
-from htcli.methods.hypernetwork import HyperCheckpoint, load_checkpoint, unbatch
+from htcli.methods.hypernetwork import HyperCheckpoint, TrainingConcepts, load_checkpoint, unbatch
 
 CHECKPOINT = "hyper.safetensors"
 
@@ -54,6 +54,8 @@ class Predictor:
     path: Path | None = None
     digest: str | None = None  # of the checkpoint file: names the weights behind a result
     last_ms: float = 0.0  # wall-clock time of the last `maps` call, encoding included
+    # The nearest training concepts of each map of the last `maps` call; None: the checkpoint stores none.
+    last_neighbours: list[list[tuple[str, float]]] | None = None
 
     @classmethod
     def load(cls, path: Path, model: str | None = None, device: str | torch.device = "cpu") -> Predictor:
@@ -70,6 +72,42 @@ class Predictor:
     @property
     def has_gap(self) -> bool:
         return self.checkpoint.gap is not None
+
+    @property
+    def training_concepts(self) -> TrainingConcepts | None:
+        return self.checkpoint.training_concepts
+
+    def nearest(self, embeddings: Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
+        """The k training concepts nearest to each (Q, E) concept embedding, best first, as
+        (name, cosine similarity)."""
+        if self.training_concepts is None:
+            raise HTError(f"{self.path or 'this hypernetwork'} stores no training concepts (an older checkpoint)")
+        return self.training_concepts.nearest(embeddings, k)
+
+    def neighbour_info(self, index: int) -> dict:
+        """JSON-ready, for map `index` of the last `maps` call: its nearest training concepts,
+        whether it is out of distribution and the threshold that says so (null: unknown)."""
+        if self.last_neighbours is None:
+            return {"nearest_training_concepts": [], "ood": None, "ood_threshold": None}
+        nearest = self.last_neighbours[index]
+        return {"nearest_training_concepts": [{"name": name, "similarity": s} for name, s in nearest],
+                "ood": self.training_concepts.is_ood(nearest[0][1]), "ood_threshold": self.training_concepts.threshold}
+
+    @staticmethod
+    def neighbour_note(source: str, info: dict) -> str | None:
+        """The note for a `neighbour_info` record: `source` is out of distribution, or the checkpoint
+        cannot tell (the same words for every source); None when it is in distribution."""
+        if not info["nearest_training_concepts"]:
+            return ("the hypernetwork stores no training concepts (an older checkpoint): "
+                    "no nearest neighbours and no out-of-distribution check")
+        if info["ood_threshold"] is None:
+            return "the hypernetwork has no out-of-distribution threshold (trained without validation concepts)"
+        if not info["ood"]:
+            return None
+        best = info["nearest_training_concepts"][0]
+        return (f"{source!r} is out of distribution: its nearest training concept, {best['name']!r}, has similarity "
+                f"{best['similarity']:.3f}, below the hypernetwork's threshold {info['ood_threshold']:.3f}; "
+                "its maps extrapolate beyond training")
 
     def embed_images(self, images: Sequence[Any], gap_correction: bool = True) -> Tensor:
         """(1, E): the mean image embedding of `images`, gap-corrected when the checkpoint can."""
@@ -95,21 +133,42 @@ class Predictor:
         if device.type == "cuda":
             torch.cuda.synchronize()
         self.last_ms = (time.perf_counter() - start) * 1e3
+        self.last_neighbours = self.nearest(torch.cat(embeddings)) if self.training_concepts is not None else None
         return predicted
 
 
-def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None) -> Intervention:
+def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None,
+                        refine: int | None = None, data: Path | None = None) -> Intervention:
     """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
     standard intervention file at `out`, and return it. `out` must be a new `.safetensors` path
-    or an intervention file (replaced); anything else there is refused before anything loads."""
+    or an intervention file (replaced); anything else there is refused before anything loads.
+    `refine` N: then N LinEAS steps from the prediction on the concept's samples in the dataset
+    `data` (default runs/<model>/data; see `htcli.methods.refine`), saved as `lineas-refine<N>`."""
     from htcli.data.concepts import load_library
+    from htcli.data.dataset import open_dataset
+    from htcli.methods.refine import check_refine, refine_maps, refined_method
     from htcli.models import default_model_name
 
     out = check_intervention_out(Path(out))
     resolved = load_library().resolve(concept)
+    if refine is None and data is not None:
+        raise HTError("--data is only used with --refine (LinEAS from the prediction, on the dataset's samples)")
+    dataset = open_dataset(data, model) if refine is not None else None
+    if dataset is not None:
+        check_refine(refine, dataset, [resolved.name])
+        model = model or dataset.settings.model
     predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
-    intervention = Intervention(predictor.maps([resolved.phrase])[0], predictor.model, "hypertransport", resolved.name,
-                                predictor.checkpoint.encoder, info={"phrase": resolved.phrase})
+    if dataset is None:
+        maps, method, refined = predictor.maps([resolved.phrase])[0], "hypertransport", {}
+    else:
+        from htcli.data.forward import Frozen
+        from htcli.models import get_model
+
+        frozen = Frozen.load(get_model(predictor.model), dataset.settings.layers)
+        maps, refined = refine_maps(predictor, frozen, resolved, dataset, refine)
+        method = refined_method(refine)
+    intervention = Intervention(maps, predictor.model, method, resolved.name, predictor.checkpoint.encoder,
+                                info={"phrase": resolved.phrase, **predictor.neighbour_info(0), **refined})
     intervention.save(out)
     return intervention
 

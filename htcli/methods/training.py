@@ -30,8 +30,10 @@ from htcli.evaluation.residuals import residuals
 from htcli.methods.hypernetwork import (
     HyperCheckpoint,
     HyperConfig,
+    TrainingConcepts,
     build_hypernetwork,
     load_checkpoint,
+    ood_threshold,
     unbatch,
 )
 from htcli.methods.objective import w2_backward
@@ -44,6 +46,7 @@ class TrainConfig:
     concepts_per_step: int = 8
     samples: int | None = None  # fitting samples per concept; None = all the dataset has
     limit_concepts: int | None = None  # train on a seeded subset of the training concepts (learning curves)
+    extra_concepts: tuple[str, ...] = ()  # built concepts trained on besides the train split (never validated on)
     val_fraction: float = 0.1
     # AdamW with linear warm-up, cosine decay and gradient clipping.
     lr: float = 1e-3
@@ -87,6 +90,21 @@ def split_train_val(names: Sequence[str], fraction: float, seed: int, limit: int
     return train, val
 
 
+def training_concepts(dataset: ActivationDataset, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(train, validation) concept names: the dataset's train split less a validation subset,
+    plus `config.extra_concepts`, which must be built and must not be held-out test concepts."""
+    train, val = split_train_val(dataset.names("train"), config.val_fraction, config.seed, config.limit_concepts)
+    built = set(dataset.names())
+    missing = [name for name in config.extra_concepts if name not in built]
+    if missing:
+        raise HTError(f"extra concepts not in {dataset.root}: {', '.join(map(repr, missing[:5]))}; build them with "
+                      "`ht build-dataset --extra-concepts FILE` (same --out) first")
+    held_out = [name for name in config.extra_concepts if dataset.split_of(name) == "test"]
+    if held_out:
+        raise HTError(f"extra concepts {', '.join(map(repr, held_out))} are held-out test concepts of {dataset.root}")
+    return train + [name for name in config.extra_concepts if name not in train and name not in val], val
+
+
 def draw(names: Sequence[str], k: int, seed: int, step: int) -> list[str]:
     """The K concepts of one step: a function of (seed, step) only."""
     rng = random.Random(seed * 1_000_003 + step)
@@ -116,6 +134,9 @@ def sparsity_penalty(maps: Maps, l1: float, group: float) -> Tensor:
             total = total + group * math.sqrt(omega.shape[-1]) * v.norm(dim=-1).mean()
     return total
 
+
+HISTORY_FIELDS = ("step", "loss", "lr", "train_residual", "val_residual", "test_residual", "seconds")
+TRAIN_PROBE = 32  # training concepts whose residual the history logs
 
 # --micro-batch changes only memory (the gradient is exact) and --dtype only rounding (a run
 # may resume on another device), so a resumed run may change them.
@@ -178,8 +199,11 @@ class Trainer:
         config = self.config = replace(config, samples=dataset.fitting_samples(config.samples))
         if config.concepts_per_step % world:
             raise HTError(f"--concepts-per-step {config.concepts_per_step} must divide over {world} processes")
-        self.train, self.val = split_train_val(dataset.names("train"), config.val_fraction, config.seed, config.limit_concepts)
+        self.train, self.val = training_concepts(dataset, config)
         self.test = dataset.names("test")
+        # A fixed sample of training concepts scored like the held-out ones (their evaluation
+        # samples), so underfitting and the generalisation gap read side by side in the history.
+        self.train_probe = sorted(random.Random(config.seed).sample(self.train, min(TRAIN_PROBE, len(self.train))))
         names = self.train + self.val + self.test
         self.embeddings = dict(zip(names, dataset.embeddings(names)))
         inputs = dataset.source_inputs("fit")
@@ -293,7 +317,15 @@ class Trainer:
             "config": asdict(self.config),
             **(summary or {}),
         }
-        return HyperCheckpoint(self.network, self.hyper_config, self.model_id, self.dataset.settings.encoder, None, info)
+        return HyperCheckpoint(self.network, self.hyper_config, self.model_id, self.dataset.settings.encoder, None, info,
+                               training_concepts=self.calibrated_concepts())
+
+    def calibrated_concepts(self) -> TrainingConcepts:
+        """The training concepts' names and embeddings, with the out-of-distribution threshold
+        calibrated on the validation concepts (it depends on no weight: every checkpoint has it)."""
+        train = torch.stack([self.embeddings[name] for name in self.train]).float()  # (C, E)
+        val = torch.stack([self.embeddings[name] for name in self.val]).float() if self.val else train[:0]  # (V, E)
+        return TrainingConcepts(list(self.train), train, ood_threshold(val, train))
 
     def save(self, summary: dict | None = None) -> None:
         if self.rank != 0:
@@ -310,7 +342,7 @@ class Trainer:
             torch.save(state, tmp)
         write_json(self.out / "history.json", self.history)
         with atomic_path(self.out / "history.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "val_residual", "test_residual", "seconds"])
+            writer = csv.DictWriter(f, fieldnames=[*HISTORY_FIELDS])
             writer.writeheader()
             writer.writerows(self.history)
 
@@ -334,12 +366,15 @@ class Trainer:
             if on_step:
                 on_step(self.step, loss)
             if self.step % config.eval_every == 0 or self.step == config.steps:
-                val, test = self.evaluate(self.val, self.test)  # every rank: its share, then all the means
+                # Every rank: its share, then all the means.
+                train, val, test = self.evaluate(self.train_probe, self.val, self.test)
                 self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                                     "val_residual": val, "test_residual": test, "seconds": self.train_seconds})
+                                     "train_residual": train, "val_residual": val, "test_residual": test,
+                                     "seconds": self.train_seconds})
                 self.save()  # rank 0 only: the others go on and wait for it in the next step's all-reduce
         final = self.history[-1] if self.history else {}
-        summary = {"final_loss": final.get("loss"), "val_residual": final.get("val_residual"),
+        summary = {"final_loss": final.get("loss"), "train_residual": final.get("train_residual"),
+                   "val_residual": final.get("val_residual"),
                    "test_residual": final.get("test_residual"), "train_seconds": self.train_seconds}
         self.save(summary)
         return summary

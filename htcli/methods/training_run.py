@@ -17,7 +17,7 @@ from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.methods.hypernetwork import HyperConfig, parameter_count
-from htcli.methods.training import TrainConfig, Trainer, check_resumable, split_train_val
+from htcli.methods.training import TrainConfig, Trainer, check_resumable, training_concepts
 
 
 @dataclass
@@ -26,6 +26,7 @@ class TrainResult:
     steps: int
     train_seconds: float
     final_loss: float | None
+    train_residual: float | None  # a fixed sample of training concepts, on their evaluation samples
     val_residual: float | None  # None: no validation concepts
     test_residual: float | None  # None: the dataset has no held-out test concepts
     already_finished: bool = False  # --resume found the run finished: nothing was trained
@@ -70,7 +71,12 @@ def train_hypernetwork(
         images = _calibration_paths(calibration_images)
         _check_image_encoder(dataset.settings.encoder)
     config = replace(config, samples=dataset.fitting_samples(config.samples))
-    train_names, _ = split_train_val(dataset.names("train"), config.val_fraction, config.seed, config.limit_concepts)
+    if config.extra_concepts:  # as the dataset names them; a test concept under any spelling is refused
+        from htcli.data.concepts import load_library
+
+        extra = load_library().extra_training(config.extra_concepts)
+        config = replace(config, extra_concepts=tuple(dict.fromkeys(c.name for c in extra)))
+    train_names, _ = training_concepts(dataset, config)
     spec = get_model(dataset.settings.model)
     embed_dim = int(dataset.embeddings(dataset.names()[:1]).shape[-1])
     hyper_config = HyperConfig(embed_dim=embed_dim, layers=tuple(dataset.layers.items()), **(hyper or {}))
@@ -102,7 +108,7 @@ def train_hypernetwork(
     if not main:
         return None
     return TrainResult(out / "hyper.safetensors", trainer.step, summary["train_seconds"], summary["final_loss"],
-                       summary["val_residual"], summary["test_residual"])
+                       summary["train_residual"], summary["val_residual"], summary["test_residual"])
 
 
 def _finished(out: Path, info: dict, images: list[Path] | None, train_names: Sequence[str],
@@ -116,7 +122,8 @@ def _finished(out: Path, info: dict, images: list[Path] | None, train_names: Seq
     if images is not None:
         _calibrate(out, images, train_names)
     return TrainResult(out / "hyper.safetensors", info["step"], info.get("train_seconds", 0.0), info.get("final_loss"),
-                       info.get("val_residual"), info.get("test_residual"), already_finished=True)
+                       info.get("train_residual"), info.get("val_residual"), info.get("test_residual"),
+                       already_finished=True)
 
 
 def _calibrate(out: Path, images: list[Path], train_names: Sequence[str]) -> None:
