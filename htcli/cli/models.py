@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -24,7 +23,7 @@ from htcli.core.files import dumps_json
 from htcli.models import get_model, list_models
 
 if TYPE_CHECKING:
-    from htcli.models.plan import Plan
+    pass
 
 
 @app.command("models")
@@ -58,11 +57,12 @@ def plan_command(
 
     Example: ht plan --model pixart --layers 'transformer_blocks.*.norm2'
     """
+    from htcli.models.memory import batches_here
     from htcli.models.plan import human_bytes, human_count, make_plan
 
     spec = get_model(model)
     measured = make_plan(spec, layers)
-    plan = measured.summary(samples, eval_samples, concepts_per_step) | {"batches": _batches_here(measured)}
+    plan = measured.summary(samples, eval_samples, concepts_per_step) | {"batches": batches_here(measured)}
     if as_json:
         typer.echo(dumps_json(plan))
         return
@@ -90,25 +90,3 @@ def plan_command(
         f"({batches['micro_batch_grad_checkpointing']} with --grad-checkpointing), "
         f"forward batch {batches['forward_batch']}"
     )
-
-
-def _batches_here(plan: Plan) -> dict:
-    """The batch sizes training would choose on this machine's default device, weights not loaded."""
-    from htcli.core.precision import training_dtype
-    from htcli.core.runtime import resolve_device
-    from htcli.models.memory import choose_batches, free_bytes
-
-    device = resolve_device(None)
-    dtype = training_dtype("auto", device)
-    free = free_bytes(device)
-    plain, checkpointed = (
-        choose_batches(plan, device, dtype, grad_checkpointing=checkpointing, weights_loaded=False, free=free)
-        for checkpointing in (False, True)
-    )
-    return {
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        **asdict(plain),
-        "micro_batch_grad_checkpointing": checkpointed.micro_batch,
-        "per_sample_bytes_grad_checkpointing": checkpointed.per_sample_bytes,
-    }

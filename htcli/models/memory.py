@@ -10,7 +10,7 @@ is queried once, at the edge (`free_bytes`); what remains is arithmetic (`fit_ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -126,3 +126,25 @@ def choose_batches(
     reserved = 0 if weights_loaded else plan.denoiser_params * _element_size(dtype)
     per_sample = per_sample_bytes(plan, dtype, grad_checkpointing)
     return fit_batches(free, reserved, per_sample, forward_bytes_per_sample(plan, dtype), headroom)
+
+
+def batches_here(plan: Plan) -> dict:
+    """The batch sizes training would choose on this machine's default device, weights not loaded,
+    with and without gradient checkpointing (`ht plan`)."""
+    from htcli.core.precision import training_dtype
+    from htcli.core.runtime import resolve_device
+
+    device = resolve_device(None)
+    dtype = training_dtype("auto", device)
+    free = free_bytes(device)
+    plain, checkpointed = (
+        choose_batches(plan, device, dtype, grad_checkpointing=checkpointing, weights_loaded=False, free=free)
+        for checkpointing in (False, True)
+    )
+    return {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        **asdict(plain),
+        "micro_batch_grad_checkpointing": checkpointed.micro_batch,
+        "per_sample_bytes_grad_checkpointing": checkpointed.per_sample_bytes,
+    }
