@@ -1,10 +1,13 @@
-"""The whole method on the offline `tiny` world, in about 6 minutes on 2 CPU cores.
+"""The whole method on the offline `tiny` world, in under 2 minutes on 2 CPU cores.
 
-Builds a small dataset (training concepts + held-out test concepts), fits the per-concept
-baselines on the held-out concepts, trains the hypernetwork on the training concepts,
-evaluates everything on the held-out concepts' evaluation samples, steers one prompt with a
-strength sweep, and writes a report. `tiny` has random weights: its images are noise, and the
-comparison is made in activation space (residual ratio of the W2 distance).
+Builds a small dataset of held-out test concepts, fits the per-concept baselines on them,
+predicts their maps with the hypernetwork shipped with the package (trained on the library's
+training concepts and `concepts/extra_training.txt`, never on these; docs/results.md has the
+command that reproduces it), evaluates everything on the held-out concepts' evaluation samples,
+steers one prompt with a strength sweep, and writes a report. `retrain` trains a small
+hypernetwork here instead, on a sample of training concepts (minutes). `tiny` has random
+weights: its images are noise, and the comparison is made in activation space (residual ratio
+of the W2 distance).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from htcli.methods.baselines import LineasConfig
 from htcli.methods.encoders import get_encoder
 from htcli.methods.fitting import fit_baselines
 from htcli.methods.hypernetwork import HyperConfig
-from htcli.methods.predict import Predictor, resolve_checkpoint
+from htcli.methods.predict import Predictor, resolve_checkpoint, shipped_checkpoint
 from htcli.methods.training import TrainConfig, Trainer
 from htcli.models import denoiser, get_model, load_pipeline
 
@@ -45,17 +48,18 @@ SWEEP_PROMPT = "a lighthouse on a cliff"
 class DemoConfig:
     """How big the demo is: concepts, samples per concept, optimisation steps, and its seed."""
 
-    train_concepts: int = 60  # the hypernetwork's (a tenth of them kept for validation)
     test_concepts: int = 8  # held out: every method is compared on these
-    samples: int = 16  # fitting samples per concept
+    samples: int = 32  # fitting samples per concept (the shipped hypernetwork was trained with 32)
     eval_samples: int = 32  # evaluation samples per concept (other prompts and seeds)
     lineas_steps: int = 200
-    train_steps: int = 300
+    retrain: bool = False  # train a hypernetwork here instead of using the shipped one
+    train_concepts: int = 60  # with retrain: the hypernetwork's (a tenth of them kept for validation)
+    train_steps: int = 300  # with retrain
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if name != "seed" and value < (2 if "samples" in name else 1):
+            if name not in ("seed", "retrain") and value < (2 if "samples" in name else 1):
                 least = "at least 2" if "samples" in name else "positive"
                 raise HTError(f"--{name.replace('_', '-')} must be {least}, got {value}")
 
@@ -67,13 +71,17 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     say = (lambda step, text: progress(step, 5, text)) if progress else (lambda step, text: None)
     started = time.perf_counter()
     spec = get_model("tiny")
+    shipped = None if config.retrain else shipped_checkpoint(spec.id)
+    if not config.retrain and shipped is None:
+        raise HTError("this installation has no shipped tiny hypernetwork; run `ht demo --retrain` to train one")
     library = load_library()
     rng = random.Random(config.seed)
-    train = rng.sample(library.targets("train"), config.train_concepts)
+    train = rng.sample(library.targets("train"), config.train_concepts) if config.retrain else []
     test = rng.sample(library.targets("test"), config.test_concepts)
 
     # 1. Dataset: paired fitting samples, disjoint evaluation samples.
-    say(0, f"building a dataset: {len(train)} training + {len(test)} held-out concepts")
+    say(0, f"building a dataset: {len(train)} training + {len(test)} held-out concepts" if train
+        else f"building a dataset of {len(test)} held-out concepts")
     pipe = load_pipeline(spec)
     layers = resolve_layers(denoiser(pipe, spec), spec.hook_patterns)
     settings = make_settings(spec, library, layers, config.samples, config.eval_samples, config.seed)
@@ -90,17 +98,16 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     baselines = [fit_baselines(m, frozen, data, names, lineas=lineas, out=out / "baselines", overwrite=True)
                  for m in ("mean-shift", "linear-act", "lineas")]
 
-    # 3. The hypernetwork, trained on the training concepts only (a tenth of them kept for validation).
-    hyper = HyperConfig(embed_dim=int(data.embeddings(names[:1]).shape[-1]), layers=tuple(data.layers.items()), hidden=256, rank=16)
-    train_config = TrainConfig(steps=config.train_steps, samples=config.samples, eval_every=config.train_steps,
-                               val_fraction=0.1, seed=config.seed, lr=2e-3)
-    trainer = Trainer(frozen, data, hyper, train_config, out / "hyper", spec.id)
-    say(2, f"training the hypernetwork ({config.train_steps} steps) on {training_text(len(trainer.train), len(trainer.val))}")
-    trainer.fit()
+    # 3. The hypernetwork: the shipped one, or one trained here on training concepts only.
+    if shipped is not None:
+        say(2, "loading the shipped tiny hypernetwork")
+        predictor = Predictor.load(shipped, model=spec.id)
+    else:
+        predictor = train_here(frozen, data, config, out / "hyper", spec.id, lambda text: say(2, text))
+    info = predictor.checkpoint.info
 
-    # 4. Held-out comparison, with the checkpoint the trainer wrote.
+    # 4. Held-out comparison.
     say(3, "comparing on the held-out concepts' evaluation samples")
-    predictor = Predictor.load(resolve_checkpoint(out / "hyper", spec.id), model=spec.id)
     ht = evaluate_hyper(predictor, library, frozen, data, names)
     rows = compare(ht, baselines, config.seed)
 
@@ -115,9 +122,12 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
         "rows": rows,
         "per_concept": {r.method: dict(zip(names, r.residuals)) for r in [*baselines, ht]},
         "test_concepts": names,
-        "fit_concepts": len(trainer.train),
-        "val_concepts": len(trainer.val),
-        "train_seconds": trainer.train_seconds,
+        "hypernetwork": "trained here" if shipped is None else "shipped",
+        "checkpoint_sha256": predictor.digest,
+        "fit_concepts": info["train_concepts"],
+        "val_concepts": len(info["val_concepts"]),
+        "train_steps": info["step"],
+        "train_seconds": info["train_seconds"],
         "seconds": time.perf_counter() - started,
         "config": vars(config),
     }
@@ -126,6 +136,19 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     write_report(out, summary)
     say(5, "done")
     return summary
+
+
+def train_here(frozen: Frozen, data: ActivationDataset, config: DemoConfig, out: Path, model: str,
+               say: Callable[[str], None]) -> Predictor:
+    """A small hypernetwork trained on the dataset's training concepts (a tenth kept for validation)."""
+    hyper = HyperConfig(embed_dim=int(data.embeddings(data.names()[:1]).shape[-1]), layers=tuple(data.layers.items()),
+                        hidden=256, rank=16)
+    train_config = TrainConfig(steps=config.train_steps, samples=config.samples, eval_every=config.train_steps,
+                               val_fraction=0.1, seed=config.seed, lr=2e-3)
+    trainer = Trainer(frozen, data, hyper, train_config, out, model)
+    say(f"training the hypernetwork ({config.train_steps} steps) on {training_text(len(trainer.train), len(trainer.val))}")
+    trainer.fit()
+    return Predictor.load(resolve_checkpoint(out, model), model=model)
 
 
 def training_text(fit: int, val: int) -> str:
@@ -168,6 +191,12 @@ def findings(rows: Sequence[Mapping[str, Any]], train_seconds: float) -> list[st
     return out
 
 
+def hyper_text(summary: Mapping[str, Any]) -> str:
+    """Which hypernetwork the report is about, with the first digits of its file's digest."""
+    where = "the shipped tiny hypernetwork" if summary["hypernetwork"] == "shipped" else "trained by this demo"
+    return f"{where}, sha256 {summary['checkpoint_sha256'][:12]}"
+
+
 def write_report(out: Path, summary: Mapping[str, Any]) -> None:
     """report.md (the comparison table and the findings) and residuals.png."""
     names = summary["test_concepts"]
@@ -180,14 +209,17 @@ def write_report(out: Path, summary: Mapping[str, Any]) -> None:
         "the fit); 1 = no change, 0 = the target. Lower is better. Mean [95% bootstrap interval] over concepts.",
         "",
         f"Held-out concepts ({len(names)}): {', '.join(names)}.",
-        (f"HyperTransport was trained on {training_text(summary['fit_concepts'], summary['val_concepts'])}, none of them "
-         f"held out, in {summary['train_seconds']:.0f} s."),
+        (f"HyperTransport ({hyper_text(summary)}) was trained on "
+         f"{training_text(summary['fit_concepts'], summary['val_concepts'])}, none of them held out, "
+         f"in {summary['train_steps']} steps ({summary['train_seconds']:.0f} s on the machine that trained it)."),
         "",
         markdown_table(TRANSPORT_HEAD, transport_rows(summary["rows"])),
         "",
         *(f"- {line}" for line in summary["findings"]),
-        "- The demo trains on few concepts for a few hundred steps; held-out quality grows with the number",
-        "  of training concepts.",
+        *([] if summary["hypernetwork"] == "shipped" else [
+            "- `--retrain` trains on few concepts for a few hundred steps; held-out quality grows with the",
+            "  number of training concepts (the shipped hypernetwork was trained on many more).",
+        ]),
         f"- Whole demo: {summary['seconds']:.0f} s. Strength sweep: `sweep.png` (noise images: random weights).",
         "",
         "![residuals](residuals.png)",

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import htcli.cli.output
 from htcli.cli import app
 from htcli.demo import findings
+from htcli.methods.predict import Predictor, shipped_checkpoint
 
 
 def _row(method, residual, seconds):
@@ -50,8 +51,8 @@ def _table(report: str) -> dict[str, list[str]]:
 def test_demo_reduced_runs_and_reports_honestly(tmp_path, monkeypatch):
     monkeypatch.setattr(htcli.cli.output, "PLAIN_EVERY_S", 0.0)  # a progress line for every step
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--train-concepts", "10", "--test-concepts", "2",
-                                      "--train-steps", "10", "--lineas-steps", "5"])
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--retrain", "--train-concepts", "10",
+                                      "--test-concepts", "2", "--train-steps", "10", "--lineas-steps", "5"])
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
@@ -98,7 +99,23 @@ def test_demo_reduced_runs_and_reports_honestly(tmp_path, monkeypatch):
     assert (out / "sweep.png").stat().st_size > 0
     assert len(list((out / "baselines" / "lineas").glob("*.safetensors"))) == 2
     history = json.loads((out / "hyper" / "history.json").read_text())
-    assert history[-1]["step"] == 10
+    assert history[-1]["step"] == 10 and summary["hypernetwork"] == "trained here" and summary["train_steps"] == 10
+
+
+def test_demo_compares_with_the_shipped_hypernetwork_by_default(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--test-concepts", "2", "--lineas-steps", "5"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    shipped = Predictor.load(shipped_checkpoint("tiny"), model="tiny")
+    assert summary["hypernetwork"] == "shipped" and summary["checkpoint_sha256"] == shipped.digest
+    assert summary["fit_concepts"] == shipped.checkpoint.info["train_concepts"]
+    # Nothing was trained, and the held-out concepts are none of the shipped network's training concepts.
+    assert not (out / "hyper").exists() and "training the hypernetwork" not in result.stderr
+    assert not set(summary["test_concepts"]) & set(shipped.checkpoint.training_concepts.names)
+    report = (out / "report.md").read_text()
+    assert f"the shipped tiny hypernetwork, sha256 {shipped.digest[:12]}" in report
+    assert "hypertransport" in _table(report)
 
 
 def test_demo_sizes_are_checked_before_anything_runs(tmp_path):

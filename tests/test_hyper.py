@@ -341,3 +341,24 @@ def test_calibration_images_with_an_image_encoder_store_the_gap(tmp_path):
     assert not torch.equal(recalibrated.gap[0], gap[0]) and torch.equal(recalibrated.gap[1], gap[1])
     for name, tensor in recalibrated.network.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
+
+
+def test_tiny_falls_back_to_the_shipped_hypernetwork_only_without_a_run_or_a_path(tmp_path, monkeypatch):
+    from htcli.methods.predict import resolve_checkpoint, shipped_checkpoint
+
+    monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
+    shipped = shipped_checkpoint("tiny")
+    assert shipped is not None and shipped.parent.name == "weights"
+    assert resolve_checkpoint(None, "tiny") == shipped
+    checkpoint = load_checkpoint(shipped)  # a real checkpoint for tiny, with its training concepts and threshold
+    assert checkpoint.model == "tiny" and checkpoint.training_concepts.threshold is not None
+    # A run of one's own wins; an explicit path never falls back; other models have none shipped.
+    own = tmp_path / "runs" / "tiny" / "hyper" / "hyper.safetensors"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(shipped.read_bytes())
+    assert resolve_checkpoint(None, "tiny") == own
+    with pytest.raises(HTError, match="no hypernetwork at"):
+        resolve_checkpoint(tmp_path / "elsewhere", "tiny")
+    assert shipped_checkpoint("tiny-sdxl") is None
+    with pytest.raises(HTError, match="no hypernetwork at"):
+        resolve_checkpoint(None, "tiny-sdxl")

@@ -432,7 +432,7 @@ def _closed_port() -> int:
         (["evaluate", "-m", "tiny", "-c", CONCEPT, "--methods", "prompt,magic"], "unknown method 'magic'"),
         (["evaluate", "-m", "tiny", "-c", CONCEPT, "--prompts", "0"], "--prompts must be"),
         (["evaluate", "-m", "tiny", "-c", CONCEPT, "--strength", "lots"], "--strength takes numbers"),
-        (["evaluate", "-m", "tiny", "-c", CONCEPT], "no hypernetwork at"),
+        (["evaluate", "-m", "tiny", "-c", CONCEPT, "--hyper", "{missing}"], "no hypernetwork at"),
         (["evaluate", "-m", "tiny", "-c", CONCEPT, "--methods", "prompt", "--out", "{run}", "--resume"], "not both"),
         (["evaluate", "-m", "tiny", "-c", CONCEPT, "--methods", "prompt", "--out", "{readme}"], "--out"),
         (["evaluate", "-m", "tiny", "-c", CONCEPT, "--methods", "prompt", "--out", "{foreign}"], "not an evaluation run"),

@@ -3,7 +3,9 @@
 - `plot_tradeoff`: CLIP concept fidelity against input fidelity, one line per steering method
   as its strength grows from the unsteered image (prompting is one point);
 - `plot_vlm`: the VLM judge's win / tie / loss rates of A, stacked, one bar per strength;
-- `plot_residuals`: residual ratio per method (lower is better; 1 = no steering).
+- `plot_residuals`: residual ratio per method (lower is better; 1 = no steering);
+- `plot_residual_vs_similarity`: a hypernetwork's residual ratio per held-out concept against
+  the concept's similarity to its nearest training concept.
 
 Figures are `matplotlib.figure.Figure` objects, never pyplot's: no global backend is chosen
 and no figure state is shared, so importing this module changes nothing for a notebook, and
@@ -118,4 +120,25 @@ def plot_residuals(rows: Sequence[Mapping[str, Any]], path: Path, title: str) ->
         axes.set_xlim(0, max([1.2, *(r["residual"]["hi"] * 1.15 for r in rows)]))
         axes.set_xlabel("W2 residual ratio (lower is better; 0 = the target)")
         axes.set_title(title)
+        return _save(figure, path)
+
+
+def plot_residual_vs_similarity(similarity: Sequence[float], residual: Sequence[float], path: Path, title: str,
+                                threshold: float | None = None, reference: float | None = None) -> Path:
+    """One point per concept: residual ratio (y) against cosine similarity to the nearest
+    training concept (x), with the out-of-distribution `threshold` (vertical) and a `reference`
+    residual (horizontal, e.g. a per-concept baseline's mean) when given."""
+    with mpl.rc_context(STYLE):
+        figure = Figure(figsize=(6.5, 4.5))
+        axes = figure.subplots()
+        axes.scatter(similarity, residual, s=14, color=PALETTE[0], alpha=0.8, label="held-out concept")
+        if threshold is not None:
+            axes.axvline(threshold, color=PALETTE[3], linestyle="--", linewidth=1,
+                         label=f"out-of-distribution threshold ({threshold:.2f})")
+        if reference is not None:
+            axes.axhline(reference, color="black", linestyle=":", linewidth=1, label=f"per-concept LinEAS ({reference:.3f})")
+        axes.set_xlabel("cosine similarity to the nearest training concept")
+        axes.set_ylabel("W2 residual ratio (lower is better)")
+        axes.set_title(title)
+        axes.legend(loc="upper right")
         return _save(figure, path)

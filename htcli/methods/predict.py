@@ -33,12 +33,24 @@ from htcli.methods.hypernetwork import HyperCheckpoint, TrainingConcepts, load_c
 CHECKPOINT = "hyper.safetensors"
 
 
+def shipped_checkpoint(model: str) -> Path | None:
+    """The hypernetwork shipped with the package for `model` (only `tiny` has one), else None.
+    How it was trained, and the command that reproduces it: docs/results.md."""
+    from htcli.models.tiny import WEIGHTS_DIR
+
+    path = WEIGHTS_DIR / f"{model}_hyper.safetensors"
+    return path if path.is_file() else None
+
+
 def resolve_checkpoint(hyper: Path | None, model: str) -> Path:
-    """The checkpoint file: `hyper` (a run directory or the file), else runs/<model>/hyper."""
+    """The checkpoint file: `hyper` (a run directory or the file), else runs/<model>/hyper, else
+    the one shipped for `model` (`shipped_checkpoint`)."""
     from htcli.models import get_model
 
     folder = Path(hyper) if hyper is not None else run_path(model, "hyper")
     path = folder if folder.suffix == ".safetensors" else folder / CHECKPOINT
+    if hyper is None and not path.is_file() and (shipped := shipped_checkpoint(model)) is not None:
+        return shipped
     if not path.is_file():
         hint = "" if get_model(model).offline else " (offline, without its weights? try --model tiny)"
         raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {model}` or pass --hyper{hint}")
