@@ -25,6 +25,12 @@ def tiny_sdxl():
     return spec, load_pipeline(spec)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux():
+    spec = get_model("tiny-flux")
+    return spec, load_pipeline(spec)
+
+
 def generate(spec, pipe, prompt, seed=0, **kwargs) -> torch.Tensor:
     """Images as a (B, 3, H, W) float tensor; sample i of a batch uses seed + i."""
     count = len(prompt) if isinstance(prompt, list) else 1

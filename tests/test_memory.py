@@ -58,7 +58,7 @@ def _hub_spec(name: str, tmp_path, drop_key: bool = False):
     return replace(spec, weights=(str(path),), dtype="float16", denoiser_loader=_distilled_denoiser), reference
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sdxl", "tiny-flux"])
 def test_hub_loader_takes_the_float16_weights_without_a_float32_copy(name, tmp_path):
     spec, reference = _hub_spec(name, tmp_path)
     with Float32Allocations() as allocations:

@@ -9,9 +9,9 @@ from conftest import generate
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.hooks import module_width, resolve_layers
+from htcli.core.hooks import module_width, output_element, resolve_layers
 from htcli.errors import HTError
-from htcli.models import build_meta_denoiser, get_model, list_models, load_pipeline
+from htcli.models import build_meta_denoiser, get_model, list_models, load_denoiser, load_pipeline
 
 runner = CliRunner()
 
@@ -48,7 +48,37 @@ def test_dmd2_default_layers_cover_the_70_sdxl_transformer_blocks():
     assert get_model("dmd2-1step").timesteps == (399,)
 
 
-@pytest.mark.parametrize("name,layers,neurons", [("pixart", 56, 64_512), ("dmd2", 210, 249_600)])
+def test_flux_schnell_default_layers_are_the_image_streams_of_its_57_blocks():
+    spec = get_model("flux-schnell")
+    model = build_meta_denoiser(spec)
+    layers = resolve_layers(model, spec.hook_patterns)
+    assert list(layers) == [f"transformer_blocks.{i}" for i in range(19)] + [
+        f"single_transformer_blocks.{i}" for i in range(38)]
+    assert {module_width(m) for m in layers.values()} == {3072}
+    assert {type(m).__name__ for m in layers.values()} == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    assert {output_element(m) for m in layers.values()} == {1}  # (text, image): the image stream
+    assert spec.pipeline_kwargs()["sigmas"] == [1.0, 0.75, 0.5, 0.25]  # FluxPipeline's own 4-step schedule
+
+
+def test_flux_schnell_config_is_diffusers_flux1_architecture():
+    """The shipped config: every key an argument of FluxTransformer2DModel, at its default (the
+    class's defaults are FLUX.1's architecture; schnell has no guidance embedding)."""
+    import inspect
+
+    from diffusers import FluxTransformer2DModel
+
+    from htcli.models import denoiser_config
+
+    defaults = {k: p.default for k, p in inspect.signature(FluxTransformer2DModel.__init__).parameters.items()}
+    config = denoiser_config(get_model("flux-schnell"))
+    assert config == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items() if k in config}
+    assert set(defaults) - set(config) == {"self", "out_channels"}  # out_channels: None, i.e. in_channels
+
+
+@pytest.mark.parametrize("name,layers,neurons", [
+    ("pixart", 56, 64_512), ("dmd2", 210, 249_600),
+    pytest.param("flux-schnell", 57, 175_104, marks=pytest.mark.slow),  # 12B parameters on the meta device
+])
 def test_plan_prints_the_counts(name, layers, neurons):
     result = runner.invoke(app, ["plan", "--model", name, "--json"])
     assert result.exit_code == 0, result.output
@@ -114,16 +144,19 @@ def test_plan_of_a_small_model_shows_its_size():
     assert f"denoiser: {human_count(params)} parameters" in result.output and "0M" not in result.output
 
 
-def test_real_model_offline_is_a_one_line_error_pointing_to_tiny(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spec", [s for s in list_models() if not s.offline], ids=lambda s: s.id)
+def test_real_model_offline_is_a_one_line_error_pointing_to_tiny(spec, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
-    with pytest.raises(HTError, match="--model tiny") as error:
-        load_pipeline(get_model("pixart"))
-    assert "\n" not in str(error.value)
+    monkeypatch.delenv("HT_MODEL_PATH", raising=False)
+    for load in (load_pipeline, load_denoiser):
+        with pytest.raises(HTError, match="--model tiny") as error:
+            load(spec)
+        assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl"])
-def test_tiny_models_generate_offline(fixture, request):
-    spec, pipe = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("spec", [s for s in list_models() if s.offline], ids=lambda s: s.id)
+def test_tiny_models_generate_offline(spec):
+    pipe = load_pipeline(spec)
     image = generate(spec, pipe, "a lighthouse on a cliff")
     assert image.shape == (1, 3, spec.resolution, spec.resolution)
     assert torch.isfinite(image).all()
@@ -131,11 +164,15 @@ def test_tiny_models_generate_offline(fixture, request):
     assert torch.equal(image, again)  # seeded, deterministic
 
 
-def test_tiny_is_built_identically_every_time(tiny):
-    spec, pipe = tiny
-    other = load_pipeline(spec)
-    for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), other.transformer.state_dict().items()):
-        assert torch.equal(a, b), name
+@pytest.mark.parametrize("spec", [s for s in list_models() if s.offline], ids=lambda s: s.id)
+def test_tiny_models_are_built_identically_every_time(spec):
+    pipe, other = load_pipeline(spec), load_pipeline(spec)
+    modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    assert {"vae", "text_encoder", spec.denoiser_attr} <= set(modules)
+    for component, module in modules.items():
+        theirs = getattr(other, component).state_dict()
+        for name, tensor in module.state_dict().items():
+            assert torch.equal(tensor, theirs[name]), f"{component}.{name}"
 
 
 def test_tiny_weights_come_from_the_shipped_files(tmp_path, monkeypatch):

@@ -84,7 +84,7 @@ def test_sdxl_cache_equals_what_the_pipeline_feeds_its_unet(tiny_sdxl):
     torch.testing.assert_close(cached["noise"], seen["args"][0])
 
 
-@pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl"])
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl", "tiny_flux"])
 def test_cached_inputs_reproduce_the_pipelines_first_step_activations(fixture, request):
     """End to end: the pooled activations built from the cache equal those of `pipe(prompt)`."""
     from htcli.core.hooks import hooked, resolve_layers

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import build_tiny_dataset
 
+from htcli.core.hooks import module_width
 from htcli.core.precision import training_dtype
 from htcli.data.forward import Frozen, encode_inputs
 from htcli.errors import HTError
@@ -38,7 +39,7 @@ def _maps(frozen: Frozen, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     maps = {}
     for name, module in frozen.layers.items():
-        width = module.normalized_shape[0]
+        width = module_width(module)
         omega = 1 + 0.05 * torch.randn(width, generator=generator)
         beta = 0.05 * torch.randn(width, generator=generator)
         maps[name] = (omega.requires_grad_(), beta.requires_grad_())
@@ -95,7 +96,7 @@ def test_frozen_load_follows_the_policy():
         Frozen.load(spec, spec.hook_patterns, "cpu", "float16")
 
 
-@pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl"])
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl", "tiny_flux"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(fixture, request):
     """LinEAS-shaped maps (shared by all samples), one pass and micro-batched, with and without
     checkpointing: the loss and the gradients agree (float32, to rounding)."""

@@ -76,7 +76,8 @@ def plan_command(
     console.print(f"hypernetwork output size: {plan['hyper_outputs']:,} (omega - 1 and beta per neuron)")
     console.print(f"denoiser: {human_count(plan['denoiser_params'])} parameters, {human_bytes(plan['weights_bytes'])} "
                   f"in {spec.dtype}")
-    console.print(f"dataset per concept ({samples} fit + {eval_samples} eval samples, float16): "
+    stored = "bfloat16" if spec.dtype == "bfloat16" else "float16"  # what build-dataset stores (2 bytes either way)
+    console.print(f"dataset per concept ({samples} fit + {eval_samples} eval samples, {stored}): "
                   f"{human_bytes(plan['dataset_bytes_per_concept'])}")
     console.print(
         f"training memory, {concepts_per_step} concepts x {samples} samples, no checkpointing "

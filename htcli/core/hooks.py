@@ -8,11 +8,13 @@ removes every one of them on exit, also after an exception:
         pipe(prompt, num_inference_steps=1)      # stops right after the last hooked layer
     run.pooled["transformer_blocks.3.norm2"]     # (B, D) float32
 
-Outputs may be (B, T, D) token sequences, (B, C, H, W) feature maps, or tuples whose first
-element is one of those (the hook returns the same type). Steering math runs in float32 and is
-cast back to the module's dtype, so fp16/bf16 models are safe. The maps move to the model's
-device once, when the hooks attach, never per hook call. `Steering.steps` limits steering to
-some denoiser calls (the denoising steps of a pipeline call), counted per `hooked` block.
+Outputs may be (B, T, D) token sequences, (B, C, H, W) feature maps, or tuples holding one of
+those (the hook returns the same type): the first element, or the element `STREAMS` names for
+modules that return several streams (FLUX's blocks: the image stream). Steering math runs in
+float32 and is cast back to the module's dtype, so fp16/bf16 models are safe. The maps move to
+the model's device once, when the hooks attach, never per hook call. `Steering.steps` limits
+steering to some denoiser calls (the denoising steps of a pipeline call), counted per `hooked`
+block.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class HookRun:
     pooled: dict[str, Tensor] = field(default_factory=dict)  # layer name -> (B, D) float32
 
 
-def _match(pattern: str, name: str) -> bool:
+def matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
@@ -90,7 +92,7 @@ def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Mo
                 re.compile(pattern[3:])
             except re.error as error:
                 raise HTError(f"bad layer regex {pattern!r}: {error}") from None
-        hits = [name for name in modules if name and _match(pattern, name)]
+        hits = [name for name in modules if name and matches(pattern, name)]
         if not hits:
             close = difflib.get_close_matches(pattern.removeprefix("re:"), list(modules), n=5, cutoff=0.5)
             hint = f"; close matches: {', '.join(close)}" if close else ""
@@ -110,7 +112,11 @@ def module_width(module: nn.Module) -> int:
         return int(module.out_features)
     if isinstance(module, nn.Conv2d):
         return int(module.out_channels)
-    # Composite modules (blocks, attention, feed-forward): their last linear or conv layer.
+    norm = getattr(module, "norm", None)
+    if type(module).__name__.startswith("AdaLayerNorm") and isinstance(norm, nn.Module):
+        return module_width(norm)  # diffusers' adaptive norms: not the width of their modulation's linear layer
+    # Composite modules (blocks, attention, feed-forward): their last linear or conv layer. (In a
+    # FLUX dual-stream block that is the text stream's, as wide as the image stream it outputs.)
     last = None
     for child in module.modules():
         if isinstance(child, (nn.Linear, nn.Conv2d)):
@@ -120,18 +126,43 @@ def module_width(module: nn.Module) -> int:
     return module_width(last)
 
 
-def _activation(output: object) -> Tensor:
-    if isinstance(output, Tensor):
+# Modules that return several streams as a tuple, and the element of it that is their
+# activation: the one captured and steered, the others passing through unchanged. Keyed by the
+# module's class, not by a model spec, so that every caller of `hooked` (dataset building,
+# fitting, training, generation, serving) takes the same stream without being told: maps
+# fitted on one stream are never applied to another. Class names, so that this module need
+# not import diffusers. FLUX's dual-stream and single-stream blocks both return
+# (encoder_hidden_states, hidden_states), the text stream then the image stream; the image
+# stream is the one to steer (docs/models.md says why). Single-stream blocks return that pair
+# since diffusers 0.35; older versions return the text and image tokens concatenated.
+STREAMS: dict[str, int] = {"FluxTransformerBlock": 1, "FluxSingleTransformerBlock": 1}
+
+
+def output_element(module: nn.Module) -> int:
+    """Which element of the module's tuple output is its activation (0 unless `STREAMS` says)."""
+    return STREAMS.get(type(module).__name__, 0)
+
+
+def layer_output(module: nn.Module, output: object) -> Tensor:
+    """The activation in `module`'s `output`: the output itself, or its `output_element`."""
+    streams = type(module).__name__ in STREAMS
+    if isinstance(output, Tensor) and not streams:
         return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
+    index = output_element(module)
+    if isinstance(output, (tuple, list)) and len(output) > index and isinstance(output[index], Tensor):
+        return output[index]
+    if streams:
+        raise HTError(f"{type(module).__name__} returned a {type(output).__name__}, not a tuple of streams whose "
+                      f"element {index} ht steers; FLUX needs diffusers >= 0.35")
     raise HTError(f"cannot hook a module returning {type(output).__name__}; expected a tensor or a tuple")
 
 
-def _replace_activation(output: object, new: Tensor) -> object:
+def _replace_activation(output: object, new: Tensor, index: int) -> object:
     if isinstance(output, Tensor):
         return new
-    return type(output)([new, *output[1:]])
+    items = list(output)
+    items[index] = new
+    return type(output)(items)
 
 
 def _pool(z: Tensor) -> Tensor:
@@ -193,9 +224,9 @@ def hooked(
         nonlocal call
         call += 1
 
-    def make_hook(name: str):
+    def make_hook(name: str, index: int):
         def hook(module: nn.Module, args: tuple, output: object) -> object:
-            z = _activation(output)
+            z = layer_output(module, output)
             changed = False
             if (steering is not None and name in steering.maps
                     and (steering.steps is None or call in steering.steps)):
@@ -212,11 +243,12 @@ def hooked(
                 remaining.discard(name)
                 if stop_early and not remaining:
                     raise stop
-            return _replace_activation(output, z) if changed else None
+            return _replace_activation(output, z, index) if changed else None
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
+    handles = [module.register_forward_hook(make_hook(name, output_element(module)))
+               for name, module in layers.items()]
     if steering is not None and steering.steps is not None:
         handles.append(model.register_forward_pre_hook(count_call))
     try:

@@ -6,12 +6,14 @@ are encoded once with the pipeline's text encoder (`encode_inputs`) and stored; 
 only the denoiser is needed (`pooled_activations`), so the text encoder can be freed.
 
 Inputs are a dict of tensors, batch first:
-    noise     (B, C, h, w)   initial latents from per-sample seeds (as the pipeline draws them)
-    text      (B, T, E)      text-encoder hidden states
+    noise     (B, C, h, w)   initial latents from per-sample seeds (as the pipeline draws them;
+                             FLUX packs them into (B, h/2 * w/2, 4C) tokens at each call)
+    text      (B, T, E)      text-encoder hidden states (FLUX: T5's)
     mask      (B, T)         PixArt: attention mask of the text tokens
-    pooled    (B, P)         SDXL: pooled text embedding
+    pooled    (B, P)         SDXL, FLUX: pooled text embedding (FLUX: CLIP's)
     time_ids  (B, 6)         SDXL: size/crop conditioning
-All specs use schedulers (DPM-Solver, LCM) whose first-step input scaling is the identity.
+All specs use schedulers (DPM-Solver, LCM, flow matching) whose first-step input scaling is the
+identity.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from htcli.models import ModelSpec, denoiser
 
 def initial_noise(spec: ModelSpec, denoiser: nn.Module, seeds: Sequence[int]) -> Tensor:
     """Initial latents, one seeded generator per sample: what the pipeline draws for those seeds."""
-    channels = denoiser.config.in_channels
+    # FLUX's input channels are 2x2 patches of the VAE's latent channels.
+    channels = denoiser.config.in_channels // (4 if spec.family == "flux" else 1)
     size = spec.resolution // 8
     return torch.cat(
         [torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -62,6 +65,14 @@ def encode_inputs(spec: ModelSpec, pipe: Any, prompts: Sequence[str], seeds: Seq
         )
         length = int(mask.sum(dim=1).max())
         inputs |= {"text": text[:, :length].cpu(), "mask": mask[:, :length].cpu()}
+    elif spec.family == "flux":
+        # FLUX attends to every T5 token, padding included (it takes no mask): the cache keeps all
+        # max_sequence_length of them. Its text position ids are zeros, made at each call.
+        text, pooled, _ = pipe.encode_prompt(
+            list(prompts), device=device, num_images_per_prompt=1,
+            max_sequence_length=_call_default(spec, pipe, "max_sequence_length"),
+        )
+        inputs |= {"text": text.cpu(), "pooled": pooled.cpu()}
     else:
         text, _, pooled, _ = pipe.encode_prompt(
             list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -100,13 +111,39 @@ def pad_text(batches: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]
     return out
 
 
+def pack_latents(latents: Tensor) -> Tensor:
+    """(B, C, h, w) latents -> (B, h/2 * w/2, 4C) tokens of 2x2 patches, as FLUX's pipeline packs them."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def latent_image_ids(h: int, w: int) -> Tensor:
+    """(h/2 * w/2, 3) position ids of FLUX's packed latent tokens: (0, row, column) in patches."""
+    rows = torch.arange(h // 2)[:, None].expand(h // 2, w // 2)
+    columns = torch.arange(w // 2)[None, :].expand(h // 2, w // 2)
+    return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).float()
+
+
 def _denoiser_call(spec: ModelSpec, model: nn.Module, inputs: Mapping[str, Tensor]) -> None:
     device, dtype = model.device, model.dtype
     batch = inputs["noise"].shape[0]
     timestep = torch.full((batch,), spec.timesteps[0], device=device)
     noise = inputs["noise"].to(device, dtype)
     text = inputs["text"].to(device, dtype)
-    if spec.family == "pixart":
+    if spec.family == "flux":
+        # As FluxPipeline calls it: the timestep in the latents' dtype, then / 1000 (FLUX's time is
+        # sigma, in [0, 1]); no guidance embedding (schnell has none).
+        model(
+            hidden_states=pack_latents(noise),
+            encoder_hidden_states=text,
+            pooled_projections=inputs["pooled"].to(device, dtype),
+            timestep=timestep.to(dtype) / 1000,
+            img_ids=latent_image_ids(*noise.shape[2:]).to(device, dtype),
+            txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
+            guidance=None,
+        )
+    elif spec.family == "pixart":
         model(
             noise,
             encoder_hidden_states=text,

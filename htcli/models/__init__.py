@@ -25,6 +25,12 @@ from htcli.errors import HTError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# family -> (its denoiser's diffusers class, the pipeline attribute that holds it)
+DENOISERS = {
+    "pixart": ("PixArtTransformer2DModel", "transformer"),
+    "sdxl": ("UNet2DConditionModel", "unet"),
+    "flux": ("FluxTransformer2DModel", "transformer"),
+}
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class ModelSpec:
 
     id: str
     description: str
-    family: str  # "pixart" (transformer, token outputs) or "sdxl" (UNet, feature maps)
+    family: str  # "pixart", "flux" (transformers, token outputs) or "sdxl" (UNet, feature maps): see DENOISERS
     denoiser_config: str  # file in configs/: the denoiser's architecture
     hook_patterns: tuple[str, ...]  # default layers to steer (globs over module names)
     timesteps: tuple[int, ...]
@@ -49,9 +55,13 @@ class ModelSpec:
     licence: str = ""
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call arguments
 
+    def __post_init__(self) -> None:
+        if self.family not in DENOISERS:
+            raise ValueError(f"model spec {self.id!r}: unknown family {self.family!r}; known: {', '.join(DENOISERS)}")
+
     @property
     def denoiser_attr(self) -> str:
-        return "transformer" if self.family == "pixart" else "unet"
+        return DENOISERS[self.family][1]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -64,9 +74,12 @@ class ModelSpec:
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for one sampling call of the spec's pipeline."""
+        # FLUX's pipeline takes its schedule as flow-matching noise levels: sigma = timestep / 1000.
+        schedule = ({"sigmas": [t / 1000 for t in self.timesteps]} if self.family == "flux"
+                    else {"timesteps": list(self.timesteps)})
         return {
             "num_inference_steps": len(self.timesteps),
-            "timesteps": list(self.timesteps),
+            **schedule,
             "guidance_scale": self.guidance_scale,
             "height": self.resolution,
             "width": self.resolution,
@@ -81,9 +94,9 @@ def denoiser_config(spec: ModelSpec) -> dict[str, Any]:
 
 
 def denoiser_class(spec: ModelSpec) -> type[nn.Module]:
-    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+    import diffusers
 
-    return PixArtTransformer2DModel if spec.family == "pixart" else UNet2DConditionModel
+    return getattr(diffusers, DENOISERS[spec.family][0])
 
 
 def build_meta_denoiser(spec: ModelSpec) -> nn.Module:
@@ -159,5 +172,5 @@ def default_model_name() -> str:
     return name
 
 
-from htcli.models import hub as _hub  # noqa: E402,F401  (registers pixart, dmd2)
-from htcli.models import tiny as _tiny  # noqa: E402,F401  (registers tiny, tiny-sdxl)
+from htcli.models import hub as _hub  # noqa: E402,F401  (registers pixart, dmd2, flux-schnell)
+from htcli.models import tiny as _tiny  # noqa: E402,F401  (registers tiny, tiny-sdxl, tiny-flux)

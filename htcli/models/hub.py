@@ -1,17 +1,22 @@
-"""Real models from the Hugging Face Hub: Nitro-1-PixArt and DMD2 (SDXL).
+"""Real models from the Hugging Face Hub: Nitro-1-PixArt, DMD2 (SDXL) and FLUX.1-schnell.
 
 Nothing downloads at import. Loading resolves the distilled weights file inside its Hub repo
 (names have changed over time), reads it with safetensors (a `.bin` only with
 `weights_only=True`), and loads it strictly: missing or unexpected keys are an error.
 The denoiser is built without allocating its parameters and takes the file's tensors, each
 converted to the target dtype and device as it is read: no float32 copy of 2.6B parameters.
-These loaders are exercised here only up to the download; the shapes and layer names they
-produce are tested on the meta device from the shipped configs.
+FLUX.1-schnell has no separate weights repo: its transformer is read the same way from the
+`transformer` folder of its own repo (sharded), and the rest of the pipeline through diffusers'
+`from_pretrained`.
+These loaders are exercised here only up to the download (FLUX's also from a local pipeline
+folder); the shapes and layer names they produce are tested on the meta device from the shipped
+configs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -108,13 +113,18 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
         raise HTError(f"{what} leaves {len(empty)} tensors of the architecture without values (e.g. {empty[:3]})")
 
 
-def load_module(build: Callable[[], torch.nn.Module], weights: Path, dtype: torch.dtype,
+def load_module(build: Callable[[], torch.nn.Module], weights: Path | Sequence[Path], dtype: torch.dtype,
                 device: str | torch.device) -> torch.nn.Module:
-    """`build()` with the tensors of the `weights` file, in `dtype` on `device`: parameters are
-    never allocated before the file's tensors are assigned (no float32 copy)."""
+    """`build()` with the tensors of the `weights` file (or of all the shards of a sharded one),
+    in `dtype` on `device`: parameters are never allocated before the file's tensors are
+    assigned (no float32 copy)."""
+    files = [weights] if isinstance(weights, Path) else list(weights)
     with EmptyParameters():
         module = build()
-    load_strict(module, read_state_dict(weights, dtype, device), weights.name)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state |= read_state_dict(file, dtype, device)
+    load_strict(module, state, files[0].name if len(files) == 1 else f"{files[0].parent.name}/*.safetensors")
     # The buffers the constructor computed are float32 on the CPU. nn.Module's own `to`: diffusers'
     # override warns about modules "to keep in float32" on every cast, even when there are none.
     return torch.nn.Module.to(module, device, dtype)
@@ -153,7 +163,47 @@ def _load_dmd2(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     return pipe.to(device)
 
 
+def _flux_transformer(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device,
+                      model_path: str | None = None) -> torch.nn.Module:
+    """FLUX's transformer from the `transformer` folder of a local copy of the pipeline
+    (`model_path`, else $HT_MODEL_PATH) or of the Hub repo, built from that folder's config and
+    loaded strictly from its safetensors shards, like the distilled denoisers: 12B parameters
+    never pass through float32 (diffusers' own `from_pretrained` would, without accelerate)."""
+    from huggingface_hub import snapshot_download
+
+    source = model_path or os.environ.get("HT_MODEL_PATH") or spec.base_repo
+    try:
+        root = source if Path(source).is_dir() else snapshot_download(source, allow_patterns=["transformer/*"])
+    except _hub_errors() as error:
+        raise HTError(
+            f"cannot load {spec.id} transformer from {source}: {type(error).__name__}; {OFFLINE_HINT}"
+        ) from None
+    folder = Path(root) / "transformer"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise HTError(f"cannot load {spec.id} transformer: no safetensors files in {folder}")
+    cls = denoiser_class(spec)
+    return load_module(lambda: cls.from_config(cls.load_config(folder)), files, dtype, device)
+
+
+def _load_flux(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
+    from diffusers import FluxPipeline
+
+    transformer = _flux_transformer(spec, dtype, device, model_path)
+    pipe = _from_pretrained(FluxPipeline, spec, model_path, transformer=transformer, torch_dtype=dtype)
+    return pipe.to(device)
+
+
 SDXL_NORMS = ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3")
+
+
+# The image stream of every FLUX block (`htcli.core.hooks.STREAMS` takes it from the blocks'
+# (text, image) outputs): the 19 dual-stream blocks, where the text reaches the image through
+# joint attention, and the 38 single-stream blocks that follow. Whole blocks (their residual
+# stream), not norms: no submodule of a dual-stream block outputs its image stream, and a
+# single-stream block's norm holds text and image tokens together. Regexes, since a glob `*`
+# would also match every submodule. Why not the text stream: docs/models.md.
+FLUX_BLOCKS = (r"re:transformer_blocks\.\d+", r"re:single_transformer_blocks\.\d+")
 
 
 def _dmd2(spec_id: str, description: str, timesteps: tuple[int, ...], variant: str) -> ModelSpec:
@@ -196,3 +246,20 @@ register(
 )
 register(_dmd2("dmd2", "DMD2 on SDXL (Yin et al. 2024): 4-step distilled UNet, 1024 px", (999, 749, 499, 249), "4step"))
 register(_dmd2("dmd2-1step", "DMD2 on SDXL: the 1-step distilled UNet, 1024 px", (399,), "1step"))
+register(
+    ModelSpec(
+        id="flux-schnell",
+        description="FLUX.1-schnell (Black Forest Labs): 4-step distilled rectified-flow transformer, 1024 px",
+        family="flux",
+        denoiser_config="flux_schnell_transformer.json",
+        hook_patterns=FLUX_BLOCKS,
+        timesteps=(1000, 750, 500, 250),  # sigmas 1, 0.75, 0.5, 0.25: the pipeline's own 4-step schedule
+        resolution=1024,
+        dtype="bfloat16",  # FLUX's activations overflow float16
+        loader=_load_flux,
+        denoiser_loader=_flux_transformer,
+        base_repo="black-forest-labs/FLUX.1-schnell",
+        licence="Apache-2.0",
+        call_kwargs={"max_sequence_length": 256},  # T5 tokens: schnell's limit
+    )
+)

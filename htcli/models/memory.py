@@ -64,10 +64,12 @@ def _element_size(dtype: torch.dtype) -> int:
 
 def _block_activations(plan: Plan) -> list[int]:
     """(tokens x width) of each block with hooked layers: a layer's block is its parent module
-    (`transformer_blocks.3` for `transformer_blocks.3.norm1`); the widest layer stands for it."""
+    (`transformer_blocks.3` for `transformer_blocks.3.norm1`), or the layer itself where it is
+    an item of a module list (FLUX's hooks are whole blocks); the widest layer stands for it."""
     blocks: dict[str, int] = {}
     for layer in plan.layers:
-        block = layer.name.rpartition(".")[0]
+        parent, _, last = layer.name.rpartition(".")
+        block = layer.name if last.isdigit() else parent
         blocks[block] = max(blocks.get(block, 0), layer.tokens * layer.width)
     return list(blocks.values())
 

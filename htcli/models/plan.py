@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
+from htcli.core.hooks import Steering, hooked, layer_output, module_width, resolve_layers
 from htcli.models import ModelSpec, build_meta_denoiser, denoiser_config
 
 TEXT_TOKENS = {"pixart": 300, "sdxl": 77}  # T5 max length for PixArt-Sigma, CLIP for SDXL
-TEXT_WIDTH = {"pixart": "caption_channels", "sdxl": "cross_attention_dim"}
+TEXT_WIDTH = {"pixart": "caption_channels", "sdxl": "cross_attention_dim", "flux": "joint_attention_dim"}
 
 
 @dataclass
@@ -91,12 +91,23 @@ def example_inputs(spec: ModelSpec, config: dict) -> dict:
     on the default device (under `torch.device("meta")`: no memory)."""
     dtype = spec.torch_dtype
     latent = spec.resolution // 8
-    text = torch.randn(1, TEXT_TOKENS[spec.family], config[TEXT_WIDTH[spec.family]], dtype=dtype)
+    # FLUX always attends to all max_sequence_length T5 tokens (padding included).
+    tokens = spec.call_kwargs["max_sequence_length"] if spec.family == "flux" else TEXT_TOKENS[spec.family]
+    text = torch.randn(1, tokens, config[TEXT_WIDTH[spec.family]], dtype=dtype)
     inputs = {
         "encoder_hidden_states": text,
         "timestep": torch.tensor([spec.timesteps[0]]),
     }
-    if spec.family == "pixart":
+    if spec.family == "flux":
+        from htcli.data.forward import latent_image_ids
+
+        image_ids = latent_image_ids(latent, latent)  # (h/2 * w/2, 3): one token per 2x2 latent patch
+        inputs["hidden_states"] = torch.randn(1, image_ids.shape[0], config["in_channels"], dtype=dtype)
+        inputs["pooled_projections"] = torch.randn(1, config["pooled_projection_dim"], dtype=dtype)
+        inputs["timestep"] = inputs["timestep"].to(dtype) / 1000  # FLUX's time is sigma, in [0, 1]
+        inputs["img_ids"] = image_ids.to(dtype)
+        inputs["txt_ids"] = torch.zeros(tokens, 3, dtype=dtype)
+    elif spec.family == "pixart":
         inputs["hidden_states"] = torch.randn(1, config["in_channels"], latent, latent, dtype=dtype)
         inputs["encoder_attention_mask"] = torch.ones(1, TEXT_TOKENS["pixart"])
         inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
@@ -130,7 +141,7 @@ def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_check
 
     def record_shape(name):
         def hook(module, args, out) -> None:
-            shapes.setdefault(name, tuple((out[0] if isinstance(out, tuple) else out).shape))
+            shapes.setdefault(name, tuple(layer_output(module, out).shape))
 
         return hook
 

