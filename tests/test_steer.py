@@ -124,8 +124,10 @@ def test_composition_semantics():
     assert all(torch.equal(x, y) for x, y in zip(ab, ba))
     torch.testing.assert_close(ab[0], torch.tensor([2.0 - 0.25, 1.0 + 1.0]))
     torch.testing.assert_close(ab[1], torch.tensor([1.0, -1.0]))
-    with pytest.raises(HTError, match="different layers"):
-        combine([(a, 1.0), ({"m": a["l"]}, 1.0)])
+    # Each source acts on its own layers (all of them, or those its @LAYERS keeps): the union is steered.
+    union = combine([(a, 1.0), ({"m": b["l"]}, 0.5)])
+    assert list(union) == ["l", "m"] and all(torch.equal(x, y) for x, y in zip(union["l"], a["l"]))
+    torch.testing.assert_close(union["m"][0], at_strength(*b["l"], 0.5)[0])
 
 
 def test_weights_and_strengths_parse_strictly():

@@ -27,16 +27,22 @@ def neighbours_line(source: str, nearest: list[dict]) -> str:
 def steer_command(
     prompt: Annotated[str, typer.Argument(help="What to generate.")],
     concept: Annotated[
-        list[str] | None, typer.Option("--concept", "-c", help="Concept text, optionally weighted: 'art deco:0.6'; repeatable.")
+        list[str] | None,
+        typer.Option("--concept", "-c", help="Concept text, optionally weighted and limited to some layers: 'art deco:0.6', "
+                     "'art deco:-0.5' (away from it), 'art deco:0.6@transformer_blocks.[0-9].*'; repeatable."),
     ] = None,
     reference_image: Annotated[
         list[Path] | None, typer.Option("--reference-image", "-r", help="Steer towards the style of this image; repeatable (averaged).")
     ] = None,
     intervention: Annotated[
-        list[str] | None, typer.Option("--intervention", "-i", help="Saved intervention file, optionally 'FILE:weight'; repeatable.")
+        list[str] | None,
+        typer.Option("--intervention", "-i", help="Saved intervention file, optionally 'FILE:weight' or "
+                     "'FILE:weight@LAYERS'; repeatable."),
     ] = None,
     strength: Annotated[
-        str | None, typer.Option(help="Strength, or a sweep '0,0.25,0.5,0.75,1' (one image per value). Default: 0.6.")
+        str | None,
+        typer.Option(help="Strength, or a sweep '0,0.25,0.5,0.75,1' (one image per value). Negative values steer away "
+                     "(towards the inverse map; write --strength=-0.5). Default: 0.6."),
     ] = None,
     method: Annotated[
         Method, typer.Option(help="hypertransport (steer activations) or prompt (apply the concept's template to the prompt).")
@@ -45,6 +51,11 @@ def steer_command(
         str, typer.Option(help="Denoising steps to steer, 0-based: all, a step '2', or a window START:STOP like "
                           "'0:1' (first step only), '1:' or ':2'.")
     ] = "all",
+    layers: Annotated[
+        list[str] | None,
+        typer.Option("--layers", "-l", help="Steer only the intervention's layers matching this pattern (glob, or "
+                     "regex as 're:...'), e.g. 'transformer_blocks.[0-9].*'; repeatable (any). Default: all."),
+    ] = None,
     model: ModelOption = None,
     hyper: HyperOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image k uses seed + k.")] = 0,
@@ -66,10 +77,12 @@ def steer_command(
     """Generate images steered towards concepts, reference images or saved interventions.
 
     Several sources compose additively: omega = 1 + sum w_i (omega_i - 1), beta = sum w_i beta_i,
-    then --strength scales the result (0 = the unsteered model, bit for bit). --steer-steps
-    limits steering to some denoising steps of multi-step models (default: all).
+    then --strength scales the result (0 = the unsteered model, bit for bit). A negative strength
+    or weight steers away: it interpolates towards the inverse map z -> (z - beta) / omega.
+    --steer-steps limits steering to some denoising steps of multi-step models, --layers (or a
+    source's '@LAYERS') to some layers (default: all).
 
-    Example: ht steer "cyberpunk city" --concept "art deco" --strength 0,0.5,1 --model tiny
+    Example: ht steer "cyberpunk city" --concept "art deco" --strength=-1,0,0.5,1 --model tiny
     """
     from htcli.generate.save import steer_and_save
 
@@ -77,7 +90,7 @@ def steer_command(
         prompt, concepts=concept or [], reference_images=reference_image or [], interventions=intervention or [],
         strengths=None if strength is None else parse_strengths(strength), method=method.value, seed=seed,
         num_images=num_images, each=each, gap_correction=not no_gap_correction, steer_steps=steer_steps,
-        refine=refine, data=data,
+        refine=refine, data=data, layers=layers or (),
     )
     with steps("steer") as progress:
         run = steer_and_save(request, model=model, hyper=hyper, out=out, export=export, model_path=model_path,

@@ -3,7 +3,9 @@
 Pure functions on tensors whose last dimension indexes neurons (D) and whose second-to-last
 dimension indexes samples (N). Everything is computed in float32 and is autograd-friendly.
 Notation: a map is `T(z) = omega * z + beta`, and at strength
-lambda it becomes `(1 + lambda * (omega - 1)) * z + lambda * beta`.
+lambda >= 0 it becomes `(1 + lambda * (omega - 1)) * z + lambda * beta`. A negative strength
+is the reverse transport: the same interpolation, by |lambda|, towards the inverse map
+`T^-1(z) = (z - beta) / omega` (`inverse_map`), so that `T^-1` undoes `T`.
 """
 
 from __future__ import annotations
@@ -16,14 +18,44 @@ from torch import Tensor
 Maps = dict[str, tuple[Tensor, Tensor]]  # layer name -> (omega, beta), each (D,) or (B, D)
 
 
-def at_strength(omega: Tensor, beta: Tensor, strength: float | Tensor) -> tuple[Tensor, Tensor]:
-    """Scale and shift of the map `T^lambda`: interpolates from the identity (0) to `T` (1).
+# Reverse transport divides by omega. A neuron with |omega| below this floor is inverted as if
+# |omega| were the floor (same sign), so its gain is at most 1 / OMEGA_MIN = 10 instead of
+# unbounded: the forward map nearly collapsed that neuron, and no map can undo a collapse.
+OMEGA_MIN = 0.1
+
+
+def inverse_map(omega: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """(1 / omega, -beta / omega) of `T^-1(z) = (z - beta) / omega`, in float32, with |omega|
+    floored at `OMEGA_MIN` (see there; omega = 0 counts as positive)."""
+    omega, beta = omega.float(), beta.float()
+    floor = torch.where(omega < 0, -OMEGA_MIN, OMEGA_MIN)
+    safe = torch.where(omega.abs() < OMEGA_MIN, floor, omega)
+    return 1.0 / safe, -beta / safe
+
+
+def displacement(omega: Tensor, beta: Tensor, strength: float | Tensor) -> tuple[Tensor, Tensor]:
+    """(omega_lambda - 1, beta_lambda) of `T^lambda`: how far it moves from the identity, from
+    nothing (0) to `T` (1), or to its inverse `T^-1` (-1) for negative strengths; |lambda| > 1
+    extrapolates past either end.
 
     `strength` is a float or a tensor broadcastable against `omega` (e.g. shape (B, 1) for one
-    strength per sample of per-sample maps of shape (B, D)).
+    strength per sample of per-sample maps of shape (B, D)); signs may differ between entries.
     """
-    scale = 1.0 + strength * (omega.float() - 1.0)
-    return scale, strength * beta.float()
+    omega, beta = omega.float(), beta.float()
+    reverse = strength < 0  # a bool, or a bool tensor shaped like `strength`
+    if isinstance(reverse, Tensor):
+        inverse_omega, inverse_beta = inverse_map(omega, beta)
+        omega, beta = torch.where(reverse, inverse_omega, omega), torch.where(reverse, inverse_beta, beta)
+    elif reverse:
+        omega, beta = inverse_map(omega, beta)
+    size = abs(strength)
+    return size * (omega - 1.0), size * beta
+
+
+def at_strength(omega: Tensor, beta: Tensor, strength: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Scale and shift of the map `T^lambda` (see `displacement`): (omega_lambda, beta_lambda)."""
+    delta, shift = displacement(omega, beta, strength)
+    return 1.0 + delta, shift
 
 
 def apply_affine(

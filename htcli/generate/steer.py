@@ -6,7 +6,10 @@
 
 `Steerer` keeps the pipeline and the `Predictor` loaded between requests. Strength 0 (or no
 maps) runs the pipeline with no hook at all, so it equals unsteered generation bit for bit.
-`steer_steps` ("all", "0:1", "1:", ":2", "2") limits steering to some denoising steps.
+`steer_steps` ("all", "0:1", "1:", ":2", "2") limits steering to some denoising steps, `layers`
+(glob or `re:` patterns) to some of the intervention's layers, and a source written
+"art deco:0.6@PATTERN" acts only on the layers PATTERN matches. A negative strength or weight is
+the reverse transport (towards the inverse map; `htcli.core.transport.displacement`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from htcli import __version__
 from htcli.core.hooks import Steering, hooked, resolve_layers
 from htcli.core.interventions import Intervention
 from htcli.core.runtime import Progress
-from htcli.core.transport import Maps
+from htcli.core.transport import OMEGA_MIN, Maps
 from htcli.errors import HTError
-from htcli.generate.compose import Sources, Weighted, combine, resolve_sources
+from htcli.generate.compose import Sources, Weighted, check_pattern, combine, resolve_sources, select_layers
 from htcli.models import ModelSpec, denoiser
 
 METHODS = ("hypertransport", "prompt")
@@ -114,10 +117,13 @@ def generate(
 def generate_mixed(spec: ModelSpec, pipe: Any, prompt: str, maps: Sequence[Maps], strength: float,
                    seeds: Sequence[int], steps: range | None = None) -> list[Image.Image]:
     """One pipeline call whose samples carry different maps: for each seed, one image per map
-    (seed-major order, len(seeds) * len(maps) images)."""
+    (seed-major order, len(seeds) * len(maps) images). Maps may steer different layers: a sample
+    whose map lacks a layer gets the identity there."""
+    identity = {layer: (torch.ones_like(o), torch.zeros_like(b)) for m in maps for layer, (o, b) in m.items()}
     # (B, D) per layer: sample b = (seed b // len(maps), maps b % len(maps)).
-    stacked = {layer: tuple(torch.stack([m[layer][i] for m in maps]).repeat(len(seeds), 1) for i in (0, 1))
-               for layer in maps[0]}
+    stacked = {layer: tuple(torch.stack([m.get(layer, identity[layer])[i] for m in maps]).repeat(len(seeds), 1)
+                            for i in (0, 1))
+               for layer in identity}
     batch_seeds = [s for s in seeds for _ in maps]
     return _pipeline(spec, pipe, prompt, batch_seeds, Steering(stacked, strength, steps))
 
@@ -131,7 +137,7 @@ class Steerer:
         if predictor is not None and predictor.model != spec.id:
             raise HTError(f"the hypernetwork was trained for model {predictor.model!r}, not {spec.id!r}")
         self.spec, self.hyper, self.model_path, self.device = spec, hyper, model_path, device
-        self._pipe, self._predictor, self._frozen = pipe, predictor, None
+        self._pipe, self._predictor, self._frozen, self._library = pipe, predictor, None, None
 
     @property
     def pipe(self) -> Any:
@@ -152,6 +158,16 @@ class Steerer:
         return self._frozen
 
     @property
+    def library(self) -> Any:
+        """The concept library (`htcli.data.concepts.load_library`), read once: a server plans every
+        request against it, and reading it takes ~0.3 s."""
+        if self._library is None:
+            from htcli.data.concepts import load_library
+
+            self._library = load_library()
+        return self._library
+
+    @property
     def predictor(self) -> Any:
         """The `htcli.methods.predict.Predictor` of `hyper` (default runs/<model>/hyper)."""
         if self._predictor is None:
@@ -165,8 +181,9 @@ class Steerer:
 
 @dataclass(frozen=True)
 class SteerRequest:
-    """What to generate. Sources are "text", "text:weight" or (text, weight); reference images
-    are paths or PIL images (averaged into one source)."""
+    """What to generate. Sources are "text", "text:weight", "text:weight@LAYERS", (text, weight) or
+    (text, weight, LAYERS); reference images are paths or PIL images (averaged into one source).
+    Negative strengths and weights steer away from a source (the reverse transport)."""
 
     prompt: str
     concepts: Sequence[Weighted] = ()
@@ -179,6 +196,7 @@ class SteerRequest:
     each: bool = False  # one image per source in one mixed batch, instead of composing them
     gap_correction: bool = True
     steer_steps: str = "all"  # denoising steps to steer: "all", "0:1", "1:", ":2", "2" (see parse_steer_steps)
+    layers: Sequence[str] = ()  # steer only the intervention's layers matching any of these (glob or re:); (): all
     refine: int | None = None  # N LinEAS steps from each concept's prediction (`htcli.methods.refine`)
     data: Path | None = None  # the dataset --refine fits on; None: runs/<model>/data
 
@@ -205,6 +223,10 @@ class SteerRequest:
             raise HTError("--each needs --method hypertransport; run --method prompt once per concept instead")
         if self.method == "prompt" and (self.reference_images or self.interventions):
             raise HTError("--method prompt appends concept text; it cannot use --reference-image or --intervention")
+        if isinstance(self.layers, str):
+            raise HTError(f"layers takes a list of patterns, got the string {self.layers!r}: write [{self.layers!r}]")
+        for pattern in self.layers:
+            check_pattern(pattern)
         if self.refine is None and self.data is not None:
             raise HTError("--data is only used with --refine (LinEAS on the dataset's samples of each concept)")
         if self.refine is not None:
@@ -297,6 +319,20 @@ def _ood(records: list[dict], labels: Sequence[str]) -> bool | None:
     return None if not flags or None in flags else any(flags)
 
 
+def _reverse_note(per_source: Sequence[tuple[Maps, float]], final: Sequence[Maps],
+                  strengths: Sequence[float | None]) -> str | None:
+    """A note when reverse transport (a negative weight, or a negative strength of the `final`
+    maps) meets neurons with |omega| < OMEGA_MIN, whose inverse is capped rather than exact."""
+    inverted = [maps for maps, w in per_source if w < 0]
+    if any(s is not None and s < 0 for s in strengths):
+        inverted += list(final)
+    floored = sum(int((omega.abs() < OMEGA_MIN).sum()) for maps in inverted for omega, _ in maps.values())
+    if not floored:
+        return None
+    return (f"reverse transport: {floored} neuron(s) have |omega| < {OMEGA_MIN:g}, so their inverse is capped at "
+            f"gain {1 / OMEGA_MIN:g} rather than exact")
+
+
 def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = None) -> Steered:
     """Check the request and its sources, predict and compose the maps, then generate.
 
@@ -305,12 +341,16 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     request.check()
     spec = steerer.spec
     steps = parse_steer_steps(request.steer_steps, len(spec.timesteps))
-    sources = resolve_sources(spec, request.concepts, request.reference_images, request.interventions)
+    sources = resolve_sources(spec, request.concepts, request.reference_images, request.interventions,
+                              library=steerer.library)
     strengths: list[float | None] = list(request.strength_values)
     notes, neighbours = [], []
     if any(s > 1 for s in strengths):
         notes.append("strength > 1 extrapolates beyond the fitted transport")
+    if any(s < -1 for s in strengths):
+        notes.append("strength < -1 extrapolates beyond the inverse transport")
     text, per_source, combined, digest, ms = request.prompt, [], None, None, None
+    each_maps: list[Maps] = []
     if request.method == "prompt":
         for concept, _ in sources.concepts:
             text = concept.apply(text)
@@ -320,12 +360,26 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             notes.append("--method prompt hooks nothing, so --strength does not apply: one image per seed")
         if steps is not None:
             notes.append("--method prompt hooks nothing, so --steer-steps does not apply")
+        if request.layers or any(sources.layers):
+            notes.append("--method prompt hooks nothing, so --layers and @LAYERS do not apply")
         strengths = [None]  # nothing is hooked: strength does not apply
     else:
+        # Where each source acts, checked before any prediction or --refine fit.
+        predicted = []  # the hypernetwork's layers, when it predicts a source
+        if sources.concepts or sources.images:
+            predicted = [name for name, _ in steerer.predictor.checkpoint.config.layers]
+        kept = select_layers(sources.known_layers(predicted), sources.layers, request.layers, sources.labels)
         per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes, request.refine,
                                               request.data)
+        per_source = [({name: maps[name] for name in names}, w) for (maps, w), names in zip(per_source, kept)]
         neighbours = _neighbours(steerer, sources, notes)
-        combined = None if request.each else combine(per_source)
+        if request.each:
+            each_maps = [combine([pair]) for pair in per_source]  # each source at its own weight
+        else:
+            combined = combine(per_source)
+        reverse = _reverse_note(per_source, [combined] if combined else each_maps, strengths)
+        if reverse:
+            notes.append(reverse)
 
     seeds = request.seeds
     columns = len(sources) if request.each else len(strengths)
@@ -336,20 +390,20 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     nearest = [{"source": r["source"], **n} for r in neighbours for n in r["nearest_training_concepts"]]
     base = {"prompt": request.prompt, "text": text, "sources": sources.describe(), "model": spec.id,
             "method": request.method, "composition": "each" if request.each else "additive",
-            "steer_steps": request.steer_steps, "checkpoint_sha256": digest, "ht_version": __version__, "intervention_ms": ms,
+            "steer_steps": request.steer_steps, "layers": list(request.layers) or None,
+            "steered_layers": list(combined) if combined else None, "checkpoint_sha256": digest,
+            "ht_version": __version__, "intervention_ms": ms,
             "refine": request.refine, "nearest_training_concepts": nearest, "ood": _ood(neighbours, sources.labels),
             "ood_threshold": neighbours[0]["ood_threshold"] if neighbours else None}
     cells: dict[tuple[int, int], SteeredImage] = {}  # (row, column) -> image
     for j, strength in enumerate(strengths):
         if request.each:
-            # Each source at its own weight, all in one batch.
-            maps = [combine([pair]) for pair in per_source]
-            batch = generate_mixed(spec, pipe, text, maps, strength, seeds, steps)
+            batch = generate_mixed(spec, pipe, text, each_maps, strength, seeds, steps)  # all sources in one batch
             for b, image in enumerate(batch):
                 k, i = divmod(b, len(sources))
                 label = f"{sources.labels[i]}, strength {strength:g}, seed {seeds[k]}"
                 meta = {**base, "source": sources.labels[i], "strength": strength, "seed": seeds[k],
-                        "ood": _ood(neighbours, [sources.labels[i]])}
+                        "steered_layers": list(each_maps[i]), "ood": _ood(neighbours, [sources.labels[i]])}
                 cells[(j * len(seeds) + k, i)] = SteeredImage(image, label, meta)
         else:
             for k, g in enumerate(generate(spec, pipe, text, combined, [strength], seeds, steps)):
