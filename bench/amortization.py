@@ -1,7 +1,7 @@
 """Benchmark: HyperTransport's one forward pass against per-concept fitting, on held-out concepts.
 
 Run (after building the tiny dataset and training a hypernetwork on it):
-    python -m bench.amortization --data runs/tiny/data --hyper runs/tiny/hyper [--concepts 0] [--lineas-concepts 40]
+    python -m bench.amortization --data runs/tiny/data [--hyper runs/tiny/hyper] [--concepts 0] [--lineas-concepts 40]
         [--json results.json] [--plot residual_vs_similarity.png]
 In this one run, on the held-out test concepts (`--concepts 0`: all 167), it fits mean shift
 and Linear-AcT, LinEAS (1000 steps, on the first `--lineas-concepts` of them if that is fewer:
@@ -30,7 +30,7 @@ from bench.common import quiet  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path("runs/tiny/data"))
-    parser.add_argument("--hyper", type=Path, default=Path("runs/tiny/hyper"))
+    parser.add_argument("--hyper", type=Path, help="checkpoint file or run folder (default: runs/<model>/hyper, else shipped)")
     parser.add_argument("--concepts", type=int, default=0, help="held-out concepts; 0: all")
     parser.add_argument("--lineas-concepts", type=int, default=40, help="LinEAS on the first N of them; 0: all")
     parser.add_argument("--steps", type=int, default=1000)
@@ -47,11 +47,11 @@ def main() -> None:
     from htcli.evaluation.residuals import compare, evaluate_hyper
     from htcli.methods.baselines import LineasConfig
     from htcli.methods.fitting import fit_baselines
-    from htcli.methods.predict import Predictor
+    from htcli.methods.predict import Predictor, resolve_checkpoint
     from htcli.models import get_model
 
     data = ActivationDataset(args.data)
-    predictor = Predictor.load(args.hyper / "hyper.safetensors")
+    predictor = Predictor.load(resolve_checkpoint(args.hyper, data.settings.model))
     checkpoint = predictor.checkpoint
     spec = get_model(data.settings.model)
     frozen = Frozen.load(spec, data.settings.layers, "cpu")
