@@ -114,6 +114,7 @@ from htcli.cli import demo as _demo  # noqa: F401
 from htcli.cli import hyper as _hyper  # noqa: F401  (train-hyper, hyper export)
 from htcli.cli import models as _models  # noqa: F401  (models, plan)
 from htcli.cli import score as _score  # noqa: F401
+from htcli.cli import serve as _serve  # noqa: F401
 from htcli.cli import steer as _steer  # noqa: F401
 
 

@@ -1,0 +1,70 @@
+"""`ht serve`: the model, hypernetwork and encoder loaded once, behind an HTTP API and a web page."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from htcli.cli import app
+from htcli.cli.options import DeviceOption, HyperOption, ModelOption, ModelPathOption
+from htcli.cli.output import console, warn
+from htcli.errors import HTError
+from htcli.models import get_model
+from htcli.serve.service import Limits, load_service
+
+DEFAULTS = Limits()
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command("serve")
+def serve_command(
+    model: ModelOption = None,
+    hyper: HyperOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback exposes the server, "
+                                      "which has no authentication, to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    batch_window_ms: Annotated[
+        float, typer.Option(help="How long the first waiting image waits for others to share its pipeline call (ms).")
+    ] = DEFAULTS.batch_window_ms,
+    max_batch: Annotated[int, typer.Option(help="Images per pipeline call, from any requests (1: no batching).")]
+    = DEFAULTS.max_batch,
+    max_queue: Annotated[int, typer.Option(help="Requests in progress at once; more are answered 429.")]
+    = DEFAULTS.max_queue,
+    max_images: Annotated[int, typer.Option(help="Images per request (num_images x strengths).")] = DEFAULTS.max_images,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, uploads included (MiB).")]
+    = DEFAULTS.max_body_bytes / 2**20,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest uploaded reference image (width x height).")]
+    = DEFAULTS.max_image_pixels,
+    max_strength: Annotated[float, typer.Option(help="Largest |strength| a request may ask for.")] = DEFAULTS.max_strength,
+    cache_size: Annotated[int, typer.Option(help="Concepts whose predicted maps are kept (LRU; 0: none).")]
+    = DEFAULTS.cache_size,
+    model_path: ModelPathOption = None,
+    device: DeviceOption = None,
+) -> None:
+    """Serve steered generation over HTTP: POST /v1/generate, POST /v1/intervention, GET /v1/concepts,
+    GET /v1/health, and a web page at /. Concepts are chosen per request; requests arriving
+    within --batch-window-ms run as one batch with per-sample maps. Needs the serve extra:
+    pip install -e ".[serve]". API and limits: docs/serve.md.
+
+    Example: ht serve --model tiny --port 8000
+    """
+    try:
+        from htcli.serve.app import run_server
+    except ImportError as error:  # fastapi or uvicorn missing: one line, with the fix
+        raise HTError(f"{error.name or error} is not installed; run: pip install -e \".[serve]\"") from None
+    limits = Limits(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue, max_images=max_images,
+                    max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=max_image_pixels,
+                    max_strength=max_strength, cache_size=cache_size)
+    if host not in LOOPBACK:
+        warn(f"listening on {host}: anyone who can reach this address can use the server (it has no authentication)")
+    spec = get_model(model)
+    console.print(f"loading {spec.id}...", highlight=False, markup=False)
+    service = load_service(spec.id, hyper, model_path, device, limits)
+    health = service.health()
+
+    def ready(url: str) -> None:
+        console.print(f"serving {health['model']} (hypernetwork {health['hypernetwork_sha256']}, {health['device']}) "
+                      f"at {url}/ ; API: {url}/v1/health", highlight=False, markup=False)
+
+    run_server(service, host, port, on_ready=ready)

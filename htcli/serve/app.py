@@ -1,0 +1,190 @@
+"""The HTTP side of `ht serve`: FastAPI routes on uvicorn, errors as JSON, the web page, the server.
+
+    POST /v1/generate      prompt, concepts, strength... -> PNG images with `ht steer`'s sidecar metadata
+    POST /v1/intervention  the same sources -> their composed intervention file (what `ht inspect` reads)
+    GET  /v1/concepts      the concept library
+    GET  /v1/health        model, hypernetwork digest, device, queue, batching and cache counters
+    GET  /                 the web page
+
+Bodies are JSON or forms (`htcli.serve.parse`). A bad request is answered 4xx with
+`{"error": ..., "field": ...}`, never a 500, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from htcli import __version__
+from htcli.errors import HTError
+from htcli.generate.batch import Planned
+from htcli.serve.batching import Produced
+from htcli.serve.parse import Parsed, parse_request
+from htcli.serve.service import FieldError, Service
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
+
+
+def _png(image: Image.Image, metadata: dict) -> str:
+    """Base64 PNG carrying its sidecar metadata as a text chunk ("ht"), so a saved image keeps it."""
+    info = PngInfo()
+    info.add_text("ht", json.dumps(metadata))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _generated(planned: Planned, produced: list[Produced], parsed: Parsed, start: float) -> dict:
+    """The JSON answer of /v1/generate."""
+    steered = planned.fill([p.image for p in produced])
+    images = []
+    for item, made in zip(steered.images, produced):
+        metadata = item.metadata | {"sources": parsed.renamed(item.metadata["sources"])}
+        images.append({"png": _png(item.image, metadata), "label": item.label, "metadata": metadata,
+                       "batch_size": made.batch_size, "queue_ms": made.queue_ms, "generate_ms": made.generate_ms})
+    timings = {"maps_ms": steered.intervention_ms, "queue_ms": max(p.queue_ms for p in produced),
+               "generate_ms": max(p.generate_ms for p in produced), "total_ms": (time.perf_counter() - start) * 1e3}
+    return {"images": images, "columns": steered.columns, "notes": steered.notes, "timings": timings}
+
+
+def _intervention_bytes(service: Service, parsed: Parsed) -> bytes:
+    """The composed intervention of the request's sources, as the bytes of an intervention file."""
+    intervention = service.intervention(parsed.request)
+    intervention.info["sources"] = parsed.renamed(intervention.info.get("sources", []))
+    with tempfile.TemporaryDirectory(prefix="ht-serve-") as folder:
+        path = Path(folder) / "intervention.safetensors"
+        intervention.save(path)
+        return path.read_bytes()
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI application serving `service`."""
+    app = FastAPI(title="ht serve", version=__version__, docs_url=None, redoc_url=None)
+    page = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(FieldError)
+    async def refused(request: Request, error: FieldError) -> JSONResponse:
+        return _error(error.status, str(error), error.field, {"Retry-After": "1"} if error.status == 429 else None)
+
+    @app.exception_handler(HTError)
+    async def rejected(request: Request, error: HTError) -> JSONResponse:
+        return _error(400, str(error))  # what steer() refuses about the request as a whole
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return _error(error.status_code, str(error.detail))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/v1/health")
+    async def health() -> dict:
+        return service.health()
+
+    @app.get("/v1/concepts")
+    async def concepts() -> dict:
+        return {"concepts": service.concepts()}
+
+    @app.post("/v1/generate")
+    async def generate(request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        with service.admitted():
+            parsed = await parse_request(request, service.limits)
+            with parsed.folder:
+                try:
+                    planned = await run_in_threadpool(service.prepare, parsed.request)
+                except HTError as error:
+                    raise parsed.scrubbed(error) from None
+            futures = service.batcher.submit(planned.samples)
+            produced = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            return JSONResponse(await run_in_threadpool(_generated, planned, produced, parsed, start))
+
+    @app.post("/v1/intervention")
+    async def intervention(request: Request) -> Response:
+        with service.admitted():
+            parsed = await parse_request(request, service.limits)
+            with parsed.folder:
+                try:
+                    data = await run_in_threadpool(_intervention_bytes, service, parsed)
+                except HTError as error:
+                    raise parsed.scrubbed(error) from None
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": 'attachment; filename="intervention.safetensors"'})
+
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise HTError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run_server(service: Service, host: str = DEFAULT_HOST, port: int = 8000,
+               on_ready: Callable[[str], None] | None = None, log_level: str = "info") -> None:
+    """Serve `service` until interrupted; `on_ready(url)` once the port is bound. Closes `service`."""
+    sock = _bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=5))
+    if on_ready is not None:
+        on_ready(_url(sock))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        service.close()
+        sock.close()
+
+
+@contextmanager
+def running(service: Service, host: str = DEFAULT_HOST, port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve `service` from a background thread for the `with` block (tests, benchmarks): yields
+    its base URL (port 0: any free port). The caller closes `service`."""
+    sock = _bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ht-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise HTError(f"the server did not start within {timeout_s:g} s")
+        time.sleep(0.02)
+    try:
+        yield _url(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()

@@ -1,0 +1,93 @@
+"""Predicted maps, cached by concept and encoder in a bounded LRU, behind the `Predictor` interface.
+
+A server sees the same concepts again and again; the hypernetwork pass is cheap, the concept
+encoder (CLIP's text tower on a real model) less so. `CachedPredictor` is a `Predictor` whose
+`maps` answers known concept phrases from a `MapCache` and predicts the others, so `steer()`
+uses it unchanged. Each phrase is predicted alone, so a concept's cached maps never depend on
+which other concepts happened to arrive with it. Reference images are never cached.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from htcli.core.transport import Maps
+from htcli.methods.predict import Predictor
+
+
+class MapCache:
+    """A thread-safe LRU of at most `capacity` entries (0: keep nothing), counting hits and misses."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"cache capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.hits = self.misses = 0
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            if key not in self._items:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            if not self.capacity:
+                return
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)  # the least recently used
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self._items), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
+
+
+@dataclass
+class CachedPredictor(Predictor):
+    """A `Predictor` sharing another's checkpoint and encoder, with its own per-call state
+    (`last_ms`, `last_neighbours`) and concept maps from `cache`. Not thread-safe by itself:
+    the encoder's tokenizer must not run in two threads at once."""
+
+    cache: MapCache = field(default_factory=lambda: MapCache(0))
+
+    @classmethod
+    def wrap(cls, predictor: Predictor, cache: MapCache) -> CachedPredictor:
+        return cls(**{f.name: getattr(predictor, f.name) for f in fields(Predictor)}, cache=cache)
+
+    def key(self, phrase: str) -> tuple[str, str | None, str]:
+        """(encoder, checkpoint digest, phrase): the maps of a phrase under one encoder and hypernetwork."""
+        return self.checkpoint.encoder, self.digest, phrase
+
+    def maps(self, phrases: Sequence[str] = (), images: Sequence[Any] = (), gap_correction: bool = True) -> list[Maps]:
+        """`Predictor.maps`, with concept phrases from the cache when it has them."""
+        start = time.perf_counter()
+        found: list[tuple[Maps, list | None]] = []  # (maps, nearest training concepts) per phrase
+        for phrase in phrases:
+            entry = self.cache.get(self.key(phrase))
+            if entry is None:
+                maps = super().maps([phrase])[0]
+                entry = (maps, self.last_neighbours[0] if self.last_neighbours is not None else None)
+                self.cache.put(self.key(phrase), entry)
+            found.append(entry)
+        if images:
+            image_maps = super().maps((), images, gap_correction)
+            found.append((image_maps[0], self.last_neighbours[0] if self.last_neighbours is not None else None))
+        if not found:
+            return super().maps()  # raises: nothing to predict
+        self.last_ms = (time.perf_counter() - start) * 1e3
+        self.last_neighbours = None if self.training_concepts is None else [n for _, n in found]
+        return [dict(maps) for maps, _ in found]  # copies: a caller that edits its dict leaves the cache alone

@@ -1,0 +1,185 @@
+"""One loaded model behind `ht serve`: requests checked field by field, planned by `steer()`, generated
+in dynamic batches, within limits that keep the server answering.
+
+    service = load_service("tiny", limits=Limits(max_batch=8, batch_window_ms=20))
+    planned = service.prepare(SteerRequest("a lighthouse", concepts=["art deco:0.6"]))
+    images = [future.result().image for future in service.batcher.submit(planned.samples)]
+
+The pipeline, the hypernetwork and its encoder load once. Every request goes through the same
+`steer()` as `ht steer` (`htcli.generate.batch.Planner`), with concept maps from a bounded cache
+(`htcli.serve.cache`); its samples join the `Batcher`'s next pipeline call.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from htcli import __version__
+from htcli.core.interventions import Intervention
+from htcli.errors import HTError
+from htcli.generate.batch import Planned, Planner, generate_batch
+from htcli.generate.compose import check_pattern, resolve_sources
+from htcli.generate.steer import METHODS, Steerer, SteerRequest, parse_steer_steps
+from htcli.serve.batching import Batcher
+from htcli.serve.cache import CachedPredictor, MapCache
+
+
+class FieldError(HTError):
+    """A request the server refuses: why, the request field at fault (None: the request as a
+    whole) and the HTTP status of the answer."""
+
+    def __init__(self, message: str, field: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.field, self.status = field, status
+
+
+# The `ht serve` option of a limit, where it is not named like the field (max_batch: --max-batch);
+# limits without an option keep their field name.
+_OPTIONS = {"max_body_bytes": "--max-body-mb (in bytes)", "max_sources": "max_sources",
+            "max_prompt_chars": "max_prompt_chars"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request, and the server as a whole, may ask for (`ht serve` has an option for most)."""
+
+    max_batch: int = 8  # images per pipeline call
+    batch_window_ms: float = 20.0  # how long a first image waits for others to batch with
+    max_queue: int = 64  # requests being read, planned, queued or generated; more get 429
+    max_images: int = 16  # per request: num_images x strengths
+    max_body_bytes: int = 16 * 2**20
+    max_image_pixels: int = 4096 * 4096  # per uploaded reference image
+    max_strength: float = 2.0  # |strength|: beyond 1 extrapolates; far beyond, images fall apart
+    max_sources: int = 16  # concepts + reference images + intervention files
+    max_prompt_chars: int = 1000
+    cache_size: int = 256  # concepts whose predicted maps are kept
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            least = 0 if name in ("batch_window_ms", "cache_size") else 1
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= least):
+                option = _OPTIONS.get(name, "--" + name.replace("_", "-"))
+                raise HTError(f"{option} must be a number >= {least}, got {value!r}")
+
+
+class Service:
+    """A `Steerer` serving requests: `prepare` checks and plans one, `batcher` generates its samples.
+    The batcher's worker is the only thread that runs the pipeline: one Service per pipeline."""
+
+    def __init__(self, steerer: Steerer, limits: Limits | None = None) -> None:
+        self.steerer, self.spec, self.limits = steerer, steerer.spec, limits or Limits()
+        self.cache = MapCache(self.limits.cache_size)
+        # Loaded here, once: the hypernetwork first, whose absence is the likelier mistake, then the pipeline.
+        self.predictor = CachedPredictor.wrap(steerer.predictor, self.cache)
+        self.pipe = steerer.pipe
+        self.library = steerer.library
+        self.planner = Planner(steerer, self.predictor)
+        self._planning = threading.Lock()  # the planner and the encoder's tokenizer are single-threaded
+        self._counting = threading.Lock()
+        self.in_flight = 0
+        self.started = time.time()
+        self.batcher = Batcher(self._generate, self.limits.max_batch, self.limits.batch_window_ms / 1e3)
+
+    def _generate(self, samples: list) -> list:
+        return generate_batch(self.spec, self.pipe, samples)
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count a request in for the `with` block; FieldError 429 when `max_queue` are in already."""
+        with self._counting:
+            if self.in_flight >= self.limits.max_queue:
+                raise FieldError(f"the server is busy ({self.in_flight} requests in progress); retry shortly", None, 429)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._counting:
+                self.in_flight -= 1
+
+    def check(self, request: SteerRequest) -> None:
+        """Refuse, naming the field, what this server will not do or what `steer()` would reject
+        for one field; `steer()` checks the rest (combinations of fields) again."""
+        limits = self.limits
+        if not request.prompt.strip():
+            raise FieldError("the prompt is empty: say what to generate", "prompt")
+        if len(request.prompt) > limits.max_prompt_chars:
+            raise FieldError(f"the prompt has {len(request.prompt)} characters; at most {limits.max_prompt_chars}", "prompt")
+        if request.method not in METHODS:
+            raise FieldError(f"method must be one of {', '.join(METHODS)}, got {request.method!r}", "method")
+        strengths = request.strength_values
+        if not strengths or not all(math.isfinite(s) and abs(s) <= limits.max_strength for s in strengths):
+            raise FieldError(f"strength takes finite numbers from -{limits.max_strength:g} to {limits.max_strength:g}, "
+                             f"got {strengths}", "strength")
+        images = request.num_images * len(strengths)
+        if request.num_images < 1 or images > limits.max_images:
+            raise FieldError(f"num_images x strengths must be from 1 to {limits.max_images}, got {images}", "num_images")
+        sources = len(request.concepts) + len(request.reference_images) + len(request.interventions)
+        if not sources:
+            raise FieldError("nothing to steer with: give concepts, reference_images or interventions", "concepts")
+        if sources > limits.max_sources:
+            raise FieldError(f"{sources} sources (concepts, reference images, interventions); at most {limits.max_sources}",
+                             "concepts")
+        try:
+            parse_steer_steps(request.steer_steps, len(self.spec.timesteps))
+        except HTError as error:
+            raise FieldError(str(error), "steer_steps") from None
+        try:
+            for pattern in request.layers:
+                check_pattern(pattern, "layers")
+        except HTError as error:
+            raise FieldError(str(error), "layers") from None
+        if request.reference_images and not self.predictor.encoder.has_images:
+            raise FieldError(f"reference images need an image encoder; this hypernetwork uses {self.predictor.encoder.id} "
+                             "(text only)", "reference_images")
+        for field in ("concepts", "interventions"):
+            if getattr(request, field):
+                try:
+                    resolve_sources(self.spec, **{field: getattr(request, field)}, library=self.library)
+                except HTError as error:
+                    raise FieldError(str(error), field) from None
+
+    def prepare(self, request: SteerRequest) -> Planned:
+        """Check `request`, then plan it with `steer()`: maps predicted (or cached) and composed."""
+        self.check(request)
+        with self._planning:
+            return self.planner.plan(request)
+
+    def intervention(self, request: SteerRequest) -> Intervention:
+        """The composed intervention of `request`'s sources (what `ht steer --export` writes)."""
+        if request.method != "hypertransport":
+            raise FieldError("an intervention comes from method hypertransport", "method")
+        # The maps do not depend on the prompt, strength or seed: any valid ones do.
+        planned = self.prepare(replace(request, prompt=request.prompt or "intervention", strengths=[1.0], num_images=1))
+        return planned.steered.intervention()
+
+    def health(self) -> dict:
+        batcher = self.batcher
+        return {"status": "ok", "model": self.spec.id, "hypernetwork_sha256": self.predictor.digest,
+                "encoder": self.predictor.checkpoint.encoder, "device": str(self.pipe.device), "version": __version__,
+                "queue": batcher.pending, "in_flight": self.in_flight, "uptime_s": round(time.time() - self.started, 1),
+                "batching": {"max_batch": batcher.max_batch, "window_ms": batcher.window_s * 1e3, "batches": batcher.batches,
+                             "images": batcher.generated, "largest_batch": batcher.largest},
+                "cache": self.cache.stats(), "limits": asdict(self.limits)}
+
+    def concepts(self) -> list[dict]:
+        """The concept library: name, category, and whether it is held out from training."""
+        held_out = {c.name for c in self.library.targets("test")} if self.library.split_seed is not None else set()
+        return [{"name": c.name, "category": c.category, "held_out": c.name in held_out} for c in self.library.targets()]
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def load_service(model: str | None = None, hyper: Path | None = None, model_path: str | None = None,
+                 device: str | None = None, limits: Limits | None = None) -> Service:
+    """Load the model's pipeline, hypernetwork and encoder once, ready to serve."""
+    from htcli.models import get_model
+
+    limits = limits or Limits()  # checked before anything loads
+    return Service(Steerer(get_model(model), hyper=hyper, model_path=model_path, device=device), limits)
