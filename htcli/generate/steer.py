@@ -266,20 +266,30 @@ class Steered:
                             info={"sources": self.sources.describe()})
 
 
+def _refine_dataset(steerer: Steerer, sources: Sources, refine: int | None, data: Path | None) -> Any:
+    """The dataset `--refine` fits on, checked to hold every concept source (None without
+    `refine`); called before anything loads."""
+    if refine is None or not sources.concepts:
+        return None
+    from htcli.data.dataset import open_dataset
+    from htcli.methods.refine import check_refine
+
+    dataset = open_dataset(data, steerer.spec.id)
+    check_refine(refine, dataset, [c.name for c, _ in sources.concepts])
+    return dataset
+
+
 def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes: list[str],
-                 refine: int | None = None, data: Path | None = None) -> tuple[list[tuple[Maps, float]], str | None, float]:
+                 refine: int | None = None, dataset: Any = None) -> tuple[list[tuple[Maps, float]], str | None, float]:
     """(maps, weight) per source in `sources` order, the checkpoint digest (None when nothing
     was predicted) and the milliseconds the maps took (encoding, and `refine` LinEAS steps per
-    concept on the dataset `data`, included)."""
+    concept on `dataset` (`_refine_dataset`), included)."""
     if not (sources.concepts or sources.images):
         return [(f.maps, w) for f, w, _ in sources.files], None, 0.0
     refined, refine_ms = [], 0.0
-    if refine is not None:
-        from htcli.data.dataset import open_dataset
-        from htcli.methods.refine import check_refine, refine_maps
+    if dataset is not None:
+        from htcli.methods.refine import refine_maps
 
-        dataset = open_dataset(data, steerer.spec.id)
-        check_refine(refine, dataset, [c.name for c, _ in sources.concepts])  # before anything loads
         frozen = steerer.frozen(dataset.settings.layers)
         for concept, _ in sources.concepts:
             maps, info = refine_maps(steerer.predictor, frozen, concept, dataset, refine, evaluate=False)
@@ -364,13 +374,13 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             notes.append("--method prompt hooks nothing, so --layers and @LAYERS do not apply")
         strengths = [None]  # nothing is hooked: strength does not apply
     else:
+        dataset = _refine_dataset(steerer, sources, request.refine, request.data)  # checked before anything loads
         # Where each source acts, checked before any prediction or --refine fit.
         predicted = []  # the hypernetwork's layers, when it predicts a source
         if sources.concepts or sources.images:
             predicted = [name for name, _ in steerer.predictor.checkpoint.config.layers]
         kept = select_layers(sources.known_layers(predicted), sources.layers, request.layers, sources.labels)
-        per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes, request.refine,
-                                              request.data)
+        per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes, request.refine, dataset)
         per_source = [({name: maps[name] for name in names}, w) for (maps, w), names in zip(per_source, kept)]
         neighbours = _neighbours(steerer, sources, notes)
         if request.each:
