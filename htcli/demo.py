@@ -48,10 +48,10 @@ SWEEP_PROMPT = "a lighthouse on a cliff"
 class DemoConfig:
     """How big the demo is: concepts, samples per concept, optimisation steps, and its seed."""
 
-    test_concepts: int = 8  # held out: every method is compared on these
+    test_concepts: int = 6  # held out: every method is compared on these
     samples: int = 32  # fitting samples per concept (the shipped hypernetwork was trained with 32)
     eval_samples: int = 32  # evaluation samples per concept (other prompts and seeds)
-    lineas_steps: int = 200
+    lineas_steps: int = 120
     retrain: bool = False  # train a hypernetwork here instead of using the shipped one
     train_concepts: int = 60  # with retrain: the hypernetwork's (a tenth of them kept for validation)
     train_steps: int = 300  # with retrain

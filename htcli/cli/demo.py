@@ -15,8 +15,8 @@ from htcli.cli.output import console, steps
 @app.command("demo")
 def demo_command(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder. Default: runs/tiny/demo.")] = None,
-    test_concepts: Annotated[int, typer.Option(help="Held-out concepts to compare on.")] = 8,
-    lineas_steps: Annotated[int, typer.Option(help="LinEAS steps per held-out concept.")] = 200,
+    test_concepts: Annotated[int, typer.Option(help="Held-out concepts to compare on.")] = 6,
+    lineas_steps: Annotated[int, typer.Option(help="LinEAS steps per held-out concept.")] = 120,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train a small hypernetwork here instead of using the shipped one (minutes).")] = False,
     train_concepts: Annotated[int, typer.Option(help="With --retrain: training concepts (a tenth validate).")] = 60,
     train_steps: Annotated[int, typer.Option(help="With --retrain: hypernetwork training steps.")] = 300,
