@@ -96,12 +96,8 @@ def fit_baselines_command(
                             lineas=lineas, incremental=incremental, refine=refine, hyper=hyper, out=out,
                             overwrite=overwrite, device=device, dtype=dtype.value, grad_checkpointing=grad_checkpointing,
                             progress=lambda done, total, text: bar.update(done, total, text))
-    if run.diverged:  # one line, however many concepts
-        shown = ", ".join(run.diverged[:5]) + (f" and {len(run.diverged) - 5} more" if len(run.diverged) > 5 else "")
-        first = run.rows[run.diverged[0]]
-        warn(f"the {name} loss rose during the fit (diverged) on {len(run.diverged)} of {len(run.rows)} concepts: {shown} "
-             f"({first['loss_first']:.3g} -> {first['loss_last']:.3g} on the first); "
-             "refit with a lower --lr and --overwrite")
+    if (diverged := run.diverged_warning()) is not None:
+        warn(diverged)
     if as_json:
         typer.echo(dumps_json({"method": run.method, "model": run.model, "out": str(run.folder), "concepts": run.rows}))
         return

@@ -57,12 +57,10 @@ def plan_command(
 
     Example: ht plan --model pixart --layers 'transformer_blocks.*.norm2'
     """
-    from htcli.models.memory import batches_here
-    from htcli.models.plan import human_bytes, human_count, make_plan
+    from htcli.models.plan import human_bytes, human_count, plan_report
 
-    spec = get_model(model)
-    measured = make_plan(spec, layers)
-    plan = measured.summary(samples, eval_samples, concepts_per_step) | {"batches": batches_here(measured)}
+    plan = plan_report(model, layers, samples, eval_samples, concepts_per_step)
+    spec = get_model(plan["model"])
     if as_json:
         typer.echo(dumps_json(plan))
         return
@@ -76,8 +74,7 @@ def plan_command(
     console.print(f"hypernetwork output size: {plan['hyper_outputs']:,} (omega - 1 and beta per neuron)")
     console.print(f"denoiser: {human_count(plan['denoiser_params'])} parameters, {human_bytes(plan['weights_bytes'])} "
                   f"in {spec.dtype}")
-    stored = "bfloat16" if spec.dtype == "bfloat16" else "float16"  # what build-dataset stores (2 bytes either way)
-    console.print(f"dataset per concept ({samples} fit + {eval_samples} eval samples, {stored}): "
+    console.print(f"dataset per concept ({samples} fit + {eval_samples} eval samples, {plan['dataset_dtype']}): "
                   f"{human_bytes(plan['dataset_bytes_per_concept'])}")
     console.print(
         f"training memory, {concepts_per_step} concepts x {samples} samples, no checkpointing "

@@ -11,6 +11,7 @@ is the reverse transport: the same interpolation, by |lambda|, towards the inver
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -22,6 +23,17 @@ Maps = dict[str, tuple[Tensor, Tensor]]  # layer name -> (omega, beta), each (D,
 # |omega| were the floor (same sign), so its gain is at most 1 / OMEGA_MIN = 10 instead of
 # unbounded: the forward map nearly collapsed that neuron, and no map can undo a collapse.
 OMEGA_MIN = 0.1
+
+
+def stack_maps(per_sample: Sequence[Maps | None]) -> Maps:
+    """Per-sample maps stacked for one batch: {layer: ((B, D), (B, D))} in float32 over every
+    layer any sample steers, a sample without maps for a layer (or None) getting the identity
+    there, which at any strength leaves its activations unchanged."""
+    identity = {layer: (torch.ones_like(o, dtype=torch.float32), torch.zeros_like(b, dtype=torch.float32))
+                for maps in per_sample if maps for layer, (o, b) in maps.items()}
+    own = [[(maps or {}).get(layer, pair) for maps in per_sample] for layer, pair in identity.items()]
+    return {layer: (torch.stack([o.float() for o, _ in pairs]), torch.stack([b.float() for _, b in pairs]))
+            for layer, pairs in zip(identity, own)}
 
 
 def inverse_map(omega: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:

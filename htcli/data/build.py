@@ -70,7 +70,7 @@ def make_settings(
         eval_prompts=tuple(eval_prompts),
         fit_seeds=tuple(fit_seeds),
         eval_seeds=tuple(eval_seeds),
-        storage_dtype="bfloat16" if spec.dtype == "bfloat16" else "float16",
+        storage_dtype=spec.dataset_dtype,
         batch_size=batch_size,
     )
 

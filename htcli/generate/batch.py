@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from htcli.core.hooks import Steering, hooked, resolve_layers
-from htcli.core.transport import Maps
+from htcli.core.transport import Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.steer import Steered, Steerer, SteerRequest, parse_steer_steps, steer
 from htcli.models import ModelSpec, build_meta_denoiser, denoiser
@@ -116,18 +116,6 @@ class Planner:
         return Planned(steered, samples)
 
 
-def _stack(samples: Sequence[Sample]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer any sample steers, (omega, beta) of shape (B, D): the sample's own map, or the
-    identity where it has none (not steered, or its maps leave that layer alone)."""
-    reference = {layer: pair for s in samples if s.steered for layer, pair in s.maps.items()}
-    stacked = {}
-    for layer, (omega_ref, beta_ref) in reference.items():
-        ones, zeros = torch.ones_like(omega_ref, dtype=torch.float32), torch.zeros_like(beta_ref, dtype=torch.float32)
-        own = [s.maps.get(layer, (ones, zeros)) if s.steered else (ones, zeros) for s in samples]
-        stacked[layer] = (torch.stack([o.float() for o, _ in own]), torch.stack([b.float() for _, b in own]))
-    return stacked
-
-
 def generate_batch(spec: ModelSpec, pipe: Any, samples: Sequence[Sample]) -> list[Image.Image]:
     """One pipeline call for `samples`, sample i seeded with its own seed and steered with its
     own maps and strength; images in `samples` order. All samples must steer the same steps."""
@@ -141,7 +129,7 @@ def generate_batch(spec: ModelSpec, pipe: Any, samples: Sequence[Sample]) -> lis
     kwargs = dict(generator=generators, **spec.pipeline_kwargs())
     if not any(s.steered for s in samples):
         return pipe(texts, **kwargs).images
-    stacked = _stack(samples)
+    stacked = stack_maps([s.maps if s.steered else None for s in samples])  # (B, D) per layer; identity if unsteered
     strengths = torch.tensor([[s.strength if s.steered else 0.0] for s in samples])  # (B, 1)
     model = denoiser(pipe, spec)
     with hooked(model, resolve_layers(model, list(stacked)), steering=Steering(stacked, strengths, windows.pop())):

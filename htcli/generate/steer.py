@@ -27,7 +27,7 @@ from htcli import __version__
 from htcli.core.hooks import Steering, hooked, resolve_layers
 from htcli.core.interventions import Intervention
 from htcli.core.runtime import Progress
-from htcli.core.transport import OMEGA_MIN, Maps
+from htcli.core.transport import OMEGA_MIN, Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.compose import Sources, Weighted, check_pattern, combine, resolve_sources, select_layers
 from htcli.models import ModelSpec, denoiser
@@ -119,11 +119,7 @@ def generate_mixed(spec: ModelSpec, pipe: Any, prompt: str, maps: Sequence[Maps]
     """One pipeline call whose samples carry different maps: for each seed, one image per map
     (seed-major order, len(seeds) * len(maps) images). Maps may steer different layers: a sample
     whose map lacks a layer gets the identity there."""
-    identity = {layer: (torch.ones_like(o), torch.zeros_like(b)) for m in maps for layer, (o, b) in m.items()}
-    # (B, D) per layer: sample b = (seed b // len(maps), maps b % len(maps)).
-    stacked = {layer: tuple(torch.stack([m.get(layer, identity[layer])[i] for m in maps]).repeat(len(seeds), 1)
-                            for i in (0, 1))
-               for layer in identity}
+    stacked = stack_maps([m for _ in seeds for m in maps])  # sample b = (seed b // len(maps), maps b % len(maps))
     batch_seeds = [s for s in seeds for _ in maps]
     return _pipeline(spec, pipe, prompt, batch_seeds, Steering(stacked, strength, steps))
 

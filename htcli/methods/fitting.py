@@ -195,6 +195,17 @@ class BaselineRun:
         """Concepts whose optimised fit ended with a higher loss than it started with."""
         return [name for name, row in self.rows.items() if row.get("diverged")]
 
+    def diverged_warning(self) -> str | None:
+        """One line naming the concepts whose loss rose during the fit, with what to do; None if none."""
+        diverged = self.diverged
+        if not diverged:
+            return None
+        shown = ", ".join(diverged[:5]) + (f" and {len(diverged) - 5} more" if len(diverged) > 5 else "")
+        first = self.rows[diverged[0]]
+        return (f"the {self.method} loss rose during the fit (diverged) on {len(diverged)} of {len(self.rows)} concepts: "
+                f"{shown} ({first['loss_first']:.3g} -> {first['loss_last']:.3g} on the first); "
+                "refit with a lower --lr and --overwrite")
+
 
 def run_baselines(
     method: str,

@@ -72,6 +72,12 @@ class ModelSpec:
         skip = {"loader", "denoiser_loader"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
+    @property
+    def dataset_dtype(self) -> str:
+        """What `build-dataset` stores activations in: bfloat16 for bfloat16 models (their
+        activations can exceed float16's range), else float16; 2 bytes either way."""
+        return "bfloat16" if self.dtype == "bfloat16" else "float16"
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for one sampling call of the spec's pipeline."""
         # FLUX's pipeline takes its schedule as flow-matching noise levels: sigma = timestep / 1000.

@@ -67,9 +67,21 @@ class Plan:
             "samples": samples,
             "eval_samples": eval_samples,
             "concepts_per_step": concepts_per_step,
+            "dataset_dtype": self.spec.dataset_dtype,
             "dataset_bytes_per_concept": self.dataset_bytes_per_concept(samples, eval_samples),
             "training_bytes": self.training_bytes(concepts_per_step, samples),
         }
+
+
+def plan_report(model: str | None, layers: Sequence[str] | None, samples: int, eval_samples: int,
+                concepts_per_step: int) -> dict:
+    """What `ht plan` prints: the meta-device plan's `summary`, with the batch sizes this
+    machine would choose (`htcli.models.memory.batches_here`)."""
+    from htcli.models import get_model
+    from htcli.models.memory import batches_here
+
+    measured = make_plan(get_model(model), layers)
+    return measured.summary(samples, eval_samples, concepts_per_step) | {"batches": batches_here(measured)}
 
 
 def human_bytes(n: int) -> str:
