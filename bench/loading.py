@@ -26,7 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.common import quiet  # noqa: E402
-from htcli.models import build_meta_denoiser, denoiser_class, denoiser_config, get_model, load_denoiser  # noqa: E402
+from htcli.models import (  # noqa: E402
+    build_meta_denoiser,
+    denoiser_class,
+    denoiser_config,
+    get_model,
+    load_denoiser,
+)
 
 MODEL = "pixart"
 DTYPE = torch.float16

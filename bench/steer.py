@@ -22,9 +22,9 @@ from bench.common import paired_ratio, quiet  # noqa: E402
 def main() -> None:
     quiet()
     from htcli.generate.steer import generate
-    from htcli.methods.encoders import get_encoder
     from htcli.methods.hypernetwork import HyperConfig, build_hypernetwork, unbatch
     from htcli.models import get_model, load_pipeline
+    from htcli.models.encoders import get_encoder
     from htcli.models.plan import make_plan
 
     spec = get_model("tiny")

@@ -34,12 +34,12 @@ from htcli.evaluation.residuals import compare, evaluate_hyper
 from htcli.generate.save import grid
 from htcli.generate.steer import generate
 from htcli.methods.baselines import LineasConfig
-from htcli.methods.encoders import get_encoder
 from htcli.methods.fitting import fit_baselines
 from htcli.methods.hypernetwork import HyperConfig
 from htcli.methods.predict import Predictor, resolve_checkpoint, shipped_checkpoint
 from htcli.methods.training import TrainConfig, Trainer
 from htcli.models import denoiser, get_model, load_pipeline
+from htcli.models.encoders import get_encoder
 
 SWEEP_PROMPT = "a lighthouse on a cliff"
 

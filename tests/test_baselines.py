@@ -11,15 +11,20 @@ from typer.testing import CliRunner
 
 from htcli.cli import app
 from htcli.core.hooks import Steering, hooked, resolve_layers
-from htcli.core.interventions import Intervention, load_intervention
 from htcli.core.transport import w2_loss
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.evaluation.residuals import residuals
-from htcli.methods.baselines import LineasConfig, fit_linear_act_incremental, fit_lineas, fit_method
+from htcli.methods.baselines import (
+    LineasConfig,
+    fit_linear_act_incremental,
+    fit_lineas,
+    fit_method,
+)
 from htcli.methods.fitting import fit_baselines
 from htcli.models import denoiser, load_denoiser
+from htcli.models.interventions import Intervention, load_intervention
 
 runner = CliRunner()
 

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 from htcli.cli import app
 from htcli.core.hooks import Steering, hooked, resolve_layers
-from htcli.data.forward import encode_inputs, latent_image_ids, pack_latents, pooled_activations
+from htcli.data.forward import encode_inputs, pooled_activations
 from htcli.errors import HTError
 from htcli.models import denoiser, get_model, load_denoiser, load_pipeline
+from htcli.models.inputs import latent_image_ids, pack_latents
 
 PROMPTS = ["An Art Deco lighthouse ", "a Cat in a Garden"]
 SEEDS = [3, 4]

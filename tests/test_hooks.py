@@ -12,10 +12,10 @@ from torch.overrides import TorchFunctionMode
 
 from htcli.core.files import read_tensors, save_tensors
 from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
-from htcli.core.interventions import Intervention, load_intervention
 from htcli.core.transport import apply_affine
 from htcli.errors import HTError
 from htcli.models import denoiser, get_model, load_pipeline
+from htcli.models.interventions import Intervention, load_intervention
 
 
 class Tiny(nn.Module):

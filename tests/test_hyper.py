@@ -15,7 +15,6 @@ from conftest import build_tiny_dataset
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.interventions import load_intervention
 from htcli.data.concepts import load_library
 from htcli.errors import HTError
 from htcli.methods.hypernetwork import (
@@ -25,6 +24,7 @@ from htcli.methods.hypernetwork import (
     load_checkpoint,
     parameter_count,
 )
+from htcli.models.interventions import load_intervention
 
 runner = CliRunner()
 LAYERS = (("a", 3), ("b", 5))

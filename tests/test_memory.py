@@ -16,6 +16,7 @@ from htcli.cli import app
 from htcli.errors import HTError
 from htcli.models import denoiser_config, get_model, load_denoiser
 from htcli.models.hub import EmptyParameters, _distilled_denoiser, load_strict
+from htcli.models.inputs import denoiser_call, example_inputs
 from htcli.models.memory import (
     MAX_FORWARD_BATCH,
     MAX_MICRO_BATCH,
@@ -25,7 +26,7 @@ from htcli.models.memory import (
     free_bytes,
     per_sample_bytes,
 )
-from htcli.models.plan import _SavedForBackward, example_inputs, make_plan
+from htcli.models.plan import _SavedForBackward, make_plan
 
 GiB = 2**30
 
@@ -78,7 +79,7 @@ def test_hub_loader_takes_the_float16_weights_without_a_float32_copy(name, tmp_p
     torch.manual_seed(0)
     inputs = example_inputs(spec, denoiser_config(spec))
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs)[0], reference(**inputs)[0])
+        assert torch.equal(denoiser_call(spec, loaded, inputs)[0], denoiser_call(spec, reference, inputs)[0])
 
 
 def test_hub_loader_refuses_weights_missing_a_key(tmp_path):

@@ -11,7 +11,13 @@ from typer.testing import CliRunner
 from htcli.cli import app
 from htcli.core.hooks import module_width, output_element, resolve_layers
 from htcli.errors import HTError
-from htcli.models import build_meta_denoiser, get_model, list_models, load_denoiser, load_pipeline
+from htcli.models import (
+    build_meta_denoiser,
+    get_model,
+    list_models,
+    load_denoiser,
+    load_pipeline,
+)
 
 runner = CliRunner()
 

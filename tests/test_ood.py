@@ -138,7 +138,7 @@ def test_steer_warns_for_a_far_off_concept_only(hyper, tmp_path):
 
 
 def test_export_records_neighbours(hyper, tmp_path):
-    from htcli.core.interventions import load_intervention
+    from htcli.models.interventions import load_intervention
 
     out = tmp_path / "far.safetensors"
     result = runner.invoke(app, ["hyper", "export", "--hyper", str(hyper), "--concept", FAR_OFF, "--out", str(out)])

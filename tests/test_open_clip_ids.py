@@ -16,9 +16,9 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 import htcli.evaluation.clip
-import htcli.methods.encoders
+import htcli.models.encoders
 from htcli.evaluation.score import clip_section
-from htcli.methods.encoders import get_encoder, open_clip_request
+from htcli.models.encoders import get_encoder, open_clip_request
 
 
 def build_on_meta(request: dict) -> nn.Module:
@@ -60,7 +60,7 @@ def requests_to_open_clip(monkeypatch) -> Iterator[list[dict]]:
         return build_on_meta(request), None, None
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", create_model_and_transforms)
-    monkeypatch.setattr(htcli.methods.encoders, "_require_clip_weights", lambda arch, pretrained: None)
+    monkeypatch.setattr(htcli.models.encoders, "_require_clip_weights", lambda arch, pretrained: None)
     get_encoder.cache_clear()
     yield requests
     get_encoder.cache_clear()  # no meta encoder stays cached for other tests

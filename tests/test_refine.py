@@ -8,13 +8,13 @@ from conftest import build_tiny_dataset
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.interventions import load_intervention
 from htcli.data.concepts import load_library
 from htcli.errors import HTError
 from htcli.evaluation.residuals import residuals
 from htcli.methods.baselines import LineasConfig, fit_lineas
 from htcli.methods.predict import Predictor
 from htcli.methods.refine import refine_maps
+from htcli.models.interventions import load_intervention
 
 runner = CliRunner()
 TRAIN = ["--steps", "8", "--concepts-per-step", "2", "--eval-every", "4", "--hidden", "32",

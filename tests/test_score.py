@@ -30,8 +30,8 @@ from htcli.evaluation.clip import cosine, zero_shot
 from htcli.evaluation.runs import INDEX, EvalRun
 from htcli.evaluation.stats import bootstrap_ci
 from htcli.evaluation.vlm import parse_verdict
-from htcli.methods.encoders import get_encoder
 from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork
+from htcli.models.encoders import get_encoder
 from htcli.models.plan import make_plan
 
 runner = CliRunner()

@@ -20,10 +20,10 @@ from serving import hyper_checkpoint, served
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.interventions import load_intervention
 from htcli.generate.batch import Sample, generate_batch
 from htcli.generate.compose import combine
 from htcli.generate.steer import Steerer, SteerRequest, steer
+from htcli.models.interventions import load_intervention
 from htcli.serve.cache import CachedPredictor, MapCache
 
 TIMEOUT = 60.0

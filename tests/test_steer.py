@@ -13,15 +13,26 @@ from typer.testing import CliRunner
 from htcli.cli import app
 from htcli.core.files import read_tensors, save_tensors
 from htcli.core.hooks import module_width, resolve_layers
-from htcli.core.interventions import Intervention, load_intervention
 from htcli.core.transport import at_strength
 from htcli.errors import HTError
 from htcli.generate import steer as steering
 from htcli.generate.compose import combine, parse_weighted
 from htcli.generate.save import save_steered
-from htcli.generate.steer import Steerer, SteerRequest, parse_steer_steps, parse_strengths, steer
-from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork, load_checkpoint
+from htcli.generate.steer import (
+    Steerer,
+    SteerRequest,
+    parse_steer_steps,
+    parse_strengths,
+    steer,
+)
+from htcli.methods.hypernetwork import (
+    HyperCheckpoint,
+    HyperConfig,
+    build_hypernetwork,
+    load_checkpoint,
+)
 from htcli.models import denoiser, get_model
+from htcli.models.interventions import Intervention, load_intervention
 from htcli.models.plan import make_plan
 
 runner = CliRunner()

@@ -12,15 +12,27 @@ from typer.testing import CliRunner
 
 from htcli.cli import app
 from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
-from htcli.core.interventions import Intervention, load_intervention
-from htcli.core.transport import OMEGA_MIN, apply_affine, at_strength, inverse_map, residual_ratio
+from htcli.core.transport import (
+    OMEGA_MIN,
+    apply_affine,
+    at_strength,
+    inverse_map,
+    residual_ratio,
+)
 from htcli.data.concepts import load_library
 from htcli.data.forward import Frozen, encode_inputs, pooled_activations
 from htcli.errors import HTError
-from htcli.generate.compose import combine, layer_summary, resolve_sources, select_layers, split_layers
+from htcli.generate.compose import (
+    combine,
+    layer_summary,
+    resolve_sources,
+    select_layers,
+    split_layers,
+)
 from htcli.generate.steer import Steerer, SteerRequest, steer
 from htcli.methods.baselines import fit_linear_act_maps
 from htcli.models import denoiser, get_model
+from htcli.models.interventions import Intervention, load_intervention
 
 runner = CliRunner()
 TINY_LAYERS = [f"transformer_blocks.{i}.norm{k}" for i in range(4) for k in (1, 2)]

@@ -1,121 +1,20 @@
 """The `ht` command line: a thin layer over the `htcli` library.
 
-Each submodule registers its commands on `app`. Library errors (`HTError`), and file-system
-errors (`OSError`) the library did not foresee, become a one-line `Error: ...` on stderr and
-exit code 1, never a traceback.
+`app.py` holds the Typer app; each module here adds its commands to it when imported.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Annotated
-
-import typer
-from typer.core import TyperArgument, TyperGroup
-
-from htcli import __version__
-from htcli.errors import HTError
-
-# Conventional help placeholders, by parameter type; Typer's own are `<str>`, `<list[Path]>`.
-_PLACEHOLDERS = {str: "TEXT", Path: "PATH", int: "INTEGER", float: "FLOAT", bool: "BOOLEAN"}
-
-
-class _Argument(TyperArgument):
-    """An argument shown as click does: `PROMPT` (required) or `[FILE]`, never `{prompt} <str>`."""
-
-    def display_type_rich(self, ctx) -> None:
-        return None  # the upper-case name is the placeholder
-
-    def get_usage_pieces(self, ctx) -> list[str]:
-        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
-        return [name if self.required else f"[{name}]"]
-
-
-def _placeholder(param) -> str:
-    """PATH, INTEGER, [train|test]...: for a list option, the placeholder of one value."""
-    described = param.type_descriptor
-    if described.is_choice:
-        return "[" + "|".join(str(getattr(c, "value", c)) for c in described.choices) + "]"
-    annotation = described.annotation
-    if described.is_list:
-        (annotation,) = typer.core.get_args(annotation)
-    return _PLACEHOLDERS.get(annotation, "VALUE")
-
-
-def _conventional_help(command) -> None:
-    """Give every parameter of `command` and its subcommands a conventional placeholder."""
-    for param in command.params:
-        if isinstance(param, TyperArgument):
-            param.__class__ = _Argument  # only display methods differ; parsing is untouched
-            param.metavar = param.metavar or param.name.upper()
-        elif param.metavar is None:
-            param.metavar = _placeholder(param)
-    for sub in getattr(command, "commands", {}).values():
-        _conventional_help(sub)
-
-
-class _Root(TyperGroup):
-    """The `ht` group: conventional placeholders everywhere, library errors as one line."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        _conventional_help(self)  # Typer builds subcommands first, so the whole tree is here
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except HTError as error:
-            typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(1) from None
-        except OSError as error:  # a file system refusal the library did not foresee: still one line
-            where = f": {error.filename}" if error.filename else ""
-            typer.secho(f"Error: {error.strerror or error}{where}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(1) from None
-
-
-app = typer.Typer(
-    name="ht",
-    cls=_Root,
-    help="HyperTransport: steer text-to-image diffusion models by editing their activations.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
-)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        typer.echo(f"ht {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _quiet_libraries(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    """Keep diffusers' and transformers' info chatter and weight-loading bars off the terminal."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-
-
-# Registration by import: each module adds its commands to `app`.
 from htcli.cli import baselines as _baselines  # noqa: F401  (fit-linear-baselines, inspect)
 from htcli.cli import concepts as _concepts  # noqa: F401
 from htcli.cli import dataset as _dataset  # noqa: F401
 from htcli.cli import demo as _demo  # noqa: F401
 from htcli.cli import hyper as _hyper  # noqa: F401  (train-hyper, hyper export)
 from htcli.cli import models as _models  # noqa: F401  (models, plan)
-from htcli.cli import score as _score  # noqa: F401
+from htcli.cli import score as _score  # noqa: F401  (evaluate, score)
 from htcli.cli import serve as _serve  # noqa: F401
 from htcli.cli import steer as _steer  # noqa: F401
+from htcli.cli.app import app
+
+__all__ = ["app", "main"]
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from htcli.cli import app
+from htcli.cli.app import app
 from htcli.cli.options import (
     DataOption,
     DatasetSplit,
@@ -122,7 +122,7 @@ def inspect_command(
 
     Example: ht inspect runs/tiny/baselines/lineas/art-deco.safetensors
     """
-    from htcli.core.interventions import layer_stats, load_intervention
+    from htcli.models.interventions import layer_stats, load_intervention
 
     intervention = load_intervention(file)
     meta, stats = intervention.describe(), layer_stats(intervention)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from htcli.cli import app
+from htcli.cli.app import app
 from htcli.cli.options import ConceptDirsOption, JsonOption
 from htcli.cli.output import console, print_table
 from htcli.core.files import dumps_json

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from htcli.cli import app
+from htcli.cli.app import app
 from htcli.cli.options import (
     BUILD_EVAL_SAMPLES,
     BUILD_SAMPLES,

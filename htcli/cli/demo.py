@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markdown import Markdown
 
-from htcli.cli import app
+from htcli.cli.app import app
 from htcli.cli.output import console, steps
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from htcli.cli import app
+from htcli.cli.app import app
 from htcli.cli.options import (
     CONCEPTS_PER_STEP,
     DataOption,
@@ -118,7 +118,8 @@ def export_command(
     Example: ht hyper export --model tiny --concept "art deco" --out art-deco.safetensors
     """
     from htcli.cli.steer import neighbours_line
-    from htcli.methods.predict import Predictor, export_intervention
+    from htcli.methods.predict import Predictor
+    from htcli.methods.refine import export_intervention
 
     written = export_intervention(concept, out, hyper, model, refine, data)
     console.print(f"wrote {out} ({written.model}, {len(written.maps)} layers) for {written.concept!r}", markup=False)

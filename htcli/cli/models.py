@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from htcli.cli import app
+from htcli.cli.app import app
 from htcli.cli.options import (
     BUILD_EVAL_SAMPLES,
     BUILD_SAMPLES,
@@ -57,7 +57,8 @@ def plan_command(
 
     Example: ht plan --model pixart --layers 'transformer_blocks.*.norm2'
     """
-    from htcli.models.plan import human_bytes, human_count, plan_report
+    from htcli.models.memory import plan_report
+    from htcli.models.plan import human_bytes, human_count
 
     plan = plan_report(model, layers, samples, eval_samples, concepts_per_step)
     spec = get_model(plan["model"])

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from htcli.cli import app
+from htcli.cli.app import app
 from htcli.cli.options import (
     DataOption,
     DatasetSplit,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from htcli.cli import app
+from htcli.cli.app import app
 from htcli.cli.options import DeviceOption, HyperOption, ModelOption, ModelPathOption
 from htcli.cli.output import console, warn
 from htcli.errors import HTError

@@ -8,8 +8,15 @@ from typing import Annotated
 
 import typer
 
-from htcli.cli import app
-from htcli.cli.options import DataOption, DeviceOption, HyperOption, ModelOption, ModelPathOption, RefineOption
+from htcli.cli.app import app
+from htcli.cli.options import (
+    DataOption,
+    DeviceOption,
+    HyperOption,
+    ModelOption,
+    ModelPathOption,
+    RefineOption,
+)
 from htcli.cli.output import console, note, steps
 from htcli.evaluation.stats import plural
 from htcli.generate.steer import METHODS, SteerRequest, parse_strengths

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from htcli import __version__
 from htcli.core.files import check_output_dir, read_json, save_tensors, write_json
-from htcli.core.runtime import Progress, barrier, close_distributed, init_distributed, resolve_device, run_path
+from htcli.core.runtime import (
+    Progress,
+    barrier,
+    close_distributed,
+    init_distributed,
+    resolve_device,
+    run_path,
+)
 from htcli.data.concepts import Concept, ConceptLibrary, load_library, slugify
 from htcli.data.dataset import FORMAT, DatasetSettings, select_concepts
 from htcli.errors import HTError
@@ -156,8 +163,8 @@ def build(
     import torch.distributed as dist
 
     from htcli.core.hooks import resolve_layers
-    from htcli.methods.encoders import get_encoder
     from htcli.models import load_pipeline
+    from htcli.models.encoders import get_encoder
 
     spec, out, library, concepts, settings = request.resolve()
     torch_device = resolve_device(device)  # this rank's GPU under torchrun

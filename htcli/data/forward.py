@@ -5,13 +5,8 @@ pooled activations of the hooked layers for a batch of samples, optionally steer
 are encoded once with the pipeline's text encoder (`encode_inputs`) and stored; afterwards
 only the denoiser is needed (`pooled_activations`), so the text encoder can be freed.
 
-Inputs are a dict of tensors, batch first:
-    noise     (B, C, h, w)   initial latents from per-sample seeds (as the pipeline draws them;
-                             FLUX packs them into (B, h/2 * w/2, 4C) tokens at each call)
-    text      (B, T, E)      text-encoder hidden states (FLUX: T5's)
-    mask      (B, T)         PixArt: attention mask of the text tokens
-    pooled    (B, P)         SDXL, FLUX: pooled text embedding (FLUX: CLIP's)
-    time_ids  (B, 6)         SDXL: size/crop conditioning
+Inputs are a dict of tensors, batch first (noise, text, and per family mask, pooled, time_ids:
+`htcli.models.inputs` lists them and calls each family's denoiser on them).
 All specs use schedulers (DPM-Solver, LCM, flow matching) whose first-step input scaling is the
 identity.
 """
@@ -31,6 +26,7 @@ from torch import Tensor, nn
 from htcli.core.hooks import Steering, hooked
 from htcli.core.transport import Maps
 from htcli.models import ModelSpec, denoiser
+from htcli.models.inputs import denoiser_call
 
 
 def initial_noise(spec: ModelSpec, denoiser: nn.Module, seeds: Sequence[int]) -> Tensor:
@@ -111,58 +107,6 @@ def pad_text(batches: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]
     return out
 
 
-def pack_latents(latents: Tensor) -> Tensor:
-    """(B, C, h, w) latents -> (B, h/2 * w/2, 4C) tokens of 2x2 patches, as FLUX's pipeline packs them."""
-    b, c, h, w = latents.shape
-    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
-    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def latent_image_ids(h: int, w: int) -> Tensor:
-    """(h/2 * w/2, 3) position ids of FLUX's packed latent tokens: (0, row, column) in patches."""
-    rows = torch.arange(h // 2)[:, None].expand(h // 2, w // 2)
-    columns = torch.arange(w // 2)[None, :].expand(h // 2, w // 2)
-    return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).float()
-
-
-def _denoiser_call(spec: ModelSpec, model: nn.Module, inputs: Mapping[str, Tensor]) -> None:
-    device, dtype = model.device, model.dtype
-    batch = inputs["noise"].shape[0]
-    timestep = torch.full((batch,), spec.timesteps[0], device=device)
-    noise = inputs["noise"].to(device, dtype)
-    text = inputs["text"].to(device, dtype)
-    if spec.family == "flux":
-        # As FluxPipeline calls it: the timestep in the latents' dtype, then / 1000 (FLUX's time is
-        # sigma, in [0, 1]); no guidance embedding (schnell has none).
-        model(
-            hidden_states=pack_latents(noise),
-            encoder_hidden_states=text,
-            pooled_projections=inputs["pooled"].to(device, dtype),
-            timestep=timestep.to(dtype) / 1000,
-            img_ids=latent_image_ids(*noise.shape[2:]).to(device, dtype),
-            txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
-            guidance=None,
-        )
-    elif spec.family == "pixart":
-        model(
-            noise,
-            encoder_hidden_states=text,
-            encoder_attention_mask=inputs["mask"].to(device),
-            timestep=timestep,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        )
-    else:
-        model(
-            noise,
-            timestep,
-            encoder_hidden_states=text,
-            added_cond_kwargs={
-                "text_embeds": inputs["pooled"].to(device, dtype),
-                "time_ids": inputs["time_ids"].to(device, dtype),
-            },
-        )
-
-
 def pooled_activations(
     spec: ModelSpec,
     model: nn.Module,
@@ -176,7 +120,7 @@ def pooled_activations(
     unless called under `torch.no_grad()` (for a backward pass, see `Frozen.graph`).
     """
     with hooked(model, layers, capture=True, steering=steering, stop_early=True) as run:
-        _denoiser_call(spec, model, inputs)
+        denoiser_call(spec, model, inputs)
     missing = set(layers) - set(run.pooled)
     if missing:
         raise RuntimeError(f"hooked layers never ran: {sorted(missing)[:3]}")

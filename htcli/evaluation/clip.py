@@ -51,7 +51,7 @@ def check_clip_arch(arch: str) -> None:
     (open_clip's own error lists all of its hundreds of models)."""
     import open_clip
 
-    from htcli.methods.encoders import TINY_CLIP
+    from htcli.models.encoders import TINY_CLIP
 
     known = [*open_clip.list_models(), TINY_CLIP]
     if arch in known:

@@ -10,54 +10,19 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-from torch import Tensor
 
 from htcli.core.files import read_json
 from htcli.core.runtime import Progress
-from htcli.core.transport import Maps, residual_ratio
 from htcli.data.concepts import ConceptLibrary
 from htcli.data.dataset import ActivationDataset, check_limit, check_split
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.evaluation.stats import bootstrap_ci
+from htcli.methods.fitting import SUMMARY, MethodResult
+from htcli.methods.objective import residuals
 from htcli.methods.predict import Predictor
-
-
-def residuals(
-    frozen: Frozen, inputs: Mapping[str, Tensor], source: Mapping[str, Tensor], target: Mapping[str, Tensor], maps: Maps
-) -> tuple[float, dict[str, float]]:
-    """Residual ratio W2(steered, target) / W2(source, target), overall and per layer.
-
-    Overall concatenates every layer's neurons. `inputs`, `source` and `target` are the
-    evaluation samples: never the ones the maps were fitted on.
-    """
-    steered = frozen.pooled(inputs, maps)
-    per_layer = {n: residual_ratio(steered[n], source[n], target[n]) for n in target}
-    cat = lambda acts: torch.cat([acts[n] for n in target], dim=-1)
-    return residual_ratio(cat(steered), cat(source), cat(target)), per_layer
-
-
-@dataclass
-class MethodResult:
-    method: str
-    residuals: list[float]
-    seconds: list[float]  # per concept: fit time, or text-to-maps time
-
-    @property
-    def row(self) -> dict:
-        spread = statistics.stdev(self.residuals) if len(self.residuals) > 1 else 0.0
-        return {
-            "method": self.method,
-            "concepts": len(self.residuals),
-            "residual_mean": statistics.fmean(self.residuals),
-            "residual_std": spread,
-            "seconds_median": statistics.median(self.seconds) if self.seconds else 0.0,
-        }
 
 
 def evaluate_hyper(
@@ -77,7 +42,6 @@ def evaluate_hyper(
     return result
 
 
-SUMMARY = "summary.json"  # per baseline method, written by `ht fit-linear-baselines`
 
 
 def baseline_folders(folders: Sequence[Path]) -> list[Path]:

@@ -93,7 +93,7 @@ class Method:
     def maps(self, concept: Concept, model: str, modules: dict[str, Any]) -> dict:
         """The concept's maps, checked against the model (its id, layer names and widths)."""
         from htcli.core.hooks import module_width
-        from htcli.core.interventions import Intervention, load_intervention
+        from htcli.models.interventions import Intervention, load_intervention
 
         if self.kind == "hypertransport":
             predicted = self.predictor.maps([concept.phrase])[0]

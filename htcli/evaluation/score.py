@@ -58,9 +58,14 @@ def clip_section(run: EvalRun, clip_model: str | None, clip_pretrained: str | No
                  progress: Progress | None, warn: Callable[[str], None]) -> dict:
     """The CLIP judge on `run`; with no `clip_model`, ViT-L-14/openai, or the shipped tiny CLIP
     for an offline model (whose images are noise anyway)."""
-    from htcli.evaluation.clip import DEFAULT_CLIP, check_clip_arch, clip_encoder_id, clip_judge
-    from htcli.methods.encoders import TINY_CLIP, get_encoder
+    from htcli.evaluation.clip import (
+        DEFAULT_CLIP,
+        check_clip_arch,
+        clip_encoder_id,
+        clip_judge,
+    )
     from htcli.models import get_model
+    from htcli.models.encoders import TINY_CLIP, get_encoder
 
     if clip_model is None and get_model(run.model).offline:
         clip_model = TINY_CLIP

@@ -197,7 +197,7 @@ class TransformersBackend:
     def __init__(self, model_id: str, device: str = "cpu") -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from htcli.methods.encoders import require_hub_files
+        from htcli.models.encoders import require_hub_files
 
         self.id = f"transformers:{model_id}"
         if not Path(model_id).is_dir():

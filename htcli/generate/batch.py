@@ -30,7 +30,13 @@ from PIL import Image
 from htcli.core.hooks import Steering, hooked, resolve_layers
 from htcli.core.transport import Maps, stack_maps
 from htcli.errors import HTError
-from htcli.generate.steer import Steered, Steerer, SteerRequest, parse_steer_steps, steer
+from htcli.generate.steer import (
+    Steered,
+    Steerer,
+    SteerRequest,
+    parse_steer_steps,
+    steer,
+)
 from htcli.models import ModelSpec, build_meta_denoiser, denoiser
 
 

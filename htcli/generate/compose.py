@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from htcli.core.files import load_rgb_images
-from htcli.core.hooks import matches  # the one pattern rule for layer names (glob, or re:)
-from htcli.core.interventions import Intervention, load_intervention
+from htcli.core.hooks import (
+    matches,  # the one pattern rule for layer names (glob, or re:)
+)
 from htcli.core.transport import Maps, displacement
 from htcli.data.concepts import Concept, ConceptLibrary, load_library
 from htcli.errors import HTError
 from htcli.models import ModelSpec
+from htcli.models.interventions import Intervention, load_intervention
 
 # A source as the caller gives it: "art deco", "art deco:0.6", "art deco:0.6@LAYERS",
 # ("art deco", 0.6) or ("art deco", 0.6, LAYERS).

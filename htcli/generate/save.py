@@ -14,7 +14,6 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from htcli.core.files import atomic_path, check_output_dir, write_json
-from htcli.core.interventions import check_intervention_out
 from htcli.errors import HTError
 from htcli.generate.steer import (
     Progress,
@@ -24,6 +23,7 @@ from htcli.generate.steer import (
     SteerRequest,
     steer,
 )
+from htcli.models.interventions import check_intervention_out
 
 CAPTION_PX = 14  # height of the caption band under each grid cell
 

@@ -25,12 +25,19 @@ from PIL import Image
 
 from htcli import __version__
 from htcli.core.hooks import Steering, hooked, resolve_layers
-from htcli.core.interventions import Intervention
 from htcli.core.runtime import Progress
 from htcli.core.transport import OMEGA_MIN, Maps, stack_maps
 from htcli.errors import HTError
-from htcli.generate.compose import Sources, Weighted, check_pattern, combine, resolve_sources, select_layers
+from htcli.generate.compose import (
+    Sources,
+    Weighted,
+    check_pattern,
+    combine,
+    resolve_sources,
+    select_layers,
+)
 from htcli.models import ModelSpec, denoiser
+from htcli.models.interventions import Intervention
 
 METHODS = ("hypertransport", "prompt")
 DEFAULT_STRENGTH = 0.6

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from htcli.core.transport import Maps, fit_linear_act, fit_mean_shift, prox_sparse_group_lasso
+from htcli.core.transport import (
+    Maps,
+    fit_linear_act,
+    fit_mean_shift,
+    prox_sparse_group_lasso,
+)
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.methods.objective import w2_backward

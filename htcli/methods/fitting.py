@@ -18,16 +18,36 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from htcli.core.files import check_output_dir, read_json, write_json
-from htcli.core.interventions import Intervention
 from htcli.core.runtime import Progress
 from htcli.data.concepts import slugify
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
-from htcli.evaluation.residuals import SUMMARY, MethodResult, residuals
 from htcli.methods.baselines import METHOD_FITS, LineasConfig, fit_method
+from htcli.methods.objective import residuals
 from htcli.methods.predict import Predictor
 from htcli.methods.refine import check_refine_steps, refine_maps, refined_method
+from htcli.models.interventions import Intervention
+
+SUMMARY = "summary.json"  # per baseline method, written by `ht fit-linear-baselines`
+
+
+@dataclass
+class MethodResult:
+    method: str
+    residuals: list[float]
+    seconds: list[float]  # per concept: fit time, or text-to-maps time
+
+    @property
+    def row(self) -> dict:
+        spread = statistics.stdev(self.residuals) if len(self.residuals) > 1 else 0.0
+        return {
+            "method": self.method,
+            "concepts": len(self.residuals),
+            "residual_mean": statistics.fmean(self.residuals),
+            "residual_std": spread,
+            "seconds_median": statistics.median(self.seconds) if self.seconds else 0.0,
+        }
 
 
 def check_method(method: str) -> None:

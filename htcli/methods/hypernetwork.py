@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from htcli.core.files import read_tensors, save_tensors
-from htcli.core.interventions import fitted_timestep_metadata, read_fitted_timestep
 from htcli.core.transport import Maps
 from htcli.errors import HTError
+from htcli.models.interventions import fitted_timestep_metadata, read_fitted_timestep
 
 FORMAT = "ht-hypernetwork/1"
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from htcli.core.transport import w2_loss
+from htcli.core.transport import residual_ratio, w2_loss
 from htcli.data.forward import Frozen, Maps
 
 
@@ -73,3 +73,17 @@ def w2_backward(
                 surrogate = sum((out[layer].float() * grads[layer][rows]).sum() for layer in out)
                 surrogate.backward()
     return loss.detach()
+
+
+def residuals(
+    frozen: Frozen, inputs: Mapping[str, Tensor], source: Mapping[str, Tensor], target: Mapping[str, Tensor], maps: Maps
+) -> tuple[float, dict[str, float]]:
+    """Residual ratio W2(steered, target) / W2(source, target), overall and per layer.
+
+    Overall concatenates every layer's neurons. `inputs`, `source` and `target` are the
+    evaluation samples: never the ones the maps were fitted on.
+    """
+    steered = frozen.pooled(inputs, maps)
+    per_layer = {n: residual_ratio(steered[n], source[n], target[n]) for n in target}
+    cat = lambda acts: torch.cat([acts[n] for n in target], dim=-1)
+    return residual_ratio(cat(steered), cat(source), cat(target)), per_layer

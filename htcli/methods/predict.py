@@ -23,12 +23,16 @@ import torch
 from torch import Tensor
 
 from htcli.core.files import file_digest
-from htcli.core.interventions import Intervention, check_intervention_out
 from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
 from htcli.errors import HTError
-from htcli.methods.encoders import close_gap, get_encoder, modality_gap
-from htcli.methods.hypernetwork import HyperCheckpoint, TrainingConcepts, load_checkpoint, unbatch
+from htcli.methods.hypernetwork import (
+    HyperCheckpoint,
+    TrainingConcepts,
+    load_checkpoint,
+    unbatch,
+)
+from htcli.models.encoders import close_gap, get_encoder, modality_gap
 
 CHECKPOINT = "hyper.safetensors"
 
@@ -147,42 +151,6 @@ class Predictor:
         self.last_ms = (time.perf_counter() - start) * 1e3
         self.last_neighbours = self.nearest(torch.cat(embeddings)) if self.training_concepts is not None else None
         return predicted
-
-
-def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None,
-                        refine: int | None = None, data: Path | None = None) -> Intervention:
-    """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
-    standard intervention file at `out`, and return it. `out` must be a new `.safetensors` path
-    or an intervention file (replaced); anything else there is refused before anything loads.
-    `refine` N: then N LinEAS steps from the prediction on the concept's samples in the dataset
-    `data` (default runs/<model>/data; see `htcli.methods.refine`), saved as `lineas-refine<N>`."""
-    from htcli.data.concepts import load_library
-    from htcli.data.dataset import open_dataset
-    from htcli.methods.refine import check_refine, refine_maps, refined_method
-    from htcli.models import default_model_name
-
-    out = check_intervention_out(Path(out))
-    resolved = load_library().resolve(concept)
-    if refine is None and data is not None:
-        raise HTError("--data is only used with --refine (LinEAS from the prediction, on the dataset's samples)")
-    dataset = open_dataset(data, model) if refine is not None else None
-    if dataset is not None:
-        check_refine(refine, dataset, [resolved.name])
-        model = model or dataset.settings.model
-    predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
-    if dataset is None:
-        maps, method, refined = predictor.maps([resolved.phrase])[0], "hypertransport", {}
-    else:
-        from htcli.data.forward import Frozen
-        from htcli.models import get_model
-
-        frozen = Frozen.load(get_model(predictor.model), dataset.settings.layers)
-        maps, refined = refine_maps(predictor, frozen, resolved, dataset, refine)
-        method = refined_method(refine)
-    intervention = Intervention(maps, predictor.model, method, resolved.name, predictor.checkpoint.encoder,
-                                info={"phrase": resolved.phrase, **predictor.neighbour_info(0), **refined})
-    intervention.save(out)
-    return intervention
 
 
 def calibrate_gap(path: Path, images: Sequence[Any], phrases: Sequence[str]) -> tuple[Tensor, Tensor]:

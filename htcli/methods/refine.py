@@ -16,15 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from htcli.core.transport import Maps
-from htcli.data.concepts import Concept
-from htcli.data.dataset import ActivationDataset
+from htcli.data.concepts import Concept, load_library
+from htcli.data.dataset import ActivationDataset, open_dataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
-from htcli.evaluation.residuals import residuals
 from htcli.methods.baselines import LineasConfig, fit_method
-from htcli.methods.predict import Predictor
+from htcli.methods.objective import residuals
+from htcli.methods.predict import Predictor, resolve_checkpoint
+from htcli.models import default_model_name, get_model
+from htcli.models.interventions import Intervention, check_intervention_out
 
 
 def refined_method(steps: int) -> str:
@@ -83,3 +86,31 @@ def refine_maps(
         info["residual_before"] = residuals(frozen, eval_inputs, source_eval, target_eval, predicted)[0]
         info["residual_after"] = residuals(frozen, eval_inputs, source_eval, target_eval, maps)[0]
     return maps, info
+
+
+def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None,
+                        refine: int | None = None, data: Path | None = None) -> Intervention:
+    """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
+    standard intervention file at `out`, and return it. `out` must be a new `.safetensors` path
+    or an intervention file (replaced); anything else there is refused before anything loads.
+    `refine` N: then N LinEAS steps from the prediction on the concept's samples in the dataset
+    `data` (default runs/<model>/data; see `htcli.methods.refine`), saved as `lineas-refine<N>`."""
+    out = check_intervention_out(Path(out))
+    resolved = load_library().resolve(concept)
+    if refine is None and data is not None:
+        raise HTError("--data is only used with --refine (LinEAS from the prediction, on the dataset's samples)")
+    dataset = open_dataset(data, model) if refine is not None else None
+    if dataset is not None:
+        check_refine(refine, dataset, [resolved.name])
+        model = model or dataset.settings.model
+    predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
+    if dataset is None:
+        maps, method, refined = predictor.maps([resolved.phrase])[0], "hypertransport", {}
+    else:
+        frozen = Frozen.load(get_model(predictor.model), dataset.settings.layers)
+        maps, refined = refine_maps(predictor, frozen, resolved, dataset, refine)
+        method = refined_method(refine)
+    intervention = Intervention(maps, predictor.model, method, resolved.name, predictor.checkpoint.encoder,
+                                info={"phrase": resolved.phrase, **predictor.neighbour_info(0), **refined})
+    intervention.save(out)
+    return intervention

@@ -26,7 +26,6 @@ from htcli.core.transport import Maps
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
-from htcli.evaluation.residuals import residuals
 from htcli.methods.hypernetwork import (
     HyperCheckpoint,
     HyperConfig,
@@ -36,7 +35,7 @@ from htcli.methods.hypernetwork import (
     ood_threshold,
     unbatch,
 )
-from htcli.methods.objective import w2_backward
+from htcli.methods.objective import residuals, w2_backward
 
 
 @dataclass

@@ -12,12 +12,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from htcli.core.files import check_output_dir
-from htcli.core.runtime import Progress, close_distributed, init_distributed, is_main_process, resolve_device
+from htcli.core.runtime import (
+    Progress,
+    close_distributed,
+    init_distributed,
+    is_main_process,
+    resolve_device,
+)
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.methods.hypernetwork import HyperConfig, parameter_count
-from htcli.methods.training import TrainConfig, Trainer, check_resumable, training_concepts
+from htcli.methods.training import (
+    TrainConfig,
+    Trainer,
+    check_resumable,
+    training_concepts,
+)
 
 
 @dataclass
@@ -139,7 +150,7 @@ def _calibrate(out: Path, images: list[Path], train_names: Sequence[str]) -> Non
 def _check_image_encoder(encoder_id: str) -> None:
     """Calibration images need an encoder with an image tower; decided from the id (no weights
     load): `minilm` is text only, `open_clip:...` has both towers."""
-    from htcli.methods.encoders import MiniLMEncoder, OpenClipEncoder
+    from htcli.models.encoders import MiniLMEncoder, OpenClipEncoder
 
     kind = MiniLMEncoder if encoder_id == "minilm" else OpenClipEncoder if encoder_id.startswith("open_clip:") else None
     if kind is None or not kind.has_images:

@@ -25,7 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from htcli.errors import HTError
-from htcli.models import ModelSpec, denoiser_class, denoiser_config, register
+from htcli.models.spec import ModelSpec, denoiser_class, denoiser_config, register
 
 OFFLINE_HINT = "no network or Hub cache for its weights; use `--model tiny` for the offline model"
 

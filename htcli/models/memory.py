@@ -10,12 +10,14 @@ is queried once, at the edge (`free_bytes`); what remains is arithmetic (`fit_ba
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from htcli.models.plan import Plan
+from htcli.models.plan import Plan, make_plan
+from htcli.models.spec import get_model
 
 MAX_FORWARD_BATCH = 64  # a GPU is saturated well before this; larger batches only add latency
 MAX_MICRO_BATCH = 1024  # above a training step's K x N samples: one pass, no micro-batching
@@ -150,3 +152,11 @@ def batches_here(plan: Plan) -> dict:
         "micro_batch_grad_checkpointing": checkpointed.micro_batch,
         "per_sample_bytes_grad_checkpointing": checkpointed.per_sample_bytes,
     }
+
+
+def plan_report(model: str | None, layers: Sequence[str] | None, samples: int, eval_samples: int,
+                concepts_per_step: int) -> dict:
+    """What `ht plan` prints: the meta-device plan's `summary`, with the batch sizes this
+    machine would choose (`batches_here`)."""
+    measured = make_plan(get_model(model), layers)
+    return measured.summary(samples, eval_samples, concepts_per_step) | {"batches": batches_here(measured)}

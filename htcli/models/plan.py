@@ -14,11 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from htcli.core.hooks import Steering, hooked, layer_output, module_width, resolve_layers
-from htcli.models import ModelSpec, build_meta_denoiser, denoiser_config
-
-TEXT_TOKENS = {"pixart": 300, "sdxl": 77}  # T5 max length for PixArt-Sigma, CLIP for SDXL
-TEXT_WIDTH = {"pixart": "caption_channels", "sdxl": "cross_attention_dim", "flux": "joint_attention_dim"}
+from htcli.core.hooks import (
+    Steering,
+    hooked,
+    layer_output,
+    module_width,
+    resolve_layers,
+)
+from htcli.models.inputs import denoiser_call, example_inputs
+from htcli.models.spec import ModelSpec, build_meta_denoiser, denoiser_config
 
 
 @dataclass
@@ -73,17 +77,6 @@ class Plan:
         }
 
 
-def plan_report(model: str | None, layers: Sequence[str] | None, samples: int, eval_samples: int,
-                concepts_per_step: int) -> dict:
-    """What `ht plan` prints: the meta-device plan's `summary`, with the batch sizes this
-    machine would choose (`htcli.models.memory.batches_here`)."""
-    from htcli.models import get_model
-    from htcli.models.memory import batches_here
-
-    measured = make_plan(get_model(model), layers)
-    return measured.summary(samples, eval_samples, concepts_per_step) | {"batches": batches_here(measured)}
-
-
 def human_bytes(n: int) -> str:
     """1.23 GiB, or 4.5 MiB below a GiB."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
@@ -96,41 +89,6 @@ def human_count(n: int) -> str:
         if n >= size * 0.9995:  # 999,999 is 1M, not 1e+03k
             return f"{n / size:.3g}{unit}"
     return str(n)
-
-
-def example_inputs(spec: ModelSpec, config: dict) -> dict:
-    """One random sample of the denoiser's inputs at the spec's resolution and first timestep,
-    on the default device (under `torch.device("meta")`: no memory)."""
-    dtype = spec.torch_dtype
-    latent = spec.resolution // 8
-    # FLUX always attends to all max_sequence_length T5 tokens (padding included).
-    tokens = spec.call_kwargs["max_sequence_length"] if spec.family == "flux" else TEXT_TOKENS[spec.family]
-    text = torch.randn(1, tokens, config[TEXT_WIDTH[spec.family]], dtype=dtype)
-    inputs = {
-        "encoder_hidden_states": text,
-        "timestep": torch.tensor([spec.timesteps[0]]),
-    }
-    if spec.family == "flux":
-        from htcli.data.forward import latent_image_ids
-
-        image_ids = latent_image_ids(latent, latent)  # (h/2 * w/2, 3): one token per 2x2 latent patch
-        inputs["hidden_states"] = torch.randn(1, image_ids.shape[0], config["in_channels"], dtype=dtype)
-        inputs["pooled_projections"] = torch.randn(1, config["pooled_projection_dim"], dtype=dtype)
-        inputs["timestep"] = inputs["timestep"].to(dtype) / 1000  # FLUX's time is sigma, in [0, 1]
-        inputs["img_ids"] = image_ids.to(dtype)
-        inputs["txt_ids"] = torch.zeros(tokens, 3, dtype=dtype)
-    elif spec.family == "pixart":
-        inputs["hidden_states"] = torch.randn(1, config["in_channels"], latent, latent, dtype=dtype)
-        inputs["encoder_attention_mask"] = torch.ones(1, TEXT_TOKENS["pixart"])
-        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    else:
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        inputs["sample"] = torch.randn(1, config["in_channels"], latent, latent, dtype=dtype)
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, pooled, dtype=dtype),
-            "time_ids": torch.zeros(1, 6, dtype=dtype),
-        }
-    return inputs
 
 
 def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_checkpointing: bool = False) -> Plan:
@@ -161,7 +119,7 @@ def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_check
     try:
         with saved, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             with hooked(model, layers, capture=True, steering=Steering(maps), stop_early=True):
-                model(**inputs)
+                denoiser_call(spec, model, inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -23,8 +23,14 @@ from typing import Any
 
 import torch
 
-from htcli.models import CONFIG_DIR, ModelSpec, denoiser_class, denoiser_config, register
 from htcli.models.hub import FLUX_BLOCKS
+from htcli.models.spec import (
+    CONFIG_DIR,
+    ModelSpec,
+    denoiser_class,
+    denoiser_config,
+    register,
+)
 
 SEED = 0
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -43,7 +49,7 @@ def _vae(**overrides: Any):
 def minilm_tokenizer(max_length: int = 48):
     from transformers import AutoTokenizer
 
-    from htcli.methods.encoders import minilm_path
+    from htcli.models.encoders import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     tokenizer.model_max_length = max_length  # SDXL's pipeline pads to this
@@ -75,7 +81,7 @@ def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) ->
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
     from transformers import AutoModel
 
-    from htcli.methods.encoders import minilm_path
+    from htcli.models.encoders import minilm_path
     from htcli.models.hub import load_module
 
     transformer = _tiny_denoiser(spec)
@@ -195,7 +201,7 @@ def write_shipped_weights() -> list[Path]:
     """Draw `tiny`'s transformer and VAE from their seeds and write them to `weights/`."""
     from safetensors.torch import save_file
 
-    from htcli.models import get_model
+    from htcli.models.spec import get_model
 
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for path, module in ((TINY_TRANSFORMER, _seeded_denoiser(get_model("tiny"))), (TINY_VAE, _seeded(_vae, SEED + 1))):

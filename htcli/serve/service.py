@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from htcli import __version__
-from htcli.core.interventions import Intervention
 from htcli.errors import HTError
 from htcli.generate.batch import Planned, Planner, generate_batch
 from htcli.generate.compose import check_pattern, resolve_sources
 from htcli.generate.steer import METHODS, Steerer, SteerRequest, parse_steer_steps
+from htcli.models.interventions import Intervention
 from htcli.serve.batching import Batcher
 from htcli.serve.cache import CachedPredictor, MapCache
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from htcli.errors import HTError
-from htcli.models import CONFIG_DIR
+from htcli.models.spec import CONFIG_DIR
 
 
 def minilm_path() -> Path:

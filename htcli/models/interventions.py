@@ -87,7 +87,7 @@ def fitted_timestep_metadata(known: int | None, model: str) -> dict[str, str]:
     """File metadata saying at which denoising timestep maps were fitted: `known`, else the first
     timestep of the spec `model` (where every activation dataset is captured, see
     `htcli.data.forward`); nothing for a model id this install does not know."""
-    from htcli.models import get_model
+    from htcli.models.spec import get_model
 
     if known is None:
         try:

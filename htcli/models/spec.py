@@ -1,0 +1,179 @@
+"""Model specs: how to load each diffusion model, which modules to hook, and how to sample;
+the registry of specs (filled by `htcli.models.hub` and `htcli.models.tiny`).
+
+A spec is data (`ModelSpec`) plus a loader. The denoiser architectures ship as JSON configs in
+`configs/`, so every model, real or tiny, can be built on the meta device without weights:
+
+    spec = get_model("pixart")
+    denoiser = build_meta_denoiser(spec)   # 28 blocks of width 1152, no memory, no download
+    pipe = load_pipeline(spec)             # the real thing (downloads from the Hub, or cache)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from htcli.errors import HTError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# family -> (its denoiser's diffusers class, the pipeline attribute that holds it)
+DENOISERS = {
+    "pixart": ("PixArtTransformer2DModel", "transformer"),
+    "sdxl": ("UNet2DConditionModel", "unet"),
+    "flux": ("FluxTransformer2DModel", "transformer"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything `ht` needs to know about one diffusion model."""
+
+    id: str
+    description: str
+    family: str  # "pixart", "flux" (transformers, token outputs) or "sdxl" (UNet, feature maps): see DENOISERS
+    denoiser_config: str  # file in configs/: the denoiser's architecture
+    hook_patterns: tuple[str, ...]  # default layers to steer (globs over module names)
+    timesteps: tuple[int, ...]
+    resolution: int
+    dtype: str
+    loader: Callable[..., Any]  # (spec, model_path, device, dtype) -> diffusers pipeline
+    denoiser_loader: Callable[..., nn.Module]  # (spec, dtype, device) -> the denoiser alone, there
+    guidance_scale: float = 0.0  # the distilled models sample without classifier-free guidance
+    concept_encoder: str = "open_clip:ViT-L-14/openai"  # see htcli.models.encoders
+    offline: bool = False  # runs with no download at all
+    base_repo: str | None = None
+    weights: tuple[str, ...] = ()  # Hub repos / files of the distilled weights, tried in order
+    licence: str = ""
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call arguments
+
+    def __post_init__(self) -> None:
+        if self.family not in DENOISERS:
+            raise ValueError(f"model spec {self.id!r}: unknown family {self.family!r}; known: {', '.join(DENOISERS)}")
+
+    @property
+    def denoiser_attr(self) -> str:
+        return DENOISERS[self.family][1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def record(self) -> dict[str, Any]:
+        """The spec as plain, JSON-ready data (`ht models --json`): every field but the loaders."""
+        skip = {"loader", "denoiser_loader"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    @property
+    def dataset_dtype(self) -> str:
+        """What `build-dataset` stores activations in: bfloat16 for bfloat16 models (their
+        activations can exceed float16's range), else float16; 2 bytes either way."""
+        return "bfloat16" if self.dtype == "bfloat16" else "float16"
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for one sampling call of the spec's pipeline."""
+        # FLUX's pipeline takes its schedule as flow-matching noise levels: sigma = timestep / 1000.
+        schedule = ({"sigmas": [t / 1000 for t in self.timesteps]} if self.family == "flux"
+                    else {"timesteps": list(self.timesteps)})
+        return {
+            "num_inference_steps": len(self.timesteps),
+            **schedule,
+            "guidance_scale": self.guidance_scale,
+            "height": self.resolution,
+            "width": self.resolution,
+            **self.call_kwargs,
+        }
+
+
+def denoiser_config(spec: ModelSpec) -> dict[str, Any]:
+    """The shipped architecture config of the spec's denoiser (keys starting with _ removed)."""
+    raw = json.loads((CONFIG_DIR / spec.denoiser_config).read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def denoiser_class(spec: ModelSpec) -> type[nn.Module]:
+    import diffusers
+
+    return getattr(diffusers, DENOISERS[spec.family][0])
+
+
+def build_meta_denoiser(spec: ModelSpec) -> nn.Module:
+    """The spec's denoiser on the meta device: real module names and shapes, no memory."""
+    with torch.device("meta"):
+        return denoiser_class(spec).from_config(denoiser_config(spec))
+
+
+def denoiser(pipe: Any, spec: ModelSpec) -> nn.Module:
+    return getattr(pipe, spec.denoiser_attr)
+
+
+def load_pipeline(
+    spec: ModelSpec,
+    model_path: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """Load the spec's diffusers pipeline on `device` (weights from a local path or the Hub).
+
+    `model_path` (or env `HT_MODEL_PATH`) replaces the base Hub repo with a local pipeline
+    directory. Raises HTError with one line when the weights cannot be had (e.g. offline).
+    """
+    model_path = model_path or os.environ.get("HT_MODEL_PATH") or None
+    pipe = spec.loader(spec, model_path=model_path, device=device, dtype=dtype or spec.torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Only the denoiser, frozen and in eval mode: all that fitting and training need once
+    the inputs are cached (no text encoder, no VAE). Its weights go straight to `device`."""
+    model = spec.denoiser_loader(spec, dtype or spec.torch_dtype, torch.device(device))
+    return model.eval().requires_grad_(False)
+
+
+# Filled by the loader modules (`hub`, `tiny`), which `htcli.models` imports.
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.id in _REGISTRY:
+        raise ValueError(f"model spec {spec.id!r} registered twice")
+    _REGISTRY[spec.id] = spec
+    return spec
+
+
+def list_models() -> list[ModelSpec]:
+    return list(_REGISTRY.values())
+
+
+def _unknown(name: str, source: str = "") -> HTError:
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return HTError(f"unknown model {name!r}{source}; known models: {', '.join(_REGISTRY)}.{hint}")
+
+
+def get_model(name: str | None = None) -> ModelSpec:
+    """The spec called `name` (None: `default_model_name()`); an unknown name is an error
+    listing the known ones."""
+    name = default_model_name() if name is None else name
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    raise _unknown(name)
+
+
+def default_model_name() -> str:
+    """$HT_MODEL, else pixart. An unknown $HT_MODEL is an error that names the variable (the
+    user gave no --model, so an error about "the model" alone would puzzle)."""
+    name = os.environ.get("HT_MODEL", "pixart")
+    if name not in _REGISTRY:
+        raise _unknown(name, " (from $HT_MODEL; pass --model or change the variable)")
+    return name
