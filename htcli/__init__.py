@@ -1,3 +1,37 @@
-"""HyperTransport toolkit: steer text-to-image diffusion models by editing activations."""
+"""HyperTransport toolkit: steer text-to-image diffusion models by editing activations.
+
+    import htcli as ht
+    hyper = ht.HyperTransport.from_pretrained("runs/pixart/hyper")   # or "user/repo" on the Hub
+    art_deco = hyper.intervention("art deco")                        # ht.Intervention (+ nearest concepts, OOD flag)
+    with ht.apply(pipe, art_deco, strength=0.6):                     # any diffusers pipeline whose denoiser fits
+        image = pipe("cyberpunk city").images[0]
+    ht.Intervention.load("user/repo", weight_name="art_deco.safetensors")
+
+The names below load on first use, so `import htcli` stays cheap. Everything else is importable
+from its module (docs/python.md), but these are the way in.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"  # the package version: pyproject.toml reads it from here
+
+_EXPORTS = {
+    "HyperTransport": "htcli.api",
+    "Intervention": "htcli.models.interventions",
+    "apply": "htcli.generate.apply",
+    "load_pipeline": "htcli.models",
+    "list_models": "htcli.models",
+    "get_model": "htcli.models",
+    "HTError": "htcli.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'htcli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

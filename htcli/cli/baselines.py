@@ -115,16 +115,17 @@ def fit_baselines_command(
 
 @app.command("inspect")
 def inspect_command(
-    file: Annotated[Path, typer.Argument(help="Intervention file (.safetensors).")],
+    file: Annotated[str, typer.Argument(help="Intervention file (.safetensors), or a Hub reference "
+                                             "USER/REPO[/FILE.safetensors].")],
     as_json: JsonOption = False,
 ) -> None:
     """Show an intervention file's metadata and per-layer statistics.
 
     Example: ht inspect runs/tiny/baselines/lineas/art-deco.safetensors
     """
-    from htcli.models.interventions import layer_stats, load_intervention
+    from htcli.models.interventions import Intervention, layer_stats
 
-    intervention = load_intervention(file)
+    intervention = Intervention.load(file)
     meta, stats = intervention.describe(), layer_stats(intervention)
     if as_json:
         typer.echo(dumps_json({**meta, "layer_stats": stats}))

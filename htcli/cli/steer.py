@@ -43,8 +43,8 @@ def steer_command(
     ] = None,
     intervention: Annotated[
         list[str] | None,
-        typer.Option("--intervention", "-i", help="Saved intervention file, optionally 'FILE:weight' or "
-                     "'FILE:weight@LAYERS'; repeatable."),
+        typer.Option("--intervention", "-i", help="Saved intervention file, or a Hub reference USER/REPO[/FILE], "
+                     "optionally 'FILE:weight' or 'FILE:weight@LAYERS'; repeatable."),
     ] = None,
     strength: Annotated[
         str | None,

@@ -1,7 +1,8 @@
 """Activation hooks: capture pooled activations and steer them with per-neuron affine maps.
 
-One context manager, `hooked`, attaches forward hooks to modules chosen by name patterns and
-removes every one of them on exit, also after an exception:
+`attach` puts capture and steering hooks on modules chosen by name patterns and returns a
+handle whose `remove()` takes every one of them off again; `hooked` does the same for a `with`
+block, also after an exception:
 
     layers = resolve_layers(pipe.transformer, ["transformer_blocks.*.norm2"])
     with hooked(pipe.transformer, layers, capture=True, stop_early=True) as run:
@@ -13,18 +14,25 @@ those (the hook returns the same type): the first element, or the element `STREA
 modules that return several streams (FLUX's blocks: the image stream). Steering math runs in
 float32 and is cast back to the module's dtype, so fp16/bf16 models are safe. The maps move to
 the model's device once, when the hooks attach, never per hook call. `Steering.steps` limits
-steering to some denoiser calls (the denoising steps of a pipeline call), counted per `hooked`
-block.
+steering to some denoising steps: the step comes from a clock the caller gives (a pipeline's
+scheduler, `htcli.generate.apply`), else from counting the model's calls since attaching.
+
+Hooks attach through diffusers' hook registry (`diffusers.hooks.HookRegistry`, the mechanism of
+its caching and layer-skip hooks) where the installed diffusers has one, so that they compose
+with those and show in `module._diffusers_hook`; through PyTorch's forward hooks otherwise.
+Either way they run in the order they were attached.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import itertools
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import torch
 from torch import Tensor, nn
@@ -185,25 +193,100 @@ def _per_batch(param: Tensor, batch: int) -> Tensor:
     return param.repeat(batch // param.shape[0], *([1] * (param.ndim - 1)))
 
 
-@contextmanager
-def hooked(
+@cache
+def _registry_hooks() -> tuple[type, type, type] | None:
+    """(HookRegistry, output hook class, call hook class) from the installed diffusers; None when it
+    has no hook registry (diffusers < 0.32). Built on first use: this module never imports diffusers
+    at import time."""
+    try:
+        from diffusers.hooks import HookRegistry, ModelHook
+    except ImportError:
+        return None
+
+    class OutputHook(ModelHook):
+        """Runs `fn(module, args, output)` after the module's forward; a non-None result replaces the output."""
+
+        def __init__(self, fn: Callable) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def post_forward(self, module: nn.Module, output: object) -> object:
+            replaced = self.fn(module, (), output)
+            return output if replaced is None else replaced
+
+    class CallHook(ModelHook):
+        """Runs `fn(module, args)` before the module's forward."""
+
+        def __init__(self, fn: Callable) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def pre_forward(self, module: nn.Module, *args, **kwargs):
+            self.fn(module, args)
+            return args, kwargs
+
+    return HookRegistry, OutputHook, CallHook
+
+
+_hook_names = itertools.count()
+
+
+def attach_hook(module: nn.Module, fn: Callable, before: bool = False) -> Callable[[], None]:
+    """Hook `fn` onto `module` (after its forward: `fn(module, args, output)`, whose non-None result
+    replaces the output; with `before`: `fn(module, args)`) through the same mechanism as the
+    steering hooks, so that it runs in order with them; returns the function that takes it off."""
+    registry_hooks = _registry_hooks()
+    if registry_hooks is None:
+        handle = module.register_forward_pre_hook(fn) if before else module.register_forward_hook(fn)
+        return handle.remove
+    registry_class, output_hook, call_hook = registry_hooks
+    registry = registry_class.check_if_exists_or_initialize(module)
+    name = f"ht.{'call' if before else 'steer'}.{next(_hook_names)}"
+    registry.register_hook(call_hook(fn) if before else output_hook(fn), name)
+    return lambda: registry.remove_hook(name, recurse=False)
+
+
+class Hooks:
+    """Capture and steering hooks on a model, from `attach` until `remove()`.
+
+    `run.pooled` holds what capture recorded; `steering` is the attached steering (its maps on
+    the model's device), whose `strength` may be changed between calls of the model."""
+
+    def __init__(self, run: HookRun, steering: Steering | None, detach: list[Callable[[], None]],
+                 stop: StopForward) -> None:
+        self.run, self.steering, self.stop, self._detach = run, steering, stop, detach
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._detach)
+
+    def remove(self) -> None:
+        """Take every hook off (a second call does nothing)."""
+        while self._detach:
+            self._detach.pop()()
+
+
+def attach(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     *,
     capture: bool = False,
     steering: Steering | None = None,
     stop_early: bool = False,
-) -> Iterator[HookRun]:
-    """Attach capture and/or steering hooks to `layers` of `model` for the `with` block.
+    step: Callable[[], int] | None = None,
+) -> Hooks:
+    """Attach capture and/or steering hooks to `layers` of `model`, until the returned `Hooks`
+    are removed.
 
     capture: record each layer's pooled output (after steering) the first time it runs (the
         first denoising step) in `run.pooled`, float32, with autograd intact (wrap in
         `torch.no_grad()` when no gradient is wanted).
     steering: apply its maps to the layers it names (each must be in `layers`), moved once to
-        the device of `model`'s parameters (in float32); with `steering.steps`, only during those calls of
-        `model` (0-based, counted from the start of the block: one call per denoising step).
-    stop_early: end the forward pass once every captured layer has run; the `with` block
-        swallows that stop, so code after the model call inside the block does not run.
+        the device of `model`'s parameters (in float32); with `steering.steps`, only during those
+        denoising steps (0-based): `step()` says which step a call of `model` belongs to, read
+        as the call starts; without it, the calls of `model` since attaching are counted.
+    stop_early: end the forward pass once every captured layer has run, by raising `hooks.stop`
+        (a `StopForward`, which `hooked` catches).
     """
     if steering is not None:
         unknown = set(steering.maps) - set(layers)
@@ -218,18 +301,18 @@ def hooked(
     run = HookRun()
     stop = StopForward()
     remaining = set(layers)
-    call = -1  # index of the running call of `model`, counted only when steering has a window
+    current = -1  # the denoising step of the running call of `model`, kept only when steering has a window
 
-    def count_call(module: nn.Module, args: tuple) -> None:
-        nonlocal call
-        call += 1
+    def start_call(module: nn.Module, args: tuple) -> None:
+        nonlocal current
+        current = step() if step is not None else current + 1
 
     def make_hook(name: str, index: int):
         def hook(module: nn.Module, args: tuple, output: object) -> object:
             z = layer_output(module, output)
             changed = False
             if (steering is not None and name in steering.maps
-                    and (steering.steps is None or call in steering.steps)):
+                    and (steering.steps is None or current in steering.steps)):
                 omega, beta = steering.maps[name]
                 batch = z.shape[0]
                 strength = steering.strength
@@ -247,15 +330,22 @@ def hooked(
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name, output_element(module)))
-               for name, module in layers.items()]
+    detach = [attach_hook(module, make_hook(name, output_element(module))) for name, module in layers.items()]
     if steering is not None and steering.steps is not None:
-        handles.append(model.register_forward_pre_hook(count_call))
+        detach.append(attach_hook(model, start_call, before=True))
+    return Hooks(run, steering, detach, stop)
+
+
+@contextmanager
+def hooked(model: nn.Module, layers: Mapping[str, nn.Module], **options) -> Iterator[HookRun]:
+    """`attach(model, layers, **options)` for the `with` block: the hooks come off on exit, also
+    after an exception, and the block swallows `stop_early`'s stop, so code after the model
+    call inside the block does not run."""
+    hooks = attach(model, layers, **options)
     try:
-        yield run
+        yield hooks.run
     except StopForward as raised:
-        if raised is not stop:
+        if raised is not hooks.stop:  # another block's stop: not this one's to swallow
             raise
     finally:
-        for handle in handles:
-            handle.remove()
+        hooks.remove()

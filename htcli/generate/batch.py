@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from htcli.core.hooks import Steering, hooked, resolve_layers
 from htcli.core.transport import Maps, stack_maps
 from htcli.errors import HTError
+from htcli.generate.apply import steer_pipeline
 from htcli.generate.steer import (
     Steered,
     Steerer,
@@ -37,7 +37,7 @@ from htcli.generate.steer import (
     parse_steer_steps,
     steer,
 )
-from htcli.models import ModelSpec, build_meta_denoiser, denoiser
+from htcli.models import ModelSpec, build_meta_denoiser
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,5 @@ def generate_batch(spec: ModelSpec, pipe: Any, samples: Sequence[Sample]) -> lis
         return pipe(texts, **kwargs).images
     stacked = stack_maps([s.maps if s.steered else None for s in samples])  # (B, D) per layer; identity if unsteered
     strengths = torch.tensor([[s.strength if s.steered else 0.0] for s in samples])  # (B, 1)
-    model = denoiser(pipe, spec)
-    with hooked(model, resolve_layers(model, list(stacked)), steering=Steering(stacked, strengths, windows.pop())):
+    with steer_pipeline(pipe, stacked, strengths, windows.pop()):
         return pipe(texts, **kwargs).images

@@ -33,7 +33,7 @@ from htcli.core.transport import Maps, displacement
 from htcli.data.concepts import Concept, ConceptLibrary, load_library
 from htcli.errors import HTError
 from htcli.models import ModelSpec
-from htcli.models.interventions import Intervention, load_intervention
+from htcli.models.interventions import Intervention
 
 # A source as the caller gives it: "art deco", "art deco:0.6", "art deco:0.6@LAYERS",
 # ("art deco", 0.6) or ("art deco", 0.6, LAYERS).
@@ -255,7 +255,7 @@ def resolve_sources(
     sources.layers += [None] * bool(sources.images)  # the images are one source, acting on all its layers
     for item in interventions:
         path, weight, pattern = _weighted(item, "intervention", is_path=True)
-        loaded_file = load_intervention(Path(path))
+        loaded_file = Intervention.load(path)  # a local file, or a Hub reference
         loaded_file.check(spec.id, _widths(spec, list(loaded_file.maps)), where=path)
         sources.files.append((loaded_file, weight, path))
         sources.layers.append(pattern)

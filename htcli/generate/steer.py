@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from htcli import __version__
-from htcli.core.hooks import Steering, hooked, resolve_layers
 from htcli.core.runtime import Progress
 from htcli.core.transport import OMEGA_MIN, Maps, stack_maps
 from htcli.errors import HTError
+from htcli.generate.apply import steer_pipeline
 from htcli.generate.compose import (
     Sources,
     Weighted,
@@ -36,7 +36,7 @@ from htcli.generate.compose import (
     resolve_sources,
     select_layers,
 )
-from htcli.models import ModelSpec, denoiser
+from htcli.models import ModelSpec
 from htcli.models.interventions import Intervention
 
 METHODS = ("hypertransport", "prompt")
@@ -94,14 +94,15 @@ class Generated:
     label: str
 
 
-def _pipeline(spec: ModelSpec, pipe: Any, prompt: str, seeds: Sequence[int], steering: Steering | None) -> list:
-    """One pipeline call, sample i seeded with seeds[i]; hooked only when `steering` is given."""
+def _pipeline(spec: ModelSpec, pipe: Any, prompt: str, seeds: Sequence[int], maps: Maps | None = None,
+              strength: float | torch.Tensor = 1.0, steps: range | None = None) -> list:
+    """One pipeline call, sample i seeded with seeds[i]; steered (`htcli.generate.apply`) only
+    when `maps` are given."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     kwargs = dict(generator=generators, **spec.pipeline_kwargs())
-    if steering is None:
+    if not maps:
         return pipe([prompt] * len(seeds), **kwargs).images
-    model = denoiser(pipe, spec)
-    with hooked(model, resolve_layers(model, list(steering.maps)), steering=steering):
+    with steer_pipeline(pipe, maps, strength, steps):
         return pipe([prompt] * len(seeds), **kwargs).images
 
 
@@ -114,8 +115,7 @@ def generate(
     equals unsteered generation bit for bit."""
     results = []
     for strength in strengths:
-        steering = Steering(maps, strength, steps) if maps and strength else None
-        images = _pipeline(spec, pipe, prompt, seeds, steering)
+        images = _pipeline(spec, pipe, prompt, seeds, maps if strength else None, strength, steps)
         prefix = "" if strength is None else f"strength {strength:g}, "
         results += [Generated(img, strength, int(s), f"{prefix}seed {s}") for img, s in zip(images, seeds)]
     return results
@@ -128,7 +128,7 @@ def generate_mixed(spec: ModelSpec, pipe: Any, prompt: str, maps: Sequence[Maps]
     whose map lacks a layer gets the identity there."""
     stacked = stack_maps([m for _ in seeds for m in maps])  # sample b = (seed b // len(maps), maps b % len(maps))
     batch_seeds = [s for s in seeds for _ in maps]
-    return _pipeline(spec, pipe, prompt, batch_seeds, Steering(stacked, strength, steps))
+    return _pipeline(spec, pipe, prompt, batch_seeds, stacked, strength, steps)
 
 
 class Steerer:
@@ -326,10 +326,16 @@ def _neighbours(steerer: Steerer, sources: Sources, notes: list[str]) -> list[di
     return records
 
 
-def _ood(records: list[dict], labels: Sequence[str]) -> bool | None:
-    """Whether a source among `labels` is out of distribution; None when that is unknown."""
-    flags = [r["ood"] for r in records if r["source"] in labels]
+def ood_flag(records: list[dict], labels: Sequence[str] | None = None) -> bool | None:
+    """Whether a source among `labels` (None: any) of these `_neighbours` records is out of
+    distribution; None when that is unknown."""
+    flags = [r["ood"] for r in records if labels is None or r["source"] in labels]
     return None if not flags or None in flags else any(flags)
+
+
+def nearest_records(records: list[dict]) -> list[dict]:
+    """The `_neighbours` records' nearest training concepts in one list, each with its "source"."""
+    return [{"source": r["source"], **n} for r in records for n in r["nearest_training_concepts"]]
 
 
 def _reverse_note(per_source: Sequence[tuple[Maps, float]], final: Sequence[Maps],
@@ -344,6 +350,36 @@ def _reverse_note(per_source: Sequence[tuple[Maps, float]], final: Sequence[Maps
         return None
     return (f"reverse transport: {floored} neuron(s) have |omega| < {OMEGA_MIN:g}, so their inverse is capped at "
             f"gain {1 / OMEGA_MIN:g} rather than exact")
+
+
+@dataclass
+class Composed:
+    """Each source's maps at its weight, restricted to the layers it acts on, and what made them."""
+
+    per_source: list[tuple[Maps, float]]  # in `sources.labels` order: ({layer: ((D,), (D,))}, weight)
+    digest: str | None  # of the hypernetwork checkpoint; None when nothing was predicted
+    ms: float  # concept/image/file -> maps, encoding and refinement included
+    neighbours: list[dict]  # per predicted source: its nearest training concepts and out-of-distribution flag
+
+    def combined(self) -> Maps:
+        return combine(self.per_source)
+
+
+def compose_sources(steerer: Steerer, sources: Sources, *, layers: Sequence[str] = (), gap_correction: bool = True,
+                    refine: int | None = None, data: Path | None = None, notes: list[str] | None = None) -> Composed:
+    """Predict (and with `refine`, refine) the maps of every source, keep the layers each acts on
+    (its @LAYERS and the steer-time `layers` patterns), and note what a user should know (sources
+    out of distribution, a missing modality gap) in `notes`. Layer and dataset errors come before
+    any prediction or fit."""
+    notes = [] if notes is None else notes
+    dataset = _refine_dataset(steerer, sources, refine, data)
+    predicted = []  # the hypernetwork's layers, when it predicts a source
+    if sources.concepts or sources.images:
+        predicted = [name for name, _ in steerer.predictor.checkpoint.config.layers]
+    kept = select_layers(sources.known_layers(predicted), sources.layers, layers, sources.labels)
+    per_source, digest, ms = _source_maps(steerer, sources, gap_correction, notes, refine, dataset)
+    per_source = [({name: maps[name] for name in names}, w) for (maps, w), names in zip(per_source, kept)]
+    return Composed(per_source, digest, ms, _neighbours(steerer, sources, notes))
 
 
 def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = None) -> Steered:
@@ -377,15 +413,9 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             notes.append("--method prompt hooks nothing, so --layers and @LAYERS do not apply")
         strengths = [None]  # nothing is hooked: strength does not apply
     else:
-        dataset = _refine_dataset(steerer, sources, request.refine, request.data)  # checked before anything loads
-        # Where each source acts, checked before any prediction or --refine fit.
-        predicted = []  # the hypernetwork's layers, when it predicts a source
-        if sources.concepts or sources.images:
-            predicted = [name for name, _ in steerer.predictor.checkpoint.config.layers]
-        kept = select_layers(sources.known_layers(predicted), sources.layers, request.layers, sources.labels)
-        per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes, request.refine, dataset)
-        per_source = [({name: maps[name] for name in names}, w) for (maps, w), names in zip(per_source, kept)]
-        neighbours = _neighbours(steerer, sources, notes)
+        composed = compose_sources(steerer, sources, layers=request.layers, gap_correction=request.gap_correction,
+                                   refine=request.refine, data=request.data, notes=notes)
+        per_source, digest, ms, neighbours = composed.per_source, composed.digest, composed.ms, composed.neighbours
         if request.each:
             each_maps = [combine([pair]) for pair in per_source]  # each source at its own weight
         else:
@@ -400,13 +430,13 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     if progress:
         progress(0, total, "loading the pipeline")
     pipe = steerer.pipe
-    nearest = [{"source": r["source"], **n} for r in neighbours for n in r["nearest_training_concepts"]]
+    nearest = nearest_records(neighbours)
     base = {"prompt": request.prompt, "text": text, "sources": sources.describe(), "model": spec.id,
             "method": request.method, "composition": "each" if request.each else "additive",
             "steer_steps": request.steer_steps, "layers": list(request.layers) or None,
             "steered_layers": list(combined) if combined else None, "checkpoint_sha256": digest,
             "ht_version": __version__, "intervention_ms": ms,
-            "refine": request.refine, "nearest_training_concepts": nearest, "ood": _ood(neighbours, sources.labels),
+            "refine": request.refine, "nearest_training_concepts": nearest, "ood": ood_flag(neighbours),
             "ood_threshold": neighbours[0]["ood_threshold"] if neighbours else None}
     cells: dict[tuple[int, int], SteeredImage] = {}  # (row, column) -> image
     for j, strength in enumerate(strengths):
@@ -416,7 +446,7 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
                 k, i = divmod(b, len(sources))
                 label = f"{sources.labels[i]}, strength {strength:g}, seed {seeds[k]}"
                 meta = {**base, "source": sources.labels[i], "strength": strength, "seed": seeds[k],
-                        "steered_layers": list(each_maps[i]), "ood": _ood(neighbours, [sources.labels[i]])}
+                        "steered_layers": list(each_maps[i]), "ood": ood_flag(neighbours, [sources.labels[i]])}
                 cells[(j * len(seeds) + k, i)] = SteeredImage(image, label, meta)
         else:
             for k, g in enumerate(generate(spec, pipe, text, combined, [strength], seeds, steps)):

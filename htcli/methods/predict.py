@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from htcli.core.files import file_digest
+from htcli.core.references import resolve_file
 from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
 from htcli.errors import HTError
@@ -32,9 +33,11 @@ from htcli.methods.hypernetwork import (
     load_checkpoint,
     unbatch,
 )
+from htcli.models import get_model
 from htcli.models.encoders import close_gap, get_encoder, modality_gap
 
-CHECKPOINT = "hyper.safetensors"
+CHECKPOINT = "hyper.safetensors"  # in a run folder; a Hub-layout folder has model.safetensors
+CHECKPOINT_NAMES = (CHECKPOINT, "model.safetensors")
 
 
 def shipped_checkpoint(model: str) -> Path | None:
@@ -46,19 +49,23 @@ def shipped_checkpoint(model: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def resolve_checkpoint(hyper: Path | None, model: str) -> Path:
-    """The checkpoint file: `hyper` (a run directory or the file), else runs/<model>/hyper, else
-    the one shipped for `model` (`shipped_checkpoint`)."""
-    from htcli.models import get_model
-
-    folder = Path(hyper) if hyper is not None else run_path(model, "hyper")
-    path = folder if folder.suffix == ".safetensors" else folder / CHECKPOINT
-    if hyper is None and not path.is_file() and (shipped := shipped_checkpoint(model)) is not None:
+def resolve_checkpoint(hyper: str | Path | None, model: str, weight_name: str | None = None,
+                       subfolder: str | None = None) -> Path:
+    """The checkpoint file: `hyper` (a run folder, a Hub-layout folder, the file itself, or a Hub
+    reference: `htcli.core.references`), else runs/<model>/hyper, else the one shipped for `model`
+    (`shipped_checkpoint`)."""
+    if hyper is not None:
+        try:
+            return resolve_file(hyper, "hypernetwork", CHECKPOINT_NAMES, weight_name, subfolder)
+        except HTError as error:
+            raise HTError(f"{error}; train one with `ht train-hyper --model {model or 'MODEL'}`") from None
+    path = run_path(model, "hyper") / CHECKPOINT
+    if path.is_file():
+        return path
+    if (shipped := shipped_checkpoint(model)) is not None:
         return shipped
-    if not path.is_file():
-        hint = "" if get_model(model).offline else " (offline, without its weights? try --model tiny)"
-        raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {model}` or pass --hyper{hint}")
-    return path
+    hint = "" if get_model(model).offline else " (offline, without its weights? try --model tiny)"
+    raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {model}` or pass --hyper{hint}")
 
 
 @dataclass

@@ -223,6 +223,7 @@ def _dmd2(spec_id: str, description: str, timesteps: tuple[int, ...], variant: s
         base_repo="stabilityai/stable-diffusion-xl-base-1.0",
         weights=(f"{weights}.safetensors", f"{weights}.bin"),
         licence="DMD2 weights: CC BY-NC-SA 4.0 (non-commercial)",
+        hub_license="cc-by-nc-sa-4.0",
     )
 
 
@@ -241,6 +242,7 @@ register(
         base_repo="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
         weights=("amd/Nitro-1-PixArt", "amd/PixArt-Sigma-Nitro"),
         licence="PixArt-Sigma: openrail++; Nitro-1-PixArt: Apache-2.0",
+        hub_license="openrail++",
         call_kwargs={"clean_caption": False},
     )
 )

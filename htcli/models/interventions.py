@@ -20,6 +20,7 @@ import torch
 
 from htcli import __version__
 from htcli.core.files import check_output_file, read_tensors, save_tensors
+from htcli.core.references import resolve_file
 from htcli.core.transport import Maps
 from htcli.errors import HTError
 
@@ -39,6 +40,29 @@ class Intervention:
     info: dict = field(default_factory=dict)  # free-form: fit settings, residuals...
     fitted_timestep: int | None = None  # None: not known yet (`save` takes the model's) or an older file
 
+    @classmethod
+    def load(cls, reference: str | Path, weight_name: str | None = None, subfolder: str | None = None) -> Intervention:
+        """Read an intervention file from a local path or folder, or from a Hub repo through the Hub
+        cache (`htcli.core.references`): `Intervention.load("user/repo", weight_name="art_deco.safetensors")`."""
+        return load_intervention(resolve_file(reference, "intervention file", weight_name=weight_name,
+                                              subfolder=subfolder))
+
+    @property
+    def layers(self) -> list[str]:
+        """The layer names the maps steer, in order."""
+        return list(self.maps)
+
+    @property
+    def nearest(self) -> list[dict]:
+        """The training concepts nearest to the prediction's sources, best first ({name, similarity},
+        with "source" when several sources were composed); [] when not predicted or not known."""
+        return list(self.info.get("nearest_training_concepts", []))
+
+    @property
+    def ood(self) -> bool | None:
+        """Whether a predicted source is out of the hypernetwork's distribution; None: unknown."""
+        return self.info.get("ood")
+
     @property
     def widths(self) -> dict[str, int]:
         return {name: int(omega.shape[-1]) for name, (omega, _) in self.maps.items()}
@@ -54,7 +78,8 @@ class Intervention:
                 "fitted_timestep": self.fitted_timestep, "layers": len(self.maps), "neurons": sum(self.widths.values()),
                 "support": self.support(), "info": self.info}
 
-    def save(self, path: Path) -> None:
+    def save(self, path: str | Path) -> Path:
+        """Write the file (atomically) and return its path."""
         tensors = {}
         for name, (omega, beta) in self.maps.items():
             tensors[f"{name}.omega"] = omega.float()
@@ -71,6 +96,7 @@ class Intervention:
             "ht_version": __version__,
         }
         save_tensors(Path(path), tensors, metadata | fitted_timestep_metadata(self.fitted_timestep, self.model))
+        return Path(path)
 
     def check(self, model: str, widths: Mapping[str, int], where: str = "intervention") -> None:
         """Raise HTError unless every layer of the maps exists in `widths` with its width."""

@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from htcli.core.hooks import (
     Steering,
+    attach_hook,
     hooked,
     layer_output,
     module_width,
@@ -115,14 +116,14 @@ def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_check
 
         return hook
 
-    handles = [m.register_forward_hook(record_shape(n)) for n, m in layers.items()]
+    detach = [attach_hook(m, record_shape(n)) for n, m in layers.items()]  # before the stop, which ends the pass
     try:
         with saved, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             with hooked(model, layers, capture=True, steering=Steering(maps), stop_early=True):
                 denoiser_call(spec, model, inputs)
     finally:
-        for handle in handles:
-            handle.remove()
+        for remove in detach:
+            remove()
     planned = [Layer(n, module_width(m), _tokens(shapes[n])) for n, m in layers.items()]
     params = sum(p.numel() for p in model.parameters())
     return Plan(spec, planned, params, params * torch.finfo(spec.torch_dtype).bits // 8, saved.bytes)

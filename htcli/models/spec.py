@@ -54,6 +54,7 @@ class ModelSpec:
     base_repo: str | None = None
     weights: tuple[str, ...] = ()  # Hub repos / files of the distilled weights, tried in order
     licence: str = ""
+    hub_license: str = "apache-2.0"  # the Hub's licence id of the weights, for model cards
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call arguments
 
     def __post_init__(self) -> None:
@@ -63,6 +64,15 @@ class ModelSpec:
     @property
     def denoiser_attr(self) -> str:
         return DENOISERS[self.family][1]
+
+    @property
+    def base_model(self) -> str | None:
+        """The Hub repo of the weights ht steers (the distilled denoiser's, else the base
+        pipeline's), as model cards name their `base_model`; None for the offline models."""
+        if self.offline:
+            return None
+        repos = [source.partition(":")[0] for source in self.weights] + [self.base_repo]
+        return next((repo for repo in repos if repo and repo.count("/") == 1), None)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -117,16 +127,18 @@ def denoiser(pipe: Any, spec: ModelSpec) -> nn.Module:
 
 
 def load_pipeline(
-    spec: ModelSpec,
+    spec: ModelSpec | str,
     model_path: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Any:
-    """Load the spec's diffusers pipeline on `device` (weights from a local path or the Hub).
+    """Load the diffusers pipeline of `spec` (or of the spec with that id) on `device` (weights
+    from a local path or the Hub).
 
     `model_path` (or env `HT_MODEL_PATH`) replaces the base Hub repo with a local pipeline
     directory. Raises HTError with one line when the weights cannot be had (e.g. offline).
     """
+    spec = get_model(spec) if isinstance(spec, str) else spec
     model_path = model_path or os.environ.get("HT_MODEL_PATH") or None
     pipe = spec.loader(spec, model_path=model_path, device=device, dtype=dtype or spec.torch_dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,261 @@
+"""Share on the Hugging Face Hub: the folder each artifact becomes there, its card, the upload.
+
+    hypernetwork   config.json, model.safetensors, README.md (a model card)
+    intervention   its .safetensors file, README.md (a model card)
+    evaluation run images/, metadata.jsonl, index.json, README.md (a dataset card: an image dataset
+                   that `datasets.load_dataset("user/repo")` reads, one row per image)
+
+`stage(source, folder)` writes that folder (what `ht hub stage` shows and tests check);
+`push(source, repo_id)` stages into a temporary folder and uploads it with one
+`huggingface_hub` call. Cards are written from the artifact's own metadata: `library_name`,
+`base_model` (the diffusion model's Hub repo), `base_model_relation: adapter`, the base
+model's licence, tags, what it was trained on and its held-out results, and the command that
+reproduces it. Loading them back is `ht.HyperTransport.from_pretrained("user/repo")`,
+`ht.Intervention.load("user/repo")` and `--hyper user/repo` / `-i user/repo` on the command line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from htcli import __version__
+from htcli.core.files import read_tensors, write_json
+from htcli.errors import HTError
+from htcli.evaluation.runs import INDEX, METADATA, EvalRun
+from htcli.methods.hypernetwork import FORMAT as HYPER_FORMAT
+from htcli.methods.hypernetwork import HyperConfig, load_checkpoint
+from htcli.methods.predict import CHECKPOINT_NAMES
+from htcli.methods.training import TrainConfig
+from htcli.models import get_model
+from htcli.models.interventions import FORMAT as INTERVENTION_FORMAT
+from htcli.models.interventions import load_intervention
+
+CARD = "README.md"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TAGS = ["ht", "hypertransport", "activation-steering", "optimal-transport", "diffusers", "text-to-image"]
+
+
+def _kind(source: Path) -> tuple[str, Path]:
+    """("hypernetwork" | "intervention" | "dataset", the file or folder to stage) of a local source."""
+    if source.is_dir():
+        if (source / INDEX).is_file():
+            return "dataset", source
+        for name in CHECKPOINT_NAMES:
+            if (source / name).is_file():
+                return "hypernetwork", source / name
+        raise HTError(f"{source} is not something ht shares: expected a hypernetwork run folder "
+                      f"({' or '.join(CHECKPOINT_NAMES)}), an evaluation run ({INDEX}), or a .safetensors file")
+    if not source.is_file():
+        raise HTError(f"{source}: no such file or folder")
+    fmt = read_tensors(source, "safetensors file")[1].get("format")
+    kinds = {HYPER_FORMAT: "hypernetwork", INTERVENTION_FORMAT: "intervention"}
+    if fmt not in kinds:
+        raise HTError(f"{source} is neither an ht hypernetwork nor an ht intervention file (format {fmt!r})")
+    return kinds[fmt], source
+
+
+def _front_matter(model: str, **extra) -> dict:
+    spec = get_model(model)
+    data = {"library_name": "htcli", "license": spec.hub_license, "tags": TAGS + [spec.family, model]}
+    if spec.base_model:
+        data |= {"base_model": spec.base_model, "base_model_relation": "adapter"}
+    return data | extra
+
+
+def _card(front: dict, body: str, dataset: bool = False) -> str:
+    from huggingface_hub import DatasetCardData, ModelCardData
+
+    data = DatasetCardData(**front) if dataset else ModelCardData(**front)
+    return f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"
+
+
+def _base_line(model: str) -> str:
+    spec = get_model(model)
+    if spec.base_model:
+        return f"`{model}` ({spec.description}; weights `{spec.base_model}`, licence: {spec.licence})"
+    return f"`{model}` ({spec.description}): an offline model with random weights, for tests and demos"
+
+
+def train_command(model: str, config: HyperConfig, train: dict) -> str:
+    """The `ht train-hyper` command that reproduces a checkpoint: its model, and every
+    architecture and training setting that differs from the defaults."""
+    parts = ["ht train-hyper", f"--model {model}"]
+    arch_defaults = {f.name: f.default for f in fields(HyperConfig) if f.name not in ("embed_dim", "layers")}
+    for name, default in arch_defaults.items():
+        value = getattr(config, name)
+        if value != default:
+            parts.append(f"--{name} {0 if name == 'rank' and value is None else value}")
+    options = ("steps", "concepts_per_step", "samples", "limit_concepts", "val_fraction", "lr", "dtype",
+               "micro_batch", "l1", "group", "eval_every", "seed")
+    defaults = asdict(TrainConfig())
+    for name in options:
+        if name in train and train[name] != defaults[name] and train[name] is not None:
+            parts.append(f"--{name.replace('_', '-')} {train[name]}")
+    if train.get("extra_concepts"):
+        parts.append(f"--extra-concepts EXTRA.txt  # the {len(train['extra_concepts'])} extra concepts in config.json")
+    return " ".join(parts)
+
+
+def _results_table(info: dict) -> str:
+    rows = [(label, info[key]) for key, label in (("train_residual", "training concepts (a sample)"),
+                                                 ("val_residual", "validation concepts"),
+                                                 ("test_residual", "held-out test concepts"))
+            if isinstance(info.get(key), (int, float))]
+    if not rows:
+        return "No held-out results were recorded with this checkpoint."
+    lines = ["| concepts | residual ratio W2(steered, target) / W2(source, target) |", "|---|---|"]
+    return "\n".join(lines + [f"| {label} | {value:.3f} |" for label, value in rows])
+
+
+def hypernetwork_folder(checkpoint: Path, folder: Path, repo_id: str = "USER/REPO") -> Path:
+    """Write the Hub layout of the hypernetwork checkpoint file `checkpoint` to `folder`."""
+    loaded = load_checkpoint(checkpoint)
+    info, train = loaded.info, loaded.info.get("config", {})
+    concepts = loaded.training_concepts
+    count = len(concepts.names) if concepts is not None else info.get("train_concepts")
+    config = {"format": HYPER_FORMAT, "model": loaded.model, "encoder": loaded.encoder,
+              "architecture": asdict(loaded.config), "fitted_timestep": loaded.fitted_timestep,
+              "training_concepts": count, "ood_threshold": concepts.threshold if concepts is not None else None,
+              "modality_gap": loaded.gap is not None, "training": info, "ht_version": __version__}
+    body = f"""
+# HyperTransport hypernetwork for `{loaded.model}`
+
+A hypernetwork that turns a concept ("art deco") or a reference image into per-neuron affine
+maps that steer {_base_line(loaded.model)}, in one forward pass, made with
+[`ht`](https://pypi.org/project/htcli/) (HyperTransport: amortized activation steering by
+optimal transport). Concept encoder: `{loaded.encoder}`; {len(loaded.config.layers)} steered layers,
+{loaded.config.neurons:,} neurons; trained on {count} concepts.
+
+## Use
+
+```python
+import htcli as ht
+hyper = ht.HyperTransport.from_pretrained("{repo_id}")
+art_deco = hyper.intervention("art deco")      # also: nearest training concepts, out-of-distribution flag
+with ht.apply(pipe, art_deco, strength=0.6):    # your own diffusers pipeline of the base model
+    image = pipe("a lighthouse on a cliff").images[0]
+```
+
+or `ht steer "a lighthouse on a cliff" --model {loaded.model} --hyper {repo_id} --concept "art deco"`.
+
+## Held-out results
+
+{_results_table(info)}
+
+## Reproduce
+
+```bash
+ht build-dataset --model {loaded.model}
+{train_command(loaded.model, loaded.config, train)}
+```
+
+Dataset: `{info.get('dataset', 'unknown')}` (digest `{info.get('dataset_digest', 'unknown')}`).
+"""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, folder / WEIGHTS)
+    write_json(folder / CONFIG, config)
+    (folder / CARD).write_text(_card(_front_matter(loaded.model), body))
+    return folder
+
+
+def intervention_folder(path: Path, folder: Path, repo_id: str = "USER/REPO") -> Path:
+    """Write the Hub layout of an intervention file (the file, and its card) to `folder`."""
+    loaded = load_intervention(path)
+    steps = loaded.info.get("steps")
+    fit = f" ({steps} steps)" if steps else ""
+    residual = loaded.info.get("residual")
+    result = (f"Held-out residual ratio on its evaluation samples: {residual:.3f}."
+              if isinstance(residual, (int, float)) else "")
+    body = f"""
+# `{loaded.concept}`: an ht intervention for `{loaded.model}`
+
+Per-neuron affine maps, method `{loaded.method}`{fit}, for {len(loaded.maps)} layers
+({sum(loaded.widths.values()):,} neurons) of {_base_line(loaded.model)}. {result}
+
+## Use
+
+```python
+import htcli as ht
+maps = ht.Intervention.load("{repo_id}", weight_name="{path.name}")
+with ht.apply(pipe, maps, strength=0.6):
+    image = pipe("a lighthouse on a cliff").images[0]
+```
+
+or `ht steer "a lighthouse on a cliff" --model {loaded.model} -i {repo_id}/{path.name}`.
+"""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, folder / path.name)
+    (folder / CARD).write_text(_card(_front_matter(loaded.model), body))
+    return folder
+
+
+def dataset_folder(run: Path, folder: Path, repo_id: str = "USER/REPO") -> Path:
+    """Write an evaluation run as a Hub image dataset: its images, `metadata.jsonl` (one row per
+    image: file, prompt, concept, method, strength, seed...), `index.json` and a dataset card."""
+    opened = EvalRun.open(run)
+    records, model = opened.records, opened.model
+    if not records or not (run / METADATA).is_file():
+        raise HTError(f"{run} has no images yet: run `ht evaluate` to fill it")
+    methods = sorted({r["method"] for r in records})
+    concepts = sorted({r["concept"] for r in records})
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": ["images/**/*.png", METADATA]}]}]
+    front = _front_matter(model, task_categories=["text-to-image"], configs=configs)
+    for key in ("library_name", "base_model", "base_model_relation"):
+        front.pop(key, None)  # model-card fields; a dataset names its model in the text
+    body = f"""
+# ht evaluation run: `{model}`
+
+{len(records)} images of {_base_line(model)}, from an `ht evaluate` run: {len(concepts)} concepts x
+source prompts x seeds, generated with every method ({', '.join(methods)}) from the same seeds, so
+that every number of a result table can be checked image by image.
+
+```python
+from datasets import load_dataset
+images = load_dataset("{repo_id}", split="train")   # image, prompt, text, concept, method, strength, seed...
+```
+
+Score it again with `ht score --run DIR` on a local copy (`huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR`).
+"""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(run / "images", folder / "images", dirs_exist_ok=True)
+    for name in (INDEX, METADATA):
+        shutil.copyfile(run / name, folder / name)
+    (folder / CARD).write_text(_card(front, body, dataset=True))
+    return folder
+
+
+STAGERS = {"hypernetwork": hypernetwork_folder, "intervention": intervention_folder, "dataset": dataset_folder}
+
+
+def stage(source: str | Path, folder: str | Path, repo_id: str = "USER/REPO") -> tuple[str, Path]:
+    """Write what `push` would upload for `source` (a hypernetwork run folder or checkpoint, an
+    intervention file, an evaluation run folder) to `folder`, which must be new or empty: (kind, folder)."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise HTError(f"{folder} exists and is not an empty folder; give a new one")
+    kind, path = _kind(Path(source))
+    return kind, STAGERS[kind](path, folder, repo_id)
+
+
+def push(source: str | Path, repo_id: str, private: bool = False) -> str:
+    """Stage `source` and upload it to the Hub repo `repo_id` (a model repo, or a dataset repo for an
+    evaluation run), creating the repo if need be; returns the repo's URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise HTError(f"{repo_id!r} is not a Hub repo id (user/name): {error}") from None
+    with tempfile.TemporaryDirectory(prefix="ht-hub-") as temporary:
+        kind, folder = stage(source, Path(temporary) / "upload", repo_id)
+        repo_type = "dataset" if kind == "dataset" else "model"
+        api = HfApi()
+        url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=folder,
+                          commit_message=f"Upload {kind} with ht {__version__}")
+    return str(url)

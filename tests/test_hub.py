@@ -1,0 +1,191 @@
+"""The Hub, both ways, offline: the folders `ht hub push` uploads and their cards, and loading by
+repo id from a Hub cache laid out here with HF_HUB_OFFLINE=1 (the layout huggingface_hub writes)."""
+
+import hashlib
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import yaml
+from huggingface_hub import constants
+from typer.testing import CliRunner
+
+import htcli as ht
+import htcli.models
+from htcli.cli import app
+from htcli.errors import HTError
+from htcli.hub import stage
+from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork
+from htcli.models import get_model
+from htcli.models.plan import make_plan
+from htcli.models.tiny import WEIGHTS_DIR
+
+runner = CliRunner()
+SHIPPED = WEIGHTS_DIR / "tiny_hyper.safetensors"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hub cache, offline: `add(repo_id, {path_in_repo: local file}, repo_type)` fills it."""
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo_id, files, repo_type="model"):
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        for name, source in files.items():
+            target = repo / "snapshots" / commit / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+
+    return add
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def _maps(spec_id, seed=0) -> ht.Intervention:
+    g = torch.Generator().manual_seed(seed)
+    layers = make_plan(get_model(spec_id)).layers[:2]
+    maps = {layer.name: (1 + 0.1 * torch.randn(layer.width, generator=g), torch.randn(layer.width, generator=g))
+            for layer in layers}
+    return ht.Intervention(maps, spec_id, "lineas", "art deco", info={"steps": 1000, "residual": 0.52})
+
+
+def test_hypernetwork_folder_round_trip_and_card(tmp_path):
+    kind, folder = stage(SHIPPED, tmp_path / "up", repo_id="me/tiny-ht")
+    assert kind == "hypernetwork"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    front = _front_matter((folder / "README.md").read_text())
+    assert front["library_name"] == "htcli" and front["license"] == "apache-2.0" and "hypertransport" in front["tags"]
+    assert "base_model" not in front  # tiny has random weights: no Hub base model to name
+    card = (folder / "README.md").read_text()
+    assert "trained on 1375 concepts" in card and "| held-out test concepts | 0.601 |" in card
+    assert "ht train-hyper --model tiny --steps 1200" in card and 'from_pretrained("me/tiny-ht")' in card
+
+    saved = ht.HyperTransport.from_pretrained(model="tiny")
+    reloaded = ht.HyperTransport.from_pretrained(folder)  # the Hub layout, from a local folder
+    again = ht.HyperTransport.from_pretrained(saved.save_pretrained(tmp_path / "saved"))
+    for other in (reloaded, again):
+        a, b = saved.intervention("art deco"), other.intervention("art deco")
+        assert all(torch.equal(a.maps[k][i], b.maps[k][i]) for k in a.maps for i in (0, 1))
+        assert other.training_concepts == saved.training_concepts and len(other.training_concepts) == 1375
+
+
+def test_the_card_names_a_real_base_model_and_its_licence(tmp_path):
+    layers = tuple((layer.name, layer.width) for layer in make_plan(get_model("pixart")).layers)
+    config = HyperConfig(embed_dim=768, layers=layers, hidden=8, rank=2)
+    checkpoint = tmp_path / "pixart" / "hyper.safetensors"
+    checkpoint.parent.mkdir()
+    HyperCheckpoint(build_hypernetwork(config), config, "pixart", "open_clip:ViT-L-14/openai").save(checkpoint)
+    _, folder = stage(checkpoint.parent, tmp_path / "up")
+    front = _front_matter((folder / "README.md").read_text())
+    assert front["base_model"] == "amd/Nitro-1-PixArt" and front["base_model_relation"] == "adapter"
+    assert front["license"] == "openrail++" and "pixart" in front["tags"]
+    assert "No held-out results were recorded" in (folder / "README.md").read_text()
+
+    file = _maps("dmd2").save(tmp_path / "art-deco.safetensors")
+    kind, folder = stage(file, tmp_path / "intervention", repo_id="me/styles")
+    assert kind == "intervention" and sorted(p.name for p in folder.iterdir()) == ["README.md", "art-deco.safetensors"]
+    card = (folder / "README.md").read_text()
+    front = _front_matter(card)
+    assert front["base_model"] == "tianweiy/DMD2" and front["license"] == "cc-by-nc-sa-4.0"
+    assert 'ht.Intervention.load("me/styles", weight_name="art-deco.safetensors")' in card and "0.520" in card
+
+
+def test_loading_by_repo_id_from_the_hub_cache_offline(hub_cache, tmp_path):
+    _, folder = stage(SHIPPED, tmp_path / "up")
+    hub_cache("me/tiny-ht", {p.name: p for p in folder.iterdir()})
+    hyper = ht.HyperTransport.from_pretrained("me/tiny-ht")
+    assert hyper.model == "tiny" and hyper.predictor.path.name == "model.safetensors"
+    assert str(hyper.predictor.path).startswith(constants.HF_HUB_CACHE)
+
+    first, second = _maps("tiny"), _maps("tiny", seed=1)
+    paths = [first.save(tmp_path / "a.safetensors"), second.save(tmp_path / "b.safetensors")]
+    hub_cache("me/styles", {"art/a.safetensors": paths[0], "art/b.safetensors": paths[1]})
+    hub_cache("me/one", {"only.safetensors": paths[1]})
+    for loaded, expected in ((ht.Intervention.load("me/styles", weight_name="a.safetensors", subfolder="art"), first),
+                             (ht.Intervention.load("me/styles/art/b.safetensors"), second),
+                             (ht.Intervention.load("me/one"), second)):  # a repo's one file
+        assert all(torch.equal(loaded.maps[k][0], expected.maps[k][0]) for k in expected.maps)
+    with pytest.raises(HTError, match=r"me/styles: Hub repo me/styles holds 2 safetensors files \(art/a.safetensors, "
+                                      r"art/b.safetensors\); name one as me/styles/FILE"):
+        ht.Intervention.load("me/styles")
+
+    inspected = runner.invoke(app, ["inspect", "me/styles/art/a.safetensors", "--json"])
+    assert inspected.exit_code == 0 and '"concept": "art deco"' in inspected.output
+    exported = runner.invoke(app, ["hyper", "export", "--model", "tiny", "--hyper", "me/tiny-ht", "-c", "art deco",
+                                   "--out", str(tmp_path / "x.safetensors")])
+    assert exported.exit_code == 0, exported.output
+
+
+@pytest.mark.parametrize("reference,kwargs,message", [
+    ("me/absent", {}, r"no intervention file at me/absent: its files in Hub repo me/absent not in the Hub cache "
+                      r"\(HF_HUB_OFFLINE is set"),
+    ("me/styles", {"weight_name": "c.safetensors"}, "no intervention file at me/styles: c.safetensors in Hub repo "
+                                                    "me/styles not in the Hub cache"),
+    ("me/styles/art/c.safetensors", {}, "art/c.safetensors in Hub repo me/styles not in the Hub cache"),
+    ("no-slash.safetensors", {}, "no such file or folder"),
+])
+def test_a_missing_hub_reference_is_one_line_naming_it(hub_cache, tmp_path, reference, kwargs, message):
+    hub_cache("me/styles", {"art/a.safetensors": _maps("tiny").save(tmp_path / "a.safetensors")})
+    with pytest.raises(HTError, match=message) as raised:
+        ht.Intervention.load(reference, **kwargs)
+    assert "\n" not in str(raised.value)
+    if not kwargs:  # the command line takes the reference alone
+        cli = runner.invoke(app, ["steer", "a cat", "--model", "tiny", "-i", reference])
+        assert cli.exit_code == 1 and cli.output.startswith(f"Error: no intervention file at {reference}: "), cli.output
+    hyper = runner.invoke(app, ["serve", "--model", "tiny", "--hyper", "me/absent-hyper"])
+    assert hyper.exit_code == 1 and "no hypernetwork at me/absent-hyper: hyper.safetensors or model.safetensors" \
+        in hyper.output
+
+
+def test_push_uploads_the_staged_folder_with_one_call(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, repo_type, folder_path, commit_message):
+        files = sorted(p.relative_to(folder_path).as_posix() for p in folder_path.rglob("*") if p.is_file())
+        calls.append(("upload_folder", repo_id, repo_type, files))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    result = runner.invoke(app, ["hub", "push", str(SHIPPED), "me/tiny-ht", "--private"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("create_repo", "me/tiny-ht", {"repo_type": "model", "private": True, "exist_ok": True}),
+                     ("upload_folder", "me/tiny-ht", "model", ["README.md", "config.json", "model.safetensors"])]
+    bad = runner.invoke(app, ["hub", "push", str(SHIPPED), "not a repo"])
+    assert bad.exit_code == 1 and "is not a Hub repo id" in bad.output
+    weird = runner.invoke(app, ["hub", "push", str(tmp_path), "me/x"])
+    assert weird.exit_code == 1 and "is not something ht shares" in weird.output
+
+
+def test_an_evaluation_run_becomes_an_image_dataset(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(htcli.models, "load_pipeline", lambda *a, **k: tiny[1])
+    run = tmp_path / "run"
+    made = runner.invoke(app, ["evaluate", "-m", "tiny", "-c", "art deco", "--prompts", "1", "--seeds", "2",
+                               "--methods", "prompt", "--out", str(run)])
+    assert made.exit_code == 0, made.output
+    staged = runner.invoke(app, ["hub", "stage", str(run), str(tmp_path / "up"), "--repo-id", "me/tiny-eval"])
+    assert staged.exit_code == 0 and staged.output.startswith("dataset: 7 files"), staged.output
+    folder = tmp_path / "up"
+    front = _front_matter((folder / "README.md").read_text())
+    assert front["task_categories"] == ["text-to-image"] and front["configs"][0]["data_files"][0]["split"] == "train"
+    # `load_dataset` on the folder reads its card's configs, as it would from the Hub repo.
+    loaded = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(loaded) == 4 and sorted(set(loaded["method"])) == ["none", "prompt"]
+    row = loaded[0]
+    assert row["concept"] == "Art Deco" and np.asarray(row["image"]).shape[-1] == 3
+    again = runner.invoke(app, ["hub", "stage", str(run), str(folder)])
+    assert again.exit_code == 1 and "is not an empty folder" in again.output
