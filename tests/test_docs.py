@@ -191,3 +191,21 @@ def test_version_is_written_once():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
     assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "htcli.__version__"}
+
+
+PYTHON_BLOCK = re.compile(r"(<!-- not run[^>]*-->\n)?^```python\n(.*?)^```", re.S | re.M)
+
+
+@pytest.mark.parametrize("page", ["docs/python.md", "README.md"])
+def test_python_examples_run(page, tmp_path, monkeypatch):
+    """The pages' Python blocks run in order as one script, as a reader would paste them (blocks
+    marked `<!-- not run: why -->` need what a CPU machine offline lacks, and are only compiled)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
+    blocks = PYTHON_BLOCK.findall((ROOT / page).read_text())
+    assert any(not skipped for skipped, _ in blocks)
+    namespace: dict = {}
+    for skipped, code in blocks:
+        compiled = compile(code, page, "exec")
+        if not skipped:
+            exec(compiled, namespace)
