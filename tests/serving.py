@@ -31,11 +31,11 @@ def hyper_checkpoint(folder: Path) -> Path:
 
 
 @contextmanager
-def served(steerer: Steerer, **limits) -> Iterator[tuple[Service, str]]:
+def served(steerer: Steerer, allowed_hosts=(), **limits) -> Iterator[tuple[Service, str]]:
     """A `Service` with these `Limits`, served on 127.0.0.1 at a free port: (service, base URL)."""
     service = Service(steerer, Limits(**limits))
     try:
-        with running(service) as url:
+        with running(service, allowed_hosts=allowed_hosts) as url:
             yield service, url
     finally:
         service.close()

@@ -49,6 +49,8 @@ def serve_command(
 
     Example: ht serve --model tiny --port 8000
     """
+    if not 0 <= port <= 65535:
+        raise HTError(f"--port must be from 0 to 65535 (0: any free port), got {port}")
     try:
         from htcli.serve.app import run_server
     except ImportError as error:  # fastapi or uvicorn missing: one line, with the fix
