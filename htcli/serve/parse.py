@@ -61,6 +61,11 @@ class _Intervention(_Strict):
 class Body(_Strict):
     """The fields of /v1/generate and /v1/intervention (docs/serve.md); JSON uploads are base64."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "cyberpunk city", "concepts": ["art deco:0.6", {"name": "ukiyo-e", "weight": 0.3}],
+         "strength": [0, 0.5, 1], "seed": 7},
+        {"prompt": "a lighthouse", "concepts": ["bauhaus@transformer_blocks.[01].*"], "layers": ["*.norm2"]}]})
+
     prompt: str = Field("", description="What to generate (at most the server's max_prompt_chars).")
     concepts: list[Text | _Concept] = Field([], description='"art deco", "art deco:0.6", "art deco:0.6@GLOB" or '
                                                             '{"name": ..., "weight": ...}')

@@ -38,11 +38,11 @@ _FORM_FIELDS: dict[str, Any] = {
 _FORM = {"type": "object", "additionalProperties": False,
          "properties": _FORM_FIELDS | {"reference_images": _FILES, "interventions": _FILES}}
 _URLENCODED = {"type": "object", "additionalProperties": False, "properties": _FORM_FIELDS}
-REQUEST_BODY = {"required": True, "content": {
+REQUEST_BODY = {"required": True, "content": {  # the schemas are components: FastAPI would turn big integers to floats
     "application/json": {"schema": {"$ref": "#/components/schemas/Body"}},
-    "multipart/form-data": {"schema": _FORM, "encoding": {"reference_images": {"contentType": "image/png, image/jpeg, image/webp"},
+    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/Form"}, "encoding": {"reference_images": {"contentType": "image/png, image/jpeg, image/webp"},
                                                           "interventions": {"contentType": "application/octet-stream"}}},
-    "application/x-www-form-urlencoded": {"schema": _URLENCODED}}}
+    "application/x-www-form-urlencoded": {"schema": {"$ref": "#/components/schemas/UrlencodedForm"}}}}
 
 _NUMBER = {"type": "number"}
 _IMAGE = {"type": "object", "required": ["png", "label", "metadata", "batch_size", "queue_ms", "generate_ms"],
@@ -104,7 +104,7 @@ def document(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             body = Body.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            schemas |= body.pop("$defs", {}) | {"Body": body, "Error": ERROR}
+            schemas |= body.pop("$defs", {}) | {"Body": body, "Form": _FORM, "UrlencodedForm": _URLENCODED, "Error": ERROR}
             app.openapi_schema = schema
         return app.openapi_schema
 
