@@ -101,9 +101,7 @@ async def _produced(request: Request, futures: list) -> list[Produced] | None:
     if images.done():
         gone.cancel()
         return images.result()
-    for future in futures:
-        future.cancel()
-    images.cancel()
+    images.cancel()  # cancels each wrapped future, and so the batcher's own: it drops them
     return None
 
 
