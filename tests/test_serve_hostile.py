@@ -274,6 +274,8 @@ CLI_CASES = [
     (["steer", "x", "-c", "art deco:1e6", "--model", "tiny"], "art deco"),
     (["serve", "--model", "tiny", "--port", "99999"], "--port"),
     (["serve", "--model", "tiny", "--max-strength", "5"], "--max-strength"),
+    (["serve", "--model", "tiny", "--replicas", "0", "--port", "8123"], "--replicas"),
+    (["serve", "--model", "tiny", "--replicas", "2", "--port", "0"], "--port"),
 ]
 
 

@@ -35,22 +35,32 @@ def hyper(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_replicas(hyper):
-    """Two replicas behind Ray's proxy on 127.0.0.1: the base URL. Ray shuts down in the finalizer."""
-    from ray import serve
-
-    from htcli.serve.replicas import APP_NAME, application, replica_options
+    """Two replicas behind Ray's proxy on 127.0.0.1, served by `serve_replicas` (what `ht serve
+    --replicas 2` runs) from a thread: the base URL. Ray shuts down in the finalizer."""
+    from htcli.serve.replicas import replica_options, serve_replicas
     from htcli.serve.service import Limits
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
              object_store_memory=80 * 2**20, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+    ready, stop, failed = threading.Event(), threading.Event(), []
+    options = replica_options("tiny", hyper, None, "cpu", Limits(max_batch=1), ())
+
+    def run() -> None:
+        try:
+            serve_replicas(options, 2, "127.0.0.1", port, on_ready=lambda url: ready.set(), stop=stop.is_set)
+        except Exception as error:  # reported by the fixture, not lost in the thread
+            failed.append(error)
+            ready.set()
+
+    port = _free_port()
+    thread = threading.Thread(target=run, name="ray-serve", daemon=True)
     try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = replica_options("tiny", hyper, None, "cpu", Limits(max_batch=1), ())
-        serve.run(application(options, 2, 0), name=APP_NAME, route_prefix="/")
+        thread.start()
+        assert ready.wait(TIMEOUT) and not failed, failed
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
+        stop.set()
+        thread.join(TIMEOUT)
         ray.shutdown()
 
 

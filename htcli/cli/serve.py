@@ -101,9 +101,10 @@ def serve_on_ray(model: str, hyper, model_path, device, limits: Limits, allowed:
                  port: int, address: str | None) -> None:
     """`ht serve --replicas N`: the app on Ray Serve (htcli.serve.replicas)."""
     try:
-        from htcli.serve.replicas import replica_options, serve_replicas
+        from htcli.serve.replicas import check_replicas, replica_options, serve_replicas
     except ImportError as error:
         raise HTError(f"{error.name or error} is not installed; --replicas needs: pip install -e \".[ray]\"") from None
+    check_replicas(replicas)
     if port == 0:
         raise HTError("--replicas needs a fixed --port (Ray's proxy does not pick one)")
     console.print(f"starting Ray Serve: {replicas} replica(s) of {model}...", highlight=False, markup=False)

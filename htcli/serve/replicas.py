@@ -59,7 +59,7 @@ class HtReplica:
         self.service.close()
 
 
-def _check(replicas: int) -> int:
+def check_replicas(replicas: int) -> int:
     if replicas < 1:
         raise HTError(f"--replicas must be at least 1, got {replicas}")
     return replicas
@@ -82,7 +82,7 @@ def build(args: dict[str, str]) -> Any:
     if unknown:
         raise HTError(f"unknown arguments {sorted(unknown)}; build takes {sorted(known)}")
     options = ReplicaOptions(**{k: args[k] for k in ("model", "hyper", "model_path", "device") if k in args})
-    return application(options, _check(int(args.get("replicas", 1))), float(args.get("gpus", 0)))
+    return application(options, check_replicas(int(args.get("replicas", 1))), float(args.get("gpus", 0)))
 
 
 def serve_replicas(options: ReplicaOptions, replicas: int, host: str = "127.0.0.1", port: int = 8000,
@@ -94,7 +94,7 @@ def serve_replicas(options: ReplicaOptions, replicas: int, host: str = "127.0.0.
     import ray
     import torch
 
-    _check(replicas)
+    check_replicas(replicas)
     gpus = 1.0 if torch.cuda.is_available() and (options.device or "cuda").startswith("cuda") else 0.0
     started_ray = not ray.is_initialized()
     if started_ray:
