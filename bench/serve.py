@@ -1,13 +1,20 @@
-"""Benchmark: `ht serve` on `tiny`, 16 concurrent clients, dynamic batching on vs off, in one run.
+"""Benchmark: `ht serve` on `tiny`, 16 concurrent clients, dynamic batching on vs off, in one run,
+then the batched server's honest latency while a hostile client sends it the worst bodies.
 
-Run: python -m bench.serve [--clients 16] [--requests 3] [--window-ms 50]
+Run: python -m bench.serve [--clients 16] [--requests 3] [--window-ms 50] [--replicas N]
 One loaded model is served twice over loopback: with --max-batch 1 (each request its own
 pipeline call, as `ht steer` would), and batching up to --clients images within --window-ms.
 In each round every client sends one request at once, steering towards its own library concept
 (seeds vary), from a client process of its own; rounds alternate between the two servers,
-after one unmeasured warm-up round each (which also fills the map caches). Bounded: --requests
-rounds, none started after --limit-s. The hypernetwork is the one shipped for tiny. Last line:
-batched_vs_sequential=<throughput ratio> p95_ms_batched=<ms> p95_ms_sequential=<ms>
+after one unmeasured warm-up round each (which also fills the map caches). Then --requests more
+rounds go to the batched server while another process sends the bodies of
+issue 23 (uploads past every bound, a regex layer pattern, a 3 MB concept, deeply nested JSON,
+bad seeds, a cross-origin post, a body over 16 MiB) back to back, each refused. With --replicas N both
+servers are Ray Serve applications of N replicas each (local Ray, CPU replicas), else threads of
+this process. Bounded: --requests rounds per phase, none started after --limit-s. The
+hypernetwork is the one shipped for tiny. Last line:
+batched_vs_sequential=<throughput ratio> p95_ms=<honest p95 under the hostile mix> p95_ms_quiet=<batched
+p95 without it> p95_ms_sequential=<ms> hostile_requests=<count>
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ def _steerer():
     return Steerer(get_model("tiny"), hyper=shipped_checkpoint("tiny"))
 
 
-def _round(url: str, concepts: list[str], k: int) -> tuple[list[float], float]:
-    """Every client (one per concept) sends one request at once: their latencies (ms) and the
-    round's wall-clock seconds."""
+def _round(url: str, concepts: list[str], k: int) -> tuple[list[float], float, list[int]]:
+    """Every client (one per concept) sends one request at once: their latencies (ms), the
+    round's wall-clock seconds and the size of the batch each image was made in."""
     import httpx
 
     latencies: list[float] = []
     failures: list[str] = []
+    batches: list[int] = []
 
     def client(index: int) -> None:
         body = {"prompt": PROMPTS[index % len(PROMPTS)], "concepts": [concepts[index]], "seed": 100 * index + k}
@@ -49,6 +57,8 @@ def _round(url: str, concepts: list[str], k: int) -> tuple[list[float], float]:
         reply = httpx.post(url + "/v1/generate", json=body, timeout=600)
         if reply.status_code != 200:
             failures.append(reply.text)
+        else:
+            batches.extend(image["batch_size"] for image in reply.json()["images"])
         latencies.append((time.perf_counter() - sent) * 1e3)
 
     start = time.perf_counter()
@@ -59,11 +69,104 @@ def _round(url: str, concepts: list[str], k: int) -> tuple[list[float], float]:
         thread.join()
     if failures:
         raise SystemExit(f"{len(failures)} requests failed, e.g. {failures[0]}")
-    return latencies, time.perf_counter() - start
+    return latencies, time.perf_counter() - start, batches
+
+
+def _hostile_bodies() -> list[dict]:
+    """httpx keyword arguments of the worst requests of issue 23 (each is refused 4xx), JSON
+    encoded once here so that the client's own work does not take the server's CPU."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4096, 4096)).save(buffer, "PNG")
+    huge = base64.b64encode(buffer.getvalue()).decode()
+    nested = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    json_type = {"content-type": "application/json"}
+    bodies = [{"prompt": "x", "reference_images": [huge] * 20}, {"prompt": "x", "reference_images": [huge] * 4},
+              {"prompt": "x", "concepts": ["art deco"], "layers": ["re:(.|.|.)*!"]},
+              {"prompt": "x", "concepts": ["art deco@re:(.|.)*!"]}, {"prompt": "x", "concepts": ["y" * 3_000_000], "num_images": 4},
+              {"prompt": "x", "concepts": ["art deco"], "seed": -1}, {"prompt": "x", "concepts": ["art deco"], "seed": 2**70},
+              {"prompt": "x", "concepts": ["art deco:1e6"]}]
+    return [dict(content=json.dumps(body).encode(), headers=json_type) for body in bodies] + [
+        dict(content=nested, headers=json_type),
+        dict(data={"prompt": "x", "concepts": "art deco"}, headers={"origin": "http://evil.example"}),
+        dict(content=b" " * (2**24 + 1), headers=json_type),  # over 16 MiB: refused on its Content-Length
+    ]
+
+
+def _hostile(url: str, stop, limit_s: float) -> int:
+    """Send `_hostile_bodies` in turn, back to back, until `stop` is set (or `limit_s`): how many
+    were sent. Anything but a 4xx is an error."""
+    import httpx
+
+    bodies = _hostile_bodies()
+    sent, wrong = 0, []
+    deadline = time.monotonic() + limit_s
+    with httpx.Client(timeout=60) as client:
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                reply = client.post(url + "/v1/generate", **bodies[sent % len(bodies)])
+                if not 400 <= reply.status_code < 500:
+                    wrong.append(f"{reply.status_code}: {reply.text[:200]}")
+            except httpx.HTTPError:  # the server may close a connection whose body it refused early
+                pass
+            sent += 1
+    if wrong:
+        raise SystemExit(f"{len(wrong)} hostile requests were not refused 4xx, e.g. {wrong[0]}")
+    return sent
 
 
 def _p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
+
+
+def _hostile_process(url: str, stop, sent, limit_s: float) -> None:
+    sent.value = _hostile(url, stop, limit_s)
+
+
+def _served(args, stack: ExitStack, modes: dict[str, int]) -> dict[str, str]:
+    """Base URLs of one server per mode (max_batch): threads of this process, or Ray Serve
+    applications of --replicas replicas each."""
+    from htcli.serve.service import Limits
+
+    def limits(max_batch: int) -> Limits:
+        return Limits(max_batch=max_batch, batch_window_ms=args.window_ms, max_queue=2 * args.clients)
+
+    if args.replicas is None:
+        from htcli.serve.app import running
+        from htcli.serve.service import Service
+
+        steerer, urls = _steerer(), {}
+        for mode, max_batch in modes.items():
+            service = Service(steerer, limits(max_batch))
+            stack.callback(service.close)
+            urls[mode] = stack.enter_context(running(service))
+        return urls
+    import socket
+
+    import ray
+    from ray import serve
+
+    from htcli.methods.predict import shipped_checkpoint
+    from htcli.serve.replicas import application, replica_options
+
+    # Each replica asks for one logical CPU; both servers' replicas share this machine's cores.
+    ray.init(num_cpus=len(modes) * args.replicas, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+    stack.callback(ray.shutdown)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    stack.callback(serve.shutdown)
+    for mode, max_batch in modes.items():
+        options = replica_options("tiny", shipped_checkpoint("tiny"), None, "cpu", limits(max_batch), ())
+        serve.run(application(options, args.replicas, 0), name=mode, route_prefix=f"/{mode}")
+    return {mode: f"http://127.0.0.1:{port}/{mode}" for mode in modes}
 
 
 def main() -> None:
@@ -71,52 +174,60 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=3, help="measured rounds: requests per client and server")
     parser.add_argument("--window-ms", type=float, default=50.0)
+    parser.add_argument("--replicas", type=int, default=None, help="serve on Ray Serve with this many replicas per server")
     parser.add_argument("--limit-s", type=float, default=300.0, help="no round starts after this long")
     args = parser.parse_args()
     quiet()
     from htcli.data.concepts import load_library
-    from htcli.serve.app import running
-    from htcli.serve.service import Limits, Service
 
     concepts = [c.name for c in load_library().targets("train")[: args.clients]]
     modes = {"sequential": 1, "batched": args.clients}  # max_batch
-    latencies: dict[str, list[float]] = {mode: [] for mode in modes}
-    seconds = dict.fromkeys(modes, 0.0)
+    latencies: dict[str, list[float]] = {mode: [] for mode in [*modes, "hostile"]}
+    batches: dict[str, list[int]] = {mode: [] for mode in latencies}
+    seconds = dict.fromkeys(latencies, 0.0)
+    spawn = multiprocessing.get_context("spawn")
     with ExitStack() as stack:
-        steerer = _steerer()
-        services, urls = {}, {}
-        for mode, max_batch in modes.items():
-            services[mode] = Service(steerer, Limits(max_batch=max_batch, batch_window_ms=args.window_ms,
-                                                     max_queue=2 * args.clients))
-            stack.callback(services[mode].close)
-            urls[mode] = stack.enter_context(running(services[mode]))
+        urls = _served(args, stack, modes)
         # The clients run in a process of their own, as real clients would: not in the server's.
-        clients = stack.enter_context(multiprocessing.get_context("spawn").Pool(1))
+        clients = stack.enter_context(spawn.Pool(1))
         for mode in modes:
             clients.apply(_round, (urls[mode], concepts, 0))  # warm-up: every concept's maps cached
-        counted = {mode: (services[mode].batcher.batches, services[mode].batcher.generated) for mode in modes}
         started = time.perf_counter()
+
+        def measure(mode: str, url: str, k: int) -> None:
+            done, took, sizes = clients.apply(_round, (url, concepts, k))
+            latencies[mode] += done
+            seconds[mode] += took
+            batches[mode] += sizes
+
         # Rounds alternate between the two servers (one model: they never run at once), so that
         # other load on the machine hits both alike.
         for k in range(1, 1 + args.requests):
             if time.perf_counter() - started > args.limit_s:
                 break
             for mode in modes:
-                done, took = clients.apply(_round, (urls[mode], concepts, k))
-                latencies[mode] += done
-                seconds[mode] += took
-        results = {}
-        for mode, service in services.items():
-            batches = service.batcher.batches - counted[mode][0]
-            images = service.batcher.generated - counted[mode][1]
-            results[mode] = (len(latencies[mode]) / seconds[mode], _p95(latencies[mode]))
-            print(f"{mode}: {len(latencies[mode])} requests in {seconds[mode]:.1f} s ({results[mode][0]:.2f} req/s), "
-                  f"latency median {statistics.median(latencies[mode]):.0f} ms, p95 {results[mode][1]:.0f} ms; "
-                  f"{batches} pipeline calls, mean batch {images / max(batches, 1):.1f}, "
-                  f"largest batch {service.batcher.largest}", flush=True)
+                measure(mode, urls[mode], k)
+        # The hostile mix: the batched server's honest rounds while another process sends the worst bodies.
+        stop, sent = spawn.Event(), spawn.Value("i", 0)
+        hostile = spawn.Process(target=_hostile_process, args=(urls["batched"], stop, sent, 2 * args.limit_s))
+        hostile.start()
+        time.sleep(1.0)  # let it get going
+        for k in range(1 + args.requests, 1 + 2 * args.requests):
+            measure("hostile", urls["batched"], k)
+        stop.set()
+        hostile.join(120)
+        if hostile.exitcode != 0:
+            raise SystemExit(f"the hostile client failed (exit code {hostile.exitcode})")
+    results = {}
+    for mode in latencies:
+        results[mode] = (len(latencies[mode]) / seconds[mode], _p95(latencies[mode]))
+        print(f"{mode}: {len(latencies[mode])} requests in {seconds[mode]:.1f} s ({results[mode][0]:.2f} req/s), "
+              f"latency median {statistics.median(latencies[mode]):.0f} ms, p95 {results[mode][1]:.0f} ms; "
+              f"mean batch per image {statistics.mean(batches[mode]):.1f}, largest batch {max(batches[mode])}", flush=True)
+    print(f"hostile client: {sent.value} requests, all refused 4xx")
     ratio = results["batched"][0] / results["sequential"][0]
-    print(f"batched_vs_sequential={ratio:.2f} p95_ms_batched={results['batched'][1]:.0f} "
-          f"p95_ms_sequential={results['sequential'][1]:.0f}")
+    print(f"batched_vs_sequential={ratio:.2f} p95_ms={results['hostile'][1]:.0f} p95_ms_quiet={results['batched'][1]:.0f} "
+          f"p95_ms_sequential={results['sequential'][1]:.0f} hostile_requests={sent.value}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The web page of `ht serve`, in a real headless browser: Debian's chromium driven by Selenium
 through the system chromedriver (nothing is downloaded). The server is the real command,
-`ht serve --port 0`, in a subprocess on 127.0.0.1.
+`ht serve --port 0`, in a subprocess on 127.0.0.1. The page generates, shows each concept's
+nearest training concepts and out-of-distribution warning, a before/after view and a strength
+sweep, and downloads the composed intervention.
 
 The screenshot of the page with its results is kept as a test artefact:
 $HT_TEST_ARTIFACTS/serve-page.png (CI: build/test-artifacts/), else <pytest base temp>/artifacts/."""
@@ -25,7 +27,12 @@ START_S, GENERATE_S = 180, 120  # bounds on a loaded 2-core machine; a healthy r
 
 
 @pytest.fixture(scope="module")
-def browser():
+def downloads(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads):
     if not (CHROMIUM and DRIVER):
         if os.environ.get("CI"):
             pytest.fail("the browser test needs chromium and chromedriver; .ci/run installs them")
@@ -39,6 +46,8 @@ def browser():
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--window-size=1280,900"):
         options.add_argument(argument)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
     driver.set_page_load_timeout(60)
     yield driver
@@ -48,7 +57,7 @@ def browser():
 @pytest.fixture(scope="module")
 def ht_serve(tmp_path_factory):
     """`ht serve` in a subprocess: its base URL once it listens."""
-    hyper = hyper_checkpoint(tmp_path_factory.mktemp("hyper"))
+    hyper = hyper_checkpoint(tmp_path_factory.mktemp("hyper"), training_concepts=True)
     command = [sys.executable, "-m", "htcli", "serve", "--model", "tiny", "--hyper", str(hyper), "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=os.environ | {"OMP_NUM_THREADS": "1"})
@@ -83,10 +92,22 @@ def _artefacts(tmp_path_factory) -> Path:
     return folder
 
 
-def test_page_generates_steered_images_and_shows_errors(browser, ht_serve, tmp_path, tmp_path_factory):
+def _captions(browser) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [c.text for c in browser.find_elements(By.TAG_NAME, "figcaption")]
+
+
+def _sources(browser) -> list[str]:
+    return browser.execute_script("return [...document.querySelectorAll('img.result')].map(i => i.src)")
+
+
+def test_page_generates_steered_images_and_shows_errors(browser, ht_serve, tmp_path, tmp_path_factory, downloads):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from htcli.models.interventions import load_intervention
 
     browser.get(ht_serve + "/")
     find = browser.find_element
@@ -115,13 +136,41 @@ def test_page_generates_steered_images_and_shows_errors(browser, ht_serve, tmp_p
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.result")) == 2)
     widths = browser.execute_script("return [...document.querySelectorAll('img.result')].map(i => i.naturalWidth)")
     assert widths == [128, 128]  # decoded PNGs at tiny's resolution
-    captions = [c.text for c in browser.find_elements(By.TAG_NAME, "figcaption")]
-    assert captions == ["strength 0.8, seed 5", "strength 0.8, seed 6"]
+    assert _captions(browser) == ["strength 0.8, seed 5", "strength 0.8, seed 6"]
     timings = find(By.ID, "timings").text
     assert re.search(r"map prediction [\d.]+ ms · generation \d+ ms \(batch of 2\)", timings), timings
     assert find(By.ID, "error").text == ""
+    # What ht steer prints: each predicted source's nearest training concepts, and the warning
+    # (the test hypernetwork's threshold puts every concept out of distribution).
+    lines = [line.text for line in browser.find_elements(By.CSS_SELECTOR, "#sources .source")]
+    assert len(lines) == 3 and lines[0].startswith("nearest training concepts of 'Art Deco': ")
+    assert lines[2].startswith("nearest training concepts of 'reference image': ")
+    assert all(re.search(r"(Bauhaus|Cubism|Baroque) -?[\d.]+, .* · out of distribution", line) for line in lines), lines
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#sources .ood")) == 3
+
+    Select(find(By.ID, "view")).select_by_value("compare")  # before / after: strength 0 beside 0.8, same seeds
+    find(By.ID, "generate").click()
+    wait.until(lambda d: _captions(d) == ["strength 0, seed 5", "strength 0.8, seed 5", "strength 0, seed 6",
+                                          "strength 0.8, seed 6"])
+    before, after, *_ = _sources(browser)
+    assert before != after  # steering shows
+    columns = browser.execute_script("return getComputedStyle(document.getElementById('results')).gridTemplateColumns")
+    assert len(columns.split()) == 2  # before beside after
     shot = _artefacts(tmp_path_factory) / "serve-page.png"
     assert browser.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
+
+    Select(find(By.ID, "view")).select_by_value("sweep")
+    find(By.ID, "num-images").clear()
+    find(By.ID, "num-images").send_keys("1")
+    find(By.ID, "generate").click()
+    wait.until(lambda d: _captions(d) == [f"strength {s}, seed 5" for s in ("0", "0.2", "0.4", "0.6", "0.8")])
+    assert len(set(_sources(browser))) == 5
+
+    find(By.ID, "download").click()  # the composed intervention of the form's sources
+    wait.until(lambda d: (downloads / "intervention.safetensors").exists())
+    intervention = load_intervention(downloads / "intervention.safetensors", "tiny")
+    assert [s.get("concept") for s in intervention.info["sources"]] == ["Art Deco", "ukiyo-e", None]
+    assert intervention.info["sources"][1]["weight"] == 0.5 and "reference_images" in intervention.info["sources"][2]
 
     find(By.ID, "prompt").clear()
     find(By.ID, "generate").click()

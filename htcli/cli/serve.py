@@ -15,6 +15,7 @@ from htcli.serve.service import Limits, load_service
 
 DEFAULTS = Limits()
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARDS = ("0.0.0.0", "::")
 
 
 @app.command("serve")
@@ -36,9 +37,26 @@ def serve_command(
     = DEFAULTS.max_body_bytes / 2**20,
     max_image_pixels: Annotated[int, typer.Option(help="Largest uploaded reference image (width x height).")]
     = DEFAULTS.max_image_pixels,
+    max_request_pixels: Annotated[int, typer.Option(help="Largest total of one request's reference images (pixels).")]
+    = DEFAULTS.max_request_pixels,
     max_strength: Annotated[float, typer.Option(help="Largest |strength| a request may ask for.")] = DEFAULTS.max_strength,
     cache_size: Annotated[int, typer.Option(help="Concepts whose predicted maps are kept (LRU; 0: none).")]
     = DEFAULTS.cache_size,
+    cache_mb: Annotated[float, typer.Option(help="And at most this much memory of them (MiB).")]
+    = DEFAULTS.cache_bytes / 2**20,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option("--allowed-host", help="A Host name the server answers to besides 127.0.0.1, localhost and [::1] "
+                     "(the name clients or your proxy use); repeatable. Requests naming other hosts get 400."),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(help="Serve with Ray Serve: this many replicas, each with its own pipeline and one GPU when CUDA "
+                     "is there (needs the ray extra). Default: one process, no Ray."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --replicas: the Ray cluster to join (ray start --head). Default: a local Ray.")
+    ] = None,
     model_path: ModelPathOption = None,
     device: DeviceOption = None,
 ) -> None:
@@ -49,16 +67,25 @@ def serve_command(
 
     Example: ht serve --model tiny --port 8000
     """
+    if not 0 <= port <= 65535:
+        raise HTError(f"--port must be from 0 to 65535 (0: any free port), got {port}")
     try:
         from htcli.serve.app import run_server
     except ImportError as error:  # fastapi or uvicorn missing: one line, with the fix
         raise HTError(f"{error.name or error} is not installed; run: pip install -e \".[serve]\"") from None
     limits = Limits(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue, max_images=max_images,
                     max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=max_image_pixels,
-                    max_strength=max_strength, cache_size=cache_size)
+                    max_request_pixels=max_request_pixels, max_strength=max_strength, cache_size=cache_size,
+                    cache_bytes=int(cache_mb * 2**20))
+    allowed = [*(allowed_host or []), *([host] if host not in LOOPBACK + WILDCARDS else [])]
     if host not in LOOPBACK:
         warn(f"listening on {host}: anyone who can reach this address can use the server (it has no authentication)")
+        if host in WILDCARDS and not allowed_host:
+            warn("clients must name the server as 127.0.0.1 or localhost; add the names they use with --allowed-host")
     spec = get_model(model)
+    if replicas is not None:
+        serve_on_ray(spec.id, hyper, model_path, device, limits, allowed, replicas, host, port, ray_address)
+        return
     console.print(f"loading {spec.id}...", highlight=False, markup=False)
     service = load_service(spec.id, hyper, model_path, device, limits)
     health = service.health()
@@ -67,4 +94,21 @@ def serve_command(
         console.print(f"serving {health['model']} (hypernetwork {health['hypernetwork_sha256']}, {health['device']}) "
                       f"at {url}/ ; API: {url}/v1/health", highlight=False, markup=False)
 
-    run_server(service, host, port, on_ready=ready)
+    run_server(service, host, port, on_ready=ready, allowed_hosts=allowed)
+
+
+def serve_on_ray(model: str, hyper, model_path, device, limits: Limits, allowed: list[str], replicas: int, host: str,
+                 port: int, address: str | None) -> None:
+    """`ht serve --replicas N`: the app on Ray Serve (htcli.serve.replicas)."""
+    try:
+        from htcli.serve.replicas import check_replicas, replica_options, serve_replicas
+    except ImportError as error:
+        raise HTError(f"{error.name or error} is not installed; --replicas needs: pip install -e \".[ray]\"") from None
+    check_replicas(replicas)
+    if port == 0:
+        raise HTError("--replicas needs a fixed --port (Ray's proxy does not pick one)")
+    console.print(f"starting Ray Serve: {replicas} replica(s) of {model}...", highlight=False, markup=False)
+    options = replica_options(model, hyper, model_path, device, limits, allowed)
+    serve_replicas(options, replicas, host, port, address=address,
+                   on_ready=lambda url: console.print(f"serving {model} on {replicas} replica(s) at {url}/ ; "
+                                                      f"API: {url}/v1/health", highlight=False, markup=False))

@@ -47,25 +47,33 @@ def _number(text: str) -> float | None:
         return None
 
 
+# |weight| and |strength| at most this: beyond 1 a map extrapolates, and far beyond, images fall apart.
+MAX_STRENGTH = 2.0
+
+
+def check_weight(weight: float, text: str) -> float:
+    """`weight` if it is finite and |weight| <= MAX_STRENGTH, else a one-line HTError naming `text`."""
+    if not (math.isfinite(weight) and abs(weight) <= MAX_STRENGTH):
+        raise HTError(f"weight of {text!r} must be a number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}, got {weight!r}")
+    return weight
+
+
 def parse_weighted(text: str, what: str = "concept") -> tuple[str, float]:
     """`"art deco:0.6"` -> ("art deco", 0.6); without a suffix the weight is 1.
 
     A suffix after the last ':' that contains whitespace belongs to the text ("Star Wars: A New
-    Hope"); any other suffix must be a finite number, so a typo like "art deco:o.6" is an error
-    rather than a new concept called "art deco:o.6".
+    Hope", "Apollo: 13"); any other suffix must be a number from -MAX_STRENGTH to MAX_STRENGTH, so
+    a typo like "art deco:o.6" is an error rather than a new concept called "art deco:o.6".
     """
+    text = text.strip()
     head, sep, tail = text.rpartition(":")
-    if not (sep and head.strip()):
-        return text.strip(), 1.0
+    if not (sep and head.strip()) or any(ch.isspace() for ch in tail):
+        return text, 1.0
     weight = _number(tail)
     if weight is None:
-        if tail.strip() and any(ch.isspace() for ch in tail):
-            return text.strip(), 1.0
         raise HTError(f"{what} {text!r}: the weight {tail!r} after the last ':' is not a number; "
                       f"write e.g. '{head.strip()}:0.6' (or put a space after ':' if it is part of the name)")
-    if not math.isfinite(weight):
-        raise HTError(f"weight of {head.strip()!r} must be a finite number, got {tail!r}")
-    return head.strip(), weight
+    return head.strip(), check_weight(weight, head.strip())
 
 
 def check_pattern(pattern: str, what: str = "--layers") -> str:
@@ -97,8 +105,7 @@ def _weighted(item: Weighted, what: str, is_path: bool = False) -> tuple[str, fl
         if len(item) not in (2, 3):
             raise HTError(f"a {what} tuple is (text, weight) or (text, weight, layers), got {item!r}")
         text, weight, *rest = item
-        if not math.isfinite(float(weight)):
-            raise HTError(f"weight of {str(text)!r} must be a finite number, got {weight!r}")
+        check_weight(float(weight), str(text))
         pattern = check_pattern(rest[0], f"{what} {str(text)!r}") if rest and rest[0] is not None else None
         return str(text), float(weight), pattern
     if is_path and (isinstance(item, Path) or Path(item).is_file()):

@@ -29,6 +29,7 @@ from htcli.core.transport import OMEGA_MIN, Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.apply import steer_pipeline
 from htcli.generate.compose import (
+    MAX_STRENGTH,
     Sources,
     Weighted,
     check_pattern,
@@ -41,6 +42,14 @@ from htcli.models.interventions import Intervention
 
 METHODS = ("hypertransport", "prompt")
 DEFAULT_STRENGTH = 0.6
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.Generator.manual_seed takes and initial_seed gives back
+
+
+def check_seeds(seed: int, num_images: int) -> None:
+    """HTError unless every seed of a request (seed, seed + 1, ... seed + num_images - 1) is in [0, 2**63)."""
+    if not 0 <= seed <= SEED_LIMIT - max(num_images, 1):
+        last = f" (with {num_images} images, at most 2**63 - {num_images})" if num_images > 1 else ""
+        raise HTError(f"--seed must be from 0 to 2**63 - 1{last}, got {seed}")
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -219,9 +228,10 @@ class SteerRequest:
             raise HTError(f"--method must be hypertransport or prompt, got {self.method!r}")
         if self.num_images < 1:
             raise HTError(f"--num-images must be positive, got {self.num_images}")
+        check_seeds(self.seed, self.num_images)
         values = self.strength_values
-        if not values or not all(math.isfinite(s) for s in values):
-            raise HTError(f"--strength needs finite numbers, got {values}")
+        if not values or not all(math.isfinite(s) and abs(s) <= MAX_STRENGTH for s in values):
+            raise HTError(f"--strength takes numbers from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}, got {values}")
         if self.each and self.method == "prompt":
             raise HTError("--each needs --method hypertransport; run --method prompt once per concept instead")
         if self.method == "prompt" and (self.reference_images or self.interventions):

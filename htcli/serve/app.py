@@ -6,8 +6,11 @@
     GET  /v1/health        model, hypernetwork digest, device, queue, batching and cache counters
     GET  /                 the web page
 
-Bodies are JSON or forms (`htcli.serve.parse`). A bad request is answered 4xx with
-`{"error": ..., "field": ...}`, never a 500, and the server keeps serving.
+Bodies are JSON or forms (`htcli.serve.parse`), both described in /openapi.json
+(`htcli.serve.schema`). A bad request is answered 4xx with `{"error": ..., "field": ...}`, never
+a 500, and the server keeps serving; foreign Host names and cross-origin POSTs are refused
+before any route runs (`htcli.serve.guard`). A client that disconnects while its images wait
+cancels them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +39,9 @@ from htcli import __version__
 from htcli.errors import HTError
 from htcli.generate.batch import Planned
 from htcli.serve.batching import Produced
+from htcli.serve.guard import Guard
 from htcli.serve.parse import Parsed, parse_request
+from htcli.serve.schema import describe, document
 from htcli.serve.service import FieldError, Service
 
 DEFAULT_HOST = "127.0.0.1"
@@ -55,7 +60,19 @@ def _png(image: Image.Image, metadata: dict) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _generated(planned: Planned, produced: list[Produced], parsed: Parsed, start: float) -> dict:
+def _sources(service: Service, metadata: dict) -> list[dict]:
+    """Per predicted source (concepts, reference images): its nearest training concepts and whether
+    it is out of distribution (None: the hypernetwork cannot tell), as `ht steer` prints them."""
+    training = service.predictor.training_concepts
+    found: dict[str, list[dict]] = {}
+    for record in metadata.get("nearest_training_concepts") or []:
+        found.setdefault(record["source"], []).append({"name": record["name"], "similarity": record["similarity"]})
+    return [{"source": source, "nearest_training_concepts": nearest,
+             "ood": training.is_ood(nearest[0]["similarity"]) if training is not None else None}
+            for source, nearest in found.items()]
+
+
+def _generated(service: Service, planned: Planned, produced: list[Produced], parsed: Parsed, start: float) -> dict:
     """The JSON answer of /v1/generate."""
     steered = planned.fill([p.image for p in produced])
     images = []
@@ -65,7 +82,27 @@ def _generated(planned: Planned, produced: list[Produced], parsed: Parsed, start
                        "batch_size": made.batch_size, "queue_ms": made.queue_ms, "generate_ms": made.generate_ms})
     timings = {"maps_ms": steered.intervention_ms, "queue_ms": max(p.queue_ms for p in produced),
                "generate_ms": max(p.generate_ms for p in produced), "total_ms": (time.perf_counter() - start) * 1e3}
-    return {"images": images, "columns": steered.columns, "notes": steered.notes, "timings": timings}
+    return {"images": images, "columns": steered.columns, "notes": steered.notes,
+            "sources": _sources(service, steered.images[0].metadata), "timings": timings}
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read already: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _produced(request: Request, futures: list) -> list[Produced] | None:
+    """The images of `futures`, or None when the client disconnects first: then the images not
+    yet generated are cancelled, and the batcher drops them."""
+    images = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    await asyncio.wait((images, gone), return_when=asyncio.FIRST_COMPLETED)
+    if images.done():
+        gone.cancel()
+        return images.result()
+    images.cancel()  # cancels each wrapped future, and so the batcher's own: it drops them
+    return None
 
 
 def _intervention_bytes(service: Service, parsed: Parsed) -> bytes:
@@ -78,10 +115,12 @@ def _intervention_bytes(service: Service, parsed: Parsed) -> bytes:
         return path.read_bytes()
 
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI application serving `service`."""
+def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI application serving `service`, answering to loopback names and `allowed_hosts`."""
     app = FastAPI(title="ht serve", version=__version__, docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts)
     page = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
+    replica = {"X-HT-Replica": service.replica}
 
     @app.exception_handler(FieldError)
     async def refused(request: Request, error: FieldError) -> JSONResponse:
@@ -93,46 +132,47 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return _error(error.status_code, str(error.detail))
+        return _error(error.status_code, str(error.detail), headers=error.headers)  # 405 keeps its Allow header
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, openapi_extra=describe("page"))
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/v1/health")
-    async def health() -> dict:
-        return service.health()
+    @app.get("/v1/health", openapi_extra=describe("health"))
+    async def health() -> JSONResponse:
+        return JSONResponse(service.health(), headers=replica)
 
-    @app.get("/v1/concepts")
+    @app.get("/v1/concepts", openapi_extra=describe("concepts"))
     async def concepts() -> dict:
         return {"concepts": service.concepts()}
 
-    @app.post("/v1/generate")
-    async def generate(request: Request) -> JSONResponse:
+    @app.post("/v1/generate", openapi_extra=describe("generate"))
+    async def generate(request: Request) -> Response:
         start = time.perf_counter()
         with service.admitted():
-            parsed = await parse_request(request, service.limits)
-            with parsed.folder:
+            with await parse_request(request, service.limits, service.pixels) as parsed:
                 try:
                     planned = await run_in_threadpool(service.prepare, parsed.request)
                 except HTError as error:
                     raise parsed.scrubbed(error) from None
-            futures = service.batcher.submit(planned.samples)
-            produced = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-            return JSONResponse(await run_in_threadpool(_generated, planned, produced, parsed, start))
+            produced = await _produced(request, service.batcher.submit(planned.samples))
+            if produced is None:
+                return Response(status_code=499)  # nginx's "client closed request": for the log, nobody reads it
+            answer = await run_in_threadpool(_generated, service, planned, produced, parsed, start)
+            return JSONResponse(answer, headers=replica)
 
-    @app.post("/v1/intervention")
+    @app.post("/v1/intervention", openapi_extra=describe("intervention"))
     async def intervention(request: Request) -> Response:
         with service.admitted():
-            parsed = await parse_request(request, service.limits)
-            with parsed.folder:
+            with await parse_request(request, service.limits, service.pixels) as parsed:
                 try:
                     data = await run_in_threadpool(_intervention_bytes, service, parsed)
                 except HTError as error:
                     raise parsed.scrubbed(error) from None
-        return Response(data, media_type="application/octet-stream",
-                        headers={"Content-Disposition": 'attachment; filename="intervention.safetensors"'})
+        return Response(data, media_type="application/octet-stream", headers=replica | {
+            "Content-Disposition": 'attachment; filename="intervention.safetensors"'})
 
+    document(app)
     return app
 
 
@@ -154,10 +194,12 @@ def _url(sock: socket.socket) -> str:
 
 
 def run_server(service: Service, host: str = DEFAULT_HOST, port: int = 8000,
-               on_ready: Callable[[str], None] | None = None, log_level: str = "info") -> None:
+               on_ready: Callable[[str], None] | None = None, log_level: str = "info",
+               allowed_hosts: Sequence[str] = ()) -> None:
     """Serve `service` until interrupted; `on_ready(url)` once the port is bound. Closes `service`."""
     sock = _bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=5))
+    app = create_app(service, allowed_hosts)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     if on_ready is not None:
         on_ready(_url(sock))
     try:
@@ -168,11 +210,12 @@ def run_server(service: Service, host: str = DEFAULT_HOST, port: int = 8000,
 
 
 @contextmanager
-def running(service: Service, host: str = DEFAULT_HOST, port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
+def running(service: Service, host: str = DEFAULT_HOST, port: int = 0, timeout_s: float = 30.0,
+            allowed_hosts: Sequence[str] = ()) -> Iterator[str]:
     """Serve `service` from a background thread for the `with` block (tests, benchmarks): yields
     its base URL (port 0: any free port). The caller closes `service`."""
     sock = _bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(service, allowed_hosts), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ht-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

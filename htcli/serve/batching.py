@@ -46,6 +46,7 @@ class Batcher:
             raise ValueError(f"max_batch must be >= 1 and window_s >= 0, got {max_batch} and {window_s}")
         self.max_batch, self.window_s = max_batch, window_s
         self.batches = self.generated = self.largest = 0  # pipeline calls, images, the largest batch so far
+        self.cancelled = 0  # samples dropped because their client went away
         self._run = run
         self._jobs: deque[_Job] = deque()
         self._ready = threading.Condition()
@@ -99,7 +100,9 @@ class Batcher:
             for job in batch:
                 self._jobs.remove(job)
         # A client that went away cancelled its future: its sample is dropped, not generated.
-        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+        kept = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        self.cancelled += len(batch) - len(kept)
+        return kept
 
     def _work(self) -> None:
         while (batch := self._take()) is not None:

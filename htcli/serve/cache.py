@@ -20,15 +20,25 @@ from htcli.core.transport import Maps
 from htcli.methods.predict import Predictor
 
 
-class MapCache:
-    """A thread-safe LRU of at most `capacity` entries (0: keep nothing), counting hits and misses."""
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors (or arrays) in a nested entry: what a cached entry holds, bar small change."""
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return sum(_nbytes(item) for item in items)
 
-    def __init__(self, capacity: int) -> None:
-        if capacity < 0:
-            raise ValueError(f"cache capacity must be >= 0, got {capacity}")
-        self.capacity = capacity
+
+class MapCache:
+    """A thread-safe LRU of at most `capacity` entries and `max_bytes` bytes of tensors (0: keep
+    nothing), counting hits and misses. An entry larger than `max_bytes` alone is not kept."""
+
+    def __init__(self, capacity: int, max_bytes: int = 2**62) -> None:
+        if capacity < 0 or max_bytes < 0:
+            raise ValueError(f"cache capacity and max_bytes must be >= 0, got {capacity} and {max_bytes}")
+        self.capacity, self.max_bytes = capacity, max_bytes
         self.hits = self.misses = 0
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self.bytes = 0
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # key -> (value, its bytes)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -41,19 +51,23 @@ class MapCache:
                 return None
             self.hits += 1
             self._items.move_to_end(key)
-            return self._items[key]
+            return self._items[key][0]
 
     def put(self, key: Hashable, value: Any) -> None:
+        size = _nbytes(value)
         with self._lock:
-            if not self.capacity:
+            if not self.capacity or size > self.max_bytes:
                 return
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)  # the least recently used
+            if key in self._items:
+                self.bytes -= self._items.pop(key)[1]
+            self._items[key] = (value, size)
+            self.bytes += size
+            while len(self._items) > self.capacity or self.bytes > self.max_bytes:
+                self.bytes -= self._items.popitem(last=False)[1][1]  # the least recently used
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._items), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
+        return {"entries": len(self._items), "capacity": self.capacity, "bytes": self.bytes, "max_bytes": self.max_bytes,
+                "hits": self.hits, "misses": self.misses}
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Request bodies of `ht serve` -> a `SteerRequest`, or a `FieldError` naming the field at fault.
 
 A body is JSON (uploads as base64 strings) or a form (uploads as multipart files: `curl -F`,
-the web page); both go through one pydantic model, `Body`. The body is capped before it is
-read, reference images are decoded in memory with their size checked before their pixels,
-and uploaded intervention files are written under names the server chooses: nothing a client
-sends is ever opened as a path.
+the web page); both go through one pydantic model, `Body`, whose text fields are capped in
+length. The body is capped before it is read and parsed off the event loop (deep nesting is a
+400, not a crash). Sources are counted before anything is decoded; reference images must be
+PNG, JPEG or WebP, and every upload's header is read, its size checked (per image, per request,
+and against the server's `PixelBudget`) before any pixel is decoded. Uploaded intervention
+files are written under names the server chooses: nothing a client sends is ever opened as a path.
 """
 
 from __future__ import annotations
@@ -15,22 +17,30 @@ import io
 import json
 import re
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from htcli.errors import HTError
-from htcli.generate.steer import SteerRequest, parse_strengths
-from htcli.serve.service import FieldError, Limits
+from htcli.generate.steer import SEED_LIMIT, SteerRequest, parse_strengths
+from htcli.serve.service import FieldError, Limits, PixelBudget
 
 UPLOADS = ("reference_images", "interventions")
+SOURCES = ("concepts", "reference_images", "interventions")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what reference images may be: Pillow is never asked to try another format
+MAX_TEXT_CHARS = 200  # a concept (with its :WEIGHT@LAYERS) or a layer pattern
+MAX_NAME_CHARS = 255  # an upload's file name
+MAX_PATTERNS = 16  # layer patterns in `layers`
 Files = dict[str, list[tuple[str, bytes]]]  # upload field -> (file name the client gave, bytes)
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+Word = Annotated[str, Field(max_length=32)]
 
 
 class _Strict(BaseModel):
@@ -38,40 +48,55 @@ class _Strict(BaseModel):
 
 
 class _Concept(_Strict):
-    name: str
+    name: Text
     weight: float = 1.0
 
 
 class _Intervention(_Strict):
     data: str  # base64 of the .safetensors file
     weight: float = 1.0
-    name: str = ""
+    name: Annotated[str, Field(max_length=MAX_NAME_CHARS)] = ""
 
 
 class Body(_Strict):
     """The fields of /v1/generate and /v1/intervention (docs/serve.md); JSON uploads are base64."""
 
-    prompt: str = ""
-    concepts: list[str | _Concept] = []  # "art deco", "art deco:0.6", or {"name": ..., "weight": ...}
-    strength: float | list[float] | None = None  # one value or a sweep; None: ht steer's default
-    seed: int = 0
-    num_images: int = 1
-    method: str = "hypertransport"
-    steer_steps: str = "all"
-    layers: list[str] = []  # steer only the intervention's layers matching these patterns (ht steer --layers)
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "cyberpunk city", "concepts": ["art deco:0.6", {"name": "ukiyo-e", "weight": 0.3}],
+         "strength": [0, 0.5, 1], "seed": 7},
+        {"prompt": "a lighthouse", "concepts": ["bauhaus@transformer_blocks.[01].*"], "layers": ["*.norm2"]}]})
+
+    prompt: str = Field("", description="What to generate (at most the server's max_prompt_chars).")
+    concepts: list[Text | _Concept] = Field([], description='"art deco", "art deco:0.6", "art deco:0.6@GLOB" or '
+                                                            '{"name": ..., "weight": ...}')
+    strength: float | list[float] | None = Field(None, description="One value or a sweep; none: 0.6.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the first image; image k uses seed + k.")
+    num_images: int = Field(1, ge=1, description="Images per strength.")
+    method: Word = Field("hypertransport", description="hypertransport or prompt.")
+    steer_steps: Word = Field("all", description="Denoising steps to steer: all, N or START:STOP.")
+    layers: list[Text] = Field([], max_length=MAX_PATTERNS, description="Glob patterns of the layers to steer.")
     gap_correction: bool = True
-    reference_images: list[str] = []
-    interventions: list[str | _Intervention] = []
+    reference_images: list[str] = Field([], description="Base64 PNG, JPEG or WebP images (or data: URLs).")
+    interventions: list[str | _Intervention] = Field([], description="Base64 .safetensors intervention files.")
 
 
 @dataclass
 class Parsed:
-    """A request ready for the service, with the temporary folder its intervention uploads are in
-    (remove it with `with parsed.folder:` once the service has read them)."""
+    """A request ready for the service, holding the temporary folder its intervention uploads are
+    in and its share of the server's decoded-pixel budget: `with parsed:` gives both back once the
+    service has read them."""
 
     request: SteerRequest
     folder: tempfile.TemporaryDirectory
     names: dict[str, str] = field(default_factory=dict)  # upload's path in `folder` -> the name the client gave
+    pixels: ExitStack = field(default_factory=ExitStack)  # the decoded images' hold on the PixelBudget
+
+    def __enter__(self) -> Parsed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.folder.cleanup()
+        self.pixels.close()
 
     def scrubbed(self, error: HTError) -> FieldError:
         """`error` with upload paths replaced by the names the client gave."""
@@ -100,24 +125,30 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_request(request: Request, limits: Limits) -> Parsed:
+async def parse_request(request: Request, limits: Limits, budget: PixelBudget) -> Parsed:
     """Read, decode and check a request body (JSON or a form) into a `Parsed` request."""
     body = await read_body(request, limits.max_body_bytes)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    files: Files = {name: [] for name in UPLOADS}
     if kind == "application/json":
-        try:
-            fields = json.loads(body)  # NaN and Infinity parse, and are refused by field below
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise FieldError(f"the body is not valid JSON: {error}") from None
-        if not isinstance(fields, dict):
-            raise FieldError("the body must be a JSON object")
+        fields, files = body, {name: [] for name in UPLOADS}  # parsed in the thread pool below, off the event loop
     elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         fields, files = await _form(request, body, limits)
     else:
         raise FieldError(f"send application/json or a form (multipart/form-data for uploads), "
-                         f"not {kind or 'no content type'!r}", None, 415)
-    return await run_in_threadpool(_build, fields, files, limits)  # image decoding is not for the event loop
+                         f"not {kind[:60] or 'no content type'!r}", None, 415)
+    return await run_in_threadpool(_build, fields, files, limits, budget)  # JSON and image decoding: not on the loop
+
+
+def _json(body: bytes) -> dict:
+    try:
+        fields = json.loads(body)  # NaN and Infinity parse, and are refused by field below
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FieldError(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise FieldError("the body nests JSON too deeply") from None
+    if not isinstance(fields, dict):
+        raise FieldError("the body must be a JSON object")
+    return fields
 
 
 async def _form(request: Request, body: bytes, limits: Limits) -> tuple[dict, Files]:
@@ -134,24 +165,28 @@ async def _form(request: Request, body: bytes, limits: Limits) -> tuple[dict, Fi
         if key in UPLOADS:
             if not isinstance(value, UploadFile):
                 raise FieldError(f"{key} takes files (curl -F '{key}=@FILE')", key)
-            files[key].append((value.filename or "", await value.read()))
+            name = value.filename or ""
+            if len(name) > MAX_NAME_CHARS:
+                raise FieldError(f"{key}: the file name has {len(name)} characters; at most {MAX_NAME_CHARS}", key)
+            files[key].append((name, await value.read()))
         elif isinstance(value, UploadFile):
-            raise FieldError(f"{key} takes text, not a file", key)
+            raise FieldError(f"{key[:60]} takes text, not a file", key[:60])
         elif key in ("concepts", "layers"):  # repeatable fields
             fields.setdefault(key, []).append(value)
         elif key == "strength":
             try:
                 fields["strength"] = parse_strengths(value)
             except HTError as error:
-                raise FieldError(str(error).replace("--strength", "strength"), "strength") from None
+                raise FieldError(str(error).replace("--strength", "strength")[:300], "strength") from None
         else:
             fields[key] = value
     return fields, files
 
 
-def _validated(fields: dict) -> Body:
+def _validated(fields: dict, strict: bool) -> Body:
+    """The fields as a `Body`; JSON strictly (a seed must be a number), form text as the numbers it spells."""
     try:
-        return Body.model_validate(fields)
+        return Body.model_validate(fields, strict=strict)
     except ValidationError as error:
         # Of a union's alternatives, the error that got deepest says most ("concepts[0].weight", not "not a string").
         worst = max(error.errors(), key=lambda e: len(e["loc"]))
@@ -159,8 +194,8 @@ def _validated(fields: dict) -> Body:
         parts = [f"[{part}]" if isinstance(part, int) else f".{part}" for part in worst["loc"]
                  if isinstance(part, int) or part in known]  # not the union's type tags ("float", "_Concept")
         where = "".join(parts).lstrip(".")
-        raise FieldError(f"{where}: {worst['msg']}" if where else worst["msg"],
-                         str(worst["loc"][0]) if worst["loc"] else None, 422) from None
+        field_name = str(worst["loc"][0])[:60] if worst["loc"] else None  # an unknown field is named as sent: cut
+        raise FieldError(f"{where}: {worst['msg']}" if where else worst["msg"], field_name, 422) from None
 
 
 def _base64(text: str, where: str, field_name: str) -> bytes:
@@ -171,41 +206,76 @@ def _base64(text: str, where: str, field_name: str) -> bytes:
         raise FieldError(f"{where} is not base64 data", field_name) from None
 
 
-def _image(data: bytes, where: str, max_pixels: int) -> Image.Image:
-    """A reference image decoded in memory, its size checked before its pixels are."""
-    too_many = f"{where} has more than {max_pixels} pixels, the most this server accepts"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > max_pixels:
-                raise FieldError(f"{too_many} ({image.width}x{image.height})", "reference_images", 413)
-            return image.convert("RGB")
-    except Image.DecompressionBombError:  # beyond Pillow's own limit: refused while reading the header
-        raise FieldError(too_many, "reference_images", 413) from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise FieldError(f"{where} is not an image this server can read (PNG, JPEG, WebP...)", "reference_images") from None
+def _opened(uploads: list[bytes], limits: Limits) -> list[Image.Image]:
+    """The reference images, opened but not decoded: each one's format and size read from its
+    header and checked, and the request's total, before any pixel is decoded."""
+    opened, total = [], 0
+    for i, data in enumerate(uploads):
+        where = f"reference_images[{i}]"
+        try:
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError:  # beyond Pillow's own limit: refused while reading the header
+            raise FieldError(f"{where} has more than {limits.max_image_pixels} pixels, the most this server accepts",
+                             "reference_images", 413) from None
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise FieldError(f"{where} is not a PNG, JPEG or WebP image", "reference_images") from None
+        if image.width * image.height > limits.max_image_pixels:
+            raise FieldError(f"{where} has more than {limits.max_image_pixels} pixels, the most this server accepts "
+                             f"({image.width}x{image.height})", "reference_images", 413)
+        total += image.width * image.height
+        if total > limits.max_request_pixels:
+            raise FieldError(f"the reference images have more than {limits.max_request_pixels} pixels together, "
+                             "the most this server accepts in one request", "reference_images", 413)
+        opened.append(image)
+    return opened
 
 
-def _build(fields: dict, files: Files, limits: Limits) -> Parsed:
+def _decoded(opened: list[Image.Image]) -> list[Image.Image]:
+    decoded = []
+    for i, image in enumerate(opened):
+        try:
+            with image:
+                decoded.append(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError):  # a header that promised more than the data holds
+            raise FieldError(f"reference_images[{i}] is truncated or corrupt", "reference_images") from None
+    return decoded
+
+
+def _count(fields: dict, files: Files, limits: Limits) -> None:
+    """The sources, counted before any of them is validated or decoded."""
+    limits.check_sources({name: (len(fields[name]) if isinstance(fields.get(name), list) else 0)
+                          + len(files.get(name, ())) for name in SOURCES})
+
+
+def _build(fields: dict | bytes, files: Files, limits: Limits, budget: PixelBudget) -> Parsed:
     """Type-check the fields, decode the uploads (JSON's and the form's), and make the SteerRequest."""
-    body = _validated(fields)
+    strict = isinstance(fields, bytes)
+    fields = _json(fields) if strict else fields
+    _count(fields, files, limits)
+    body = _validated(fields, strict)
     images = [_base64(text, f"reference_images[{i}]", "reference_images") for i, text in enumerate(body.reference_images)]
-    images += [data for _, data in files["reference_images"]]
-    decoded = [_image(data, f"reference_images[{i}]", limits.max_image_pixels) for i, data in enumerate(images)]
-    uploads = [(item.name, _base64(item.data, f"interventions[{i}]", "interventions"), item.weight)
-               if isinstance(item, _Intervention) else ("", _base64(item, f"interventions[{i}]", "interventions"), 1.0)
-               for i, item in enumerate(body.interventions)]
-    uploads += [(name, data, 1.0) for name, data in files["interventions"]]
-    folder = tempfile.TemporaryDirectory(prefix="ht-serve-")
-    interventions, names = [], {}
-    for i, (name, data, weight) in enumerate(uploads):
-        path = str(Path(folder.name) / f"upload-{i}.safetensors")  # our name: a client's file name is never a path
-        Path(path).write_bytes(data)
-        names[path] = re.sub(r"[^\w.\- ]", "_", Path(name).name)[:100] or f"upload-{i}.safetensors"
-        interventions.append((path, weight))
-    concepts = [item if isinstance(item, str) else (item.name, item.weight) for item in body.concepts]
-    strengths = [body.strength] if isinstance(body.strength, float) else body.strength
-    request = SteerRequest(body.prompt, concepts=concepts, reference_images=decoded, interventions=interventions,
-                           strengths=strengths, method=body.method, seed=body.seed, num_images=body.num_images,
-                           gap_correction=body.gap_correction, steer_steps=body.steer_steps,
-                           layers=body.layers)
-    return Parsed(request, folder, names)
+    opened = _opened(images + [data for _, data in files["reference_images"]], limits)
+    pixels = ExitStack()
+    pixels.enter_context(budget.held(sum(image.width * image.height for image in opened)))
+    with ExitStack() as on_error:
+        on_error.callback(pixels.close)
+        decoded = _decoded(opened)
+        uploads = [(item.name, _base64(item.data, f"interventions[{i}]", "interventions"), item.weight)
+                   if isinstance(item, _Intervention) else ("", _base64(item, f"interventions[{i}]", "interventions"), 1.0)
+                   for i, item in enumerate(body.interventions)]
+        uploads += [(name, data, 1.0) for name, data in files["interventions"]]
+        folder = tempfile.TemporaryDirectory(prefix="ht-serve-")
+        interventions, names = [], {}
+        for i, (name, data, weight) in enumerate(uploads):
+            path = str(Path(folder.name) / f"upload-{i}.safetensors")  # our name: a client's file name is never a path
+            Path(path).write_bytes(data)
+            names[path] = re.sub(r"[^\w.\- ]", "_", Path(name).name)[:100] or f"upload-{i}.safetensors"
+            interventions.append((path, weight))
+        concepts = [item if isinstance(item, str) else (item.name, item.weight) for item in body.concepts]
+        strengths = [body.strength] if isinstance(body.strength, float) else body.strength
+        request = SteerRequest(body.prompt, concepts=concepts, reference_images=decoded, interventions=interventions,
+                               strengths=strengths, method=body.method, seed=body.seed, num_images=body.num_images,
+                               gap_correction=body.gap_correction, steer_steps=body.steer_steps,
+                               layers=body.layers)
+        on_error.pop_all()
+    return Parsed(request, folder, names, pixels)

@@ -13,6 +13,8 @@ The pipeline, the hypernetwork and its encoder load once. Every request goes thr
 from __future__ import annotations
 
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +25,8 @@ from pathlib import Path
 from htcli import __version__
 from htcli.errors import HTError
 from htcli.generate.batch import Planned, Planner, generate_batch
-from htcli.generate.compose import check_pattern, resolve_sources
-from htcli.generate.steer import METHODS, Steerer, SteerRequest, parse_steer_steps
+from htcli.generate.compose import MAX_STRENGTH, Sources, check_pattern, resolve_sources, select_layers
+from htcli.generate.steer import METHODS, Steerer, SteerRequest, check_seeds, parse_steer_steps
 from htcli.models.interventions import Intervention
 from htcli.serve.batching import Batcher
 from htcli.serve.cache import CachedPredictor, MapCache
@@ -40,9 +42,9 @@ class FieldError(HTError):
 
 
 # The `ht serve` option of a limit, where it is not named like the field (max_batch: --max-batch);
-# limits without an option keep their field name.
-_OPTIONS = {"max_body_bytes": "--max-body-mb (in bytes)", "max_sources": "max_sources",
-            "max_prompt_chars": "max_prompt_chars"}
+# limits without an option (_NO_OPTION) are named by their field.
+_OPTIONS = {"max_body_bytes": "--max-body-mb (in bytes)", "cache_bytes": "--cache-mb (in bytes)"}
+_NO_OPTION = ("max_sources", "max_prompt_chars", "max_held_pixels")
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,63 @@ class Limits:
     max_images: int = 16  # per request: num_images x strengths
     max_body_bytes: int = 16 * 2**20
     max_image_pixels: int = 4096 * 4096  # per uploaded reference image
-    max_strength: float = 2.0  # |strength|: beyond 1 extrapolates; far beyond, images fall apart
+    max_request_pixels: int = 4096 * 4096  # all the reference images of one request together
+    max_held_pixels: int = 4 * 4096 * 4096  # decoded reference images of all requests at once; more get 429
+    max_strength: float = MAX_STRENGTH  # |strength| and |weight|: beyond 1 extrapolates; far beyond, images fall apart
     max_sources: int = 16  # concepts + reference images + intervention files
     max_prompt_chars: int = 1000
     cache_size: int = 256  # concepts whose predicted maps are kept
+    cache_bytes: int = 256 * 2**20  # and at most this many bytes of them
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            least = 0 if name in ("batch_window_ms", "cache_size") else 1
+            least = 0 if name in ("batch_window_ms", "cache_size", "cache_bytes") else 1
+            option = name if name in _NO_OPTION else _OPTIONS.get(name, "--" + name.replace("_", "-"))
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= least):
-                option = _OPTIONS.get(name, "--" + name.replace("_", "-"))
                 raise HTError(f"{option} must be a number >= {least}, got {value!r}")
+        if self.max_strength > MAX_STRENGTH:
+            raise HTError(f"--max-strength must be at most {MAX_STRENGTH:g} (what ht steer takes), got {self.max_strength:g}")
+
+    def check_sources(self, counts: dict[str, int]) -> None:
+        """FieldError, naming the field with most, unless a request's sources ({field: count}) are within `max_sources`."""
+        if sum(counts.values()) > self.max_sources:
+            raise FieldError(f"{sum(counts.values())} sources (concepts, reference images, interventions); at most "
+                             f"{self.max_sources}", max(counts, key=counts.get))
+
+
+class PixelBudget:
+    """Pixels of decoded reference images that all requests may hold at once: a request takes its
+    share before it decodes anything, and gives it back when it is done; one that does not fit now
+    is refused (429), so concurrent uploads cannot add up to more memory than this bounds."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used = capacity, 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def held(self, pixels: int) -> Iterator[None]:
+        with self._lock:
+            if self.used + pixels > self.capacity:
+                raise FieldError(f"the server is busy decoding other uploads ({self.used} of {self.capacity} pixels); "
+                                 "retry shortly", "reference_images", 429)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= pixels
+
+
+def _glob(pattern: str, field: str) -> str:
+    """A layer pattern as a request may give it: a glob (fnmatch runs in linear time); a regex
+    (`re:`) could backtrack for minutes with the planning lock held, so HTTP refuses it."""
+    if pattern.startswith("re:"):
+        raise FieldError(f"layer pattern {pattern[:60]!r}: regular expressions (re:) are not taken over HTTP; "
+                         "write a glob such as 'transformer_blocks.[0-9].*'", field)
+    try:
+        return check_pattern(pattern, field)
+    except HTError as error:
+        raise FieldError(str(error), field) from None
 
 
 class Service:
@@ -74,7 +122,9 @@ class Service:
 
     def __init__(self, steerer: Steerer, limits: Limits | None = None) -> None:
         self.steerer, self.spec, self.limits = steerer, steerer.spec, limits or Limits()
-        self.cache = MapCache(self.limits.cache_size)
+        self.cache = MapCache(self.limits.cache_size, self.limits.cache_bytes)
+        self.pixels = PixelBudget(self.limits.max_held_pixels)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (Ray Serve runs several)
         # Loaded here, once: the hypernetwork first, whose absence is the likelier mistake, then the pipeline.
         self.predictor = CachedPredictor.wrap(steerer.predictor, self.cache)
         self.pipe = steerer.pipe
@@ -114,35 +164,58 @@ class Service:
             raise FieldError(f"method must be one of {', '.join(METHODS)}, got {request.method!r}", "method")
         strengths = request.strength_values
         if not strengths or not all(math.isfinite(s) and abs(s) <= limits.max_strength for s in strengths):
-            raise FieldError(f"strength takes finite numbers from -{limits.max_strength:g} to {limits.max_strength:g}, "
+            raise FieldError(f"strength takes numbers from -{limits.max_strength:g} to {limits.max_strength:g}, "
                              f"got {strengths}", "strength")
         images = request.num_images * len(strengths)
         if request.num_images < 1 or images > limits.max_images:
             raise FieldError(f"num_images x strengths must be from 1 to {limits.max_images}, got {images}", "num_images")
-        sources = len(request.concepts) + len(request.reference_images) + len(request.interventions)
-        if not sources:
-            raise FieldError("nothing to steer with: give concepts, reference_images or interventions", "concepts")
-        if sources > limits.max_sources:
-            raise FieldError(f"{sources} sources (concepts, reference images, interventions); at most {limits.max_sources}",
-                             "concepts")
+        try:
+            check_seeds(request.seed, request.num_images)
+        except HTError as error:
+            raise FieldError(str(error).replace("--seed", "seed"), "seed") from None
         try:
             parse_steer_steps(request.steer_steps, len(self.spec.timesteps))
         except HTError as error:
             raise FieldError(str(error), "steer_steps") from None
-        try:
-            for pattern in request.layers:
-                check_pattern(pattern, "layers")
-        except HTError as error:
-            raise FieldError(str(error), "layers") from None
+        self._check_sources(request)
+
+    def _check_sources(self, request: SteerRequest) -> None:
+        """The sources and layer patterns: counted, looked up, weighed, and every pattern a glob
+        matched against the layers it applies to, here, outside the planning lock."""
+        counts = {field: len(getattr(request, field)) for field in ("concepts", "reference_images", "interventions")}
+        if not sum(counts.values()):
+            raise FieldError("nothing to steer with: give concepts, reference_images or interventions", "concepts")
+        self.limits.check_sources(counts)
+        for pattern in request.layers:
+            _glob(pattern, "layers")
         if request.reference_images and not self.predictor.encoder.has_images:
             raise FieldError(f"reference images need an image encoder; this hypernetwork uses {self.predictor.encoder.id} "
                              "(text only)", "reference_images")
+        resolved = {}
         for field in ("concepts", "interventions"):
-            if getattr(request, field):
-                try:
-                    resolve_sources(self.spec, **{field: getattr(request, field)}, library=self.library)
-                except HTError as error:
-                    raise FieldError(str(error), field) from None
+            try:
+                resolved[field] = resolve_sources(self.spec, **{field: getattr(request, field)}, library=self.library) \
+                    if getattr(request, field) else Sources()
+            except HTError as error:
+                raise FieldError(str(error), field) from None
+            found = resolved[field]
+            for pattern in found.layers:
+                if pattern is not None:
+                    _glob(pattern, field)
+            for (_, weight), label in zip(found.concepts + [(f, w) for f, w, _ in found.files], found.labels):
+                if abs(weight) > self.limits.max_strength:
+                    raise FieldError(f"weight of {label!r} must be from -{self.limits.max_strength:g} to "
+                                     f"{self.limits.max_strength:g}, got {weight:g}", field)
+        concepts, files = resolved["concepts"], resolved["interventions"]
+        every = Sources(concepts.concepts, list(request.reference_images[:1]), ["upload"] * bool(request.reference_images),
+                        files.files, concepts.layers + [None] * bool(request.reference_images) + files.layers)
+        predicted = [name for name, _ in self.predictor.checkpoint.config.layers]
+        try:
+            select_layers(every.known_layers(predicted), every.layers, request.layers, every.labels)
+        except HTError as error:
+            message = str(error)
+            raise FieldError(message.replace("--layers", "layers"), "layers" if message.startswith("--layers") else "concepts") \
+                from None
 
     def prepare(self, request: SteerRequest) -> Planned:
         """Check `request`, then plan it with `steer()`: maps predicted (or cached) and composed."""
@@ -160,12 +233,12 @@ class Service:
 
     def health(self) -> dict:
         batcher = self.batcher
-        return {"status": "ok", "model": self.spec.id, "hypernetwork_sha256": self.predictor.digest,
+        return {"status": "ok", "replica": self.replica, "model": self.spec.id, "hypernetwork_sha256": self.predictor.digest,
                 "encoder": self.predictor.checkpoint.encoder, "device": str(self.pipe.device), "version": __version__,
                 "queue": batcher.pending, "in_flight": self.in_flight, "uptime_s": round(time.time() - self.started, 1),
                 "batching": {"max_batch": batcher.max_batch, "window_ms": batcher.window_s * 1e3, "batches": batcher.batches,
-                             "images": batcher.generated, "largest_batch": batcher.largest},
-                "cache": self.cache.stats(), "limits": asdict(self.limits)}
+                             "images": batcher.generated, "largest_batch": batcher.largest, "cancelled": batcher.cancelled},
+                "cache": self.cache.stats(), "decoding_pixels": self.pixels.used, "limits": asdict(self.limits)}
 
     def concepts(self) -> list[dict]:
         """The concept library: name, category, and whether it is held out from training."""
