@@ -8,7 +8,7 @@ from conftest import build_tiny_dataset
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.data.concepts import load_library
+from htcli.data.concepts import load_library, slugify
 from htcli.errors import HTError
 from htcli.evaluation.residuals import residuals
 from htcli.methods.baselines import LineasConfig, fit_lineas
@@ -167,11 +167,8 @@ def test_bad_input_is_refused_before_anything_loads(data, hyper, tmp_path, monke
         ([*fit, "--method", "lineas", "--hyper", str(hyper)], "--hyper is only used with --refine"),
         ([*fit, "--method", "lineas", "--refine", "5", "--hyper", str(tmp_path / "none")], "no hypernetwork at"),
         ([*export, "--concept", built, "--refine", "0", "--data", str(data.root)], "--refine takes"),
-        ([*export, "--concept", "a city made of glass", "--refine", "5", "--data", str(data.root)],
-         "add it with `ht build-dataset --concept 'a city made of glass'`"),
         ([*export, "--concept", built, "--data", str(data.root)], "--data is only used with --refine"),
         ([*export, "--concept", built, "--refine", "5", "--data", str(tmp_path)], "is not an ht dataset"),
-        ([*steer, "--concept", "a city made of glass", "--refine", "5", "--data", str(data.root)], "ht build-dataset"),
         ([*steer, "--concept", built, "--refine", "-1", "--data", str(data.root)], "--refine takes"),
         ([*steer, "--concept", built, "--refine", "5", "--data", str(data.root), "--method", "prompt"], "--concept sources"),
         ([*steer, "--concept", built, "--data", str(data.root)], "--data is only used with --refine"),
@@ -180,3 +177,78 @@ def test_bad_input_is_refused_before_anything_loads(data, hyper, tmp_path, monke
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and result.output.count("Error:") == 1, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
+
+
+# --- Any concept text: targets captured on the fly -------------------------------------------
+
+
+def test_captured_targets_are_the_datasets_and_refine_alike(data, hyper, predictor, frozen, tiny, tmp_path,
+                                                            monkeypatch):
+    """Captured on a dataset's fitting samples, a concept's targets are the ones the dataset stores
+    (up to the float16 it stores them in), and refining on them gives the dataset's refined maps."""
+    from htcli.generate.steer import Steerer
+
+    monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
+    spec, pipe = tiny
+    refiner = Steerer(spec, pipe=pipe, hyper=hyper).refiner
+    concept = load_library().resolve(data.names("train")[0])
+    captured = refiner.captured(data, predictor)
+    assert captured.root == tmp_path / "runs" / "tiny" / "refine-cache" / data.settings.digest()
+    assert captured.ensure([concept]) == [concept.name] and captured.ensure([concept]) == []  # then cached
+    # One file, the concept's: the source inputs are the dataset's own, read from it, never recomputed.
+    assert [f.name.startswith(slugify(concept.name)) for f in captured.root.iterdir()] == [True]
+    got, want = captured.targets([concept.name]), data.targets([concept.name], "fit")
+    for layer in data.settings.layers:
+        torch.testing.assert_close(got[layer], want[layer], rtol=2e-3, atol=2e-3)  # float16 storage, batch rounding
+    from_capture, _ = refine_maps(predictor, frozen, concept, captured, 3, evaluate=False)
+    from_dataset, _ = refine_maps(predictor, frozen, concept, data, 3, evaluate=False)
+    for layer in from_dataset:
+        torch.testing.assert_close(from_capture[layer][1], from_dataset[layer][1], rtol=1e-2, atol=1e-3)
+
+
+def test_steer_refines_free_text_without_a_dataset(hyper, tiny, tmp_path, monkeypatch):
+    """No dataset anywhere: the default fitting samples are captured once, then reused."""
+    import htcli.models
+
+    monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(htcli.models, "load_pipeline", lambda *a, **k: tiny[1])
+    args = ["steer", "a lighthouse", "--model", "tiny", "--hyper", str(hyper), "--concept", "a city made of glass",
+            "--refine", "3", "--strength", "1"]
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    cache = tmp_path / "runs" / "tiny" / "refine-cache"
+    files = sorted(cache.rglob("*.safetensors"))
+    assert [f.name for f in files][-1] == "source.safetensors" and len(files) == 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert second.exit_code == 0 and [f.stat().st_mtime_ns for f in sorted(cache.rglob("*.safetensors"))] == stamps
+    (one,), (two,) = (sorted((tmp_path / d).glob("0*.png")) for d in "ab")
+    assert one.read_bytes() == two.read_bytes()  # the same targets, the same refined maps
+    sidecar = json.loads(one.with_suffix(".json").read_text())
+    assert sidecar["refine"] == 3 and sidecar["sources"][0]["concept"] == "a city made of glass"
+    exported = runner.invoke(app, ["hyper", "export", "--model", "tiny", "--hyper", str(hyper), "--concept",
+                                   "a city made of glass", "--refine", "2", "--out", str(tmp_path / "x.safetensors")])
+    assert exported.exit_code == 0 and "captured targets" in exported.output, exported.output
+    assert load_intervention(tmp_path / "x.safetensors").method == "lineas-refine2"
+
+
+def test_serve_refines_within_its_limit(hyper, tiny, tmp_path, monkeypatch):
+    import httpx
+    from serving import served
+
+    from htcli.generate.steer import Steerer
+
+    monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
+    spec, pipe = tiny
+    body = {"prompt": "a lighthouse", "concepts": ["a city made of glass"], "refine": 2, "strength": 1}
+    with served(Steerer(spec, pipe=pipe, hyper=hyper)) as (_, url):
+        off = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+    assert off.status_code == 400 and off.json()["field"] == "refine" and "--max-refine" in off.json()["error"]
+    with served(Steerer(spec, pipe=pipe, hyper=hyper), max_refine=3) as (_, url):
+        ok = httpx.post(f"{url}/v1/generate", json=body, timeout=120)
+        too_many = httpx.post(f"{url}/v1/generate", json=body | {"refine": 4}, timeout=60)
+        no_concept = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "refine": 2, "interventions": []}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["images"][0]["metadata"]["refine"] == 2
+    assert too_many.status_code == 400 and too_many.json()["field"] == "refine"
+    assert no_concept.status_code == 400

@@ -125,8 +125,9 @@ def export_command(
     console.print(f"wrote {out} ({written.model}, {len(written.maps)} layers) for {written.concept!r}", markup=False)
     if refine is not None:
         info = written.info
-        console.print(f"refined with {refine} LinEAS steps in {info['seconds']:.2f} s: residual "
-                      f"{info['residual_before']:.3f} -> {info['residual_after']:.3f} (evaluation samples)",
+        residual = (f": residual {info['residual_before']:.3f} -> {info['residual_after']:.3f} (evaluation samples)"
+                    if "residual_after" in info else " (captured targets: no evaluation samples to report on)")
+        console.print(f"refined with {refine} LinEAS steps in {info['seconds']:.2f} s{residual}",
                       highlight=False, markup=False)
     if written.info["nearest_training_concepts"]:
         console.print(neighbours_line(written.concept, written.info["nearest_training_concepts"]), highlight=False,

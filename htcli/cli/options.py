@@ -68,7 +68,9 @@ LayersOption = Annotated[
 RefineOption = Annotated[
     int | None,
     typer.Option("--refine", help="N LinEAS steps warm-started from the hypernetwork's prediction, on the concept's "
-                 "samples in --data (it must be built there): seconds for per-concept quality (method lineas-refine<N>)."),
+                 "fitting samples: from --data (default runs/<model>/data) where the concept is built, else captured "
+                 "on the fly and cached in runs/<model>/refine-cache. Seconds for per-concept quality (method "
+                 "lineas-refine<N>)."),
 ]
 ExtraConceptsOption = Annotated[
     Path | None,

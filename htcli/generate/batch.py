@@ -101,7 +101,8 @@ class Planner:
         self._recorder = _Recorder(self.spec, build_meta_denoiser(self.spec))
         # One planning Steerer for every request, so that whatever a Steerer keeps between
         # requests, it keeps here too.
-        self._steerer = Steerer(self.spec, pipe=self._recorder, predictor=self.predictor)
+        # `refine` captures and fits with the real pipeline and denoiser: the steerer's refiner.
+        self._steerer = Steerer(self.spec, pipe=self._recorder, predictor=self.predictor, refiner=steerer.refiner)
 
     def plan(self, request: SteerRequest) -> Planned:
         """Everything `ht steer` does for `request` but generating; raises its HTErrors."""

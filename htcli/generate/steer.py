@@ -15,6 +15,7 @@ the reverse transport (towards the inverse map; `htcli.core.transport.displaceme
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,11 +146,11 @@ class Steerer:
     loaded on first use and then kept, so that a server answers many requests with one load."""
 
     def __init__(self, spec: ModelSpec, *, pipe: Any = None, predictor: Any = None, hyper: Path | None = None,
-                 model_path: str | None = None, device: str | None = None) -> None:
+                 model_path: str | None = None, device: str | None = None, refiner: Any = None) -> None:
         if predictor is not None and predictor.model != spec.id:
             raise HTError(f"the hypernetwork was trained for model {predictor.model!r}, not {spec.id!r}")
         self.spec, self.hyper, self.model_path, self.device = spec, hyper, model_path, device
-        self._pipe, self._predictor, self._frozen, self._library = pipe, predictor, None, None
+        self._pipe, self._predictor, self._refiner, self._library = pipe, predictor, refiner, None
 
     @property
     def pipe(self) -> Any:
@@ -160,14 +161,15 @@ class Steerer:
             self._pipe = load_pipeline(self.spec, model_path=self.model_path, device=resolve_device(self.device))
         return self._pipe
 
-    def frozen(self, layers: Sequence[str]) -> Any:
-        """The denoiser alone, in the training dtype, hooked at `layers`: what `refine` fits
-        through (its own copy: the pipeline's may compute in float16, whose gradients underflow)."""
-        if self._frozen is None or list(self._frozen.layers) != list(layers):
-            from htcli.data.forward import Frozen
+    @property
+    def refiner(self) -> Any:
+        """What `--refine` fits with (`htcli.methods.refine.Refiner`: the frozen denoiser, targets
+        captured for any concept text through this pipeline), made on first use."""
+        if self._refiner is None:
+            from htcli.methods.refine import Refiner
 
-            self._frozen = Frozen.load(self.spec, layers, self.device)
-        return self._frozen
+            self._refiner = Refiner(self.spec, lambda: self.pipe, lambda: self.library, self.device)
+        return self._refiner
 
     @property
     def library(self) -> Any:
@@ -210,7 +212,7 @@ class SteerRequest:
     steer_steps: str = "all"  # denoising steps to steer: "all", "0:1", "1:", ":2", "2" (see parse_steer_steps)
     layers: Sequence[str] = ()  # steer only the intervention's layers matching any of these (glob or re:); (): all
     refine: int | None = None  # N LinEAS steps from each concept's prediction (`htcli.methods.refine`)
-    data: Path | None = None  # the dataset --refine fits on; None: runs/<model>/data
+    data: Path | None = None  # the dataset --refine reads first; None: runs/<model>/data if built (`refine_dataset`)
 
     @property
     def strength_values(self) -> list[float]:
@@ -280,32 +282,34 @@ class Steered:
 
 
 def _refine_dataset(steerer: Steerer, sources: Sources, refine: int | None, data: Path | None) -> Any:
-    """The dataset `--refine` fits on, checked to hold every concept source (None without
-    `refine`); called before anything loads."""
+    """The dataset `--refine` reads first (`htcli.methods.refine.refine_dataset`; None without
+    `refine` or without a dataset), opened before anything loads."""
     if refine is None or not sources.concepts:
         return None
-    from htcli.data.dataset import open_dataset
-    from htcli.methods.refine import check_refine
+    from htcli.methods.refine import refine_dataset
 
-    dataset = open_dataset(data, steerer.spec.id)
-    check_refine(refine, dataset, [c.name for c, _ in sources.concepts])
-    return dataset
+    return refine_dataset(data, steerer.spec.id)
 
 
 def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes: list[str],
                  refine: int | None = None, dataset: Any = None) -> tuple[list[tuple[Maps, float]], str | None, float]:
     """(maps, weight) per source in `sources` order, the checkpoint digest (None when nothing
     was predicted) and the milliseconds the maps took (encoding, and `refine` LinEAS steps per
-    concept on `dataset` (`_refine_dataset`), included)."""
+    concept, on `dataset` or captured targets, included)."""
     if not (sources.concepts or sources.images):
         return [(f.maps, w) for f, w, _ in sources.files], None, 0.0
     refined, refine_ms = [], 0.0
-    if dataset is not None:
+    if refine is not None and sources.concepts:
         from htcli.methods.refine import refine_maps
 
-        frozen = steerer.frozen(dataset.settings.layers)
-        for concept, _ in sources.concepts:
-            maps, info = refine_maps(steerer.predictor, frozen, concept, dataset, refine, evaluate=False)
+        concepts = [concept for concept, _ in sources.concepts]
+        started = time.perf_counter()
+        fit_sources, layers = steerer.refiner.fit_sources(concepts, dataset, steerer.predictor)  # captures if need be
+        refine_ms += (time.perf_counter() - started) * 1e3
+        frozen = steerer.refiner.frozen(layers)
+        for concept in concepts:
+            maps, info = refine_maps(steerer.predictor, frozen, concept, fit_sources[concept.name], refine,
+                                     evaluate=False)
             refined.append(maps)
             refine_ms += info["seconds"] * 1e3
     predictor = steerer.predictor

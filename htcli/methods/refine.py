@@ -2,31 +2,36 @@
 
 HyperTransport predicts a concept's maps in one forward pass; LinEAS fits them per concept
 from the identity in about a thousand steps. Starting LinEAS at the prediction spends N steps
-(seconds) to close part of the gap, on the concept's fitting samples from a dataset; the
-result is an ordinary set of maps.
+(seconds) to close part of the gap, on the concept's fitting samples; the result is an
+ordinary set of maps.
 
     maps, info = refine_maps(predictor, frozen, load_library().resolve("art deco"), dataset, steps=50)
 
-Refining needs the concept's target activations, so the concept must be built into the
-dataset (`ht build-dataset --concept ...` on it): free text that is not is refused, before
-anything loads.
+Refining needs the concept's target activations on the fitting samples. A concept built into the
+dataset has them; for any other text `Refiner` captures them on the fly, on the dataset's fitting
+samples (or the default ones without a dataset) and keeps them per concept
+(`htcli.data.capture`), so `ht steer --refine` and `ht serve` refine any concept text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
-from htcli.data.concepts import Concept, load_library
+from htcli.data.capture import CapturedTargets, default_settings
+from htcli.data.concepts import Concept, ConceptLibrary, load_library
 from htcli.data.dataset import ActivationDataset, open_dataset
-from htcli.data.forward import Frozen
+from htcli.data.forward import Frozen, encode_inputs
 from htcli.errors import HTError
 from htcli.methods.baselines import LineasConfig, fit_method
 from htcli.methods.objective import residuals
 from htcli.methods.predict import Predictor, resolve_checkpoint
-from htcli.models import default_model_name, get_model
+from htcli.models import ModelSpec, default_model_name, get_model
 from htcli.models.interventions import Intervention, check_intervention_out
 
 
@@ -88,27 +93,100 @@ def refine_maps(
     return maps, info
 
 
+def refine_dataset(data: Path | None, model: str) -> ActivationDataset | None:
+    """The dataset `--refine` reads first: `data`, else runs/<model>/data when it exists, else None
+    (every concept is then captured on the default fitting samples). Opened before anything
+    loads, so a bad `--data` is the first error."""
+    if data is None and not (run_path(model, "data") / "manifest.json").is_file():
+        return None
+    return open_dataset(data, model)
+
+
+class Refiner:
+    """What `--refine` needs beside the hypernetwork, made on first use and kept between requests:
+    the frozen denoiser LinEAS fits through, and targets captured for concepts no dataset has.
+
+    `pipe` gives the pipeline whose prompt encoding the captures use; `lock` serialises that use
+    with anything else running the pipeline (`ht serve`'s generation thread takes it too)."""
+
+    def __init__(self, spec: ModelSpec, pipe: Callable[[], Any], library: Callable[[], ConceptLibrary],
+                 device: str | None = None) -> None:
+        self.spec, self._pipe, self._library, self.device = spec, pipe, library, device
+        self.lock = threading.RLock()
+        self._frozen: Frozen | None = None
+        self._captured: dict[str, CapturedTargets] = {}
+
+    def frozen(self, layers: Sequence[str]) -> Frozen:
+        """The denoiser alone, in the training dtype, hooked at `layers` (its own copy: the
+        pipeline's may compute in float16, whose gradients underflow)."""
+        if self._frozen is None or list(self._frozen.layers) != list(layers):
+            self._frozen = Frozen.load(self.spec, layers, self.device)
+        return self._frozen
+
+    def _encode(self, prompts: Sequence[str], seeds: Sequence[int]) -> dict:
+        with self.lock:
+            return encode_inputs(self.spec, self._pipe(), prompts, seeds)
+
+    def captured(self, dataset: ActivationDataset | None, predictor: Predictor) -> CapturedTargets:
+        """Captured targets on `dataset`'s fitting samples (its prompts, seeds and layers), or on the
+        default ones at the hypernetwork's layers without a dataset."""
+        if dataset is not None:
+            settings, source = dataset.settings, dataset.source_inputs("fit")
+        else:
+            checkpoint = predictor.checkpoint
+            settings, source = default_settings(self.spec.id, checkpoint.config.layers, checkpoint.encoder,
+                                                 self._library(), self.spec.dataset_dtype), None
+        key = settings.digest()
+        if key not in self._captured:
+            self._captured[key] = CapturedTargets(settings, self._encode,
+                                                  lambda inputs: self.frozen(settings.layers).pooled(inputs),
+                                                  source=source)
+        return self._captured[key]
+
+    def fit_sources(self, concepts: Sequence[Concept], dataset: ActivationDataset | None,
+                    predictor: Predictor) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """Per concept name, what refining fits it on: `dataset` where the concept is built there,
+        else its targets captured now (or read from the cache); and the layers they cover."""
+        built = set(dataset.names()) if dataset is not None else set()
+        sources: dict[str, Any] = {c.name: dataset for c in concepts if c.name in built}
+        missing = [c for c in concepts if c.name not in built]
+        if missing:
+            captured = self.captured(dataset, predictor)
+            captured.ensure(missing)
+            sources |= {c.name: captured for c in missing}
+        layers = (dataset if dataset is not None else self.captured(dataset, predictor)).settings.layers
+        return sources, layers
+
+
 def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None,
                         refine: int | None = None, data: Path | None = None) -> Intervention:
     """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
     standard intervention file at `out`, and return it. `out` must be a new `.safetensors` path
     or an intervention file (replaced); anything else there is refused before anything loads.
-    `refine` N: then N LinEAS steps from the prediction on the concept's samples in the dataset
-    `data` (default runs/<model>/data; see `htcli.methods.refine`), saved as `lineas-refine<N>`."""
+    `refine` N: then N LinEAS steps from the prediction, saved as `lineas-refine<N>`, on the
+    concept's fitting samples: a dataset's (`refine_dataset`) with the residual before and after
+    on its evaluation samples when the concept is built there, else captured on the fly."""
     out = check_intervention_out(Path(out))
-    resolved = load_library().resolve(concept)
+    library = load_library()
+    resolved = library.resolve(concept)
     if refine is None and data is not None:
         raise HTError("--data is only used with --refine (LinEAS from the prediction, on the dataset's samples)")
-    dataset = open_dataset(data, model) if refine is not None else None
-    if dataset is not None:
-        check_refine(refine, dataset, [resolved.name])
-        model = model or dataset.settings.model
-    predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
-    if dataset is None:
+    model = model or (open_dataset(data, None).settings.model if data is not None else default_model_name())
+    dataset = refine_dataset(data, model) if refine is not None else None
+    if refine is not None:
+        check_refine_steps(refine)
+    predictor = Predictor.load(resolve_checkpoint(hyper, model), model)
+    if refine is None:
         maps, method, refined = predictor.maps([resolved.phrase])[0], "hypertransport", {}
     else:
-        frozen = Frozen.load(get_model(predictor.model), dataset.settings.layers)
-        maps, refined = refine_maps(predictor, frozen, resolved, dataset, refine)
+        from htcli.models import load_pipeline
+
+        spec = get_model(predictor.model)
+        refiner = Refiner(spec, lambda: load_pipeline(spec), lambda: library)  # the pipeline only to capture
+        sources, layers = refiner.fit_sources([resolved], dataset, predictor)
+        source = sources[resolved.name]
+        evaluate = isinstance(source, ActivationDataset)  # a dataset has evaluation samples to report on
+        maps, refined = refine_maps(predictor, refiner.frozen(layers), resolved, source, refine, evaluate=evaluate)
         method = refined_method(refine)
     intervention = Intervention(maps, predictor.model, method, resolved.name, predictor.checkpoint.encoder,
                                 info={"phrase": resolved.phrase, **predictor.neighbour_info(0), **refined})

@@ -76,6 +76,8 @@ class Body(_Strict):
     steer_steps: Word = Field("all", description="Denoising steps to steer: all, N or START:STOP.")
     layers: list[Text] = Field([], max_length=MAX_PATTERNS, description="Glob patterns of the layers to steer.")
     gap_correction: bool = True
+    refine: int | None = Field(None, ge=1, description="LinEAS steps from each concept's prediction, on targets "
+                                                      "captured for it (at most the server's max_refine; off by default).")
     reference_images: list[str] = Field([], description="Base64 PNG, JPEG or WebP images (or data: URLs).")
     interventions: list[str | _Intervention] = Field([], description="Base64 .safetensors intervention files.")
 
@@ -276,6 +278,6 @@ def _build(fields: dict | bytes, files: Files, limits: Limits, budget: PixelBudg
         request = SteerRequest(body.prompt, concepts=concepts, reference_images=decoded, interventions=interventions,
                                strengths=strengths, method=body.method, seed=body.seed, num_images=body.num_images,
                                gap_correction=body.gap_correction, steer_steps=body.steer_steps,
-                               layers=body.layers)
+                               layers=body.layers, refine=body.refine)
         on_error.pop_all()
     return Parsed(request, folder, names, pixels)

@@ -34,6 +34,7 @@ _FORM_FIELDS: dict[str, Any] = {
     "steer_steps": {"type": "string", "maxLength": 32},
     "layers": {"type": "array", "items": _TEXT, "maxItems": 16},
     "gap_correction": {"type": "boolean"},
+    "refine": {"type": "integer", "minimum": 1},
 }
 _FORM = {"type": "object", "additionalProperties": False,
          "properties": _FORM_FIELDS | {"reference_images": _FILES, "interventions": _FILES}}

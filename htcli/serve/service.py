@@ -64,10 +64,11 @@ class Limits:
     max_prompt_chars: int = 1000
     cache_size: int = 256  # concepts whose predicted maps are kept
     cache_bytes: int = 256 * 2**20  # and at most this many bytes of them
+    max_refine: int = 0  # LinEAS steps a request may refine each concept with (`refine`); 0: refining is off
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            least = 0 if name in ("batch_window_ms", "cache_size", "cache_bytes") else 1
+            least = 0 if name in ("batch_window_ms", "cache_size", "cache_bytes", "max_refine") else 1
             option = name if name in _NO_OPTION else _OPTIONS.get(name, "--" + name.replace("_", "-"))
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= least):
                 raise HTError(f"{option} must be a number >= {least}, got {value!r}")
@@ -137,7 +138,8 @@ class Service:
         self.batcher = Batcher(self._generate, self.limits.max_batch, self.limits.batch_window_ms / 1e3)
 
     def _generate(self, samples: list) -> list:
-        return generate_batch(self.spec, self.pipe, samples)
+        with self.steerer.refiner.lock:  # a refine request's capture encodes prompts with this pipeline too
+            return generate_batch(self.spec, self.pipe, samples)
 
     @contextmanager
     def admitted(self) -> Iterator[None]:
@@ -177,6 +179,13 @@ class Service:
             parse_steer_steps(request.steer_steps, len(self.spec.timesteps))
         except HTError as error:
             raise FieldError(str(error), "steer_steps") from None
+        if request.refine is not None:
+            if not limits.max_refine:
+                raise FieldError("this server does not refine (start it with --max-refine N)", "refine")
+            if not 1 <= request.refine <= limits.max_refine:
+                raise FieldError(f"refine takes 1 to {limits.max_refine} LinEAS steps, got {request.refine}", "refine")
+            if not request.concepts or request.method != "hypertransport":
+                raise FieldError("refine refines the maps of concepts; give one, with method hypertransport", "refine")
         self._check_sources(request)
 
     def _check_sources(self, request: SteerRequest) -> None:
