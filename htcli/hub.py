@@ -16,6 +16,8 @@ reproduces it. Loading them back is `ht.HyperTransport.from_pretrained("user/rep
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
 import tempfile
 from dataclasses import asdict, fields
@@ -80,10 +82,12 @@ def _base_line(model: str) -> str:
     return f"`{model}` ({spec.description}): an offline model with random weights, for tests and demos"
 
 
-def train_command(model: str, config: HyperConfig, train: dict) -> str:
-    """The `ht train-hyper` command that reproduces a checkpoint: its model, and every
-    architecture and training setting that differs from the defaults."""
-    parts = ["ht train-hyper", f"--model {model}"]
+def reproduce_commands(model: str, config: HyperConfig, train: dict, dataset: str | None) -> str:
+    """The `ht build-dataset` and `ht train-hyper` commands behind a checkpoint: its model and
+    dataset folder, and every architecture and training setting that differs from the defaults."""
+    folder = shlex.quote(dataset) if dataset else None
+    extra = ["--extra-concepts EXTRA.txt"] if train.get("extra_concepts") else []
+    parts = ["ht train-hyper", f"--model {model}", *([f"--data {folder}"] if folder else [])]
     arch_defaults = {f.name: f.default for f in fields(HyperConfig) if f.name not in ("embed_dim", "layers")}
     for name, default in arch_defaults.items():
         value = getattr(config, name)
@@ -95,9 +99,11 @@ def train_command(model: str, config: HyperConfig, train: dict) -> str:
     for name in options:
         if name in train and train[name] != defaults[name] and train[name] is not None:
             parts.append(f"--{name.replace('_', '-')} {train[name]}")
-    if train.get("extra_concepts"):
-        parts.append(f"--extra-concepts EXTRA.txt  # the {len(train['extra_concepts'])} extra concepts in config.json")
-    return " ".join(parts)
+    build = ["ht build-dataset", f"--model {model}", *([f"--out {folder}"] if folder else []), *extra]
+    lines = [" ".join(build), " ".join(parts + extra)]
+    if extra:
+        lines.insert(0, f"# EXTRA.txt: the {len(train['extra_concepts'])} extra training concepts listed in config.json")
+    return "\n".join(lines)
 
 
 def _results_table(info: dict) -> str:
@@ -121,6 +127,7 @@ def hypernetwork_folder(checkpoint: Path, folder: Path, repo_id: str = "USER/REP
               "architecture": asdict(loaded.config), "fitted_timestep": loaded.fitted_timestep,
               "training_concepts": count, "ood_threshold": concepts.threshold if concepts is not None else None,
               "modality_gap": loaded.gap is not None, "training": info, "ht_version": __version__}
+    reproduce = reproduce_commands(loaded.model, loaded.config, train, info.get("dataset"))
     body = f"""
 # HyperTransport hypernetwork for `{loaded.model}`
 
@@ -134,13 +141,13 @@ optimal transport). Concept encoder: `{loaded.encoder}`; {len(loaded.config.laye
 
 ```python
 import htcli as ht
-hyper = ht.HyperTransport.from_pretrained("{repo_id}")
+hyper = ht.HyperTransport.from_pretrained({json.dumps(repo_id)})
 art_deco = hyper.intervention("art deco")      # also: nearest training concepts, out-of-distribution flag
 with ht.apply(pipe, art_deco, strength=0.6):    # your own diffusers pipeline of the base model
     image = pipe("a lighthouse on a cliff").images[0]
 ```
 
-or `ht steer "a lighthouse on a cliff" --model {loaded.model} --hyper {repo_id} --concept "art deco"`.
+or `ht steer "a lighthouse on a cliff" --model {loaded.model} --hyper {shlex.quote(repo_id)} --concept "art deco"`.
 
 ## Held-out results
 
@@ -149,11 +156,11 @@ or `ht steer "a lighthouse on a cliff" --model {loaded.model} --hyper {repo_id} 
 ## Reproduce
 
 ```bash
-ht build-dataset --model {loaded.model}
-{train_command(loaded.model, loaded.config, train)}
+{reproduce}
 ```
 
-Dataset: `{info.get('dataset', 'unknown')}` (digest `{info.get('dataset_digest', 'unknown')}`).
+The dataset's sampling options are not stored with the checkpoint; its digest,
+`{info.get('dataset_digest', 'unknown')}`, says whether a rebuilt one is the same.
 """
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(checkpoint, folder / WEIGHTS)
@@ -180,12 +187,12 @@ Per-neuron affine maps, method `{loaded.method}`{fit}, for {len(loaded.maps)} la
 
 ```python
 import htcli as ht
-maps = ht.Intervention.load("{repo_id}", weight_name="{path.name}")
+maps = ht.Intervention.load({json.dumps(repo_id)}, weight_name={json.dumps(path.name)})
 with ht.apply(pipe, maps, strength=0.6):
     image = pipe("a lighthouse on a cliff").images[0]
 ```
 
-or `ht steer "a lighthouse on a cliff" --model {loaded.model} -i {repo_id}/{path.name}`.
+or `ht steer "a lighthouse on a cliff" --model {loaded.model} -i {shlex.quote(f"{repo_id}/{path.name}")}`.
 """
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, folder / path.name)
@@ -215,17 +222,31 @@ that every number of a result table can be checked image by image.
 
 ```python
 from datasets import load_dataset
-images = load_dataset("{repo_id}", split="train")   # image, prompt, text, concept, method, strength, seed...
+images = load_dataset({json.dumps(repo_id)}, split="train")   # image, prompt, text, concept, method, strength, seed...
 ```
 
-Score it again with `ht score --run DIR` on a local copy (`huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR`).
+Score it again with `ht score --run DIR` on a local copy (`hf download {shlex.quote(repo_id)} --repo-type dataset --local-dir DIR`).
 """
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(run / "images", folder / "images", dirs_exist_ok=True)
+    for record in records:  # the images the index lists, nothing else the folder may hold
+        target = folder / record["file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / record["file"], target)
     for name in (INDEX, METADATA):
         shutil.copyfile(run / name, folder / name)
     (folder / CARD).write_text(_card(front, body, dataset=True))
     return folder
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise HTError(f"{repo_id!r} is not a Hub repo id (user/name): {error}") from None
+    if repo_id.count("/") != 1:
+        raise HTError(f"{repo_id!r} is not a Hub repo id: write user/name")
 
 
 STAGERS = {"hypernetwork": hypernetwork_folder, "intervention": intervention_folder, "dataset": dataset_folder}
@@ -234,6 +255,7 @@ STAGERS = {"hypernetwork": hypernetwork_folder, "intervention": intervention_fol
 def stage(source: str | Path, folder: str | Path, repo_id: str = "USER/REPO") -> tuple[str, Path]:
     """Write what `push` would upload for `source` (a hypernetwork run folder or checkpoint, an
     intervention file, an evaluation run folder) to `folder`, which must be new or empty: (kind, folder)."""
+    _check_repo_id(repo_id)
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise HTError(f"{folder} exists and is not an empty folder; give a new one")
@@ -245,12 +267,8 @@ def push(source: str | Path, repo_id: str, private: bool = False) -> str:
     """Stage `source` and upload it to the Hub repo `repo_id` (a model repo, or a dataset repo for an
     evaluation run), creating the repo if need be; returns the repo's URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import validate_repo_id
 
-    try:
-        validate_repo_id(repo_id)
-    except ValueError as error:
-        raise HTError(f"{repo_id!r} is not a Hub repo id (user/name): {error}") from None
+    _check_repo_id(repo_id)
     with tempfile.TemporaryDirectory(prefix="ht-hub-") as temporary:
         kind, folder = stage(source, Path(temporary) / "upload", repo_id)
         repo_type = "dataset" if kind == "dataset" else "model"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import htcli as ht
 from htcli.cli import app
 from htcli.core import hooks
-from htcli.core.hooks import module_width, resolve_layers
+from htcli.core.hooks import Steering, module_width, resolve_layers
 from htcli.errors import HTError
 from htcli.models import denoiser
 
@@ -221,3 +221,59 @@ def test_the_package_top_is_small_and_lazy():
     assert {"HyperTransport", "Intervention", "apply", "load_pipeline"} <= set(eval(out[1]))
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         ht.nothing
+
+
+def test_nothing_is_attached_when_apply_refuses(tiny):
+    """Every check comes before the first hook: a refused call leaves the pipeline as it was."""
+    spec, pipe = tiny
+    model = denoiser(pipe, spec)
+    maps = _random_intervention(spec, pipe)
+    for bad in (float("nan"), "0.5", None, True):
+        with pytest.raises(HTError, match="strength must be a finite number"):
+            ht.apply(pipe, maps, strength=bad)
+        assert _hook_count(model) == 0
+    with pytest.raises(HTError, match="got 'art deco' \\(for concept text, use HyperTransport.intervention first\\)"):
+        ht.apply(pipe, "art deco")
+    with pytest.raises(HTError, match="use HyperTransport.intervention first"):
+        ht.apply(pipe, ht.HyperTransport.from_pretrained(model="tiny"))
+    with pytest.warns(UserWarning, match="strength 1.5 extrapolates"):
+        ht.apply(pipe, maps, strength=1.5).remove()
+    assert _hook_count(model) == 0
+
+
+def test_windows_read_the_scheduler_of_each_call_and_generators_once(tiny_sdxl):
+    spec, pipe = tiny_sdxl
+    maps = _random_intervention(spec, pipe)
+    with ht.apply(pipe, maps, steps=(s for s in (2, 3))):  # a generator: read once, steering every call
+        first, second = _generate(spec, pipe, output_type="pt"), _generate(spec, pipe, output_type="pt")
+    assert torch.equal(first, second)
+    original = pipe.scheduler
+    with ht.apply(pipe, maps, steps=0) as handle:
+        steered = _generate(spec, pipe, output_type="pt")
+        pipe.scheduler = type(original).from_config(original.config)  # swapped while attached
+        try:
+            assert torch.equal(_generate(spec, pipe, output_type="pt"), steered)  # still steers step 0
+        finally:
+            pipe.scheduler = original
+    assert not handle.attached
+
+
+def test_maps_follow_the_model_to_another_device(tiny):
+    """Attached on the CPU, then the model moves (pipe.to, CPU offload): the maps follow it on the
+    next call instead of failing on mixed devices. The meta device stands in for a GPU."""
+    from htcli.core.hooks import attach
+    from htcli.models import build_meta_denoiser, denoiser_config
+    from htcli.models.inputs import denoiser_call, example_inputs
+
+    spec, _ = tiny
+    model = build_meta_denoiser(spec).to_empty(device="cpu")
+    layers = resolve_layers(model, spec.hook_patterns)
+    maps = {name: (torch.ones(module_width(m)), torch.zeros(module_width(m))) for name, m in layers.items()}
+    hooks = attach(model, layers, steering=Steering(maps, 0.5))
+    assert next(iter(hooks.steering.maps.values()))[0].device.type == "cpu"
+    model.to("meta")
+    with torch.device("meta"):
+        inputs = example_inputs(spec, denoiser_config(spec))
+    denoiser_call(spec, model, inputs)
+    assert {o.device.type for o, _ in hooks.steering.maps.values()} == {"meta"}
+    hooks.remove()

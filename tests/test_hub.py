@@ -67,7 +67,9 @@ def test_hypernetwork_folder_round_trip_and_card(tmp_path):
     assert "base_model" not in front  # tiny has random weights: no Hub base model to name
     card = (folder / "README.md").read_text()
     assert "trained on 1375 concepts" in card and "| held-out test concepts | 0.601 |" in card
-    assert "ht train-hyper --model tiny --steps 1200" in card and 'from_pretrained("me/tiny-ht")' in card
+    assert "ht build-dataset --model tiny --out runs/tiny/search-data --extra-concepts EXTRA.txt" in card
+    assert "ht train-hyper --model tiny --data runs/tiny/search-data --steps 1200" in card
+    assert 'from_pretrained("me/tiny-ht")' in card
 
     saved = ht.HyperTransport.from_pretrained(model="tiny")
     reloaded = ht.HyperTransport.from_pretrained(folder)  # the Hub layout, from a local folder
@@ -114,8 +116,9 @@ def test_loading_by_repo_id_from_the_hub_cache_offline(hub_cache, tmp_path):
                              (ht.Intervention.load("me/styles/art/b.safetensors"), second),
                              (ht.Intervention.load("me/one"), second)):  # a repo's one file
         assert all(torch.equal(loaded.maps[k][0], expected.maps[k][0]) for k in expected.maps)
-    with pytest.raises(HTError, match=r"me/styles: Hub repo me/styles holds 2 safetensors files \(art/a.safetensors, "
-                                      r"art/b.safetensors\); name one as me/styles/FILE"):
+    with pytest.raises(HTError, match=r"me/styles: no such local file or folder, and Hub repo me/styles holds 2 "
+                                      r"safetensors files \(art/a.safetensors, art/b.safetensors\); name one as "
+                                      r"me/styles/FILE"):
         ht.Intervention.load("me/styles")
 
     inspected = runner.invoke(app, ["inspect", "me/styles/art/a.safetensors", "--json"])
@@ -126,12 +129,15 @@ def test_loading_by_repo_id_from_the_hub_cache_offline(hub_cache, tmp_path):
 
 
 @pytest.mark.parametrize("reference,kwargs,message", [
-    ("me/absent", {}, r"no intervention file at me/absent: its files in Hub repo me/absent not in the Hub cache "
-                      r"\(HF_HUB_OFFLINE is set"),
-    ("me/styles", {"weight_name": "c.safetensors"}, "no intervention file at me/styles: c.safetensors in Hub repo "
-                                                    "me/styles not in the Hub cache"),
-    ("me/styles/art/c.safetensors", {}, "art/c.safetensors in Hub repo me/styles not in the Hub cache"),
+    ("me/absent", {}, r"no intervention file at me/absent: no such local file or folder, and Hub repo me/absent is "
+                      r"not in the Hub cache \(HF_HUB_OFFLINE is set"),
+    ("me/styles", {"weight_name": "c.safetensors"}, "no intervention file at me/styles: no such local file or folder, "
+                                                    "and c.safetensors in Hub repo me/styles not in the Hub cache"),
+    ("me/styles/art/c.safetensors", {}, "c.safetensors in Hub repo me/styles folder art not in the Hub cache"),
     ("no-slash.safetensors", {}, "no such file or folder"),
+    ("me/styles", {"subfolder": "/etc", "weight_name": "passwd"}, "subfolder '/etc' must be a relative path"),
+    ("me/styles/../../x.safetensors", {}, r"me/styles/../../x.safetensors: the path in the repo '../../x.safetensors' "
+                                          r"must be a relative path"),
 ])
 def test_a_missing_hub_reference_is_one_line_naming_it(hub_cache, tmp_path, reference, kwargs, message):
     hub_cache("me/styles", {"art/a.safetensors": _maps("tiny").save(tmp_path / "a.safetensors")})
@@ -140,10 +146,11 @@ def test_a_missing_hub_reference_is_one_line_naming_it(hub_cache, tmp_path, refe
     assert "\n" not in str(raised.value)
     if not kwargs:  # the command line takes the reference alone
         cli = runner.invoke(app, ["steer", "a cat", "--model", "tiny", "-i", reference])
-        assert cli.exit_code == 1 and cli.output.startswith(f"Error: no intervention file at {reference}: "), cli.output
+        assert cli.exit_code == 1 and cli.output.startswith("Error: ") and reference in cli.output, cli.output
+        assert cli.output.count("\n") == 1
     hyper = runner.invoke(app, ["serve", "--model", "tiny", "--hyper", "me/absent-hyper"])
-    assert hyper.exit_code == 1 and "no hypernetwork at me/absent-hyper: hyper.safetensors or model.safetensors" \
-        in hyper.output
+    assert hyper.exit_code == 1 and "no hypernetwork at me/absent-hyper: no such local file or folder, and " \
+        "model.safetensors or hyper.safetensors in Hub repo me/absent-hyper not in the Hub cache" in hyper.output
 
 
 def test_push_uploads_the_staged_folder_with_one_call(monkeypatch, tmp_path):
@@ -184,6 +191,12 @@ def test_an_evaluation_run_becomes_an_image_dataset(tmp_path, tiny, monkeypatch)
     assert front["task_categories"] == ["text-to-image"] and front["configs"][0]["data_files"][0]["split"] == "train"
     # `load_dataset` on the folder reads its card's configs, as it would from the Hub repo.
     loaded = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
+    stray = run / "images" / "stray.png"  # a file the index does not list is not part of the dataset
+    stray.write_bytes((folder / loaded[0]["image"].filename.split(str(folder) + "/")[1]).read_bytes())
+    restaged = runner.invoke(app, ["hub", "stage", str(run), str(tmp_path / "up2")])
+    assert restaged.exit_code == 0 and not (tmp_path / "up2" / "images" / "stray.png").exists()
+    bad_id = runner.invoke(app, ["hub", "stage", str(run), str(tmp_path / "up3"), "--repo-id", 'a"b/c'])
+    assert bad_id.exit_code == 1 and "is not a Hub repo id" in bad_id.output
     assert len(loaded) == 4 and sorted(set(loaded["method"])) == ["none", "prompt"]
     row = loaded[0]
     assert row["concept"] == "Art Deco" and np.asarray(row["image"]).shape[-1] == 3

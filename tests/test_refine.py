@@ -252,3 +252,32 @@ def test_serve_refines_within_its_limit(hyper, tiny, tmp_path, monkeypatch):
     assert ok.json()["images"][0]["metadata"]["refine"] == 2
     assert too_many.status_code == 400 and too_many.json()["field"] == "refine"
     assert no_concept.status_code == 400
+
+
+def test_damaged_cache_files_are_captured_again_and_the_cache_is_bounded(data, hyper, predictor, tiny, tmp_path,
+                                                                          monkeypatch):
+    from htcli.core.files import read_tensors, save_tensors
+    from htcli.generate.steer import Steerer
+
+    monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
+    spec, pipe = tiny
+    refiner = Steerer(spec, pipe=pipe, hyper=hyper).refiner
+    refiner.max_cached = 2
+    library = load_library()
+    first, second, third = (library.resolve(text) for text in ("glass city", "paper city", "ice city"))
+    captured = refiner.captured(None, predictor)  # no dataset: the default fitting samples
+    assert captured.source_inputs()["noise"].shape[0] == 32  # encoded once, kept beside the targets
+    assert captured.ensure([first]) == ["glass city"]
+    (path,) = [p for p in captured.root.glob("*.safetensors") if p.name != "source.safetensors"]
+    good = captured.targets(["glass city"])
+    path.write_bytes(path.read_bytes()[:-50])  # truncated
+    assert captured.ensure([first]) == ["glass city"]  # captured again, not an error
+    tensors, meta = read_tensors(path, "x")
+    save_tensors(path, {"wrong": tensors[next(iter(tensors))]}, meta)  # whole, but not what it should hold
+    assert captured.ensure([first]) == ["glass city"]
+    assert all(torch.equal(captured.targets(["glass city"])[k], good[k]) for k in good)
+    captured.ensure([second])
+    captured.ensure([third])  # a third concept: the oldest file goes
+    kept = sorted(p.name.split("-")[0] for p in captured.root.glob("*.safetensors") if p.name != "source.safetensors")
+    assert kept == ["ice", "paper"] and (captured.root / "source.safetensors").is_file()
+    assert captured.ensure([first, second, third]) == ["glass city"]  # all three kept while this call needs them

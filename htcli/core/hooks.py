@@ -282,9 +282,10 @@ def attach(
         first denoising step) in `run.pooled`, float32, with autograd intact (wrap in
         `torch.no_grad()` when no gradient is wanted).
     steering: apply its maps to the layers it names (each must be in `layers`), moved once to
-        the device of `model`'s parameters (in float32); with `steering.steps`, only during those
-        denoising steps (0-based): `step()` says which step a call of `model` belongs to, read
-        as the call starts; without it, the calls of `model` since attaching are counted.
+        the device of `model`'s parameters (in float32; again only if the model moves); with
+        `steering.steps`, only during those denoising steps (0-based): `step()` says which step a
+        call of `model` belongs to, read as the call starts; without it, the calls of `model`
+        since attaching are counted.
     stop_early: end the forward pass once every captured layer has run, by raising `hooks.stop`
         (a `StopForward`, which `hooked` catches).
     """
@@ -295,9 +296,10 @@ def attach(
     if stop_early and not capture:
         raise HTError("stop_early needs capture=True: it stops once every captured layer has run")
     parameter = next(model.parameters(), None)
-    if steering is not None and parameter is not None:
-        # Once here, not per hook call: a 4-step SDXL image runs the steering hooks 840 times.
-        steering = steering.to(parameter.device)
+    if steering is not None:
+        # Once here, not per hook call: a 4-step SDXL image runs the steering hooks 840 times. Our
+        # own copy either way: `strength` is set on it, and it follows the model if that moves.
+        steering = steering.to(parameter.device) if parameter is not None else replace(steering)
     run = HookRun()
     stop = StopForward()
     remaining = set(layers)
@@ -314,6 +316,10 @@ def attach(
             if (steering is not None and name in steering.maps
                     and (steering.steps is None or current in steering.steps)):
                 omega, beta = steering.maps[name]
+                if omega.device != z.device:  # the model moved after attaching (pipe.to, CPU offload): follow it
+                    moved = steering.to(z.device)
+                    steering.maps, steering.strength = moved.maps, moved.strength
+                    omega, beta = steering.maps[name]
                 batch = z.shape[0]
                 strength = steering.strength
                 if isinstance(strength, Tensor):

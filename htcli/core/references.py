@@ -8,23 +8,31 @@ Everything that takes an intervention file or a hypernetwork takes either:
 
 and, from Python, `weight_name=` / `subfolder=` as diffusers' `load_lora_weights` takes them.
 Downloads go through `huggingface_hub` and its cache, so `HF_HUB_OFFLINE=1` reads the cache only;
-whatever cannot be had is one line naming the reference.
+whatever cannot be had is one line naming the reference. Names inside a repo are relative:
+an absolute path or a `..` part is refused, so a Hub reference never reads another local file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from htcli.errors import HTError
 
-SAFETENSORS = "*.safetensors"
+SAFETENSORS = ".safetensors"
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     return (OSError, ValueError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError)
+
+
+def _missing_file_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "no such file in the repo" (not: no access, no network)."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    return (EntryNotFoundError, LocalEntryNotFoundError)
 
 
 def split_reference(reference: str) -> tuple[str, str | None] | None:
@@ -43,15 +51,24 @@ def split_reference(reference: str) -> tuple[str, str | None] | None:
     return repo_id, "/".join(parts[2:]) or None
 
 
+def _relative(name: str | None, what: str) -> str | None:
+    """`name` (a file or folder inside a repo or folder) if it is a plain relative path, else HTError."""
+    if name is None:
+        return None
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or not str(path).strip("./"):
+        raise HTError(f"{what} {name!r} must be a relative path inside the folder or repo, without '..'")
+    return str(path)
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _where(reference: str) -> str:
-    return ("not in the Hub cache (HF_HUB_OFFLINE is set: the cache only)" if _offline()
-            else "not found on the Hub or in its cache")
+def _where() -> str:
+    return "not in the Hub cache (HF_HUB_OFFLINE is set: the cache only)" if _offline() else "not on the Hub"
 
 
 def _local(path: Path, names: Sequence[str], what: str) -> Path:
@@ -63,7 +80,7 @@ def _local(path: Path, names: Sequence[str], what: str) -> Path:
     if found:
         return found[0]
     if not names:
-        files = sorted(path.glob(SAFETENSORS))
+        files = sorted(path.glob(f"*{SAFETENSORS}"))
         if len(files) == 1:
             return files[0]
         if files:
@@ -82,6 +99,7 @@ def resolve_file(reference: str | Path, what: str, names: Sequence[str] = (), we
         file there. `weight_name` and `subfolder` choose the file explicitly.
     what: the kind of file, for error messages ("intervention file", "hypernetwork")."""
     text = str(reference)
+    weight_name, subfolder = _relative(weight_name, "weight_name"), _relative(subfolder, "subfolder")
     local = Path(text).expanduser()
     if subfolder:
         local = local / subfolder
@@ -91,40 +109,57 @@ def resolve_file(reference: str | Path, what: str, names: Sequence[str] = (), we
     if split is None:
         raise HTError(f"no {what} at {text}: no such file or folder (and not a Hub repo id like user/repo)")
     repo_id, in_repo = split
+    in_repo = _relative(in_repo, f"{text}: the path in the repo")
     filename = weight_name
-    if filename is None and in_repo and in_repo.endswith(".safetensors"):  # user/repo/dir/file.safetensors
+    if filename is None and in_repo and in_repo.endswith(SAFETENSORS):  # user/repo/dir/file.safetensors
         in_repo, _, filename = in_repo.rpartition("/")
     folder = "/".join(part for part in (subfolder, in_repo) if part) or None
-    return _download(repo_id, folder, filename, names, what, text, repo_type)
+    try:
+        return _download(repo_id, folder, filename, names, what, repo_type)
+    except HTError as error:
+        raise HTError(f"no {what} at {text}: no such local file or folder, and {error}") from None
 
 
 def _download(repo_id: str, folder: str | None, filename: str | None, names: Sequence[str], what: str,
-              text: str, repo_type: str) -> Path:
-    from huggingface_hub import hf_hub_download, snapshot_download
+              repo_type: str) -> Path:
+    """The file in the Hub repo, through the cache; HTError says why not (after "no such local ... and")."""
+    from huggingface_hub import hf_hub_download
 
-    if filename is None and names:  # the first default name the repo has
-        for name in names:
+    where = f"Hub repo {repo_id}" + (f" folder {folder}" if folder else "")
+    candidates = [filename] if filename is not None else list(names)
+    try:
+        if not candidates:  # the one safetensors file there
+            candidates = [_one_safetensors(repo_id, folder, repo_type, where)]
+        for name in candidates:
             try:
                 return Path(hf_hub_download(repo_id, name, subfolder=folder, repo_type=repo_type))
-            except _hub_errors():
+            except _missing_file_errors():
                 continue
-        raise HTError(f"no {what} at {text}: {' or '.join(names)} in Hub repo {repo_id}"
-                      f"{f' folder {folder}' if folder else ''} {_where(text)}")
-    try:
-        if filename is not None:
-            return Path(hf_hub_download(repo_id, filename, subfolder=folder, repo_type=repo_type))
-        pattern = f"{folder}/{SAFETENSORS}" if folder else SAFETENSORS
-        snapshot = Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=[pattern]))
-    except _hub_errors() as error:
-        name = "/".join(part for part in (folder, filename) if part) or "its files"
-        raise HTError(f"no {what} at {text}: {name} in Hub repo {repo_id} {_where(text)} "
-                      f"({type(error).__name__})") from None
-    files = sorted((snapshot / folder if folder else snapshot).rglob(SAFETENSORS))
+    except HTError:
+        raise
+    except _hub_errors() as error:  # no access (private, gated), no network, no such repo
+        raise HTError(f"{where} could not be read: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+    raise HTError(f"{' or '.join(candidates)} in {where} {_where()}")
+
+
+def _one_safetensors(repo_id: str, folder: str | None, repo_type: str, where: str) -> str:
+    """The name (relative to `folder`) of the one safetensors file in the repo folder: listed on
+    the Hub (nothing is downloaded to choose), or found in the cached snapshot when offline."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    prefix = f"{folder}/" if folder else ""
+    if _offline():
+        try:
+            snapshot = Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=[f"{prefix}*{SAFETENSORS}"]))
+        except _missing_file_errors():
+            raise HTError(f"{where} is {_where()}") from None
+        files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob(f"*{SAFETENSORS}")]
+    else:
+        files = list_repo_files(repo_id, repo_type=repo_type)
+    files = sorted(f.removeprefix(prefix) for f in files if f.startswith(prefix) and f.endswith(SAFETENSORS))
     if len(files) == 1:
         return files[0]
-    where = f"Hub repo {repo_id}" + (f" folder {folder}" if folder else "")
     if not files:
-        raise HTError(f"no {what} at {text}: no .safetensors file in {where} {_where(text)}")
-    names = ", ".join(f.relative_to(snapshot).as_posix() for f in files)
-    raise HTError(f"{text}: {where} holds {len(files)} safetensors files ({names}); name one as {repo_id}/FILE "
-                  f"(or weight_name=)")
+        raise HTError(f"no .safetensors file in {where} ({_where() if _offline() else 'it has none'})")
+    raise HTError(f"{where} holds {len(files)} safetensors files ({', '.join(files)}); name one as "
+                  f"{repo_id}/{prefix}FILE (or weight_name=)")

@@ -53,11 +53,12 @@ class CapturedTargets:
     """Targets of concepts on `settings`' fitting samples, captured by `ensure` and cached in `root`."""
 
     def __init__(self, settings: DatasetSettings, encode: Encode, forward: Forward, root: Path | None = None,
-                 source: Mapping[str, Tensor] | None = None) -> None:
+                 source: Mapping[str, Tensor] | None = None, max_concepts: int | None = None) -> None:
         """encode: the pipeline's prompt encoding (`htcli.data.forward.encode_inputs`); forward: the
         frozen denoiser's pooled activations; source: the fitting samples' cached inputs when a
-        dataset already has them (else they are encoded once and cached)."""
-        self.settings, self._encode, self._forward = settings, encode, forward
+        dataset already has them (else they are encoded once and cached); max_concepts: how many
+        concepts' files the folder keeps at most (the oldest written go first; None: no bound)."""
+        self.settings, self._encode, self._forward, self.max_concepts = settings, encode, forward, max_concepts
         self.root = Path(root) if root is not None else run_path(settings.model, "refine-cache") / settings.digest()
         self._source = dict(source) if source is not None else None
         self._files: dict[str, Path] = {}  # concept name -> its targets file
@@ -74,12 +75,28 @@ class CapturedTargets:
             raise HTError("captured targets have fitting samples only (refining evaluates on a dataset)")
         if self._source is None:
             path = self.root / "source.safetensors"
-            if path.is_file():
-                self._source = read_tensors(path, "refine cache")[0]
-            else:
+            self._source = self._read(path, ["noise", "text"])
+            if self._source is None:
                 self._source = self._encoded(list(self.settings.fit_prompts))
                 save_tensors(path, self._source, {"settings_digest": self.settings.digest()})
         return self._source
+
+    def _read(self, path: Path, keys: Sequence[str]) -> dict[str, Tensor] | None:
+        """The tensors of a cache file if it is whole and made with these settings, with `keys` of
+        one row per fitting sample; else None, after removing it (it is captured again)."""
+        if not path.is_file():
+            return None
+        rows = len(self.settings.fit_seeds)
+        try:
+            tensors, meta = read_tensors(path, "refine cache file")
+            fits = meta.get("settings_digest") == self.settings.digest() and all(
+                key in tensors and tensors[key].shape[0] == rows for key in keys)
+        except HTError:
+            fits = False
+        if fits:
+            return tensors
+        path.unlink(missing_ok=True)
+        return None
 
     def _file(self, concept: Concept) -> Path:
         prompts = [concept.apply(p, i) for i, p in enumerate(self.settings.fit_prompts)]
@@ -87,11 +104,13 @@ class CapturedTargets:
         return self.root / f"{slugify(concept.name)[:60]}-{key}.safetensors"
 
     def ensure(self, concepts: Sequence[Concept]) -> list[str]:
-        """Capture every concept not cached yet; returns the names of those captured now."""
-        captured = []
+        """Capture every concept not cached yet (or whose file is damaged); returns the names of
+        those captured now."""
+        captured, used = [], set()
+        keys = [f"fit.{layer}" for layer in self.settings.layers]
         for concept in concepts:
             path = self._file(concept)
-            if not path.is_file():
+            if self._read(path, keys) is None:
                 prompts = [concept.apply(p, i) for i, p in enumerate(self.settings.fit_prompts)]
                 pooled = self._forward(self._encoded(prompts))  # the fitting seeds: paired with the sources
                 dtype = STORAGE_DTYPES[self.settings.storage_dtype]
@@ -99,7 +118,19 @@ class CapturedTargets:
                              {"concept": concept.name, "settings_digest": self.settings.digest()})
                 captured.append(concept.name)
             self._files[concept.name] = path
+            used.add(path)
+        self._evict(keep=used)
         return captured
+
+    def _evict(self, keep: set[Path]) -> None:
+        """Remove the oldest concept files beyond `max_concepts`, never those in `keep` (this call's)."""
+        if self.max_concepts is None:
+            return
+        files = sorted((p for p in self.root.glob("*.safetensors") if p.name != "source.safetensors" and p not in keep),
+                       key=lambda p: p.stat().st_mtime_ns)
+        for old in files[: max(len(files) + len(keep) - self.max_concepts, 0)]:
+            old.unlink(missing_ok=True)
+            self._files = {name: path for name, path in self._files.items() if path != old}
 
     def names(self) -> list[str]:
         return list(self._files)

@@ -16,6 +16,7 @@ pipeline; on a bare denoiser, with its calls since `apply`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -36,9 +37,9 @@ def denoiser_of(pipe: Any) -> nn.Module:
     for name in DENOISER_ATTRIBUTES:
         module = getattr(pipe, name, None)
         if isinstance(module, nn.Module):
-            return module
+            return getattr(module, "_orig_mod", module)  # torch.compile's wrapper: hook the modules it compiled
     if isinstance(pipe, nn.Module):
-        return pipe
+        return getattr(pipe, "_orig_mod", pipe)
     raise HTError(f"{type(pipe).__name__} has no denoiser to steer: expected a diffusers pipeline with a "
                   f"{' or '.join(DENOISER_ATTRIBUTES)}, or the denoiser module itself")
 
@@ -55,19 +56,32 @@ def _scheduler_step(pipe: Any) -> Callable[[], int] | None:
                       f"{type(scheduler).__name__} does not")
 
     def step() -> int:
-        index = scheduler.step_index
-        return int(index if index is not None else getattr(scheduler, "begin_index", None) or 0)
+        current = pipe.scheduler  # read at every call: a scheduler swapped after `apply` is the one that runs
+        index = getattr(current, "step_index", None)
+        return int(index if index is not None else getattr(current, "begin_index", None) or 0)
 
     return step
 
 
 def _steps(steps: int | Collection[int] | None) -> Collection[int] | None:
+    """The window as a range or a frozenset (a generator is read once, here)."""
     if steps is None:
         return None
     window = range(steps, steps + 1) if isinstance(steps, int) else steps
+    window = window if isinstance(window, range) else frozenset(window)
     if not window or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in window):
         raise HTError(f"steps takes denoising step numbers from 0 (an int, a range or a set), got {steps!r}")
     return window
+
+
+def check_strength(value: object) -> float:
+    """`value` as a float if it is a finite number, else HTError; above 1 in size it extrapolates
+    beyond the fitted transport (or its inverse), which works but is worth a warning."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HTError(f"strength must be a finite number, got {value!r}")
+    if abs(value) > 1:
+        warnings.warn(f"strength {value:g} extrapolates beyond the fitted transport", stacklevel=3)
+    return float(value)
 
 
 class Applied:
@@ -83,9 +97,7 @@ class Applied:
 
     @strength.setter
     def strength(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise HTError(f"strength must be a finite number, got {value!r}")
-        self._hooks.steering.strength = float(value)
+        self._hooks.steering.strength = check_strength(value)
 
     @property
     def attached(self) -> bool:
@@ -138,6 +150,9 @@ Applicable = Intervention | tuple[Intervention, float]
 
 def _weighted(interventions: Applicable | Sequence[Applicable]) -> list[tuple[Intervention, float]]:
     """(intervention, weight) pairs from what `apply` was given, each checked."""
+    if isinstance(interventions, str) or not isinstance(interventions, (Intervention, tuple, Sequence)):
+        raise HTError(f"apply takes Intervention objects or (Intervention, weight) pairs, got {interventions!r:.80} "
+                      "(for concept text, use HyperTransport.intervention first)")
     items = [interventions] if isinstance(interventions, (Intervention, tuple)) else list(interventions)
     if not items:
         raise HTError("nothing to apply: give an Intervention or a list of them")
@@ -180,6 +195,4 @@ def apply(
         raise HTError(f"layers takes a list of patterns, got the string {layers!r}: write [{layers!r}]")
     kept = select_layers([list(i.maps) for i, _ in weighted], [None] * len(weighted), list(layers), labels)
     composed = combine([({name: i.maps[name] for name in names}, float(w)) for (i, w), names in zip(weighted, kept)])
-    applied = steer_pipeline(pipe, composed, 1.0, _steps(steps))
-    applied.strength = strength
-    return applied
+    return steer_pipeline(pipe, composed, check_strength(strength), _steps(steps))  # nothing attached before here

@@ -37,7 +37,8 @@ from htcli.models import get_model
 from htcli.models.encoders import close_gap, get_encoder, modality_gap
 
 CHECKPOINT = "hyper.safetensors"  # in a run folder; a Hub-layout folder has model.safetensors
-CHECKPOINT_NAMES = (CHECKPOINT, "model.safetensors")
+# A Hub-layout folder wins over a stale run checkpoint beside it (a repo pushed to twice).
+CHECKPOINT_NAMES = ("model.safetensors", CHECKPOINT)
 
 
 def shipped_checkpoint(model: str) -> Path | None:

@@ -113,6 +113,7 @@ class Refiner:
                  device: str | None = None) -> None:
         self.spec, self._pipe, self._library, self.device = spec, pipe, library, device
         self.lock = threading.RLock()
+        self.max_cached: int | None = None  # concepts whose captured targets stay on disk (None: all)
         self._frozen: Frozen | None = None
         self._captured: dict[str, CapturedTargets] = {}
 
@@ -140,7 +141,7 @@ class Refiner:
         if key not in self._captured:
             self._captured[key] = CapturedTargets(settings, self._encode,
                                                   lambda inputs: self.frozen(settings.layers).pooled(inputs),
-                                                  source=source)
+                                                  source=source, max_concepts=self.max_cached)
         return self._captured[key]
 
     def fit_sources(self, concepts: Sequence[Concept], dataset: ActivationDataset | None,
