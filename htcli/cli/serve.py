@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from htcli.cli.app import app
-from htcli.cli.options import DeviceOption, HyperOption, ModelOption, ModelPathOption
+from htcli.cli.options import DeviceOption, HyperOption, ModelOption, ModelPathOption, RandomWeightsOption
 from htcli.cli.output import console, warn
 from htcli.errors import HTError
 from htcli.models import get_model
@@ -40,6 +40,7 @@ def serve_command(
     cache_size: Annotated[int, typer.Option(help="Concepts whose predicted maps are kept (LRU; 0: none).")]
     = DEFAULTS.cache_size,
     model_path: ModelPathOption = None,
+    random_weights: RandomWeightsOption = False,
     device: DeviceOption = None,
 ) -> None:
     """Serve steered generation over HTTP: POST /v1/generate, POST /v1/intervention, GET /v1/concepts,

@@ -100,8 +100,9 @@ class Planner:
         self.predictor = predictor if predictor is not None else steerer.predictor
         self._recorder = _Recorder(self.spec, build_meta_denoiser(self.spec))
         # One planning Steerer for every request, so that whatever a Steerer keeps between
-        # requests, it keeps here too.
-        self._steerer = Steerer(self.spec, pipe=self._recorder, predictor=self.predictor)
+        # requests, it keeps here too; on `steerer`'s device, so that every request's maps meet
+        # on the device of the pipeline that generates them (`Steerer.maps_device`).
+        self._steerer = Steerer(self.spec, pipe=self._recorder, predictor=self.predictor, device=steerer.device)
 
     def plan(self, request: SteerRequest) -> Planned:
         """Everything `ht steer` does for `request` but generating; raises its HTErrors."""

@@ -26,7 +26,7 @@ from PIL import Image
 from htcli import __version__
 from htcli.core.hooks import Steering, hooked, resolve_layers
 from htcli.core.runtime import Progress
-from htcli.core.transport import OMEGA_MIN, Maps, stack_maps
+from htcli.core.transport import OMEGA_MIN, Maps, maps_to, stack_maps
 from htcli.errors import HTError
 from htcli.generate.compose import (
     Sources,
@@ -151,13 +151,22 @@ class Steerer:
             self._pipe = load_pipeline(self.spec, model_path=self.model_path, device=resolve_device(self.device))
         return self._pipe
 
+    @property
+    def maps_device(self) -> torch.device:
+        """Where every source's maps meet for composition and batching: the device the pipeline
+        runs on (`device`), whichever device the hypernetwork or a file's maps come from."""
+        from htcli.core.runtime import resolve_device
+
+        return resolve_device(self.device)
+
     def frozen(self, layers: Sequence[str]) -> Any:
         """The denoiser alone, in the training dtype, hooked at `layers`: what `refine` fits
-        through (its own copy: the pipeline's may compute in float16, whose gradients underflow)."""
+        through (its own copy: the pipeline's may compute in float16, whose gradients underflow),
+        from the weights the pipeline loads (`model_path`)."""
         if self._frozen is None or list(self._frozen.layers) != list(layers):
             from htcli.data.forward import Frozen
 
-            self._frozen = Frozen.load(self.spec, layers, self.device)
+            self._frozen = Frozen.load(self.spec, layers, self.device, model_path=self.model_path)
         return self._frozen
 
     @property
@@ -286,9 +295,11 @@ def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes
                  refine: int | None = None, dataset: Any = None) -> tuple[list[tuple[Maps, float]], str | None, float]:
     """(maps, weight) per source in `sources` order, the checkpoint digest (None when nothing
     was predicted) and the milliseconds the maps took (encoding, and `refine` LinEAS steps per
-    concept on `dataset` (`_refine_dataset`), included)."""
+    concept on `dataset` (`_refine_dataset`), included). Every map is on `steerer.maps_device`."""
+    device = steerer.maps_device
+    files = [(maps_to(f.maps, device), w) for f, w, _ in sources.files]
     if not (sources.concepts or sources.images):
-        return [(f.maps, w) for f, w, _ in sources.files], None, 0.0
+        return files, None, 0.0
     refined, refine_ms = [], 0.0
     if dataset is not None:
         from htcli.methods.refine import refine_maps
@@ -306,7 +317,7 @@ def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes
         notes.append("the hypernetwork stores no modality gap; raw image embeddings were used "
                      "(train it with --calibration-images to store one)")
     weights = [w for _, w in sources.concepts] + [1.0] * bool(sources.images)
-    per_source = list(zip(predicted, weights)) + [(f.maps, w) for f, w, _ in sources.files]
+    per_source = [(maps_to(maps, device), w) for maps, w in zip(predicted, weights)] + files
     return per_source, predictor.digest, predictor.last_ms + refine_ms
 
 
@@ -382,6 +393,10 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
         predicted = []  # the hypernetwork's layers, when it predicts a source
         if sources.concepts or sources.images:
             predicted = [name for name, _ in steerer.predictor.checkpoint.config.layers]
+        if dataset is not None:
+            from htcli.methods.refine import check_refine_layers
+
+            check_refine_layers(predicted, dataset)
         kept = select_layers(sources.known_layers(predicted), sources.layers, request.layers, sources.labels)
         per_source, digest, ms = _source_maps(steerer, sources, request.gap_correction, notes, request.refine, dataset)
         per_source = [({name: maps[name] for name in names}, w) for (maps, w), names in zip(per_source, kept)]
@@ -405,7 +420,7 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             "method": request.method, "composition": "each" if request.each else "additive",
             "steer_steps": request.steer_steps, "layers": list(request.layers) or None,
             "steered_layers": list(combined) if combined else None, "checkpoint_sha256": digest,
-            "ht_version": __version__, "intervention_ms": ms,
+            "ht_version": __version__, "intervention_ms": ms, "random_weights": spec.random_weights,
             "refine": request.refine, "nearest_training_concepts": nearest, "ood": _ood(neighbours, sources.labels),
             "ood_threshold": neighbours[0]["ood_threshold"] if neighbours else None}
     cells: dict[tuple[int, int], SteeredImage] = {}  # (row, column) -> image

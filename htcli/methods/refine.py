@@ -26,7 +26,7 @@ from htcli.errors import HTError
 from htcli.methods.baselines import LineasConfig, fit_method
 from htcli.methods.objective import residuals
 from htcli.methods.predict import Predictor, resolve_checkpoint
-from htcli.models import default_model_name, get_model
+from htcli.models import default_model_name
 from htcli.models.interventions import Intervention, check_intervention_out
 
 
@@ -49,6 +49,19 @@ def check_refine(steps: int, dataset: ActivationDataset, names: Sequence[str]) -
         if name not in built:
             raise HTError(f"--refine fits on the concept's dataset samples, and {name!r} is not built in "
                           f"{dataset.root}; add it with `ht build-dataset --concept {name!r}` on that dataset first")
+
+
+def check_refine_layers(hyper_layers: Sequence[str], dataset: ActivationDataset) -> None:
+    """Refining the hypernetwork's maps of every layer it predicts needs the dataset's samples
+    of exactly those layers: a dataset hooked at other layers is refused, before anything loads."""
+    missing = [name for name in hyper_layers if name not in dataset.layers]
+    extra = [name for name in dataset.settings.layers if name not in hyper_layers]
+    if missing or extra:
+        differ = [f"lacks {len(missing)} of its {len(hyper_layers)} layers (e.g. {missing[0]})"] if missing else []
+        differ += [f"has {len(extra)} layers it does not predict (e.g. {extra[0]})"] if extra else []
+        raise HTError(f"--refine fits the hypernetwork's layers on the dataset's samples, and {dataset.root} "
+                      f"{' and '.join(differ)}; refine on a dataset built with the hypernetwork's layers "
+                      "(the one it was trained on)")
 
 
 def refine_maps(
@@ -89,12 +102,14 @@ def refine_maps(
 
 
 def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None,
-                        refine: int | None = None, data: Path | None = None) -> Intervention:
+                        refine: int | None = None, data: Path | None = None,
+                        model_path: str | None = None) -> Intervention:
     """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
     standard intervention file at `out`, and return it. `out` must be a new `.safetensors` path
     or an intervention file (replaced); anything else there is refused before anything loads.
     `refine` N: then N LinEAS steps from the prediction on the concept's samples in the dataset
-    `data` (default runs/<model>/data; see `htcli.methods.refine`), saved as `lineas-refine<N>`."""
+    `data` (default runs/<model>/data; see `htcli.methods.refine`), saved as `lineas-refine<N>`,
+    through the denoiser of `model_path` (a local pipeline directory, as generation loads it)."""
     out = check_intervention_out(Path(out))
     resolved = load_library().resolve(concept)
     if refine is None and data is not None:
@@ -107,7 +122,7 @@ def export_intervention(concept: str, out: Path, hyper: Path | None = None, mode
     if dataset is None:
         maps, method, refined = predictor.maps([resolved.phrase])[0], "hypertransport", {}
     else:
-        frozen = Frozen.load(get_model(predictor.model), dataset.settings.layers)
+        frozen = Frozen.load(dataset.spec(), dataset.settings.layers, model_path=model_path)
         maps, refined = refine_maps(predictor, frozen, resolved, dataset, refine)
         method = refined_method(refine)
     intervention = Intervention(maps, predictor.model, method, resolved.name, predictor.checkpoint.encoder,
