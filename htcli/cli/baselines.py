@@ -20,6 +20,8 @@ from htcli.cli.options import (
     JsonOption,
     MicroBatchOption,
     ModelOption,
+    ModelPathOption,
+    RandomWeightsOption,
     RefineOption,
     SamplesOption,
     SeedOption,
@@ -70,6 +72,8 @@ def fit_baselines_command(
     seed: SeedOption = LineasConfig.seed,
     dtype: DtypeOption = TrainingDtype.auto,
     grad_checkpointing: GradCheckpointingOption = False,
+    model_path: ModelPathOption = None,
+    random_weights: RandomWeightsOption = False,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -95,7 +99,7 @@ def fit_baselines_command(
         run = run_baselines(name, open_dataset(data, model), names=concept or (), split=split.value, samples=samples,
                             lineas=lineas, incremental=incremental, refine=refine, hyper=hyper, out=out,
                             overwrite=overwrite, device=device, dtype=dtype.value, grad_checkpointing=grad_checkpointing,
-                            progress=lambda done, total, text: bar.update(done, total, text))
+                            model_path=model_path, progress=lambda done, total, text: bar.update(done, total, text))
     if (diverged := run.diverged_warning()) is not None:
         warn(diverged)
     if as_json:

@@ -21,6 +21,8 @@ from htcli.cli.options import (
     LimitConceptsOption,
     ModelOption,
     ModelPathOption,
+    RandomWeightsOption,
+    ResolutionOption,
     SeedOption,
     SplitOption,
 )
@@ -49,6 +51,8 @@ def build_dataset_command(
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = DatasetRequest.batch_size,
     encoder: Annotated[Optional[str], typer.Option(help="Concept encoder id. Default: the spec's (tiny: minilm).")] = None,
     model_path: ModelPathOption = None,
+    random_weights: RandomWeightsOption = False,
+    resolution: ResolutionOption = None,
     device: DeviceOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset built with other settings.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and disk estimate; load and write nothing.")] = False,
@@ -66,7 +70,7 @@ def build_dataset_command(
 
     extra = read_concept_names(extra_concepts) if extra_concepts else ()
     request = DatasetRequest(model or default_model_name(), out, split.value, concept or (), extra, concept_dirs or (),
-                             limit_concepts, samples, eval_samples, layers, seed, batch_size, encoder)
+                             limit_concepts, samples, eval_samples, layers, seed, batch_size, encoder, resolution)
     if dry_run:
         plan = estimate(request)
         console.print(f"model {plan.model}: {plan.layers} layers, {plan.neurons:,} neurons")

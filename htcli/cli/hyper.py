@@ -19,6 +19,8 @@ from htcli.cli.options import (
     LimitConceptsOption,
     MicroBatchOption,
     ModelOption,
+    ModelPathOption,
+    RandomWeightsOption,
     RefineOption,
     SamplesOption,
     SeedOption,
@@ -62,6 +64,8 @@ def train_hyper_command(
     calibration_images: Annotated[
         Optional[Path], typer.Option(help="Folder of images to estimate the modality gap (image-capable encoders).")
     ] = None,
+    model_path: ModelPathOption = None,
+    random_weights: RandomWeightsOption = False,
     device: DeviceOption = None,
 ) -> None:
     """Train the hypernetwork end to end with the W2 loss on the dataset's training concepts.
@@ -87,7 +91,7 @@ def train_hyper_command(
             dataset, out or run_path(dataset.settings.model, "hyper"), config,
             {"arch": arch, "hidden": hidden, "depth": depth, "rank": rank or None},
             resume=resume, overwrite=overwrite, device=device, grad_checkpointing=grad_checkpointing,
-            calibration_images=calibration_images, progress=lambda step, total, text: bar.update(step, total, text),
+            model_path=model_path, calibration_images=calibration_images, progress=lambda step, total, text: bar.update(step, total, text),
             say=lambda line: err.print(line, markup=False),
         )
     if result is None:  # not rank 0
@@ -110,6 +114,8 @@ def export_command(
     model: ModelOption = None,
     refine: RefineOption = None,
     data: DataOption = None,
+    model_path: ModelPathOption = None,
+    random_weights: RandomWeightsOption = False,
 ) -> None:
     """Write the intervention the hypernetwork predicts for a concept, as a standard file.
 
@@ -121,7 +127,7 @@ def export_command(
     from htcli.methods.predict import Predictor
     from htcli.methods.refine import export_intervention
 
-    written = export_intervention(concept, out, hyper, model, refine, data)
+    written = export_intervention(concept, out, hyper, model, refine, data, model_path)
     console.print(f"wrote {out} ({written.model}, {len(written.maps)} layers) for {written.concept!r}", markup=False)
     if refine is not None:
         info = written.info

@@ -13,17 +13,23 @@ from htcli.cli.options import (
     BUILD_SAMPLES,
     CONCEPTS_PER_STEP,
     BuildSamplesOption,
+    DeviceOption,
+    DtypeOption,
     EvalSamplesOption,
     JsonOption,
     LayersOption,
+    MicroBatchOption,
     ModelOption,
+    RandomWeightsOption,
+    ResolutionOption,
+    TrainingDtype,
 )
-from htcli.cli.output import console, print_table
+from htcli.cli.output import console, note, print_table, steps
 from htcli.core.files import dumps_json
 from htcli.models import get_model, list_models
 
 if TYPE_CHECKING:
-    pass
+    from htcli.methods.measure import Measurement
 
 
 @app.command("models")
@@ -51,19 +57,33 @@ def plan_command(
     samples: BuildSamplesOption = BUILD_SAMPLES,
     eval_samples: EvalSamplesOption = BUILD_EVAL_SAMPLES,
     concepts_per_step: Annotated[int, typer.Option(help="Concepts per training step (as train-hyper).")] = CONCEPTS_PER_STEP,
+    resolution: ResolutionOption = None,
+    measure: Annotated[
+        bool, typer.Option("--measure", help="Also run capture, a LinEAS step and a training step (with and without "
+                           "--grad-checkpointing) on the model's architecture with random weights (no download), "
+                           "each in a fresh process, and print their peak memory and seconds per sample beside the "
+                           "estimates. Use small --samples and --concepts-per-step on a CPU.")
+    ] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = TrainingDtype.auto,
+    micro_batch: MicroBatchOption = None,
+    random_weights: RandomWeightsOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Show hooked layers, neurons, hypernetwork size, disk and GPU memory, with no download.
 
     Example: ht plan --model pixart --layers 'transformer_blocks.*.norm2'
+    Measured: ht plan --model pixart --measure --resolution 256 --samples 4 --concepts-per-step 2
     """
     from htcli.models.memory import plan_report
     from htcli.models.plan import human_bytes, human_count
 
-    plan = plan_report(model, layers, samples, eval_samples, concepts_per_step)
+    plan = plan_report(model, layers, samples, eval_samples, concepts_per_step, resolution)
     spec = get_model(plan["model"])
+    measured = _measure(plan["model"], layers, resolution, device, dtype.value, samples, concepts_per_step,
+                        micro_batch) if measure else None
     if as_json:
-        typer.echo(dumps_json(plan))
+        typer.echo(dumps_json(plan | ({"measured": measured.record()} if measured else {})))
         return
     table = Table(title=f"{spec.id}: hooked modules")
     for column in ("module", "neurons", "tokens/sample"):
@@ -71,7 +91,7 @@ def plan_command(
     for layer in plan["layers"]:
         table.add_row(layer["name"], str(layer["width"]), str(layer["tokens"]))
     print_table(table)
-    console.print(f"layers: {len(plan['layers'])}   neurons: {plan['neurons']:,}")
+    console.print(f"layers: {len(plan['layers'])}   neurons: {plan['neurons']:,}   resolution: {plan['resolution']} px")
     console.print(f"hypernetwork output size: {plan['hyper_outputs']:,} (omega - 1 and beta per neuron)")
     console.print(f"denoiser: {human_count(plan['denoiser_params'])} parameters, {human_bytes(plan['weights_bytes'])} "
                   f"in {spec.dtype}")
@@ -89,3 +109,35 @@ def plan_command(
         f"({batches['micro_batch_grad_checkpointing']} with --grad-checkpointing), "
         f"forward batch {batches['forward_batch']}"
     )
+    if measured is not None:
+        _print_measurement(measured)
+
+
+def _measure(model: str, layers: list[str] | None, resolution: int | None, device: str | None, dtype: str,
+             samples: int, concepts_per_step: int, micro_batch: int | None) -> Measurement:
+    from htcli.methods.measure import MeasureRequest, measure
+
+    request = MeasureRequest(model, resolution, device, dtype, samples, concepts_per_step, micro_batch, layers)
+    with steps("measure") as bar:
+        return measure(request, progress=lambda done, total, what: bar.update(done, total, what))
+
+
+def _print_measurement(measured: Measurement) -> None:
+    from htcli.models.plan import human_bytes
+
+    peak = "peak allocated" if measured.device.startswith("cuda") else "peak RSS"
+    table = Table(title=f"{measured.model} measured on {measured.device}, {measured.resolution} px, random weights "
+                        f"(N = {measured.samples} samples per concept, K = {measured.concepts_per_step} concepts per step)")
+    for column in ("phase", "dtype", "samples", "batch", "s/sample", peak, "above imports", "estimate"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in measured.phases:
+        table.add_row(phase.name, phase.dtype, str(phase.samples), str(phase.batch), f"{phase.seconds_per_sample:.3g}",
+                      human_bytes(phase.peak_bytes), human_bytes(phase.peak_bytes - phase.base_bytes),
+                      human_bytes(phase.estimate_bytes))
+    print_table(table)
+    if not measured.random_weights:
+        return
+    note("estimates count the denoiser's weights and one batch's activations (htcli.models.memory); capture also "
+         "loads the text encoders and the VAE, which random weights keep shallow: the real T5-XXL encoder "
+         "(4.8B parameters) adds about 8.9 GiB in 16 bits (pixart, flux-schnell), SDXL's two CLIP text encoders "
+         "about 1.5 GiB")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from htcli.models.spec import RANDOM_WEIGHTS_VARIABLE
 
 ModelOption = Annotated[
     str | None, typer.Option("--model", "-m", help="Model spec id (see `ht models`). Default: $HT_MODEL or pixart.")
@@ -28,6 +31,33 @@ DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu, cuda, c
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 ModelPathOption = Annotated[str | None, typer.Option("--model-path", help="Local pipeline directory instead of the Hub.")]
+ResolutionOption = Annotated[
+    int | None, typer.Option("--resolution", help="Image size in pixels, a multiple of 64. Default: the model's.")
+]
+
+RANDOM_WEIGHTS_NOTE = ("random weights (--random-weights): the model's real architecture at full width with seeded "
+                       "random weights, no download; its images are noise and its quality numbers mean nothing "
+                       "(memory, speed and the code paths are real)")
+
+
+def _use_random_weights(value: bool) -> bool:
+    """Set $HT_RANDOM_WEIGHTS for this process and those it starts (torchrun's, `ht plan
+    --measure`'s), where `htcli.models.get_model` reads it; say so on stderr."""
+    if value:
+        from htcli.cli.output import note
+
+        os.environ[RANDOM_WEIGHTS_VARIABLE] = "1"
+        note(RANDOM_WEIGHTS_NOTE)
+    return value
+
+
+RandomWeightsOption = Annotated[
+    bool,
+    typer.Option("--random-weights", envvar=RANDOM_WEIGHTS_VARIABLE, callback=_use_random_weights,
+                 help="The model's real architecture at full width with seeded random weights: no download, real "
+                 "memory, speed and code paths, meaningless images. Datasets and hypernetworks made so are refused "
+                 "without it, and real ones with it. Env: HT_RANDOM_WEIGHTS=1."),
+]
 
 # --- Options shared by the dataset, baselines, training and plan commands (defaults from the
 # library's dataclasses, so a number lives in one place). -----------------------------------

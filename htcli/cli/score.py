@@ -18,6 +18,7 @@ from htcli.cli.options import (
     LimitConceptsOption,
     ModelOption,
     ModelPathOption,
+    RandomWeightsOption,
     SeedOption,
     SplitOption,
 )
@@ -61,6 +62,7 @@ def evaluate_command(
         bool, typer.Option("--resume", help="Continue the model's most recent run instead of starting one.")
     ] = False,
     model_path: ModelPathOption = None,
+    random_weights: RandomWeightsOption = False,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -119,6 +121,7 @@ def score_command(
     ] = DatasetSplit.test,
     limit_concepts: LimitConceptsOption = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap intervals and of --limit-concepts.")] = 0,
+    random_weights: RandomWeightsOption = False,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from htcli.cli.app import app
-from htcli.cli.options import DeviceOption, HyperOption, ModelOption, ModelPathOption
+from htcli.cli.options import DeviceOption, HyperOption, ModelOption, ModelPathOption, RandomWeightsOption
 from htcli.cli.output import console, warn
 from htcli.errors import HTError
 from htcli.models import get_model
@@ -61,6 +61,7 @@ def serve_command(
         str | None, typer.Option(help="With --replicas: the Ray cluster to join (ray start --head). Default: a local Ray.")
     ] = None,
     model_path: ModelPathOption = None,
+    random_weights: RandomWeightsOption = False,
     device: DeviceOption = None,
 ) -> None:
     """Serve steered generation over HTTP: POST /v1/generate, POST /v1/intervention, GET /v1/concepts,

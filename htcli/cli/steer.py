@@ -15,7 +15,9 @@ from htcli.cli.options import (
     HyperOption,
     ModelOption,
     ModelPathOption,
+    RandomWeightsOption,
     RefineOption,
+    ResolutionOption,
 )
 from htcli.cli.output import console, note, steps
 from htcli.evaluation.stats import plural
@@ -79,6 +81,8 @@ def steer_command(
     refine: RefineOption = None,
     data: DataOption = None,
     model_path: ModelPathOption = None,
+    random_weights: RandomWeightsOption = False,
+    resolution: ResolutionOption = None,
     device: DeviceOption = None,
 ) -> None:
     """Generate images steered towards concepts, reference images or saved interventions.
@@ -101,7 +105,7 @@ def steer_command(
     )
     with steps("steer") as progress:
         run = steer_and_save(request, model=model, hyper=hyper, out=out, export=export, model_path=model_path,
-                             device=device, progress=lambda done, total, what: progress.update(done, total, what))
+                             device=device, resolution=resolution, progress=lambda done, total, what: progress.update(done, total, what))
     nearest = run.steered.images[0].metadata.get("nearest_training_concepts", []) if run.steered.images else []
     for source in dict.fromkeys(n["source"] for n in nearest):
         line = neighbours_line(source, [n for n in nearest if n["source"] == source])

@@ -36,6 +36,11 @@ def stack_maps(per_sample: Sequence[Maps | None]) -> Maps:
             for layer, pairs in zip(identity, own)}
 
 
+def maps_to(maps: Maps, device: torch.device | str) -> Maps:
+    """`maps` with every tensor on `device`, as float32 (no copy where they already are)."""
+    return {layer: (o.to(device, torch.float32), b.to(device, torch.float32)) for layer, (o, b) in maps.items()}
+
+
 def inverse_map(omega: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     """(1 / omega, -beta / omega) of `T^-1(z) = (z - beta) / omega`, in float32, with |omega|
     floored at `OMEGA_MIN` (see there; omega = 0 counts as positive)."""

@@ -61,7 +61,8 @@ def make_settings(
     spec: ModelSpec, library: ConceptLibrary, layers: Mapping[str, nn.Module], samples: int, eval_samples: int,
     seed: int, encoder: str | None = None, batch_size: int = DatasetSettings.batch_size,
 ) -> DatasetSettings:
-    """Settings for `spec` hooked at `layers`: seeded disjoint fit/eval prompts and seeds."""
+    """Settings for `spec` hooked at `layers`: seeded disjoint fit/eval prompts and seeds, the
+    spec's weights (random or real) and its resolution when it is not the model's own."""
     from htcli.core.hooks import module_width
 
     if batch_size < 1:
@@ -79,6 +80,8 @@ def make_settings(
         eval_seeds=tuple(eval_seeds),
         storage_dtype=spec.dataset_dtype,
         batch_size=batch_size,
+        random_weights=spec.random_weights,
+        resolution=None if spec.resolution == get_model(spec.id).resolution else spec.resolution,
     )
 
 
@@ -99,12 +102,13 @@ class DatasetRequest:
     seed: int = 0
     batch_size: int = DatasetSettings.batch_size
     encoder: str | None = None
+    resolution: int | None = None  # pixels; default the model's
 
     def resolve(self) -> tuple[ModelSpec, Path, ConceptLibrary, list[Concept], DatasetSettings]:
         """Check everything that needs no weights: spec, out, concepts, layers, settings."""
         from htcli.core.hooks import resolve_layers
 
-        spec = get_model(self.model)
+        spec = get_model(self.model).at_resolution(self.resolution)
         out = check_output_dir(Path(self.out) if self.out is not None else run_path(spec.id, "data"))
         library = load_library(self.concept_dirs)
         concepts = select_concepts(library, self.split, self.concepts, self.limit_concepts, self.seed)
@@ -307,6 +311,10 @@ def settings_differences(saved: Mapping, settings: DatasetSettings) -> list[str]
     compare("--seed", _seed_of(settings.fit_seeds), _seed_of(old.get("fit_seeds") or ()))
     compare("--batch-size", settings.batch_size, old.get("batch_size"))
     compare("storage dtype", settings.storage_dtype, old.get("storage_dtype"))
+    if settings.random_weights != bool(old.get("random_weights")):
+        differ.append(f"--random-weights {'on' if settings.random_weights else 'off'} "
+                      f"(saved {'on' if old.get('random_weights') else 'off'})")
+    compare("--resolution", settings.resolution or "the model's", old.get("resolution") or "the model's")
     if not differ and any(current[key] != old.get(key) for key in ("fit_prompts", "eval_prompts")):
         differ.append("the source prompts (the concept library's source prompts changed)")
     return differ or ["settings saved by another version of ht"]

@@ -10,7 +10,7 @@ concept costs nothing.
 The fitting samples are a dataset's (the one the caller names, with its prompts, seeds and
 layers), or without one the 32 that `ht build-dataset` draws with its defaults (seed 0), at the
 hypernetwork's layers (`default_settings`). Files live in `runs/<model>/refine-cache/<settings
-digest>/`: `source.safetensors` (the fitting samples' cached inputs) and one
+digest>[-<local weights>]/`: `source.safetensors` (the fitting samples' cached inputs) and one
 `<slug>-<hash>.safetensors` per concept (its targets, stored in the settings' storage dtype as a
 dataset stores them), each written atomically. It reads like the part of an `ActivationDataset`
 that refining reads: `fitting_samples`, `source_inputs("fit")`, `targets(names, "fit")`.
@@ -39,14 +39,16 @@ Forward = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]  # cached inputs -
 
 
 def default_settings(model: str, layers: Sequence[tuple[str, int]], encoder: str, library: ConceptLibrary,
-                     storage_dtype: str) -> DatasetSettings:
+                     storage_dtype: str, random_weights: bool = False, resolution: int | None = None) -> DatasetSettings:
     """The fitting samples `ht build-dataset --model MODEL` would draw with its defaults (32, seed 0),
-    at `layers` ((name, width) pairs, the hypernetwork's); two evaluation samples, never used."""
+    at `layers` ((name, width) pairs, the hypernetwork's), on the weights and at the resolution
+    given; two evaluation samples, never used."""
     fit_prompts, eval_prompts = split_prompts(library.source_prompts(), DEFAULT_SAMPLES, 2, 0)
     fit_seeds, eval_seeds = make_seeds(0, DEFAULT_SAMPLES, 2)
     return DatasetSettings(model=model, layers=tuple(n for n, _ in layers), widths=tuple(w for _, w in layers),
                            encoder=encoder, fit_prompts=tuple(fit_prompts), eval_prompts=tuple(eval_prompts),
-                           fit_seeds=tuple(fit_seeds), eval_seeds=tuple(eval_seeds), storage_dtype=storage_dtype)
+                           fit_seeds=tuple(fit_seeds), eval_seeds=tuple(eval_seeds), storage_dtype=storage_dtype,
+                           random_weights=random_weights, resolution=resolution)
 
 
 class CapturedTargets:

@@ -28,6 +28,7 @@ from htcli.core.files import read_json
 from htcli.core.runtime import run_path
 from htcli.data.concepts import Concept, ConceptLibrary, slugify
 from htcli.errors import HTError
+from htcli.models.spec import ModelSpec
 
 FORMAT = "ht-dataset/1"
 SPLITS = ("train", "test", "all")
@@ -47,13 +48,20 @@ class DatasetSettings:
     eval_seeds: tuple[int, ...]
     storage_dtype: str = "float16"
     batch_size: int = 16  # part of the settings: batch composition can change float rounding
+    random_weights: bool = False  # built on the model's architecture with random weights (`--random-weights`)
+    resolution: int | None = None  # pixels, when not the model's own (`--resolution`)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        # Settings added later count only away from their default: older datasets keep their digest.
+        data = {k: v for k, v in asdict(self).items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_json(cls, data: dict) -> DatasetSettings:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+_ADDED_LATER = {"random_weights": False, "resolution": None}
 
 
 def check_split(split: str) -> None:
@@ -111,6 +119,7 @@ def open_dataset(data: Path | None, model: str | None) -> ActivationDataset:
     dataset = ActivationDataset(resolve_dataset(data, model or default_model_name()))
     if model and model != dataset.settings.model:
         raise HTError(f"--data {dataset.root} was built for model {dataset.settings.model!r}, not {model!r}")
+    dataset.spec()  # built on the weights asked for: random or real
     return dataset
 
 
@@ -130,6 +139,17 @@ class ActivationDataset:
     @property
     def layers(self) -> dict[str, int]:
         return dict(zip(self.settings.layers, self.settings.widths))
+
+    def spec(self) -> ModelSpec:
+        """The spec of the model the dataset was built on, at the resolution it was built at. Its
+        weights must be the dataset's: random ones (`--random-weights`) for a dataset built on
+        them, and real ones for the others; anything else is an HTError."""
+        from htcli.models import get_model
+        from htcli.models.random_weights import check_same_weights
+
+        spec = get_model(self.settings.model)
+        check_same_weights(spec, self.settings.random_weights, f"the dataset {self.root}")
+        return spec.at_resolution(self.settings.resolution)
 
     def _path(self, name: str) -> Path:
         if name not in self._entries:

@@ -139,10 +139,11 @@ class Frozen:
 
     @classmethod
     def load(cls, spec: ModelSpec, patterns: Sequence[str], device: str | torch.device | None = None,
-             dtype: str = "auto", grad_checkpointing: bool = False) -> Frozen:
+             dtype: str = "auto", grad_checkpointing: bool = False, model_path: str | None = None) -> Frozen:
         """The spec's denoiser alone (no text encoder, no VAE), frozen on `device` (default: as
         `resolve_device`), in the training dtype `dtype` names (`htcli.core.precision`), hooked
         at `patterns`. Gradient checkpointing trades a recomputation in backward for memory.
+        `model_path`: the local pipeline directory generation loads (`load_denoiser`).
 
         The forward batch and the default micro-batch are what fits in the device's free memory
         once the weights are loaded (`htcli.models.memory`, from the meta-device plan)."""
@@ -155,7 +156,7 @@ class Frozen:
 
         device = device if isinstance(device, torch.device) else resolve_device(device)
         dtype_ = training_dtype(dtype, device)
-        model = load_denoiser(spec, device, dtype_)
+        model = load_denoiser(spec, device, dtype_, model_path)
         if grad_checkpointing:
             model.enable_gradient_checkpointing()
             model.train()  # diffusers checkpoints only in training mode; its denoisers have no dropout

@@ -97,15 +97,15 @@ def transport_section(model: str | None, data: Path | None, hyper: Path | None, 
     from htcli.data.forward import Frozen
     from htcli.evaluation.residuals import transport_concepts, transport_judge
     from htcli.methods.predict import Predictor, resolve_checkpoint
-    from htcli.models import default_model_name, get_model
+    from htcli.models import default_model_name
 
     dataset = ActivationDataset(resolve_dataset(data, model or default_model_name()))
-    model_id = dataset.settings.model
+    spec = dataset.spec()  # built on the weights asked for: random or real
+    model_id = spec.id
     predictor = Predictor.load(resolve_checkpoint(hyper, model_id), model=model_id, device=device)
     default = run_path(model_id, "baselines")
     folders = list(baselines) if baselines else ([default] if default.is_dir() else [])
     names = transport_concepts(dataset, split, folders, limit_concepts, seed)
-    spec = get_model(model_id)
     frozen = Frozen.load(spec, dataset.settings.layers, device)
     return model_id, transport_judge(predictor, load_library(), frozen, dataset, names, folders, seed, progress)
 

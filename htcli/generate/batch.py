@@ -100,9 +100,11 @@ class Planner:
         self.predictor = predictor if predictor is not None else steerer.predictor
         self._recorder = _Recorder(self.spec, build_meta_denoiser(self.spec))
         # One planning Steerer for every request, so that whatever a Steerer keeps between
-        # requests, it keeps here too.
-        # `refine` captures and fits with the real pipeline and denoiser: the steerer's refiner.
-        self._steerer = Steerer(self.spec, pipe=self._recorder, predictor=self.predictor, refiner=steerer.refiner)
+        # requests, it keeps here too; on `steerer`'s device, so that every request's maps meet
+        # on the device of the pipeline that generates them (`Steerer.maps_device`); `refine`
+        # captures and fits with the real pipeline and denoiser: the steerer's refiner.
+        self._steerer = Steerer(self.spec, pipe=self._recorder, predictor=self.predictor, device=steerer.device,
+                                refiner=steerer.refiner)
 
     def plan(self, request: SteerRequest) -> Planned:
         """Everything `ht steer` does for `request` but generating; raises its HTErrors."""

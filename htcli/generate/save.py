@@ -108,15 +108,16 @@ def steer_and_save(
     export: Path | None = None,
     model_path: str | None = None,
     device: str | None = None,
+    resolution: int | None = None,
     progress: Progress | None = None,
 ) -> SteerRun:
     """`ht steer`: check everything, load the model, steer, and write to `out` (default
-    runs/<model>/generations/<time>-<prompt>)."""
+    runs/<model>/generations/<time>-<prompt>); `resolution` in pixels (None: the model's)."""
     from htcli.core.runtime import run_path
     from htcli.data.concepts import slugify
     from htcli.models import get_model
 
-    spec = get_model(model)
+    spec = get_model(model).at_resolution(resolution)
     request.check()
     check_outputs(request, out, export)
     steered = steer(Steerer(spec, hyper=hyper, model_path=model_path, device=device), request, progress)

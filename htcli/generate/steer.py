@@ -26,7 +26,7 @@ from PIL import Image
 
 from htcli import __version__
 from htcli.core.runtime import Progress
-from htcli.core.transport import OMEGA_MIN, Maps, stack_maps
+from htcli.core.transport import OMEGA_MIN, Maps, maps_to, stack_maps
 from htcli.errors import HTError
 from htcli.generate.apply import steer_pipeline
 from htcli.generate.compose import (
@@ -168,8 +168,16 @@ class Steerer:
         if self._refiner is None:
             from htcli.methods.refine import Refiner
 
-            self._refiner = Refiner(self.spec, lambda: self.pipe, lambda: self.library, self.device)
+            self._refiner = Refiner(self.spec, lambda: self.pipe, lambda: self.library, self.device, self.model_path)
         return self._refiner
+
+    @property
+    def maps_device(self) -> torch.device:
+        """Where every source's maps meet for composition and batching: the device the pipeline
+        runs on (`device`), whichever device the hypernetwork or a file's maps come from."""
+        from htcli.core.runtime import resolve_device
+
+        return resolve_device(self.device)
 
     @property
     def library(self) -> Any:
@@ -295,9 +303,11 @@ def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes
                  refine: int | None = None, dataset: Any = None) -> tuple[list[tuple[Maps, float]], str | None, float]:
     """(maps, weight) per source in `sources` order, the checkpoint digest (None when nothing
     was predicted) and the milliseconds the maps took (encoding, and `refine` LinEAS steps per
-    concept, on `dataset` or captured targets, included)."""
+    concept, on `dataset` or captured targets, included). Every map is on `steerer.maps_device`."""
+    device = steerer.maps_device
+    files = [(maps_to(f.maps, device), w) for f, w, _ in sources.files]
     if not (sources.concepts or sources.images):
-        return [(f.maps, w) for f, w, _ in sources.files], None, 0.0
+        return files, None, 0.0
     refined, refine_ms = [], 0.0
     if refine is not None and sources.concepts:
         from htcli.methods.refine import refine_maps
@@ -320,7 +330,7 @@ def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes
         notes.append("the hypernetwork stores no modality gap; raw image embeddings were used "
                      "(train it with --calibration-images to store one)")
     weights = [w for _, w in sources.concepts] + [1.0] * bool(sources.images)
-    per_source = list(zip(predicted, weights)) + [(f.maps, w) for f, w, _ in sources.files]
+    per_source = [(maps_to(maps, device), w) for maps, w in zip(predicted, weights)] + files
     return per_source, predictor.digest, predictor.last_ms + refine_ms
 
 
@@ -390,6 +400,10 @@ def compose_sources(steerer: Steerer, sources: Sources, *, layers: Sequence[str]
     predicted = []  # the hypernetwork's layers, when it predicts a source
     if sources.concepts or sources.images:
         predicted = [name for name, _ in steerer.predictor.checkpoint.config.layers]
+    if dataset is not None:
+        from htcli.methods.refine import check_refine_layers
+
+        check_refine_layers(predicted, dataset)
     kept = select_layers(sources.known_layers(predicted), sources.layers, layers, sources.labels)
     per_source, digest, ms = _source_maps(steerer, sources, gap_correction, notes, refine, dataset)
     per_source = [({name: maps[name] for name in names}, w) for (maps, w), names in zip(per_source, kept)]
@@ -449,7 +463,7 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             "method": request.method, "composition": "each" if request.each else "additive",
             "steer_steps": request.steer_steps, "layers": list(request.layers) or None,
             "steered_layers": list(combined) if combined else None, "checkpoint_sha256": digest,
-            "ht_version": __version__, "intervention_ms": ms,
+            "ht_version": __version__, "intervention_ms": ms, "random_weights": spec.random_weights,
             "refine": request.refine, "nearest_training_concepts": nearest, "ood": ood_flag(neighbours),
             "ood_threshold": neighbours[0]["ood_threshold"] if neighbours else None}
     cells: dict[tuple[int, int], SteeredImage] = {}  # (row, column) -> image

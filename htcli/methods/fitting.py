@@ -242,25 +242,26 @@ def run_baselines(
     device: str | None = None,
     dtype: str = "auto",
     grad_checkpointing: bool = False,
+    model_path: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> BaselineRun:
     """Load the dataset's denoiser and fit `method` on the named concepts (else the split's),
     writing to `out/<method>/` (default runs/<model>/baselines/<method>). `dtype`: what the
     denoiser computes in (`htcli.core.precision`: auto = bfloat16 on CUDA, float32 on CPU);
-    `grad_checkpointing` recomputes its blocks in backward (LinEAS: less memory). `refine` N:
+    `grad_checkpointing` recomputes its blocks in backward (LinEAS: less memory); `model_path`:
+    the local pipeline directory the model generates from (`load_denoiser`). `refine` N:
     LinEAS for N steps from the predictions of the hypernetwork `hyper` (default
     runs/<model>/hyper), in `out/lineas-refine<N>/`."""
     from htcli.core.files import file_digest
     from htcli.core.runtime import run_path
     from htcli.methods.predict import resolve_checkpoint
-    from htcli.models import get_model
 
     # Every check before the model loads: method, concepts, samples, the hypernetwork, the
     # output folder and the settings of what it already holds.
     if hyper is not None and refine is None:
         raise HTError("--hyper is only used with --refine (LinEAS from the hypernetwork's prediction)")
-    spec = get_model(dataset.settings.model)
+    spec = dataset.spec()
     checkpoint = resolve_checkpoint(hyper, spec.id) if refine is not None else None
     digest = file_digest(checkpoint) if checkpoint is not None else None
     settings = fit_settings(method, dataset, samples, lineas, incremental, refine, digest)
@@ -268,7 +269,7 @@ def run_baselines(
     label = method if refine is None else refined_method(refine)
     out = check_output_dir(Path(out) if out is not None else run_path(spec.id, "baselines"))
     prepare_folder(out / label, label, spec.id, settings, overwrite)
-    frozen = Frozen.load(spec, dataset.settings.layers, device, dtype, grad_checkpointing)
+    frozen = Frozen.load(spec, dataset.settings.layers, device, dtype, grad_checkpointing, model_path)
     predictor = Predictor.load(checkpoint, model=spec.id, device=frozen.model.device) if checkpoint else None
     fit_baselines(method, frozen, dataset, chosen, samples=samples, lineas=lineas, incremental=incremental,
                   refine=refine, predictor=predictor, out=out, overwrite=overwrite, progress=progress)

@@ -177,6 +177,7 @@ class HyperCheckpoint:
     info: dict = field(default_factory=dict)  # dataset digest, split, training summary
     fitted_timestep: int | None = None  # of its training maps; None: not known yet (`save` takes the model's) or older
     training_concepts: TrainingConcepts | None = None  # None: saved before ht stored them
+    random_weights: bool = False  # trained on the model's architecture with random weights (`--random-weights`)
 
     def save(self, path: Path) -> None:
         tensors = {f"net.{k}": v for k, v in self.network.state_dict().items()}
@@ -193,6 +194,7 @@ class HyperCheckpoint:
             "model": self.model,
             "encoder": self.encoder,
             "info": json.dumps(self.info),
+            "random_weights": json.dumps(self.random_weights),
             **fitted_timestep_metadata(self.fitted_timestep, self.model),
             **concepts,
         }
@@ -222,4 +224,4 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> HyperChec
         concepts = TrainingConcepts(json.loads(meta["training_concepts"]), tensors["concepts.embeddings"],
                                     json.loads(meta["ood_threshold"]))
     return HyperCheckpoint(network.to(device).eval(), config, meta["model"], meta["encoder"], gap, info,
-                           read_fitted_timestep(meta, path), concepts)
+                           read_fitted_timestep(meta, path), concepts, json.loads(meta.get("random_weights", "false")))

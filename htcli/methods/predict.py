@@ -83,10 +83,16 @@ class Predictor:
 
     @classmethod
     def load(cls, path: Path, model: str | None = None, device: str | torch.device = "cpu") -> Predictor:
-        """Load a checkpoint strictly; with `model`, refuse one trained for another model."""
+        """Load a checkpoint strictly; with `model`, refuse one trained for another model. One
+        trained on random weights (`--random-weights`) is refused unless they are asked for, and
+        the reverse."""
+        from htcli.models import get_model
+        from htcli.models.random_weights import check_same_weights
+
         checkpoint = load_checkpoint(path, device)
         if model is not None and checkpoint.model != model:
             raise HTError(f"{path} was trained for model {checkpoint.model!r}, not {model!r}")
+        check_same_weights(get_model(checkpoint.model), checkpoint.random_weights, f"the hypernetwork {path}")
         return cls(checkpoint, get_encoder(checkpoint.encoder, str(torch.device(device))), Path(path), file_digest(path))
 
     @property

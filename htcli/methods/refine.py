@@ -15,6 +15,7 @@ samples (or the default ones without a dataset) and keeps them per concept
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -54,6 +55,19 @@ def check_refine(steps: int, dataset: ActivationDataset, names: Sequence[str]) -
         if name not in built:
             raise HTError(f"--refine fits on the concept's dataset samples, and {name!r} is not built in "
                           f"{dataset.root}; add it with `ht build-dataset --concept {name!r}` on that dataset first")
+
+
+def check_refine_layers(hyper_layers: Sequence[str], dataset: ActivationDataset) -> None:
+    """Refining the hypernetwork's maps of every layer it predicts needs the dataset's samples
+    of exactly those layers: a dataset hooked at other layers is refused, before anything loads."""
+    missing = [name for name in hyper_layers if name not in dataset.layers]
+    extra = [name for name in dataset.settings.layers if name not in hyper_layers]
+    if missing or extra:
+        differ = [f"lacks {len(missing)} of its {len(hyper_layers)} layers (e.g. {missing[0]})"] if missing else []
+        differ += [f"has {len(extra)} layers it does not predict (e.g. {extra[0]})"] if extra else []
+        raise HTError(f"--refine fits the hypernetwork's layers on the dataset's samples, and {dataset.root} "
+                      f"{' and '.join(differ)}; refine on a dataset built with the hypernetwork's layers "
+                      "(the one it was trained on)")
 
 
 def refine_maps(
@@ -110,8 +124,8 @@ class Refiner:
     with anything else running the pipeline (`ht serve`'s generation thread takes it too)."""
 
     def __init__(self, spec: ModelSpec, pipe: Callable[[], Any], library: Callable[[], ConceptLibrary],
-                 device: str | None = None) -> None:
-        self.spec, self._pipe, self._library, self.device = spec, pipe, library, device
+                 device: str | None = None, model_path: str | None = None) -> None:
+        self.spec, self._pipe, self._library, self.device, self.model_path = spec, pipe, library, device, model_path
         self.lock = threading.RLock()
         self.max_cached: int | None = None  # concepts whose captured targets stay on disk (None: all)
         self._frozen: Frozen | None = None
@@ -121,7 +135,7 @@ class Refiner:
         """The denoiser alone, in the training dtype, hooked at `layers` (its own copy: the
         pipeline's may compute in float16, whose gradients underflow)."""
         if self._frozen is None or list(self._frozen.layers) != list(layers):
-            self._frozen = Frozen.load(self.spec, layers, self.device)
+            self._frozen = Frozen.load(self.spec, layers, self.device, model_path=self.model_path)
         return self._frozen
 
     def _encode(self, prompts: Sequence[str], seeds: Sequence[int]) -> dict:
@@ -134,14 +148,19 @@ class Refiner:
         if dataset is not None:
             settings, source = dataset.settings, dataset.source_inputs("fit")
         else:
-            checkpoint = predictor.checkpoint
-            settings, source = default_settings(self.spec.id, checkpoint.config.layers, checkpoint.encoder,
-                                                 self._library(), self.spec.dataset_dtype), None
+            checkpoint, own = predictor.checkpoint, get_model(self.spec.id).resolution
+            settings = default_settings(self.spec.id, checkpoint.config.layers, checkpoint.encoder, self._library(),
+                                        self.spec.dataset_dtype, self.spec.random_weights,
+                                        None if self.spec.resolution == own else self.spec.resolution)
+            source = None
         key = settings.digest()
+        if self.model_path:  # other weights than the spec's: their own targets
+            key += "-" + hashlib.sha256(str(Path(self.model_path).resolve()).encode()).hexdigest()[:8]
         if key not in self._captured:
             self._captured[key] = CapturedTargets(settings, self._encode,
                                                   lambda inputs: self.frozen(settings.layers).pooled(inputs),
-                                                  source=source, max_concepts=self.max_cached)
+                                                  root=run_path(self.spec.id, "refine-cache") / key, source=source,
+                                                  max_concepts=self.max_cached)
         return self._captured[key]
 
     def fit_sources(self, concepts: Sequence[Concept], dataset: ActivationDataset | None,
@@ -160,30 +179,37 @@ class Refiner:
 
 
 def export_intervention(concept: str, out: Path, hyper: Path | None = None, model: str | None = None,
-                        refine: int | None = None, data: Path | None = None) -> Intervention:
+                        refine: int | None = None, data: Path | None = None,
+                        model_path: str | None = None) -> Intervention:
     """Write the maps the hypernetwork predicts for `concept` (a library name or free text) as a
     standard intervention file at `out`, and return it. `out` must be a new `.safetensors` path
     or an intervention file (replaced); anything else there is refused before anything loads.
     `refine` N: then N LinEAS steps from the prediction, saved as `lineas-refine<N>`, on the
     concept's fitting samples: a dataset's (`refine_dataset`) with the residual before and after
-    on its evaluation samples when the concept is built there, else captured on the fly."""
+    on its evaluation samples when the concept is built there, else captured on the fly; through
+    the denoiser of `model_path` (a local pipeline directory, as generation loads it)."""
     out = check_intervention_out(Path(out))
     library = load_library()
     resolved = library.resolve(concept)
     if refine is None and data is not None:
         raise HTError("--data is only used with --refine (LinEAS from the prediction, on the dataset's samples)")
-    model = model or (open_dataset(data, None).settings.model if data is not None else default_model_name())
-    dataset = refine_dataset(data, model) if refine is not None else None
+    dataset = None
     if refine is not None:
         check_refine_steps(refine)
-    predictor = Predictor.load(resolve_checkpoint(hyper, model), model)
+        if data is not None:  # a bad --data is refused before anything loads
+            dataset = open_dataset(data, model)
+            model = model or dataset.settings.model
+    predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
+    if refine is not None and dataset is None:
+        dataset = refine_dataset(None, predictor.model)
     if refine is None:
         maps, method, refined = predictor.maps([resolved.phrase])[0], "hypertransport", {}
     else:
         from htcli.models import load_pipeline
 
-        spec = get_model(predictor.model)
-        refiner = Refiner(spec, lambda: load_pipeline(spec), lambda: library)  # the pipeline only to capture
+        spec = dataset.spec() if dataset is not None else get_model(predictor.model)
+        refiner = Refiner(spec, lambda: load_pipeline(spec, model_path=model_path), lambda: library,
+                          model_path=model_path)  # the pipeline is loaded only to capture targets
         sources, layers = refiner.fit_sources([resolved], dataset, predictor)
         source = sources[resolved.name]
         evaluate = isinstance(source, ActivationDataset)  # a dataset has evaluation samples to report on

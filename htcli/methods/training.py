@@ -317,7 +317,7 @@ class Trainer:
             **(summary or {}),
         }
         return HyperCheckpoint(self.network, self.hyper_config, self.model_id, self.dataset.settings.encoder, None, info,
-                               training_concepts=self.calibrated_concepts())
+                               training_concepts=self.calibrated_concepts(), random_weights=self.frozen.spec.random_weights)
 
     def calibrated_concepts(self) -> TrainingConcepts:
         """The training concepts' names and embeddings, with the out-of-distribution threshold

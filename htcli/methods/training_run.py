@@ -56,21 +56,21 @@ def train_hypernetwork(
     overwrite: bool = False,
     device: str | None = None,
     grad_checkpointing: bool = False,
+    model_path: str | None = None,
     calibration_images: Path | None = None,
     progress: Progress | None = None,
     say: Callable[[str], None] | None = None,
 ) -> TrainResult | None:
     """Train (or resume) a hypernetwork on `dataset` into `out`, under torchrun with DDP.
 
-    `hyper` holds HyperConfig's architecture fields (arch, hidden, depth, rank). With
+    `hyper` holds HyperConfig's architecture fields (arch, hidden, depth, rank). `model_path`:
+    the local pipeline directory the model generates from (`load_denoiser`). With
     `calibration_images` (a folder), the encoder's modality gap is stored in the checkpoint.
     `progress(step, steps, text)` and `say(line)` are called on rank 0 only; returns the
     result there and None on the other ranks. Every check runs before the model loads; a
     `resume` of a finished run trains nothing (it still calibrates, given images).
     """
     import torch.distributed as dist
-
-    from htcli.models import get_model
 
     # Every check before the model loads: the output folder, the calibration images and the
     # encoder they need, the samples, the concepts, and the run a --resume continues.
@@ -88,7 +88,7 @@ def train_hypernetwork(
         extra = load_library().extra_training(config.extra_concepts)
         config = replace(config, extra_concepts=tuple(dict.fromkeys(c.name for c in extra)))
     train_names, _ = training_concepts(dataset, config)
-    spec = get_model(dataset.settings.model)
+    spec = dataset.spec()
     embed_dim = int(dataset.embeddings(dataset.names()[:1]).shape[-1])
     hyper_config = HyperConfig(embed_dim=embed_dim, layers=tuple(dataset.layers.items()), **(hyper or {}))
     if resume:
@@ -101,7 +101,7 @@ def train_hypernetwork(
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main = rank == 0
     try:
-        frozen = Frozen.load(spec, dataset.settings.layers, torch_device, config.dtype, grad_checkpointing)
+        frozen = Frozen.load(spec, dataset.settings.layers, torch_device, config.dtype, grad_checkpointing, model_path)
         trainer = Trainer(frozen, dataset, hyper_config, config, out, spec.id, rank, world)
         if resume:
             trainer.resume()

@@ -130,8 +130,11 @@ def load_module(build: Callable[[], torch.nn.Module], weights: Path | Sequence[P
     return torch.nn.Module.to(module, device, dtype)
 
 
-def _distilled_denoiser(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
-    """The distilled denoiser in `dtype` on `device`, holding the weights file's tensors."""
+def _distilled_denoiser(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device,
+                        model_path: str | None = None) -> torch.nn.Module:
+    """The distilled denoiser in `dtype` on `device`, holding the weights file's tensors. They
+    come from `spec.weights` whatever `model_path` says: a local pipeline directory replaces the
+    base pipeline only, and generation too takes the denoiser from `spec.weights`."""
     return load_module(lambda: denoiser_class(spec).from_config(denoiser_config(spec)), _download_weights(spec),
                        dtype, device)
 

@@ -39,6 +39,7 @@ class Intervention:
     encoder: str = ""
     info: dict = field(default_factory=dict)  # free-form: fit settings, residuals...
     fitted_timestep: int | None = None  # None: not known yet (`save` takes the model's) or an older file
+    random_weights: bool | None = None  # made on random weights (`--random-weights`); None: `save` asks the model's spec
 
     @classmethod
     def load(cls, reference: str | Path, weight_name: str | None = None, subfolder: str | None = None) -> Intervention:
@@ -75,7 +76,8 @@ class Intervention:
     def describe(self) -> dict:
         """What the file is, for `ht inspect`: model, method, concept, size, support, fit info."""
         return {"model": self.model, "method": self.method, "concept": self.concept, "encoder": self.encoder,
-                "fitted_timestep": self.fitted_timestep, "layers": len(self.maps), "neurons": sum(self.widths.values()),
+                "fitted_timestep": self.fitted_timestep, "random_weights": bool(self.random_weights),
+                "layers": len(self.maps), "neurons": sum(self.widths.values()),
                 "support": self.support(), "info": self.info}
 
     def save(self, path: str | Path) -> Path:
@@ -95,13 +97,19 @@ class Intervention:
             "info": json.dumps(self.info),
             "ht_version": __version__,
         }
-        save_tensors(Path(path), tensors, metadata | fitted_timestep_metadata(self.fitted_timestep, self.model))
+        made_on = {"random_weights": json.dumps(made_on_random_weights(self.random_weights, self.model))}
+        save_tensors(Path(path), tensors, metadata | made_on | fitted_timestep_metadata(self.fitted_timestep, self.model))
         return Path(path)
 
     def check(self, model: str, widths: Mapping[str, int], where: str = "intervention") -> None:
         """Raise HTError unless every layer of the maps exists in `widths` with its width."""
+        from htcli.models.random_weights import check_same_weights
+        from htcli.models.spec import get_model
+
         if self.model != model:
             raise HTError(f"{where} was made for model {self.model!r}, not {model!r}")
+        if self.random_weights is not None:
+            check_same_weights(get_model(model), self.random_weights, where)
         for name, width in self.widths.items():
             if name not in widths:
                 raise HTError(f"{where} steers layer {name!r}, which model {model!r} does not have")
@@ -121,6 +129,19 @@ def fitted_timestep_metadata(known: int | None, model: str) -> dict[str, str]:
         except HTError:
             return {}
     return {"fitted_timestep": str(known)}
+
+
+def made_on_random_weights(known: bool | None, model: str) -> bool:
+    """Whether maps were made on random weights: `known`, else what the spec `model` has now
+    (the model the maps were just made with); False for a model id this install does not know."""
+    from htcli.models.spec import get_model
+
+    if known is not None:
+        return known
+    try:
+        return get_model(model).random_weights
+    except HTError:
+        return False
 
 
 def read_fitted_timestep(meta: Mapping[str, str], path: Path) -> int | None:
@@ -179,6 +200,7 @@ def load_intervention(path: Path, model: str | None = None, widths: Mapping[str,
         encoder=meta.get("encoder", ""),
         info=info,
         fitted_timestep=read_fitted_timestep(meta, path),
+        random_weights=meta.get("random_weights", "false") == "true",
     )
     if model is not None:
         intervention.check(model, widths or intervention.widths, where=str(path))

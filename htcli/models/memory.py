@@ -155,8 +155,8 @@ def batches_here(plan: Plan) -> dict:
 
 
 def plan_report(model: str | None, layers: Sequence[str] | None, samples: int, eval_samples: int,
-                concepts_per_step: int) -> dict:
-    """What `ht plan` prints: the meta-device plan's `summary`, with the batch sizes this
-    machine would choose (`batches_here`)."""
-    measured = make_plan(get_model(model), layers)
+                concepts_per_step: int, resolution: int | None = None) -> dict:
+    """What `ht plan` prints: the meta-device plan's `summary` at `resolution` (None: the
+    model's), with the batch sizes this machine would choose (`batches_here`)."""
+    measured = make_plan(get_model(model).at_resolution(resolution), layers)
     return measured.summary(samples, eval_samples, concepts_per_step) | {"batches": batches_here(measured)}

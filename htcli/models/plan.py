@@ -63,6 +63,8 @@ class Plan:
         and training steps of `concepts_per_step` concepts x `samples` samples."""
         return {
             "model": self.spec.id,
+            "resolution": self.spec.resolution,
+            "random_weights": self.spec.random_weights,
             "layers": [vars(layer) for layer in self.layers],
             "neurons": self.neurons,
             "hyper_outputs": self.hyper_outputs,

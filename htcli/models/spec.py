@@ -7,6 +7,10 @@ A spec is data (`ModelSpec`) plus a loader. The denoiser architectures ship as J
     spec = get_model("pixart")
     denoiser = build_meta_denoiser(spec)   # 28 blocks of width 1152, no memory, no download
     pipe = load_pipeline(spec)             # the real thing (downloads from the Hub, or cache)
+
+With $HT_RANDOM_WEIGHTS set (`--random-weights`), `get_model` gives a real spec's random-weights
+variant instead: its architecture at full width with seeded random weights, no download
+(`htcli.models.random_weights`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import difflib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +51,7 @@ class ModelSpec:
     resolution: int
     dtype: str
     loader: Callable[..., Any]  # (spec, model_path, device, dtype) -> diffusers pipeline
-    denoiser_loader: Callable[..., nn.Module]  # (spec, dtype, device) -> the denoiser alone, there
+    denoiser_loader: Callable[..., nn.Module]  # (spec, dtype, device, model_path) -> the denoiser alone, there
     guidance_scale: float = 0.0  # the distilled models sample without classifier-free guidance
     concept_encoder: str = "open_clip:ViT-L-14/openai"  # see htcli.models.encoders
     offline: bool = False  # runs with no download at all
@@ -56,6 +60,8 @@ class ModelSpec:
     licence: str = ""
     hub_license: str = "apache-2.0"  # the Hub's licence id of the weights, for model cards
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call arguments
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # values replacing the denoiser config file's
+    random_weights: bool = False  # the real architecture with seeded random weights (`--random-weights`)
 
     def __post_init__(self) -> None:
         if self.family not in DENOISERS:
@@ -89,6 +95,19 @@ class ModelSpec:
         activations can exceed float16's range), else float16; 2 bytes either way."""
         return "bfloat16" if self.dtype == "bfloat16" else "float16"
 
+    def at_resolution(self, resolution: int | None) -> ModelSpec:
+        """The spec generating and capturing at `resolution` px (None: its own), e.g. a 1024-px
+        model at 256 px for a quick run on a CPU (the images of a model distilled at 1024 px
+        suffer; maps are per channel, so they apply at any resolution). A multiple of 64."""
+        if resolution is None or resolution == self.resolution:
+            return self
+        if resolution < 64 or resolution % 64:
+            raise HTError(f"--resolution must be a positive multiple of 64 (pixels), got {resolution}")
+        call_kwargs = dict(self.call_kwargs)
+        if self.family == "pixart":  # else PixArt's pipeline generates at the nearest 1024-px size and resizes
+            call_kwargs["use_resolution_binning"] = False
+        return replace(self, resolution=resolution, call_kwargs=call_kwargs)
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for one sampling call of the spec's pipeline."""
         # FLUX's pipeline takes its schedule as flow-matching noise levels: sigma = timestep / 1000.
@@ -105,9 +124,10 @@ class ModelSpec:
 
 
 def denoiser_config(spec: ModelSpec) -> dict[str, Any]:
-    """The shipped architecture config of the spec's denoiser (keys starting with _ removed)."""
+    """The shipped architecture config of the spec's denoiser (keys starting with _ removed),
+    with the spec's `config_overrides`."""
     raw = json.loads((CONFIG_DIR / spec.denoiser_config).read_text())
-    return {k: v for k, v in raw.items() if not k.startswith("_")}
+    return {k: v for k, v in raw.items() if not k.startswith("_")} | spec.config_overrides
 
 
 def denoiser_class(spec: ModelSpec) -> type[nn.Module]:
@@ -145,15 +165,33 @@ def load_pipeline(
     return pipe
 
 
-def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  model_path: str | None = None) -> nn.Module:
     """Only the denoiser, frozen and in eval mode: all that fitting and training need once
-    the inputs are cached (no text encoder, no VAE). Its weights go straight to `device`."""
-    model = spec.denoiser_loader(spec, dtype or spec.torch_dtype, torch.device(device))
+    the inputs are cached (no text encoder, no VAE). Its weights go straight to `device`.
+    `model_path` (or env `HT_MODEL_PATH`): the local pipeline directory `load_pipeline` takes,
+    so that fitting goes through the weights generation uses."""
+    model_path = model_path or os.environ.get("HT_MODEL_PATH") or None
+    model = spec.denoiser_loader(spec, dtype or spec.torch_dtype, torch.device(device), model_path)
     return model.eval().requires_grad_(False)
 
 
-# Filled by the loader modules (`hub`, `tiny`), which `htcli.models` imports.
+# Filled by the loader modules (`hub`, `tiny`, `random_weights`), which `htcli.models` imports.
 _REGISTRY: dict[str, ModelSpec] = {}
+_RANDOM_VARIANT: list[Callable[[ModelSpec], ModelSpec]] = []  # spec -> its random-weights variant
+
+RANDOM_WEIGHTS_VARIABLE = "HT_RANDOM_WEIGHTS"
+_TRUE = ("1", "true", "t", "yes", "y", "on")  # what click reads as true
+
+
+def random_weights_requested() -> bool:
+    """Whether $HT_RANDOM_WEIGHTS (set by `--random-weights`) asks for random weights."""
+    return os.environ.get(RANDOM_WEIGHTS_VARIABLE, "").strip().lower() in _TRUE
+
+
+def register_random_variant(make: Callable[[ModelSpec], ModelSpec]) -> None:
+    """Set how a real spec becomes its random-weights variant (`htcli.models.random_weights`)."""
+    _RANDOM_VARIANT[:] = [make]
 
 
 def register(spec: ModelSpec) -> ModelSpec:
@@ -175,11 +213,15 @@ def _unknown(name: str, source: str = "") -> HTError:
 
 def get_model(name: str | None = None) -> ModelSpec:
     """The spec called `name` (None: `default_model_name()`); an unknown name is an error
-    listing the known ones."""
+    listing the known ones. With $HT_RANDOM_WEIGHTS set, a real model's random-weights variant
+    (the offline models' weights are random already: they stay as they are)."""
     name = default_model_name() if name is None else name
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    raise _unknown(name)
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    spec = _REGISTRY[name]
+    if random_weights_requested() and not spec.offline:
+        return _RANDOM_VARIANT[0](spec)
+    return spec
 
 
 def default_model_name() -> str:

@@ -67,7 +67,8 @@ def _seeded_denoiser(spec: ModelSpec) -> torch.nn.Module:
     return _seeded(lambda: denoiser_class(spec).from_config(denoiser_config(spec)), SEED)
 
 
-def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
+def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32, device: str | torch.device = "cpu",
+                   model_path: str | None = None) -> torch.nn.Module:
     if spec.weights:  # shipped weights (tiny)
         from htcli.models.hub import _distilled_denoiser
 

@@ -1,0 +1,245 @@
+"""Every real model spec at full width with seeded random weights, and no download (`--random-weights`).
+
+With $HT_RANDOM_WEIGHTS set (the CLI's `--random-weights` sets it), `get_model` returns a real
+spec's random-weights variant (`random_variant`). It keeps the spec's id, denoiser architecture,
+hooks, timesteps and dtype, and changes where the weights come from:
+
+- the denoiser: its shipped config at full width, each module's weights drawn as torch.nn
+  initialises them from a seed of its own name (so a block's weights do not depend on how many
+  blocks the model has), written once to a safetensors file in the spec's dtype in the cache
+  folder ($HT_CACHE, default ~/.cache/ht), then loaded by the real weights' own code
+  (`htcli.models.hub`: the same safetensors reading, dtype conversion and device placement);
+- the text encoders: the real ones' output widths (T5-XXL: 4096; SDXL's CLIP-L and OpenCLIP
+  bigG: 768 and 1280; FLUX's CLIP-L and T5-XXL: 768 and 4096) with one layer each, reading
+  all-MiniLM-L6-v2's tokenizer (the real tokenizers are not available offline), as `tiny` does;
+- the VAE: the real config (latent channels, scaling and shift) with narrow channels;
+- the scheduler: the real pipeline's, from its config values;
+- the concept encoder: MiniLM (offline).
+
+$HT_RANDOM_BLOCKS=N caps each block count of the denoiser at N: FLUX.1-schnell's 12B parameters
+at full width take 24 GiB in bfloat16; its first blocks alone fit a small machine, with the
+same weights as in the full model.
+
+Random weights measure memory, speed and the code paths at full width. Their images are noise
+and their quality numbers mean nothing: the variant is `offline`, so every output says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from htcli.core.files import save_tensors
+from htcli.errors import HTError
+from htcli.models.hub import EmptyParameters, _distilled_denoiser
+from htcli.models.spec import (
+    CONFIG_DIR,
+    ModelSpec,
+    denoiser_class,
+    denoiser_config,
+    register_random_variant,
+)
+from htcli.models.tiny import _seeded, minilm_tokenizer
+
+SEED = 0
+DRAW_VERSION = 1  # part of the cache key: bump it when `draw_weights` draws differently
+CACHE_VARIABLE = "HT_CACHE"
+BLOCKS_VARIABLE = "HT_RANDOM_BLOCKS"
+# The denoiser config keys that count blocks, per family (SDXL's UNet: transformer blocks per attention).
+BLOCK_COUNTS = {"pixart": ("num_layers",), "flux": ("num_layers", "num_single_layers"),
+                "sdxl": ("transformer_layers_per_block",)}
+VAE_WIDTH = 32  # channels of every VAE block: the real VAEs' 128-512 only cost time on noise images
+MINILM_VOCABULARY = 30522  # the text encoders read MiniLM's (BERT) tokens
+
+
+def cache_dir() -> Path:
+    """$HT_CACHE, else $XDG_CACHE_HOME/ht, else ~/.cache/ht."""
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ht"
+
+
+def block_cap() -> int | None:
+    """$HT_RANDOM_BLOCKS: the most blocks of each kind a random denoiser keeps (None: all)."""
+    value = os.environ.get(BLOCKS_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise HTError(f"{BLOCKS_VARIABLE} must be a positive number of blocks, got {value!r}")
+    return int(value)
+
+
+def random_variant(spec: ModelSpec) -> ModelSpec:
+    """`spec` with seeded random weights at full width (block counts capped by $HT_RANDOM_BLOCKS)."""
+    cap, overrides = block_cap(), {}
+    if cap is not None:
+        shipped = denoiser_config(spec)
+        for key in BLOCK_COUNTS[spec.family]:
+            counts = shipped[key]
+            overrides[key] = [min(n, cap) for n in counts] if isinstance(counts, list) else min(counts, cap)
+    blocks = f", at most {cap} blocks of each kind" if cap is not None else ""
+    return replace(spec, description=f"{spec.description}; random weights at full width{blocks} (--random-weights)",
+                   loader=load_random_pipeline, denoiser_loader=load_random_denoiser, concept_encoder="minilm",
+                   offline=True, base_repo=None, weights=(), config_overrides=overrides, random_weights=True)
+
+
+register_random_variant(random_variant)
+
+
+# --- the denoiser: drawn once, then loaded like the real weights ---------------------------------
+
+
+def weights_path(spec: ModelSpec) -> Path:
+    """Where the random denoiser of `spec` is cached: named by its architecture, dtype and seed
+    (`dmd2` and `dmd2-1step` share one file)."""
+    key = json.dumps([denoiser_config(spec), spec.dtype, SEED, DRAW_VERSION], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "random-weights" / f"{Path(spec.denoiser_config).stem}-{spec.dtype}-{digest}.safetensors"
+
+
+def draw_weights(spec: ModelSpec, seed: int = SEED) -> dict[str, Tensor]:
+    """The denoiser's state dict, random, in the spec's dtype: each module with parameters is
+    initialised by torch.nn's `reset_parameters` from the seed `seed + crc32(its name)`, one
+    module at a time (no float32 copy of the whole model: DMD2's UNet alone is 10 GB in float32)."""
+    dtype = spec.torch_dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # for the few parameters diffusers draws in its constructors
+        with EmptyParameters():
+            model = denoiser_class(spec).from_config(denoiser_config(spec))
+        state: dict[str, Tensor] = {}
+        for name, module in model.named_modules():
+            own = dict(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            if all(p.is_meta for p in own.values()):
+                torch.manual_seed(seed + zlib.crc32(name.encode()))
+                module.to_empty(device="cpu", recurse=False)
+                module.reset_parameters()
+            for key, param in module.named_parameters(recurse=False):
+                state[f"{name}.{key}" if name else key] = param.detach().to(dtype)
+            module.to_empty(device="meta", recurse=False)  # frees the float32 values
+        for key, tensor in model.state_dict().items():  # persistent buffers
+            if key not in state:
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return state
+
+
+def random_weights_file(spec: ModelSpec) -> Path:
+    """The random denoiser's safetensors file, drawn and written (atomically) on first use."""
+    path = weights_path(spec)
+    if not path.is_file():
+        save_tensors(path, draw_weights(spec), {"format": "ht-random-weights/1", "seed": str(SEED),
+                                                "config": json.dumps(denoiser_config(spec))})
+    return path
+
+
+def _no_model_path(spec: ModelSpec, model_path: str | None) -> None:
+    if model_path:
+        raise HTError(f"--model-path (or HT_MODEL_PATH) {model_path} names real weights, and --random-weights "
+                      f"uses none: drop one of them to run {spec.id}")
+
+
+def load_random_denoiser(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device,
+                         model_path: str | None = None) -> torch.nn.Module:
+    """The random denoiser in `dtype` on `device`, read from its file by the distilled weights' loader."""
+    _no_model_path(spec, model_path)
+    return _distilled_denoiser(replace(spec, weights=(str(random_weights_file(spec)),)), dtype, device)
+
+
+# --- the rest of the pipeline: shallow text encoders of the real widths, the real VAE config ------
+
+# The T5-XXL encoder of PixArt-Sigma and FLUX (google/t5-v1_1-xxl), with one layer.
+T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_heads": 64, "feed_forward_proj": "gated-gelu",
+          "layer_norm_epsilon": 1e-6, "relative_attention_num_buckets": 32}
+# CLIP ViT-L/14's text tower (SDXL's and FLUX's first encoder) and OpenCLIP ViT-bigG/14's (SDXL's second).
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "projection_dim": 768,
+          "hidden_act": "quick_gelu"}
+CLIP_BIG_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "projection_dim": 1280,
+              "hidden_act": "gelu"}
+# Each family's VAE config file, and its scheduler: class and the real pipeline's config values.
+VAES = {"pixart": "sdxl_vae.json", "sdxl": "sdxl_vae.json", "flux": "flux_vae.json"}
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pixart": ("DPMSolverMultistepScheduler", {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                                               "num_train_timesteps": 1000, "prediction_type": "epsilon"}),
+    "sdxl": ("LCMScheduler", {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                              "num_train_timesteps": 1000, "timestep_spacing": "leading", "steps_offset": 1}),
+    "flux": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 1.0,
+                                                 "use_dynamic_shifting": False}),
+}
+
+
+def _t5(dtype: torch.dtype, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=MINILM_VOCABULARY, num_layers=1, pad_token_id=0, eos_token_id=102,  # BERT's [SEP]
+                      decoder_start_token_id=0, **T5_XXL)
+    return _seeded(lambda: T5EncoderModel._from_config(config, torch_dtype=dtype).eval(), seed)
+
+
+def _clip(widths: dict[str, Any], with_projection: bool, dtype: torch.dtype, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=MINILM_VOCABULARY, num_hidden_layers=1, max_position_embeddings=77,
+                            bos_token_id=101, eos_token_id=102, pad_token_id=0, **widths)  # BERT's [CLS], [SEP]
+    model = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return _seeded(lambda: model._from_config(config, torch_dtype=dtype).eval(), seed)
+
+
+def _vae(family: str, seed: int):
+    from diffusers import AutoencoderKL
+
+    raw = json.loads((CONFIG_DIR / VAES[family]).read_text())
+    config = {k: v for k, v in raw.items() if not k.startswith("_")}
+    config["block_out_channels"] = [VAE_WIDTH] * len(config["block_out_channels"])
+    return _seeded(lambda: AutoencoderKL.from_config(config), seed)
+
+
+def _scheduler(family: str):
+    import diffusers
+
+    name, config = SCHEDULERS[family]
+    return getattr(diffusers, name).from_config(config)
+
+
+def load_random_pipeline(spec: ModelSpec, model_path: str | None, device, dtype: torch.dtype) -> Any:
+    """The spec's diffusers pipeline with its random denoiser (`load_random_denoiser`), shallow
+    random text encoders of the real widths and the real VAE config, in `dtype` on `device`."""
+    import diffusers
+
+    _no_model_path(spec, model_path)
+    denoiser = load_random_denoiser(spec, dtype, device)
+    vae, scheduler = _vae(spec.family, SEED + 1), _scheduler(spec.family)
+    if spec.family == "pixart":
+        components = {"tokenizer": minilm_tokenizer(512), "text_encoder": _t5(dtype, SEED + 2)}
+        pipeline = diffusers.PixArtSigmaPipeline
+    elif spec.family == "sdxl":
+        components = {"tokenizer": minilm_tokenizer(77), "text_encoder": _clip(CLIP_L, False, dtype, SEED + 2),
+                      "tokenizer_2": minilm_tokenizer(77), "text_encoder_2": _clip(CLIP_BIG_G, True, dtype, SEED + 3)}
+        pipeline = diffusers.StableDiffusionXLPipeline
+    else:
+        components = {"tokenizer": minilm_tokenizer(77), "text_encoder": _clip(CLIP_L, False, dtype, SEED + 2),
+                      "tokenizer_2": minilm_tokenizer(512), "text_encoder_2": _t5(dtype, SEED + 3)}
+        pipeline = diffusers.FluxPipeline
+    vae = torch.nn.Module.to(vae, dtype=dtype)  # not diffusers' `to`, which warns on every cast
+    pipe = pipeline(vae=vae, scheduler=scheduler, **{spec.denoiser_attr: denoiser}, **components)
+    return pipe.to(device)
+
+
+def check_same_weights(spec: ModelSpec, random_weights: bool, what: str) -> None:
+    """Refuse `what` (a dataset, a hypernetwork...) made on random weights for a spec with its
+    real weights, and the reverse: its numbers would belong to other weights."""
+    if spec.random_weights == random_weights:
+        return
+    if random_weights:
+        raise HTError(f"{what} was made on {spec.id}'s architecture with random weights: pass --random-weights "
+                      "(or set HT_RANDOM_WEIGHTS=1) to use it; it is meaningless for the real model")
+    raise HTError(f"{what} was made on {spec.id}'s real weights, and --random-weights (or HT_RANDOM_WEIGHTS) asks "
+                  "for random ones: drop it to use this, or make one with --random-weights")
