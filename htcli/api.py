@@ -7,7 +7,7 @@
     with ht.apply(pipe, art_deco, strength=0.6):
         image = pipe("cyberpunk city").images[0]
 
-`intervention` runs what `ht steer` runs before it generates (`htcli.generate.steer.compose_sources`):
+`intervention` runs what `ht steer` runs before it generates (`htcli.generate.steerer.compose_sources`):
 the same concept resolution, prediction, composition and notes, so a pipeline under `ht.apply`
 makes the images `ht steer` makes for the same request.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from htcli.generate.compose import Weighted, resolve_sources
-from htcli.generate.steer import Steerer, compose_sources, nearest_records, ood_flag
+from htcli.generate.steerer import Steerer, compose_sources, nearest_records, ood_flag
 from htcli.methods.predict import Predictor, resolve_checkpoint
 from htcli.models import default_model_name, get_model
 from htcli.models.interventions import Intervention

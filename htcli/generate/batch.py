@@ -30,13 +30,8 @@ from PIL import Image
 from htcli.core.transport import Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.apply import steer_pipeline
-from htcli.generate.steer import (
-    Steered,
-    Steerer,
-    SteerRequest,
-    parse_steer_steps,
-    steer,
-)
+from htcli.generate.steer import Steered, SteerRequest, parse_steer_steps, steer
+from htcli.generate.steerer import Steerer
 from htcli.models import ModelSpec, build_meta_denoiser
 
 
