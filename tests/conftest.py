@@ -1,6 +1,7 @@
 """Shared fixtures: everything runs offline on the CPU with the tiny models."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -10,6 +11,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from htcli.models import get_model, load_pipeline  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _real_weights_by_default(monkeypatch):
+    """Every test starts without $HT_RANDOM_WEIGHTS: `--random-weights` sets it in the process
+    (for the processes it starts), and a test that passes it must not leave it to the next."""
+    monkeypatch.setenv("HT_RANDOM_WEIGHTS", "0")
+
+
+@pytest.fixture(scope="session")
+def random_weights_cache():
+    """A cache folder for random full-width weights ($HT_CACHE), removed after the session (a
+    pixart file is 1.2 GB)."""
+    with tempfile.TemporaryDirectory(prefix="ht-random-weights-") as folder:
+        yield folder
 
 
 @pytest.fixture(scope="session")

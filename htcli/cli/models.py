@@ -128,13 +128,16 @@ def _print_measurement(measured: Measurement) -> None:
     peak = "peak allocated" if measured.device.startswith("cuda") else "peak RSS"
     table = Table(title=f"{measured.model} measured on {measured.device}, {measured.resolution} px, random weights "
                         f"(N = {measured.samples} samples per concept, K = {measured.concepts_per_step} concepts per step)")
-    for column in ("phase", "dtype", "samples", "batch", "s/sample", peak, "above imports", "estimate"):
+    for column in ("phase", "dtype", "samples", "batch", "s/sample", peak, "above imports", "estimate", "loading"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for phase in measured.phases:
         table.add_row(phase.name, phase.dtype, str(phase.samples), str(phase.batch), f"{phase.seconds_per_sample:.3g}",
                       human_bytes(phase.peak_bytes), human_bytes(phase.peak_bytes - phase.base_bytes),
-                      human_bytes(phase.estimate_bytes))
+                      human_bytes(phase.estimate_bytes), human_bytes(phase.load_peak_bytes))
     print_table(table)
+    console.print(f"{peak}: from the model loaded to the phase's end (the weights included); above imports: less the "
+                  "process with torch and diffusers imported; loading: the process's peak while it loaded the model",
+                  highlight=False, markup=False)
     if not measured.random_weights:
         return
     note("estimates count the denoiser's weights and one batch's activations (htcli.models.memory); capture also "

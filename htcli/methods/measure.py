@@ -2,7 +2,10 @@
 
 Five phases, each in a fresh process of its own, so that its peak memory is its own (peak RSS,
 VmHWM, on the CPU; `torch.cuda.max_memory_allocated` on CUDA), with the model's random-weights
-variant (`htcli.models.random_weights`: full width, no download):
+variant (`htcli.models.random_weights`: full width, no download). A phase's peak is taken once
+its model is loaded (the weights stay in it; a weights file's mapped pages and the dtype
+conversion of loading do not): Linux's /proc/self/clear_refs, CUDA's reset_peak_memory_stats.
+The peak of loading is recorded beside it.
 
 1. capture: `build-dataset`'s work for one concept (the pipeline in the spec's dtype, the
    source and the concept, N fitting + 2 evaluation samples each), into a temporary dataset;
@@ -69,8 +72,9 @@ class Phase:
     name: str  # "capture", "lineas step", "train step", with ", grad checkpointing"
     samples: int  # samples the timed work went through
     seconds: float
-    peak_bytes: int  # the phase's process: peak RSS on the CPU, peak allocated on CUDA
+    peak_bytes: int  # from the model loaded to the phase's end: peak RSS on the CPU, peak allocated on CUDA
     base_bytes: int  # the same process before anything loaded (imports; 0 on CUDA)
+    load_peak_bytes: int  # the same process's peak while loading the model
     estimate_bytes: int  # htcli.models.memory's figure for the same batch: weights + activations
     batch: int  # samples per forward pass (capture) or per backward pass (steps)
     dtype: str  # what the denoiser computed in
@@ -115,14 +119,15 @@ def measure(request: MeasureRequest, progress: Progress | None = None) -> Measur
     result = Measurement(spec.id, spec.resolution, str(device), request.samples, request.concepts_per_step,
                          random_weights=spec.random_weights)
     job = replace(request, model=spec.id, device=str(device), layers=layers)
+    logging = _logging_here()
     with tempfile.TemporaryDirectory(prefix="ht-measure-") as folder:
         if progress:
             progress(0, len(PHASES), "random weights")
-        _in_fresh_process(_prepare, job)
+        _in_fresh_process(_prepare, job, logging)
         for index, (phase, checkpointing) in enumerate(PHASES):
             if progress:
                 progress(index, len(PHASES), f"{phase}{', grad checkpointing' if checkpointing else ''}")
-            raw = _in_fresh_process(_run_phase, job, phase, checkpointing, folder)
+            raw = _in_fresh_process(_run_phase, job, logging, phase, checkpointing, folder)
             result.phases.append(_with_estimate(spec, job, phase, checkpointing, raw))
     if progress:
         progress(len(PHASES), len(PHASES), "done")
@@ -158,8 +163,8 @@ def _with_estimate(spec: ModelSpec, job: MeasureRequest, phase: str, checkpointi
             hyper = HyperConfig(embed_dim=raw["embed_dim"], layers=tuple((layer.name, layer.width) for layer in plan.layers))
             estimate += 16 * parameter_count(hyper)  # float32 weights, gradients, AdamW's two moments
         name = f"{'LinEAS' if phase == 'lineas' else 'train'} step{', grad checkpointing' if checkpointing else ''}"
-    return Phase(name, raw["samples"], raw["seconds"], raw["peak_bytes"], raw["base_bytes"], estimate, raw["batch"],
-                 raw["dtype"])
+    return Phase(name, raw["samples"], raw["seconds"], raw["peak_bytes"], raw["base_bytes"], raw["load_peak_bytes"],
+                 estimate, raw["batch"], raw["dtype"])
 
 
 # --- what runs in the fresh processes ---------------------------------------------------------
@@ -176,7 +181,11 @@ def _status_bytes(field_name: str) -> int | None:
     return None
 
 
-def _peak_rss() -> int:
+def _peak(device: torch.device) -> int:
+    """This process's peak memory since the last `_restart_peak`: allocated on CUDA, RSS elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
     peak = _status_bytes("VmHWM")
     if peak is None:
         import resource
@@ -185,39 +194,66 @@ def _peak_rss() -> int:
     return peak
 
 
-def _spec_here(job: MeasureRequest) -> ModelSpec:
+def _restart_peak(device: torch.device) -> int:
+    """The peak so far (loading), then the peak counted afresh from what is in memory now."""
+    loaded = _peak(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+        except OSError:  # elsewhere the phase's peak includes loading
+            pass
+    return loaded
+
+
+def _logging_here() -> tuple[int, int, bool]:
+    """diffusers' and transformers' log levels and transformers' progress bars in this process,
+    for the measuring processes to chatter no more than their parent (`ht` quiets them)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    return (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity(),
+            transformers_logging.is_progress_bar_enabled())
+
+
+def _spec_here(job: MeasureRequest, logging: tuple[int, int, bool]) -> ModelSpec:
+    """The measured spec in a measuring process, whose libraries log as its parent's do."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity(logging[0])
+    transformers_logging.set_verbosity(logging[1])
+    if not logging[2]:
+        transformers_logging.disable_progress_bar()
     os.environ[RANDOM_WEIGHTS_VARIABLE] = "1"  # this process and the libraries it calls: random weights
     return get_model(job.model).at_resolution(job.resolution)
 
 
-def _prepare(job: MeasureRequest) -> None:
+def _prepare(job: MeasureRequest, logging: tuple[int, int, bool]) -> None:
     """Draw and cache the random denoiser (its drawing is no phase's memory)."""
     from htcli.models.random_weights import random_weights_file
 
-    spec = _spec_here(job)
+    spec = _spec_here(job, logging)
     if spec.random_weights:
         random_weights_file(spec)
 
 
-def _run_phase(job: MeasureRequest, phase: str, checkpointing: bool, folder: str) -> dict:
+def _run_phase(job: MeasureRequest, logging: tuple[int, int, bool], phase: str, checkpointing: bool,
+               folder: str) -> dict:
     """One phase in this (fresh) process: its timed work, samples, batch and peak memory."""
     import diffusers  # noqa: F401  (imports count in the base, not in the phase)
 
     from htcli.core.runtime import resolve_device
 
-    spec = _spec_here(job)
+    spec = _spec_here(job, logging)
     device = resolve_device(job.device)
     base = 0 if device.type == "cuda" else (_status_bytes("VmRSS") or 0)
     if phase == "capture":
         raw = _capture(spec, job, device, Path(folder))
     else:
         raw = _step(spec, job, device, Path(folder), phase, checkpointing)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = _peak_rss()
-    return raw | {"peak_bytes": peak, "base_bytes": base}
+    return raw | {"peak_bytes": _peak(device), "base_bytes": base}
 
 
 def _capture(spec: ModelSpec, job: MeasureRequest, device: torch.device, folder: Path) -> dict:
@@ -233,11 +269,12 @@ def _capture(spec: ModelSpec, job: MeasureRequest, device: torch.device, folder:
     layers = resolve_layers(denoiser(pipe, spec), job.layers)
     settings = make_settings(spec, library, layers, job.samples, EVAL_SAMPLES, seed=0)
     builder = Builder(spec, pipe, layers, settings, get_encoder(settings.encoder, str(device)))
+    loaded = _restart_peak(device)
     start = time.perf_counter()
     build_dataset(builder, library, [library.targets("train")[0]], folder)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "samples": 2 * (job.samples + EVAL_SAMPLES), "dtype": spec.dtype,
-            "batch": min(settings.batch_size, job.samples + EVAL_SAMPLES)}
+            "batch": min(settings.batch_size, job.samples + EVAL_SAMPLES), "load_peak_bytes": loaded}
 
 
 def _step(spec: ModelSpec, job: MeasureRequest, device: torch.device, folder: Path, phase: str,
@@ -259,6 +296,7 @@ def _step(spec: ModelSpec, job: MeasureRequest, device: torch.device, folder: Pa
     if phase == "lineas":
         name = dataset.names()[0]
         target = {layer: t[0] for layer, t in dataset.targets([name]).items()}  # (N, D) per layer
+        raw["load_peak_bytes"] = _restart_peak(device)
         ends: list[float] = []
         fit_lineas(frozen, dataset.source_inputs("fit"), target, LineasConfig(steps=2, micro_batch=micro_batch),
                    on_step=lambda step, loss: ends.append(time.perf_counter()))
@@ -268,6 +306,7 @@ def _step(spec: ModelSpec, job: MeasureRequest, device: torch.device, folder: Pa
     config = TrainConfig(steps=2, concepts_per_step=job.concepts_per_step, val_fraction=0.0, dtype=job.dtype,
                          micro_batch=micro_batch)
     trainer = Trainer(frozen, dataset, hyper, config, folder / "hyper", spec.id)
+    raw["load_peak_bytes"] = _restart_peak(device)
     trainer.train_step()
     start = time.perf_counter()
     trainer.train_step()

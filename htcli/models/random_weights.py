@@ -6,7 +6,9 @@ hooks, timesteps and dtype, and changes where the weights come from:
 
 - the denoiser: its shipped config at full width, each module's weights drawn as torch.nn
   initialises them from a seed of its own name (so a block's weights do not depend on how many
-  blocks the model has), written once to a safetensors file in the spec's dtype in the cache
+  blocks the model has; the few parameters diffusers draws in its constructors, such as
+  PixArt's scale-shift tables, come from one seed in the order they are built), written once
+  to a safetensors file in the spec's dtype in the cache
   folder ($HT_CACHE, default ~/.cache/ht), then loaded by the real weights' own code
   (`htcli.models.hub`: the same safetensors reading, dtype conversion and device placement);
 - the text encoders: the real ones' output widths (T5-XXL: 4096; SDXL's CLIP-L and OpenCLIP
