@@ -282,3 +282,16 @@ def test_damaged_cache_files_are_captured_again_and_the_cache_is_bounded(data, h
     kept = sorted(p.name.split("-")[0] for p in captured.root.glob("*.safetensors") if p.name != "source.safetensors")
     assert kept == ["ice", "paper"] and (captured.root / "source.safetensors").is_file()
     assert captured.ensure([first, second, third]) == ["glass city"]  # all three kept while this call needs them
+
+
+def test_other_weights_capture_into_their_own_cache(predictor, tmp_path, monkeypatch):
+    """Targets captured through `--model-path` weights are never reused for the spec's own weights."""
+    from htcli.methods.refine import Refiner
+    from htcli.models import get_model
+
+    monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
+    spec, library = get_model("tiny"), load_library()
+    own = Refiner(spec, lambda: None, lambda: library).captured(None, predictor)
+    local = Refiner(spec, lambda: None, lambda: library, model_path=str(tmp_path / "weights")).captured(None, predictor)
+    assert own.settings == local.settings and own.root != local.root
+    assert local.root.name.startswith(own.root.name + "-")
