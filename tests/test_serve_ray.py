@@ -5,6 +5,7 @@ carries timings). Ray starts in a few seconds and each replica loads its own pip
 
 import base64
 import io
+import random
 import socket
 import threading
 
@@ -23,9 +24,16 @@ CONCEPTS = ["art deco", "ukiyo-e", "film noir", "pixel art", "impressionism", "b
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port outside the ranges Ray's own processes take while it starts (workers: 10002 to
+    19999; the rest: the kernel's ephemeral ports, 32768 and up), so that none takes it first."""
+    for port in random.Random().sample(range(20000, 32000), 50):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 @pytest.fixture(scope="module")
