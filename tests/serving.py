@@ -18,7 +18,7 @@ def hyper_checkpoint(folder: Path) -> Path:
     """A `tiny` hypernetwork on the tiny random CLIP (text and images, 32-d), with random,
     non-identity heads so that steering visibly changes images, and a stored modality gap."""
     layers = tuple((layer.name, layer.width) for layer in make_plan(get_model("tiny")).layers)
-    config = HyperConfig(embed_dim=32, layers=layers, hidden=16, rank=4)
+    config = HyperConfig(embed_dim=32, layers=layers, hidden=16, rank=4, embedding="phrase", prior="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         network = build_hypernetwork(config)
