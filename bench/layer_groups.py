@@ -82,7 +82,7 @@ def main() -> None:
         method = f"HyperTransport (shipped {checkpoint.name})"
 
         def maps_of(concept):
-            return predictor.maps([concept.phrase])[0]
+            return predictor.maps([concept])[0]
     else:
         source_fit_in = inputs(fit_prompts, fit_seeds)
         source_fit = frozen.pooled(source_fit_in)

@@ -38,6 +38,10 @@ from htcli.models.interventions import load_intervention
 CARD = "README.md"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# The settings `ht train-hyper` has an option for, named as the option is (--concepts-per-step).
+ARCH_OPTIONS = ("arch", "hidden", "depth", "rank", "embedding", "prior")
+TRAIN_OPTIONS = ("steps", "concepts_per_step", "samples", "limit_concepts", "val_fraction", "lr", "dtype", "micro_batch",
+                 "l1", "group", "eval_every", "average", "seed")
 TAGS = ["ht", "hypertransport", "activation-steering", "optimal-transport", "diffusers", "text-to-image"]
 
 
@@ -88,13 +92,12 @@ def reproduce_commands(model: str, config: HyperConfig, train: dict, dataset: st
     folder = shlex.quote(dataset) if dataset else None
     extra = ["--extra-concepts EXTRA.txt"] if train.get("extra_concepts") else []
     parts = ["ht train-hyper", f"--model {model}", *([f"--data {folder}"] if folder else [])]
-    arch_defaults = {f.name: f.default for f in fields(HyperConfig) if f.name not in ("embed_dim", "layers")}
+    arch_defaults = {f.name: f.default for f in fields(HyperConfig) if f.name in ARCH_OPTIONS}
     for name, default in arch_defaults.items():
         value = getattr(config, name)
         if value != default:
             parts.append(f"--{name} {0 if name == 'rank' and value is None else value}")
-    options = ("steps", "concepts_per_step", "samples", "limit_concepts", "val_fraction", "lr", "dtype",
-               "micro_batch", "l1", "group", "eval_every", "seed")
+    options = [f.name for f in fields(TrainConfig) if f.name in TRAIN_OPTIONS]
     defaults = asdict(TrainConfig())
     for name in options:
         if name in train and train[name] != defaults[name] and train[name] is not None:

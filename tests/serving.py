@@ -20,7 +20,7 @@ def hyper_checkpoint(folder: Path, training_concepts: bool = False) -> Path:
     `training_concepts`, three named training concepts at random embeddings and an
     out-of-distribution threshold (0.99) that every other concept falls below."""
     layers = tuple((layer.name, layer.width) for layer in make_plan(get_model("tiny")).layers)
-    config = HyperConfig(embed_dim=32, layers=layers, hidden=16, rank=4)
+    config = HyperConfig(embed_dim=32, layers=layers, hidden=16, rank=4, embedding="phrase", prior="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         network = build_hypernetwork(config)

@@ -36,7 +36,7 @@ def data(tmp_path_factory):
 
 
 TRAIN = ["--steps", "8", "--concepts-per-step", "2", "--eval-every", "4", "--hidden", "32",
-         "--rank", "4", "--val-fraction", "0.2", "--lr", "1e-2"]  # --samples: the dataset's 8
+         "--rank", "4", "--val-fraction", "0.2", "--lr", "1e-2", "--prior", "none"]  # --samples: the dataset's 8
 
 
 @pytest.mark.parametrize("rank", [None, 2])
@@ -51,9 +51,12 @@ def test_identity_at_initialisation(rank):
 
 def test_low_rank_head_is_small():
     pixart = tuple((f"transformer_blocks.{i}.norm{j}", 1152) for i in range(28) for j in (1, 2))
-    dense = parameter_count(HyperConfig(embed_dim=768, layers=pixart, hidden=512, rank=None))
-    low = parameter_count(HyperConfig(embed_dim=768, layers=pixart, hidden=512, rank=64))
+    dense = parameter_count(HyperConfig(embed_dim=768, layers=pixart, hidden=512, rank=None, prior="none"))
+    low = parameter_count(HyperConfig(embed_dim=768, layers=pixart, hidden=512, rank=64, prior="none"))
     assert dense > 66e6 and low < 12e6
+    # The linear prior's path: embedding -> rank 128 -> every output (2 * 64,512), with a bias.
+    with_prior = parameter_count(HyperConfig(embed_dim=768, layers=pixart, hidden=512, rank=64, prior="linear"))
+    assert with_prior - low == 768 * 128 + 128 * 2 * 64512 + 2 * 64512
 
 
 def test_checkpoint_round_trip_and_strict_loading(tmp_path):
@@ -95,10 +98,12 @@ def _train_residuals(data, out) -> list[float]:
     from htcli.core.hooks import resolve_layers
     from htcli.data.forward import Frozen
     from htcli.evaluation.residuals import residuals
-    from htcli.methods.hypernetwork import unbatch
+    from htcli.methods.predict import Predictor
     from htcli.models import get_model, load_denoiser
 
     checkpoint = load_checkpoint(out / "hyper.safetensors")
+    predictor = Predictor.load(out / "hyper.safetensors")
+    library = load_library()
     spec = get_model("tiny")
     model = load_denoiser(spec)
     frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
@@ -106,7 +111,7 @@ def _train_residuals(data, out) -> list[float]:
     ratios = []
     for name in data.names("train"):
         if name not in checkpoint.info["val_concepts"]:
-            maps = unbatch(checkpoint.maps(data.embeddings([name])))[0]
+            maps = predictor.maps([library.resolve(name)])[0]  # embedded as training embedded it
             target = {k: v[0] for k, v in data.targets([name], "eval").items()}
             ratios.append(residuals(frozen, inputs, source, target, maps)[0])
     return ratios
@@ -310,6 +315,37 @@ def test_micro_batched_gradient_equals_one_pass(data):
         torch.testing.assert_close(one, micro, atol=1e-7, rtol=1e-4)
 
 
+def test_checkpoint_averaging_publishes_the_mean_of_the_last_steps_and_resumes_from_its_own(data, tmp_path):
+    from htcli.core.hooks import resolve_layers
+    from htcli.data.forward import Frozen
+    from htcli.methods.training import TrainConfig, Trainer
+    from htcli.models import get_model, load_denoiser
+
+    spec = get_model("tiny")
+    model = load_denoiser(spec)
+    frozen = Frozen(spec, model, resolve_layers(model, data.settings.layers))
+    hyper = HyperConfig(embed_dim=384, layers=tuple(data.layers.items()), hidden=16, rank=4)
+    config = TrainConfig(steps=4, concepts_per_step=2, samples=4, val_fraction=0.2, average=0.5, eval_every=4, lr=1e-2)
+    trainer = Trainer(frozen, data, hyper, config, tmp_path / "run", "tiny")
+    after = []
+    for _ in range(4):
+        trainer.train_step()
+        after.append({k: v.clone() for k, v in trainer.network.state_dict().items()})
+    mean = {k: (after[2][k] + after[3][k]) / 2 for k in after[3]}  # the last half: steps 3 and 4
+    (tmp_path / "run").mkdir()
+    trainer.save()
+    for key, value in load_checkpoint(tmp_path / "run" / "hyper.safetensors").network.state_dict().items():
+        torch.testing.assert_close(value, mean[key])
+    assert any(not torch.equal(mean[k], after[3][k]) for k in mean)  # the average is not the last weights
+    for key, value in trainer.network.state_dict().items():  # training goes on from its own weights
+        assert torch.equal(value, after[3][key])
+    resumed = Trainer(frozen, data, hyper, config, tmp_path / "run", "tiny")
+    resumed.resume()
+    assert resumed.average_count == 2 and all(torch.equal(resumed.averaged[k], trainer.averaged[k]) for k in mean)
+    for key, value in resumed.network.state_dict().items():
+        assert torch.equal(value, after[3][key])
+
+
 def test_calibration_images_with_an_image_encoder_store_the_gap(tmp_path):
     from PIL import Image
 
@@ -362,3 +398,22 @@ def test_tiny_falls_back_to_the_shipped_hypernetwork_only_without_a_run_or_a_pat
     assert shipped_checkpoint("tiny-sdxl") is None
     with pytest.raises(HTError, match="no hypernetwork at"):
         resolve_checkpoint(None, "tiny-sdxl")
+
+
+def test_zero_steps_scores_the_network_as_it_starts(data, tmp_path):
+    """`--steps 0`: no optimisation; the history's one row scores the prior alone."""
+    rows = {}
+    for prior in ("none", "linear"):
+        out = tmp_path / prior
+        result = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(out), *TRAIN, "--steps", "0",
+                                     "--prior", prior])
+        assert result.exit_code == 0, result.output
+        (rows[prior],) = json.loads((out / "history.json").read_text())
+        assert rows[prior]["step"] == 0 and rows[prior]["loss"] is None
+    # The identity changes nothing (up to the float16 the dataset stores the source in); the ridge
+    # regression of the training concepts' maps moves them.
+    assert rows["none"]["train_residual"] == pytest.approx(1.0, abs=1e-3)
+    assert rows["none"]["val_residual"] == pytest.approx(1.0, abs=1e-3)
+    assert rows["linear"]["train_residual"] < 0.9
+    result = runner.invoke(app, ["train-hyper", "--data", str(data.root), "--out", str(tmp_path / "x"), "--steps", "-1"])
+    assert result.exit_code == 1 and "--steps must be 0" in result.output

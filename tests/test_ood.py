@@ -22,6 +22,8 @@ from htcli.methods.hypernetwork import (
     load_checkpoint,
     ood_threshold,
 )
+from htcli.methods.ood import CUES, OODCalibration, token_cues
+from htcli.methods.ood import OOD_QUANTILE as OOD_CUE_QUANTILE
 from htcli.methods.predict import Predictor
 
 runner = CliRunner()
@@ -69,18 +71,30 @@ def test_checkpoint_stores_training_concepts_and_calibrated_threshold(data, hype
     val = checkpoint.info["val_concepts"]
     train = [name for name in data.names("train") if name not in val]
     assert len(val) == 3 and sorted(concepts.names) == sorted(train)
-    torch.testing.assert_close(concepts.embeddings, data.embeddings(concepts.names), rtol=0, atol=0)
+    # The embeddings the trainer used are the ones every command predicts from (one rule).
+    predictor = Predictor.load(hyper)
+    library = load_library()
+    embed = lambda names: predictor.embed_concepts([library.resolve(name) for name in names])  # noqa: E731
+    torch.testing.assert_close(concepts.embeddings, embed(concepts.names), rtol=0, atol=1e-6)
     # The rule by hand: each validation concept's cosine to its nearest training concept, 5th percentile.
-    train_e, val_e = data.embeddings(train), data.embeddings(val)
+    train_e, val_e = embed(train), embed(val)
     best = [max(torch.cosine_similarity(v, t, dim=0).item() for t in train_e) for v in val_e]
     lo, mid, _ = sorted(best)
-    assert concepts.threshold == pytest.approx(lo + 2 * OOD_QUANTILE * (mid - lo), abs=1e-6)
+    assert concepts.threshold == pytest.approx(lo + 2 * OOD_QUANTILE * (mid - lo), abs=1e-5)
     assert lo <= concepts.threshold < mid
+    # The out-of-distribution calibration: the training concepts' bare names, their cues, and a
+    # threshold at OOD_CUE_QUANTILE of the validation concepts' scores.
+    ood = checkpoint.ood
+    torch.testing.assert_close(ood.names, predictor.encoder.encode_text(concepts.names), rtol=0, atol=1e-6)
+    scores = sorted(ood.scores(predictor.encoder, val)["score"])
+    assert ood.threshold == pytest.approx(scores[0] + 2 * OOD_CUE_QUANTILE * (scores[1] - scores[0]), abs=1e-6)
     # Loaded and saved again (as `calibrate_gap` does), it keeps them.
     checkpoint.save(hyper.parent / "again.safetensors")
-    again = load_checkpoint(hyper.parent / "again.safetensors").training_concepts
+    loaded = load_checkpoint(hyper.parent / "again.safetensors")
+    again = loaded.training_concepts
     assert again.names == concepts.names and again.threshold == concepts.threshold
     assert torch.equal(again.embeddings, concepts.embeddings)
+    assert loaded.ood.threshold == ood.threshold and torch.equal(loaded.ood.reference, ood.reference)
 
 
 def test_no_validation_concepts_no_threshold(tmp_path):
@@ -99,17 +113,19 @@ def test_no_validation_concepts_no_threshold(tmp_path):
 def test_training_concept_is_its_own_nearest_neighbour(hyper):
     predictor = Predictor.load(hyper, model="tiny")
     name = predictor.training_concepts.names[0]
-    phrase = load_library().resolve(name).phrase
-    predicted = predictor.maps([phrase, FAR_OFF])
+    predicted = predictor.maps([load_library().resolve(name), FAR_OFF])
     assert len(predicted) == 2  # `maps` still returns the maps; the neighbours are on the side
-    (best, similarity), *others = predictor.last_neighbours[0]
-    assert best == name and similarity == pytest.approx(1.0, abs=1e-5) and len(others) == 2
-    assert all(s <= similarity for _, s in others)
-    assert predictor.nearest(predictor.encoder.encode_text([phrase]), k=1) == [[(name, pytest.approx(1.0, abs=1e-5))]]
-    far = predictor.neighbour_info(1)
-    assert far["ood"] is True and far["ood_threshold"] == predictor.training_concepts.threshold
-    assert far["nearest_training_concepts"][0]["similarity"] < far["ood_threshold"]
-    assert predictor.neighbour_info(0)["ood"] is False
+    near, far = predictor.neighbour_info(0), predictor.neighbour_info(1)
+    best, *others = near["nearest_training_concepts"]
+    assert best == {"name": name, "similarity": pytest.approx(1.0, abs=1e-5)} and len(others) == 2
+    assert all(o["similarity"] <= best["similarity"] for o in others)
+    assert near["ood"] is False and near["ood_score"] >= near["ood_threshold"]
+    # Read from the bare text, not the templated phrase: its similarity to the nearest training name.
+    bare = (predictor.encoder.encode_text([FAR_OFF]) @ predictor.checkpoint.ood.names.T).max().item()
+    assert far["ood_cues"]["similarity"] == pytest.approx(bare, abs=1e-5)
+    assert far["nearest_training_concepts"][0]["similarity"] == pytest.approx(bare, abs=1e-5) and far["ood"] is True
+    assert far["ood_threshold"] == predictor.checkpoint.ood.threshold and far["ood_score"] < far["ood_threshold"]
+    assert set(far["ood_cues"]) == set(CUES) and far["ood_weakest_cue"] in CUES
 
 
 def test_steer_warns_for_a_far_off_concept_only(hyper, tmp_path):
@@ -117,8 +133,7 @@ def test_steer_warns_for_a_far_off_concept_only(hyper, tmp_path):
     assert f"'{FAR_OFF}' is out of distribution" in result.output
     assert f"nearest training concepts of '{FAR_OFF}':" in result.stdout
     assert sidecar["ood"] is True and len(sidecar["nearest_training_concepts"]) == 3
-    assert sidecar["ood_threshold"] == load_checkpoint(hyper).training_concepts.threshold
-    assert sidecar["nearest_training_concepts"][0]["similarity"] < sidecar["ood_threshold"]
+    assert sidecar["ood_threshold"] == load_checkpoint(hyper).ood.threshold
 
     name = load_checkpoint(hyper).training_concepts.names[0]
     result, sidecar = _steer(tmp_path / "near", hyper, "-c", name)
@@ -158,3 +173,76 @@ def test_old_checkpoint_still_steers_and_exports_with_a_note(old_hyper, tmp_path
     out = tmp_path / "old.safetensors"
     result = runner.invoke(app, ["hyper", "export", "--hyper", str(old_hyper), "--concept", FAR_OFF, "--out", str(out)])
     assert result.exit_code == 0 and "stores no training concepts" in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def pre_cue_hyper(hyper, tmp_path_factory):
+    """The checkpoint as ht wrote it before the out-of-distribution cues: training concepts and
+    their nearest-concept threshold, no calibration."""
+    with safe_open(str(hyper), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys() if not key.startswith("ood.")}
+        meta = {k: v for k, v in f.metadata().items() if k != "ood"}
+    path = tmp_path_factory.mktemp("pre-cue") / "hyper.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def test_checkpoint_without_calibration_keeps_the_nearest_concept_rule(pre_cue_hyper):
+    predictor = Predictor.load(pre_cue_hyper)
+    assert predictor.checkpoint.ood is None
+    predictor.maps([FAR_OFF])
+    info = predictor.neighbour_info(0)
+    similarity = predictor.nearest(predictor.embed_concepts([FAR_OFF]), 1)[0][0][1]
+    assert info["nearest_training_concepts"][0]["similarity"] == pytest.approx(similarity)
+    threshold = predictor.training_concepts.threshold
+    assert info["ood_threshold"] == threshold and info["ood"] == (similarity < threshold) and "ood_score" not in info
+    if info["ood"]:
+        assert "below the hypernetwork's threshold" in Predictor.neighbour_note(FAR_OFF, info)
+
+
+def test_token_cues_of_both_tokenizer_kinds():
+    import open_clip
+
+    from htcli.models.encoders import get_encoder
+
+    bert = get_encoder("minilm").tokenizer  # WordPiece, with an unknown token
+    cues = token_cues(bert, ["oil painting", "\U0001F600", "zxqv"])
+    assert cues[0].tolist() == [1.0, pytest.approx(5.5)]  # "oil", "painting": (3 + 8) / 2 characters a token
+    assert cues[1].tolist() == [0.0, 0.0]  # one [UNK]
+    pieces = bert.tokenize("zxqv")
+    assert cues[2].tolist() == [1.0, pytest.approx(4 / len(pieces))] and len(pieces) > 1  # "z", "##x", ...
+    clip = open_clip.get_tokenizer("ViT-B-32")  # byte-level BPE: every byte is known, "</w>" ends a word
+    assert token_cues(clip, ["oil painting"])[0].tolist() == [1.0, pytest.approx(5.5)]
+
+
+def test_score_is_the_weakest_cue_percentile(tmp_path):
+    from htcli.models.encoders import get_encoder
+
+    encoder = get_encoder("minilm")
+    train = ["oil painting", "watercolor", "art deco", "film noir", "cyberpunk city", "ukiyo-e", "baroque",
+             "pixel art", "charcoal drawing", "impressionism"]
+    validation = ["gouache", "art nouveau", "synthwave"]
+    calibration = OODCalibration.fit(encoder, train, validation)
+    # The reference: each training concept's cues, its similarity taken to the *other* training concepts.
+    names = encoder.encode_text(train)
+    similarity = names @ names.T
+    similarity.fill_diagonal_(-1)
+    torch.testing.assert_close(calibration.reference[:, 0], similarity.max(-1).values)
+    texts = ["acrylic painting", "\U0001F600\U0001F525", "qzxv kjhq"]
+    found = calibration.scores(encoder, texts)
+    for cues, ranks, score in zip(found["cues"], found["percentiles"], found["score"]):
+        by_hand = [sum(r <= c for r in calibration.reference[:, k].tolist()) / len(train) for k, c in enumerate(cues)]
+        assert ranks == pytest.approx(by_hand) and score == pytest.approx(min(by_hand))
+    records = calibration.record(encoder, texts)
+    assert records[1]["ood"] is True and records[1]["ood_weakest_cue"] == "known_tokens"  # emoji: unknown tokens
+    assert records[2]["ood"] is True and records[0]["ood"] is False
+    assert "does not know its characters" in Predictor.neighbour_note(
+        texts[1], {**records[1], "nearest_training_concepts": [{"name": "x", "similarity": 0.1}]})
+    # Stored and read back; a calibration of other cues is refused in one line.
+    tensors, metadata = calibration.tensors(), calibration.metadata()
+    loaded = OODCalibration.load(tensors, metadata)
+    assert loaded.threshold == calibration.threshold and torch.equal(loaded.reference, calibration.reference)
+    other = {"ood": metadata["ood"].replace("token_length", "word_count")}
+    with pytest.raises(HTError, match="other cues"):
+        OODCalibration.load(tensors, other)
+    assert OODCalibration.fit(encoder, train, []) is None  # no validation concepts: no threshold to set

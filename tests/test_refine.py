@@ -63,7 +63,7 @@ def _fit_samples(data, name):
 def test_refine_starts_at_the_prediction(data, frozen, predictor, concept):
     from htcli.methods.objective import _w2
 
-    predicted = predictor.maps([concept.phrase])[0]
+    predicted = predictor.maps([concept])[0]
     # The warm start is the prediction bit for bit: omega -> omega - 1 -> 1 + (omega - 1) is exact.
     assert all(torch.equal(1 + (omega - 1), omega) for omega, _ in predicted.values())
     inputs, target = _fit_samples(data, concept.name)

@@ -398,7 +398,11 @@ def test_transport_judge_on_tiny(world):
         assert rows[method]["residual"]["mean"] == pytest.approx(summary["concepts"][CONCEPT]["residual"])
         assert rows[method]["residual"]["mean"] < 0.9  # a fitted map moves the source towards the target
     assert rows["hypertransport"]["residual"]["mean"] == pytest.approx(transport["per_concept"]["hypertransport"][CONCEPT])
+    # The judge captures no targets: a baseline's time from the text is unknown here, and said so.
+    assert rows["mean-shift"]["seconds_total"] is None and rows["mean-shift"]["times_ht"] is None
+    assert rows["hypertransport"]["seconds_total"] == rows["hypertransport"]["seconds_median"]
     assert "## Transport judge" in (world["run"] / "report.md").read_text()
+    assert "not measured by this judge" in (world["run"] / "report.md").read_text()
     assert (world["run"] / "transport_residuals.png").is_file()
     printed = runner.invoke(app, ["score", "--judge", "transport", "--data", str(world["data"]), "--hyper",
                                   str(world["hyper"]), "--baselines", str(world["baselines"]), "--run", str(world["run"]),

@@ -45,13 +45,21 @@ def train_hyper_command(
     hidden: Annotated[int, typer.Option(help="Trunk width.")] = HyperConfig.hidden,
     depth: Annotated[int, typer.Option(help="Trunk layers.")] = HyperConfig.depth,
     rank: Annotated[int, typer.Option(help="Rank of the per-layer output heads; 0 for dense heads.")] = HyperConfig.rank,
-    steps_: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = TrainConfig.steps,
+    embedding: Annotated[str, typer.Option(help="What is embedded of a concept: 'templates' (the mean of its "
+                                           "templates' phrases) or 'phrase' (the first one).")] = HyperConfig.embedding,
+    prior: Annotated[str, typer.Option(help="What the maps start from: 'linear' (a ridge regression of the training "
+                                       "concepts' Linear-AcT maps on the embedding), 'mean' (their mean) or 'none' "
+                                       "(the identity).")] = HyperConfig.prior,
+    steps_: Annotated[int, typer.Option("--steps", help="Optimisation steps; 0 saves and scores the network as it "
+                                        "starts (its --prior alone).")] = TrainConfig.steps,
     concepts_per_step: Annotated[int, typer.Option(help="Training concepts per step (K).")] = CONCEPTS_PER_STEP,
     samples: SamplesOption = None,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")] = TrainConfig.lr,
     l1: Annotated[float, typer.Option(help="Sparsity: L1 weight on predicted (omega - 1, beta).")] = TrainConfig.l1,
     group: Annotated[float, typer.Option(help="Sparsity: group-lasso weight per layer.")] = TrainConfig.group,
     eval_every: Annotated[int, typer.Option(help="Evaluate and checkpoint every E steps.")] = TrainConfig.eval_every,
+    average: Annotated[float, typer.Option(help="Checkpoint averaging: average the weights of this share of the last "
+                                           "steps (0: off).")] = TrainConfig.average,
     val_fraction: Annotated[float, typer.Option(help="Training concepts held aside to choose settings.")] = TrainConfig.val_fraction,
     limit_concepts: LimitConceptsOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after an interruption (same settings).")] = False,
@@ -83,13 +91,13 @@ def train_hyper_command(
 
     dataset = open_dataset(data, model)
     config = TrainConfig(steps=steps_, concepts_per_step=concepts_per_step, samples=samples, lr=lr, l1=l1, group=group,
-                         eval_every=eval_every, val_fraction=val_fraction, limit_concepts=limit_concepts, seed=seed,
+                         eval_every=eval_every, average=average, val_fraction=val_fraction, limit_concepts=limit_concepts, seed=seed,
                          dtype=dtype.value, micro_batch=micro_batch,
                          extra_concepts=tuple(read_concept_names(extra_concepts)) if extra_concepts else ())
     with steps("train-hyper", config.steps, enabled=is_main_process()) as bar:  # one bar under torchrun
         result = train_hypernetwork(
             dataset, out or run_path(dataset.settings.model, "hyper"), config,
-            {"arch": arch, "hidden": hidden, "depth": depth, "rank": rank or None},
+            {"arch": arch, "hidden": hidden, "depth": depth, "rank": rank or None, "embedding": embedding, "prior": prior},
             resume=resume, overwrite=overwrite, device=device, grad_checkpointing=grad_checkpointing,
             model_path=model_path, calibration_images=calibration_images, progress=lambda step, total, text: bar.update(step, total, text),
             say=lambda line: err.print(line, markup=False),

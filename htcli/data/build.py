@@ -186,6 +186,19 @@ def build(
     return summary if rank == 0 else None
 
 
+def dataset_builder(settings: DatasetSettings, device: str | torch.device = "cpu") -> Builder:
+    """A `Builder` for a built dataset's `settings`: its model's pipeline, hooked at its layers,
+    with its concept encoder. It captures any concept's activations as the dataset's were."""
+    from htcli.core.hooks import resolve_layers
+    from htcli.models import load_pipeline
+    from htcli.models.encoders import get_encoder
+
+    spec = get_model(settings.model)
+    pipe = load_pipeline(spec, device=device)
+    layers = resolve_layers(denoiser(pipe, spec), settings.layers)
+    return Builder(spec, pipe, layers, settings, get_encoder(settings.encoder, str(torch.device(device))))
+
+
 def _dist() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -218,9 +231,20 @@ class Builder:
 
     def _parts(self, concept: Concept):
         """(part, pooled activations, encoder inputs) for the fit and the eval samples of `concept`."""
+        for part in ("fit", "eval"):
+            yield (part, *self._run(*self._samples(concept, part)))
+
+    def _samples(self, concept: Concept, part: str) -> tuple[list[str], tuple[int, ...]]:
+        """The prompts (with the concept's templates) and paired seeds of `concept`'s `part` samples."""
         s = self.settings
-        for part, prompts, seeds in (("fit", s.fit_prompts, s.fit_seeds), ("eval", s.eval_prompts, s.eval_seeds)):
-            yield (part, *self._run([concept.apply(p, i) for i, p in enumerate(prompts)], seeds))
+        prompts, seeds = (s.fit_prompts, s.fit_seeds) if part == "fit" else (s.eval_prompts, s.eval_seeds)
+        return [concept.apply(p, i) for i, p in enumerate(prompts)], seeds
+
+    def capture(self, concept: Concept) -> dict[str, Tensor]:
+        """Pooled (N, D) target activations of `concept` on the fitting samples, from its text:
+        prompt encoding and the denoiser up to the last hooked layer (early stop). What every
+        per-concept fit needs first, and the hypernetwork does not."""
+        return self._run(*self._samples(concept, "fit"))[0]
 
     def concept_tensors(self, concept: Concept) -> dict[str, Tensor]:
         dtype = STORAGE_DTYPES[self.settings.storage_dtype]

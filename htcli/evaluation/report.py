@@ -74,18 +74,22 @@ def vlm_rows(section: Mapping[str, Any], fmt=ci_text) -> list[list[str]]:
 
 
 def transport_rows(rows: Sequence[Mapping[str, Any]], fmt=ci_text) -> list[list[str]]:
-    """One line per method of a residual comparison (the transport judge's or the demo's)."""
+    """One line per method of a residual comparison (the transport judge's or the demo's): the
+    seconds from the concept's text (capture of its targets included; `-` where not measured),
+    the fit alone, and the first against HyperTransport's."""
     out = []
     for row in rows:
-        ratio = row.get("times_ht")
+        ratio, total = row.get("times_ht"), row.get("seconds_total")
         times = "-" if ratio is None else f"{ratio:,.0f}" if ratio >= 10 else f"{ratio:.2f}"
-        out.append([row["method"], str(row["concepts"]), fmt(row["residual"]), f"{row['seconds_median']:.3g}", times])
+        fit = "-" if row["method"] == "none" else f"{row['seconds_median']:.3g}"
+        out.append([row["method"], str(row["concepts"]), fmt(row["residual"]), "-" if total is None else f"{total:.3g}",
+                    fit, times])
     return out
 
 
 CLIP_HEAD = ["method", "strength", "n", *(label for _, label in CLIP_COLUMNS)]
 VLM_HEAD = ["strength", "judged", "malformed", "win", "tie", "loss", "consistency"]
-TRANSPORT_HEAD = ["method", "concepts", "residual ratio", "s / concept", "x HT time"]
+TRANSPORT_HEAD = ["method", "concepts", "residual ratio", "s / concept from text", "s fit only", "x HT time"]
 
 
 def rich_table(title: str, head: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
@@ -147,7 +151,9 @@ def markdown(scores: Mapping[str, Any]) -> str:
     if transport := scores.get("transport"):
         parts += ["", "## Transport judge", "",
                   (f"W2 residual ratio in activation space on {plural(len(transport['concepts']), 'held-out concept')} of "
-                   f"`{transport['data']}` (evaluation samples; 1 = no change, 0 = the target)."), "",
+                   f"`{transport['data']}` (evaluation samples; 1 = no change, 0 = the target). Fit times are the "
+                   "baselines' own; their time from the concept's text (capturing its target activations first) is "
+                   "not measured by this judge: `ht demo` and `python -m bench.amortization` measure it."), "",
                   markdown_table(TRANSPORT_HEAD, transport_rows(transport["rows"])), "", f"![residual ratios]({RESIDUALS_PLOT})"]
     return "\n".join(parts) + "\n"
 

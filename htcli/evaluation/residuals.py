@@ -3,19 +3,22 @@
 `none` is the unsteered model (residual 1 by definition); per-concept baselines are read from
 the summaries `ht fit-linear-baselines` writes (their residuals use the same evaluation
 samples); HyperTransport is evaluated here, one forward pass per concept, timed from concept
-text to maps (embedding included) by its `Predictor`.
+text to maps (embedding included) by its `Predictor`. A baseline's cost from the concept's text
+adds the capture of its target activations (`capture_seconds`), where that was measured.
 """
 
 from __future__ import annotations
 
 import random
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from htcli.core.files import read_json
 from htcli.core.runtime import Progress
-from htcli.data.concepts import ConceptLibrary
+from htcli.data.build import Builder
+from htcli.data.concepts import Concept, ConceptLibrary
 from htcli.data.dataset import ActivationDataset, check_limit, check_split
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
@@ -33,7 +36,7 @@ def evaluate_hyper(
     eval_inputs, source = dataset.source_inputs("eval"), dataset.source_activations("eval")
     result = MethodResult("hypertransport", [], [])
     for done, name in enumerate(names, 1):
-        maps = predictor.maps([library.resolve(name).phrase])[0]
+        maps = predictor.maps([library.resolve(name)])[0]
         result.seconds.append(predictor.last_ms / 1e3)
         target = {k: v[0] for k, v in dataset.targets([name], "eval").items()}
         result.residuals.append(residuals(frozen, eval_inputs, source, target, maps)[0])
@@ -77,16 +80,40 @@ def baseline_results(folders: Sequence[Path], names: Sequence[str]) -> list[Meth
     return results
 
 
-def compare(hyper: MethodResult, baselines: Sequence[MethodResult], seed: int = 0) -> list[dict]:
+def capture_seconds(builder: Builder, concepts: Sequence[Concept]) -> list[float]:
+    """Seconds to capture each concept's target activations on the fitting samples, from its
+    text (`Builder.capture`): the cost every per-concept baseline pays before it can fit."""
+    seconds = []
+    for concept in concepts:
+        start = time.perf_counter()
+        builder.capture(concept)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def compare(hyper: MethodResult, baselines: Sequence[MethodResult], seed: int = 0,
+            capture: Sequence[float] = ()) -> list[dict]:
     """Rows for none, each baseline and HyperTransport: the residual's mean, spread and seeded
-    bootstrap interval over concepts, and the time per concept against HyperTransport's."""
+    bootstrap interval over concepts, and the time per concept.
+
+    `seconds_median` is the fit alone (HyperTransport: concept text to maps). A baseline needs the
+    concept's target activations first: with `capture` (seconds per concept, `capture_seconds`),
+    `seconds_total` is the median capture plus the median fit, the cost from the concept's text,
+    and `times_ht` compares it with HyperTransport's; without, both are None (not measured)."""
     none = MethodResult("none", [1.0] * len(hyper.residuals), [0.0])
-    results = [none, *baselines, hyper]
     ht_seconds = hyper.row["seconds_median"]
+    capture_median = statistics.median(capture) if capture else None
     rows = []
-    for result in results:
+    for result in [none, *baselines, hyper]:
         row = result.row | {"residual": bootstrap_ci(result.residuals, seed=seed)}
-        row["times_ht"] = row["seconds_median"] / ht_seconds if ht_seconds and row["method"] != "none" else None
+        if result is hyper:
+            row["seconds_total"] = ht_seconds
+        elif result is none or capture_median is None:
+            row["seconds_total"] = None
+        else:
+            row["seconds_total"] = capture_median + row["seconds_median"]
+        row["capture_seconds"] = capture_median if result not in (none, hyper) else None
+        row["times_ht"] = row["seconds_total"] / ht_seconds if ht_seconds and row["seconds_total"] is not None else None
         rows.append(row)
     return rows
 

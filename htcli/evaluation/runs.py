@@ -96,7 +96,7 @@ class Method:
         from htcli.models.interventions import Intervention, load_intervention
 
         if self.kind == "hypertransport":
-            predicted = self.predictor.maps([concept.phrase])[0]
+            predicted = self.predictor.maps([concept])[0]
             found = Intervention(predicted, self.predictor.model, "hypertransport", concept.name)
         else:
             found = load_intervention(self.file(concept))

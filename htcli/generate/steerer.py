@@ -123,7 +123,7 @@ def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes
             refine_ms += info["seconds"] * 1e3
     predictor = steerer.predictor
     # Predicted last, all sources at once: `predictor.last_ms` and its per-source records describe this call.
-    predicted = predictor.maps([c.phrase for c, _ in sources.concepts], sources.images, gap_correction)
+    predicted = predictor.maps([c for c, _ in sources.concepts], sources.images, gap_correction)
     predicted[: len(refined)] = refined
     if sources.images and gap_correction and not predictor.has_gap:
         notes.append("the hypernetwork stores no modality gap; raw image embeddings were used "

@@ -6,11 +6,14 @@ head: a shared trunk state of width H is mapped to a rank-r code per layer, then
 layer's 2 * D_l outputs (omega - 1, beta). Dense heads from H to every neuron would cost
 H * 2 * sum(D_l) parameters (66M for PixArt at H = 512); the low-rank head costs
 L * H * r + r * 2 * sum(D_l). The last projection starts at zero, so the untrained network
-outputs the identity map for every concept.
+outputs the identity map for every concept, unless it starts from a prior (`PRIORS`,
+`init_prior`): the mean of the training concepts' closed-form maps, or a ridge regression of
+them on the embedding, as a linear path beside the MLP.
 
 Architectures register in `ARCHITECTURES`; a checkpoint stores its `HyperConfig` as JSON, and
-the training concepts' names and embeddings with an out-of-distribution threshold
-(`TrainingConcepts`), so every prediction can name its nearest training concepts.
+the training concepts' names and embeddings with a nearest-concept threshold
+(`TrainingConcepts`), so every prediction can name its nearest training concepts, and the
+out-of-distribution calibration of `htcli.methods.ood`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from torch import Tensor, nn
 from htcli.core.files import read_tensors, save_tensors
 from htcli.core.transport import Maps
 from htcli.errors import HTError
+from htcli.methods.embedding import EMBEDDING_PROMPTS, check_embedding
+from htcli.methods.ood import OODCalibration
 from htcli.models.interventions import fitted_timestep_metadata, read_fitted_timestep
 
 FORMAT = "ht-hypernetwork/1"
@@ -39,12 +44,23 @@ class HyperConfig:
     hidden: int = 512
     depth: int = 2
     rank: int | None = 64  # None: one dense head per layer
+    embedding: str = "prompts"  # what is embedded of a concept (htcli.methods.embedding)
+    embedding_prompts: tuple[str, ...] = EMBEDDING_PROMPTS  # the neutral prompts of the `prompts` embedding
+    prior: str = "linear"  # what the maps start from before training: see PRIORS
+    prior_rank: int = 128  # rank of the linear prior's path (at most the embedding's width)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise HTError(f"unknown hypernetwork architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
         if self.hidden < 1 or self.depth < 1 or (self.rank is not None and self.rank < 1):
             raise HTError("--hidden, --depth and --rank must be positive")
+        if self.embedding != "prompts":  # only that rule reads prompts: others store none
+            object.__setattr__(self, "embedding_prompts", ())
+        check_embedding(self.embedding, self.embedding_prompts)
+        if self.prior not in PRIORS:
+            raise HTError(f"unknown --prior {self.prior!r}; use one of {', '.join(PRIORS)}")
+        if self.prior_rank < 1:
+            raise HTError("the linear prior's rank must be positive")
 
     @property
     def neurons(self) -> int:
@@ -55,8 +71,10 @@ class HyperConfig:
 
     @classmethod
     def from_json(cls, text: str) -> HyperConfig:
-        data = json.loads(text)
+        # Checkpoints saved before these settings were trained with the phrase and no prior.
+        data = {"embedding": "phrase", "embedding_prompts": (), "prior": "none"} | json.loads(text)
         data["layers"] = tuple((name, int(width)) for name, width in data["layers"])
+        data["embedding_prompts"] = tuple(data["embedding_prompts"])
         return cls(**data)
 
 
@@ -82,8 +100,17 @@ class LowRankHead(nn.Module):
         return [up(down(h)) for down, up in zip(self.down, self.up)]
 
 
+# What the predicted maps start from (before any W2 training step; set by `init_prior`):
+# none: the identity map for every concept; mean: the mean of the training concepts' closed-form
+# maps, for every concept (the head's bias); linear: a ridge regression of those maps on the
+# concept embedding, a linear path of rank `prior_rank` beside the MLP (which starts at zero and
+# learns the rest).
+PRIORS = ("none", "mean", "linear")
+
+
 class MLPHyper(nn.Module):
-    """MLP trunk on the normalised embedding, low-rank per-layer heads."""
+    """MLP trunk on the normalised embedding, low-rank per-layer heads (and, with the `linear`
+    prior, a linear path from the embedding to every output)."""
 
     def __init__(self, config: HyperConfig) -> None:
         super().__init__()
@@ -94,14 +121,47 @@ class MLPHyper(nn.Module):
         blocks += [nn.LayerNorm(config.hidden), nn.GELU()]
         self.trunk = nn.Sequential(*blocks)
         self.head = LowRankHead(config.hidden, [w for _, w in config.layers], config.rank)
+        self.linear = None
+        if config.prior == "linear":  # embedding -> rank-r code -> (omega - 1, beta) of each layer in turn
+            rank = min(config.prior_rank, config.embed_dim)
+            self.linear = nn.Sequential(nn.Linear(config.embed_dim, rank, bias=False), nn.Linear(rank, 2 * config.neurons))
+            for part in self.linear.parameters():  # the identity until `init_prior`
+                nn.init.zeros_(part)
 
     def forward(self, embedding: Tensor) -> Maps:
         """(K, E) embeddings -> {layer: (omega (K, D), beta (K, D))}."""
-        h = self.trunk(F.normalize(embedding.float(), dim=-1))
+        e = F.normalize(embedding.float(), dim=-1)
+        outputs = self.head(self.trunk(e))  # per layer (K, 2 D)
+        if self.linear is not None:
+            outputs = [out + part for out, part in zip(outputs, self.linear(e).split([2 * w for _, w in self.config.layers], -1))]
         maps = {}
-        for (name, width), out in zip(self.config.layers, self.head(h)):
+        for (name, width), out in zip(self.config.layers, outputs):
             maps[name] = (1.0 + out[:, :width], out[:, width:])
         return maps
+
+
+PRIOR_RIDGE = 0.03  # ridge penalty of the linear prior, chosen on validation concepts (docs/results.md)
+
+
+@torch.no_grad()
+def init_prior(network: nn.Module, embeddings: Tensor, maps: Tensor, ridge: float = PRIOR_RIDGE) -> None:
+    """Start `network` (untrained) from its config's prior, given the training concepts' (C, E)
+    embeddings and their closed-form maps (C, 2 * neurons), each layer's (omega - 1, beta) in turn."""
+    prior = network.config.prior
+    if prior == "mean":
+        for up, part in zip(network.head.up, maps.mean(0).split([2 * w for _, w in network.config.layers])):
+            up.bias.copy_(part)
+    elif prior == "linear":  # ridge regression, reduced to the path's rank (the top directions of its fitted maps)
+        x = F.normalize(embeddings.float(), dim=-1)  # (C, E), as the network sees them
+        x_mean, y_mean = x.mean(0), maps.mean(0)
+        xc = x - x_mean
+        weight = torch.linalg.solve(xc.T @ xc + ridge * torch.eye(x.shape[1]), xc.T @ (maps - y_mean))  # (E, O)
+        down, up = network.linear
+        directions = torch.linalg.svd(xc @ weight, full_matrices=False).Vh[: down.out_features].T  # (O, <= r)
+        directions = F.pad(directions, (0, down.out_features - directions.shape[1]))  # fewer concepts than r: zeros
+        down.weight.copy_((weight @ directions).T)
+        up.weight.copy_(directions)
+        up.bias.copy_(y_mean - x_mean @ weight @ directions @ directions.T)
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLPHyper}
@@ -154,9 +214,10 @@ class TrainingConcepts:
     embeddings: Tensor  # (C, E): the concept embeddings the trainer used
     threshold: float | None = None  # see `ood_threshold`; None: trained without validation concepts
 
-    def nearest(self, embeddings: Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
-        """The k training concepts nearest to each (Q, E) embedding, best first: (name, cosine)."""
-        values, indices = nearest_similarities(embeddings, self.embeddings, k)
+    def nearest(self, embeddings: Tensor, k: int = 3, against: Tensor | None = None) -> list[list[tuple[str, float]]]:
+        """The k training concepts nearest to each (Q, E) embedding, best first: (name, cosine).
+        `against`: other (C, E) embeddings of the same concepts (their bare names) to compare with."""
+        values, indices = nearest_similarities(embeddings, self.embeddings if against is None else against, k)
         return [[(self.names[i], s) for i, s in zip(row_indices, row_values)]
                 for row_indices, row_values in zip(indices.tolist(), values.tolist())]
 
@@ -178,6 +239,7 @@ class HyperCheckpoint:
     fitted_timestep: int | None = None  # of its training maps; None: not known yet (`save` takes the model's) or older
     training_concepts: TrainingConcepts | None = None  # None: saved before ht stored them
     random_weights: bool = False  # trained on the model's architecture with random weights (`--random-weights`)
+    ood: OODCalibration | None = None  # None: saved before ht stored it, or no validation concepts
 
     def save(self, path: Path) -> None:
         tensors = {f"net.{k}": v for k, v in self.network.state_dict().items()}
@@ -188,6 +250,9 @@ class HyperCheckpoint:
             tensors["concepts.embeddings"] = self.training_concepts.embeddings.float().contiguous()
             concepts = {"training_concepts": json.dumps(self.training_concepts.names),
                         "ood_threshold": json.dumps(self.training_concepts.threshold)}
+        if self.ood is not None:
+            tensors |= self.ood.tensors()
+            concepts |= self.ood.metadata()
         metadata = {
             "format": FORMAT,
             "config": self.config.to_json(),
@@ -224,4 +289,5 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> HyperChec
         concepts = TrainingConcepts(json.loads(meta["training_concepts"]), tensors["concepts.embeddings"],
                                     json.loads(meta["ood_threshold"]))
     return HyperCheckpoint(network.to(device).eval(), config, meta["model"], meta["encoder"], gap, info,
-                           read_fitted_timestep(meta, path), concepts, json.loads(meta.get("random_weights", "false")))
+                           read_fitted_timestep(meta, path), concepts, json.loads(meta.get("random_weights", "false")),
+                           OODCalibration.load(tensors, meta, path))

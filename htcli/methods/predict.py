@@ -5,9 +5,12 @@ place where maps are predicted, for steering, evaluation runs, activation-space 
 exports and the demo:
 
     predictor = Predictor.load(resolve_checkpoint(None, "tiny"), model="tiny")
-    art_deco, noir = predictor.maps(["in the style of Art Deco", "as a film noir still"])
+    art_deco, noir = predictor.maps([load_library().resolve("art deco"), "as a film noir still"])
+    predictor.neighbour_info(0)  # nearest training concepts, out of distribution or not
 
-Reference images are embedded with the encoder's image tower, averaged, and moved into the
+A concept is embedded by the checkpoint's rule (`htcli.methods.embedding`: the mean of its
+templates' phrases); a plain string is a phrase, embedded as it is. Whether a concept is out of
+distribution is read from its bare text (`htcli.methods.ood`). Reference images are embedded with the encoder's image tower, averaged, and moved into the
 text region by the checkpoint's modality-gap correction (`close_gap`) when it stores one.
 """
 
@@ -26,13 +29,16 @@ from htcli.core.files import file_digest
 from htcli.core.references import resolve_file
 from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
+from htcli.data.concepts import Concept
 from htcli.errors import HTError
+from htcli.methods.embedding import bare_text, embed_concepts
 from htcli.methods.hypernetwork import (
     HyperCheckpoint,
     TrainingConcepts,
     load_checkpoint,
     unbatch,
 )
+from htcli.methods.ood import WEAKEST_CUE_TEXT
 from htcli.models import get_model
 from htcli.models.encoders import close_gap, get_encoder, modality_gap
 
@@ -78,8 +84,9 @@ class Predictor:
     path: Path | None = None
     digest: str | None = None  # of the checkpoint file: names the weights behind a result
     last_ms: float = 0.0  # wall-clock time of the last `maps` call, encoding included
-    # The nearest training concepts of each map of the last `maps` call; None: the checkpoint stores none.
-    last_neighbours: list[list[tuple[str, float]]] | None = None
+    # The `neighbour_info` record of each map of the last `maps` call; None: the checkpoint stores
+    # no training concepts.
+    last_neighbours: list[dict] | None = None
 
     @classmethod
     def load(cls, path: Path, model: str | None = None, device: str | torch.device = "cpu") -> Predictor:
@@ -115,13 +122,13 @@ class Predictor:
         return self.training_concepts.nearest(embeddings, k)
 
     def neighbour_info(self, index: int) -> dict:
-        """JSON-ready, for map `index` of the last `maps` call: its nearest training concepts,
-        whether it is out of distribution and the threshold that says so (null: unknown)."""
+        """JSON-ready, for map `index` of the last `maps` call: its nearest training concepts (name,
+        cosine similarity), whether it is out of distribution (null: unknown), the threshold that
+        says so and, where the checkpoint is calibrated for it (`htcli.methods.ood`), the score
+        that is compared with the threshold, its cues and the weakest of them."""
         if self.last_neighbours is None:
             return {"nearest_training_concepts": [], "ood": None, "ood_threshold": None}
-        nearest = self.last_neighbours[index]
-        return {"nearest_training_concepts": [{"name": name, "similarity": s} for name, s in nearest],
-                "ood": self.training_concepts.is_ood(nearest[0][1]), "ood_threshold": self.training_concepts.threshold}
+        return dict(self.last_neighbours[index])
 
     @staticmethod
     def neighbour_note(source: str, info: dict) -> str | None:
@@ -135,9 +142,13 @@ class Predictor:
         if not info["ood"]:
             return None
         best = info["nearest_training_concepts"][0]
-        return (f"{source!r} is out of distribution: its nearest training concept, {best['name']!r}, has similarity "
-                f"{best['similarity']:.3f}, below the hypernetwork's threshold {info['ood_threshold']:.3f}; "
-                "its maps extrapolate beyond training")
+        nearest = f"its nearest training concept, {best['name']!r}, has similarity {best['similarity']:.3f}"
+        if "ood_weakest_cue" in info:
+            return (f"{source!r} is out of distribution: {WEAKEST_CUE_TEXT[info['ood_weakest_cue']]} (score "
+                    f"{info['ood_score']:.3f}, below the hypernetwork's threshold {info['ood_threshold']:.3f}; {nearest}); "
+                    "its maps extrapolate beyond training")
+        return (f"{source!r} is out of distribution: {nearest}, below the hypernetwork's threshold "
+                f"{info['ood_threshold']:.3f}; its maps extrapolate beyond training")
 
     def embed_images(self, images: Sequence[Any], gap_correction: bool = True) -> Tensor:
         """(1, E): the mean image embedding of `images`, gap-corrected when the checkpoint can."""
@@ -148,12 +159,15 @@ class Predictor:
             embedding = close_gap(embedding, self.checkpoint.gap)
         return embedding
 
-    def maps(self, phrases: Sequence[str] = (), images: Sequence[Any] = (), gap_correction: bool = True) -> list[Maps]:
-        """One map per phrase, then one for the reference images (if any): {layer: ((D,), (D,))}."""
+    def maps(self, phrases: Sequence[str | Concept] = (), images: Sequence[Any] = (),
+             gap_correction: bool = True) -> list[Maps]:
+        """One map per concept, then one for the reference images (if any): {layer: ((D,), (D,))}.
+        A concept is a `Concept` (embedded as `concept_texts` says; its name is what the
+        out-of-distribution check reads) or a phrase, embedded as it is."""
         start = time.perf_counter()
         embeddings = []
         if phrases:
-            embeddings.append(self.encoder.encode_text(list(phrases)))
+            embeddings.append(self.embed_concepts(phrases))
         if images:
             embeddings.append(self.embed_images(images, gap_correction))
         if not embeddings:
@@ -163,8 +177,44 @@ class Predictor:
         if device.type == "cuda":
             torch.cuda.synchronize()
         self.last_ms = (time.perf_counter() - start) * 1e3
-        self.last_neighbours = self.nearest(torch.cat(embeddings)) if self.training_concepts is not None else None
+        self.last_neighbours = self.neighbours(phrases, embeddings[0] if phrases else None,
+                                               embeddings[-1] if images else None)
         return predicted
+
+    def embed_concepts(self, concepts: Sequence[str | Concept]) -> Tensor:
+        """(K, E): the hypernetwork's input for each concept (see `maps`)."""
+        config = self.checkpoint.config
+        return embed_concepts(self.encoder, concepts, config.embedding, config.embedding_prompts)
+
+    def neighbours(self, concepts: Sequence[str | Concept], embedded: Tensor | None = None,
+                   images: Tensor | None = None) -> list[dict] | None:
+        """The `neighbour_info` record of each concept (by its bare name, where the checkpoint is
+        calibrated for that: `htcli.methods.ood`; `embedded`: their (K, E) embeddings if already
+        computed), then of the reference images' (1, E) embedding, if any (by the hypernetwork's
+        input embedding, against the nearest-concept threshold of `TrainingConcepts`)."""
+        training = self.training_concepts
+        if training is None:
+            return None
+        records = []
+        if concepts:
+            ood = self.checkpoint.ood
+            if ood is None:  # checkpoints before the calibration: the nearest embedding, against their threshold
+                embedded = self.embed_concepts(concepts) if embedded is None else embedded
+                records += [self._record(nearest, training.threshold) for nearest in training.nearest(embedded)]
+            else:
+                names = [bare_text(c) for c in concepts]
+                bare = self.encoder.encode_text(names)  # (K, E)
+                nearest = training.nearest(bare, against=ood.names)
+                records += [self._record(n, None) | r for n, r in zip(nearest, ood.record(self.encoder, names, bare))]
+        if images is not None:
+            records.append(self._record(training.nearest(images)[0], training.threshold))
+        return records
+
+    @staticmethod
+    def _record(nearest: list[tuple[str, float]], threshold: float | None) -> dict:
+        """A record of the nearest training concepts, out of distribution when the best is below `threshold`."""
+        return {"nearest_training_concepts": [{"name": name, "similarity": s} for name, s in nearest],
+                "ood": None if threshold is None else nearest[0][1] < threshold, "ood_threshold": threshold}
 
 
 def calibrate_gap(path: Path, images: Sequence[Any], phrases: Sequence[str]) -> tuple[Tensor, Tensor]:

@@ -91,7 +91,7 @@ def refine_maps(
     """
     check_refine(steps, dataset, [concept.name])
     n = dataset.fitting_samples(samples)
-    predicted = predictor.maps([concept.phrase])[0]
+    predicted = predictor.maps([concept])[0]
     predict_seconds = predictor.last_ms / 1e3
     inputs = {k: v[:n] for k, v in dataset.source_inputs("fit").items()}  # (N, ...) per input
     target = {k: v[0, :n] for k, v in dataset.targets([concept.name], "fit").items()}  # (N, D) per layer
@@ -203,7 +203,7 @@ def export_intervention(concept: str, out: Path, hyper: Path | None = None, mode
     if refine is not None and dataset is None:
         dataset = refine_dataset(None, predictor.model)
     if refine is None:
-        maps, method, refined = predictor.maps([resolved.phrase])[0], "hypertransport", {}
+        maps, method, refined = predictor.maps([resolved])[0], "hypertransport", {}
     else:
         from htcli.models import load_pipeline
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from htcli.core.transport import Maps
+from htcli.data.concepts import Concept
 from htcli.methods.predict import Predictor
 
 
@@ -82,11 +83,14 @@ class CachedPredictor(Predictor):
     def wrap(cls, predictor: Predictor, cache: MapCache) -> CachedPredictor:
         return cls(**{f.name: getattr(predictor, f.name) for f in fields(Predictor)}, cache=cache)
 
-    def key(self, phrase: str) -> tuple[str, str | None, str]:
-        """(encoder, checkpoint digest, phrase): the maps of a phrase under one encoder and hypernetwork."""
-        return self.checkpoint.encoder, self.digest, phrase
+    def key(self, concept: str | Concept) -> tuple:
+        """(encoder, checkpoint digest, concept): the maps of a concept (its name and phrase, which
+        decide what the hypernetwork reads of it) or of a phrase, under one encoder and hypernetwork."""
+        what = concept if isinstance(concept, str) else (concept.name, concept.phrase)
+        return self.checkpoint.encoder, self.digest, what
 
-    def maps(self, phrases: Sequence[str] = (), images: Sequence[Any] = (), gap_correction: bool = True) -> list[Maps]:
+    def maps(self, phrases: Sequence[str | Concept] = (), images: Sequence[Any] = (),
+             gap_correction: bool = True) -> list[Maps]:
         """`Predictor.maps`, with concept phrases from the cache when it has them."""
         start = time.perf_counter()
         found: list[tuple[Maps, list | None]] = []  # (maps, nearest training concepts) per phrase
