@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +40,7 @@ def main() -> None:
     from htcli.data.dataset import ActivationDataset
     from htcli.data.forward import Frozen
     from htcli.methods.baselines import fit_mean_shift_maps
-    from htcli.methods.hypernetwork import HyperConfig, init_prior
+    from htcli.methods.hypernetwork import HyperConfig, build_hypernetwork, init_prior
     from htcli.methods.objective import residuals
     from htcli.methods.training import TrainConfig, Trainer, closed_form_maps
     from htcli.models import get_model
@@ -56,14 +57,15 @@ def main() -> None:
     for setting in args.embeddings.split(","):
         rule, _, count = setting.partition(":")
         prompts = tuple(data.settings.fit_prompts[: int(count)]) if count else ()
+        hyper = HyperConfig(embed_dim=int(data.embeddings(data.names()[:1]).shape[-1]), layers=layers, embedding=rule,
+                            embedding_prompts=prompts, prior="linear")
+        trainer = Trainer(frozen, data, hyper, config, Path("unused"), data.settings.model)  # embeds every concept once
+        if maps is None:  # the same targets for every setting
+            maps = closed_form_maps(data, trainer.train, config.samples)
+            reference(trainer, data, frozen, fit_mean_shift_maps, residuals, maps)
+        embeddings = torch.stack([trainer.embeddings[name] for name in trainer.train])
         for rank in map(int, args.ranks.split(",")):
-            hyper = HyperConfig(embed_dim=int(data.embeddings(data.names()[:1]).shape[-1]), layers=layers, embedding=rule,
-                                embedding_prompts=prompts, prior="linear", prior_rank=rank)
-            trainer = Trainer(frozen, data, hyper, config, Path("unused"), data.settings.model)
-            if maps is None:  # the same targets for every setting
-                maps = closed_form_maps(data, trainer.train, config.samples)
-                reference(trainer, data, frozen, fit_mean_shift_maps, residuals, maps)
-            embeddings = torch.stack([trainer.embeddings[name] for name in trainer.train])
+            trainer.network = build_hypernetwork(replace(hyper, prior_rank=rank))
             for ridge in map(float, args.ridges.split(",")):
                 init_prior(trainer.network, embeddings, maps, ridge)
                 train, val = trainer.evaluate(trainer.train_probe, trainer.val)

@@ -366,6 +366,12 @@ def test_calibration_images_with_an_image_encoder_store_the_gap(tmp_path):
     assert result.exit_code == 0, result.output
     gap = load_checkpoint(tmp_path / "h" / "hyper.safetensors").gap
     assert gap is not None and gap[0].shape == (32,)
+    # The text side: the training concepts as predictions embed them (the checkpoint's rule).
+    from htcli.methods.predict import Predictor
+
+    predictor = Predictor.load(tmp_path / "h" / "hyper.safetensors")
+    embedded = predictor.embed_concepts([library.resolve(name) for name in predictor.training_concepts.names])
+    torch.testing.assert_close(gap[1], embedded.mean(0))
     # A finished run resumed with other calibration images: nothing is trained, the gap is re-estimated.
     for k in range(2):
         Image.new("RGB", (16, 16), (0, 255 - 100 * k, 0)).save(images / f"{k}.png")

@@ -217,15 +217,18 @@ class Predictor:
                 "ood": None if threshold is None else nearest[0][1] < threshold, "ood_threshold": threshold}
 
 
-def calibrate_gap(path: Path, images: Sequence[Any], phrases: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """Estimate the encoder's modality gap from calibration images and concept phrases, and
-    store it in the checkpoint at `path` (rewritten atomically). Returns (image mean, text mean)."""
+def calibrate_gap(path: Path, images: Sequence[Any], concepts: Sequence[str | Concept]) -> tuple[Tensor, Tensor]:
+    """Estimate the encoder's modality gap from calibration images and concepts (embedded by
+    the checkpoint's rule, as predictions embed them), and store it in the checkpoint at `path`
+    (rewritten atomically). Returns (image mean, text mean)."""
     checkpoint = load_checkpoint(path)
     encoder = get_encoder(checkpoint.encoder)
     if not encoder.has_images:
         raise HTError(f"calibration images need an encoder with an image tower; {encoder.id} has none")
     if not images:
         raise HTError("no calibration images given")
-    checkpoint.gap = modality_gap(encoder.encode_images(images), encoder.encode_text(list(phrases)))
+    config = checkpoint.config
+    texts = embed_concepts(encoder, concepts, config.embedding, config.embedding_prompts)
+    checkpoint.gap = modality_gap(encoder.encode_images(images), texts)
     checkpoint.save(path)
     return checkpoint.gap

@@ -144,7 +144,7 @@ def _calibrate(out: Path, images: list[Path], train_names: Sequence[str]) -> Non
 
     library = load_library()
     calibrate_gap(out / "hyper.safetensors", load_rgb_images(images, "calibration image"),
-                  [library.resolve(name).phrase for name in train_names])
+                  [library.resolve(name) for name in train_names])
 
 
 def _check_image_encoder(encoder_id: str) -> None:
