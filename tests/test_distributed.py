@@ -117,9 +117,14 @@ def _train_args(data_root: Path | str, variant: str, out: Path) -> list[str]:
 def single(data, tmp_path_factory) -> Path:
     """Every variant trained by one process, into <variant>/hyper."""
     root = tmp_path_factory.mktemp("single")
-    for variant in VARIANTS:
-        result = runner.invoke(app, _train_args(data.root, variant, root / variant / "hyper"))
-        assert result.exit_code == 0, result.output
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank runs (`ddp`): other thread counts round sums differently
+    try:
+        for variant in VARIANTS:
+            result = runner.invoke(app, _train_args(data.root, variant, root / variant / "hyper"))
+            assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 
