@@ -1,6 +1,8 @@
 """Model specs: registry, real architectures on the meta device, tiny pipelines end to end."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,6 +127,16 @@ def test_models_command_lists_every_spec():
     assert rows[0] == json.loads(json.dumps(list_models()[0].record()))  # the spec's own record, every field
     assert {"timesteps", "hook_patterns", "concept_encoder", "licence"} <= set(rows[0]) and "loader" not in rows[0]
 
+
+
+def test_quick_commands_load_neither_diffusers_nor_transformers():
+    """`ht models`, help and a usage error answer without the seconds those imports take."""
+    script = ("import sys; from htcli.cli import main; sys.argv = ['ht', *sys.argv[1:]]\n"
+              "try:\n    main()\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    for argv in (["models"], ["steer", "-h"], ["steer", "x", "--no-such-option"]):
+        result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+        assert result.stdout.strip().splitlines()[-1] == "[]", (argv, result.stdout[-300:], result.stderr[-300:])
 
 def test_unknown_model():
     with pytest.raises(HTError, match="known models"):

@@ -7,6 +7,7 @@ the commands in the pipeline's order, then the tools (`SECTIONS`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -121,10 +122,11 @@ def _quiet_libraries(
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Keep diffusers' and transformers' info chatter and weight-loading bars off the terminal."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """Keep diffusers' and transformers' info chatter and weight-loading bars off the terminal.
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    Through the variables they read when first imported (a user's own setting wins): importing
+    them here would cost every command three seconds, `ht models` and a usage error included.
+    """
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
