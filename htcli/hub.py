@@ -83,7 +83,7 @@ def _base_line(model: str) -> str:
     spec = get_model(model)
     if spec.base_model:
         return f"`{model}` ({spec.description}; weights `{spec.base_model}`, licence: {spec.licence})"
-    return f"`{model}` ({spec.description}): an offline model with random weights, for tests and demos"
+    return f"`{model}` ({spec.description}; not on the Hub: for tests and demos)"
 
 
 def reproduce_commands(model: str, config: HyperConfig, train: dict, dataset: str | None) -> str:
@@ -134,8 +134,8 @@ def hypernetwork_folder(checkpoint: Path, folder: Path, repo_id: str = "USER/REP
     body = f"""
 # HyperTransport hypernetwork for `{loaded.model}`
 
-A hypernetwork that turns a concept ("art deco") or a reference image into per-neuron affine
-maps that steer {_base_line(loaded.model)}, in one forward pass, made with
+A hypernetwork that, in one forward pass, turns a concept ("art deco") or a reference image
+into per-neuron affine maps that steer {_base_line(loaded.model)}. Made with
 [`ht`](https://pypi.org/project/htcli/) (HyperTransport: amortized activation steering by
 optimal transport). Concept encoder: `{loaded.encoder}`; {len(loaded.config.layers)} steered layers,
 {loaded.config.neurons:,} neurons; trained on {count} concepts.
