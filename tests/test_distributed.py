@@ -19,7 +19,7 @@ from conftest import build_tiny_dataset
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.runtime import distributed_timeout, init_distributed, resolve_device
+from htcli.core.runtime import close_distributed, distributed_timeout, init_distributed, process_group, resolve_device
 from htcli.data.dataset import ActivationDataset
 from htcli.errors import HTError
 from htcli.methods.hypernetwork import load_checkpoint
@@ -84,6 +84,27 @@ def test_cpu_uses_gloo_with_the_default_timeout(captured_init, monkeypatch):
 def test_one_process_joins_no_group(captured_init, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not init_distributed(resolve_device("cpu")) and captured_init == {}
+
+
+def test_process_group_closes_what_it_joined_together_and_only_on_success(monkeypatch):
+    calls, joined = [], {"now": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: joined["now"])
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: (calls.append("init"), joined.update(now=True)))
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (calls.append("destroy"), joined.update(now=False)))
+    cpu = resolve_device("cpu")
+    with process_group(cpu) as distributed:
+        assert distributed
+    assert calls == ["init", "barrier", "destroy"]  # every rank waits for the others before the teardown
+    calls.clear()
+    with pytest.raises(RuntimeError), process_group(cpu):
+        raise RuntimeError("this rank failed")
+    assert calls == ["init"] and joined["now"]  # other ranks may wait in a collective: no barrier, no teardown
+    calls.clear()
+    with process_group(cpu) as distributed:  # a group its caller joined
+        assert distributed
+    assert calls == [] and joined["now"]
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "ten", "inf", "nan"])
@@ -194,7 +215,6 @@ def _probe(data_root: str, root: Path) -> None:
     step all-reduces, the concepts this rank evaluates and its trainer's history."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from htcli.methods import training_run
     from htcli.methods.training import Trainer
 
     buckets_per_step: list[list[int]] = []
@@ -220,8 +240,9 @@ def _probe(data_root: str, root: Path) -> None:
         return concept_residual(self, name)
 
     Trainer.__init__, Trainer.train_step, Trainer.concept_residual = recording_init, counted_step, recorded_residual
-    # One process group for every run: gloo hangs re-joining a destroyed one under one torchrun.
-    training_run.close_distributed = lambda: None
+    # One process group for every run, joined here, so that each run leaves it joined (gloo hangs
+    # re-joining a destroyed one under one torchrun), and closed as train-hyper closes its own.
+    init_distributed(resolve_device("cpu"))
     for variant in VARIANTS:
         buckets_per_step.clear(), evaluated.clear(), trainers.clear()
         app(_train_args(data_root, variant, root / variant / "hyper"), standalone_mode=False)
@@ -229,7 +250,7 @@ def _probe(data_root: str, root: Path) -> None:
         record = {"buckets_per_step": buckets_per_step, "evaluated": evaluated, "history": trainer.history,
                   "train_probe": trainer.train_probe, "val": trainer.val, "test": trainer.test}
         (root / variant / f"rank{trainer.rank}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -110,7 +111,25 @@ def barrier() -> None:
 
 
 def close_distributed() -> None:
+    """Leave the process group, every rank together: a barrier, then the teardown (gloo aborts a
+    process whose peer closes the connections first)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[bool]:
+    """torchrun's process group for the block; yields whether the job is distributed. A group the
+    block joined is closed when it ends normally. After an error it is left as it is: a barrier or
+    a teardown while other ranks wait in a collective would hang them, and torchrun stops them
+    once this rank exits. A group joined before the block belongs to its caller and stays."""
+    import torch.distributed as dist
+
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    distributed = init_distributed(device)
+    yield distributed
+    if distributed and joined_here:
+        close_distributed()

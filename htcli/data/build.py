@@ -19,14 +19,7 @@ from torch import Tensor, nn
 
 from htcli import __version__
 from htcli.core.files import check_output_dir, read_json, save_tensors, write_json
-from htcli.core.runtime import (
-    Progress,
-    barrier,
-    close_distributed,
-    init_distributed,
-    resolve_device,
-    run_path,
-)
+from htcli.core.runtime import Progress, barrier, process_group, resolve_device, run_path
 from htcli.data.concepts import Concept, ConceptLibrary, load_library, slugify
 from htcli.data.dataset import FORMAT, DatasetSettings, select_concepts
 from htcli.errors import HTError
@@ -172,8 +165,7 @@ def build(
 
     spec, out, library, concepts, settings = request.resolve()
     torch_device = resolve_device(device)  # this rank's GPU under torchrun
-    distributed = init_distributed(torch_device)
-    try:
+    with process_group(torch_device) as distributed:
         rank = dist.get_rank() if distributed else 0
         if rank == 0:
             check_existing(out, settings, overwrite)
@@ -181,8 +173,6 @@ def build(
         layers = resolve_layers(denoiser(pipe, spec), settings.layers)
         builder = Builder(spec, pipe, layers, settings, get_encoder(settings.encoder, str(torch_device)))
         summary = build_dataset(builder, library, concepts, out, progress if rank == 0 else None)
-    finally:
-        close_distributed()
     return summary if rank == 0 else None
 
 

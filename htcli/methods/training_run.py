@@ -12,13 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from htcli.core.files import check_output_dir
-from htcli.core.runtime import (
-    Progress,
-    close_distributed,
-    init_distributed,
-    is_main_process,
-    resolve_device,
-)
+from htcli.core.runtime import Progress, is_main_process, process_group, resolve_device
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
@@ -97,10 +91,9 @@ def train_hypernetwork(
             return _finished(out, saved.info, images, train_names, say)
 
     torch_device = resolve_device(device)  # this rank's GPU under torchrun
-    distributed = init_distributed(torch_device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    main = rank == 0
-    try:
+    with process_group(torch_device) as distributed:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        main = rank == 0
         frozen = Frozen.load(spec, dataset.settings.layers, torch_device, config.dtype, grad_checkpointing, model_path)
         trainer = Trainer(frozen, dataset, hyper_config, config, out, spec.id, rank, world)
         if resume:
@@ -114,8 +107,6 @@ def train_hypernetwork(
         summary = trainer.fit(report)
         if main and images is not None:
             _calibrate(out, images, trainer.train)
-    finally:
-        close_distributed()
     if not main:
         return None
     return TrainResult(out / "hyper.safetensors", trainer.step, summary["train_seconds"], summary["final_loss"],
