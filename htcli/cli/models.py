@@ -75,17 +75,25 @@ def plan_command(
     Example: ht plan --model pixart --layers 'transformer_blocks.*.norm2'
     Measured: ht plan --model pixart --measure --resolution 256 --samples 4 --concepts-per-step 2
     """
-    from htcli.models.memory import plan_report
+    from htcli.methods.measure import MeasureRequest, plan
+
+    request = MeasureRequest(model, resolution, device, dtype.value, samples, concepts_per_step, micro_batch,
+                             layers) if measure else None
+    with steps("measure", enabled=measure) as bar:
+        estimates, measured = plan(model, layers, samples, eval_samples, concepts_per_step, resolution, request,
+                                   progress=lambda done, total, what: bar.update(done, total, what))
+    if as_json:
+        typer.echo(dumps_json(estimates | ({"measured": measured.record()} if measured else {})))
+        return
+    _print_plan(estimates)
+    if measured is not None:
+        _print_measurement(measured)
+
+
+def _print_plan(plan: dict) -> None:
     from htcli.models.plan import human_bytes, human_count
 
-    plan = plan_report(model, layers, samples, eval_samples, concepts_per_step, resolution)
-    spec = get_model(plan["model"])
-    measured = _measure(plan["model"], layers, resolution, device, dtype.value, samples, concepts_per_step,
-                        micro_batch) if measure else None
-    if as_json:
-        typer.echo(dumps_json(plan | ({"measured": measured.record()} if measured else {})))
-        return
-    table = Table(title=f"{spec.id}: hooked modules")
+    table = Table(title=f"{plan['model']}: hooked modules")
     for column in ("module", "neurons", "tokens/sample"):
         table.add_column(column, justify="right" if column != "module" else "left")
     for layer in plan["layers"]:
@@ -94,11 +102,11 @@ def plan_command(
     console.print(f"layers: {len(plan['layers'])}   neurons: {plan['neurons']:,}   resolution: {plan['resolution']} px")
     console.print(f"hypernetwork output size: {plan['hyper_outputs']:,} (omega - 1 and beta per neuron)")
     console.print(f"denoiser: {human_count(plan['denoiser_params'])} parameters, {human_bytes(plan['weights_bytes'])} "
-                  f"in {spec.dtype}")
-    console.print(f"dataset per concept ({samples} fit + {eval_samples} eval samples, {plan['dataset_dtype']}): "
-                  f"{human_bytes(plan['dataset_bytes_per_concept'])}")
+                  f"in {get_model(plan['model']).dtype}")
+    console.print(f"dataset per concept ({plan['samples']} fit + {plan['eval_samples']} eval samples, "
+                  f"{plan['dataset_dtype']}): {human_bytes(plan['dataset_bytes_per_concept'])}")
     console.print(
-        f"training memory, {concepts_per_step} concepts x {samples} samples, no checkpointing "
+        f"training memory, {plan['concepts_per_step']} concepts x {plan['samples']} samples, no checkpointing "
         f"(estimate): {human_bytes(plan['training_bytes'])} ({human_bytes(plan['activation_bytes_per_sample'])} of "
         "activations per sample)"
     )
@@ -109,17 +117,6 @@ def plan_command(
         f"({batches['micro_batch_grad_checkpointing']} with --grad-checkpointing), "
         f"forward batch {batches['forward_batch']}"
     )
-    if measured is not None:
-        _print_measurement(measured)
-
-
-def _measure(model: str, layers: list[str] | None, resolution: int | None, device: str | None, dtype: str,
-             samples: int, concepts_per_step: int, micro_batch: int | None) -> Measurement:
-    from htcli.methods.measure import MeasureRequest, measure
-
-    request = MeasureRequest(model, resolution, device, dtype, samples, concepts_per_step, micro_batch, layers)
-    with steps("measure") as bar:
-        return measure(request, progress=lambda done, total, what: bar.update(done, total, what))
 
 
 def _print_measurement(measured: Measurement) -> None:

@@ -108,6 +108,17 @@ def measured_spec(model: str | None, resolution: int | None) -> ModelSpec:
     return (spec if spec.offline else random_variant(spec)).at_resolution(resolution)
 
 
+def plan(model: str | None, layers: Sequence[str] | None, samples: int, eval_samples: int, concepts_per_step: int,
+         resolution: int | None = None, measure_request: MeasureRequest | None = None,
+         progress: Progress | None = None) -> tuple[dict, Measurement | None]:
+    """What `ht plan` reports: the meta-device estimates (`plan_report`) and, given a
+    `measure_request`, that request's `measure`ment (else None)."""
+    from htcli.models.memory import plan_report
+
+    estimates = plan_report(model, layers, samples, eval_samples, concepts_per_step, resolution)
+    return estimates, measure(measure_request, progress) if measure_request is not None else None
+
+
 def measure(request: MeasureRequest, progress: Progress | None = None) -> Measurement:
     """Run the five phases (module docstring), each in a fresh process, and set each beside its
     estimate. The random weights are drawn first (once, cached), outside every phase."""
