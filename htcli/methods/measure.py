@@ -36,6 +36,7 @@ import torch
 from htcli.core.runtime import Progress
 from htcli.errors import HTError
 from htcli.models import get_model
+from htcli.models.plan import Plan, make_plan
 from htcli.models.spec import RANDOM_WEIGHTS_VARIABLE, ModelSpec
 
 EVAL_SAMPLES = 2  # the fewest a dataset takes: capture is measured per sample
@@ -131,6 +132,7 @@ def measure(request: MeasureRequest, progress: Progress | None = None) -> Measur
                          random_weights=spec.random_weights)
     job = replace(request, model=spec.id, device=str(device), layers=layers)
     logging = _logging_here()
+    plan = make_plan(spec, layers)  # what every phase's estimate is made of
     with tempfile.TemporaryDirectory(prefix="ht-measure-") as folder:
         if progress:
             progress(0, len(PHASES), "random weights")
@@ -139,7 +141,7 @@ def measure(request: MeasureRequest, progress: Progress | None = None) -> Measur
             if progress:
                 progress(index, len(PHASES), f"{phase}{', grad checkpointing' if checkpointing else ''}")
             raw = _in_fresh_process(_run_phase, job, logging, phase, checkpointing, folder)
-            result.phases.append(_with_estimate(spec, job, phase, checkpointing, raw))
+            result.phases.append(_with_estimate(plan, phase, checkpointing, raw))
     if progress:
         progress(len(PHASES), len(PHASES), "done")
     return result
@@ -155,16 +157,14 @@ def _in_fresh_process(function, *args):
                           "--samples or --micro-batch") from None
 
 
-def _with_estimate(spec: ModelSpec, job: MeasureRequest, phase: str, checkpointing: bool, raw: dict) -> Phase:
+def _with_estimate(plan: Plan, phase: str, checkpointing: bool, raw: dict) -> Phase:
     """A measured phase and `htcli.models.memory`'s estimate of its peak: the denoiser's weights
     and the activations of one batch (plus, for training, the hypernetwork and AdamW's state)."""
     from htcli.methods.hypernetwork import HyperConfig, parameter_count
-    from htcli.models.memory import forward_bytes_per_sample, per_sample_bytes
-    from htcli.models.plan import make_plan
+    from htcli.models.memory import element_size, forward_bytes_per_sample, per_sample_bytes
 
-    plan = make_plan(spec, job.layers)
     dtype = getattr(torch, raw["dtype"])
-    weights = plan.denoiser_params * torch.finfo(dtype).bits // 8
+    weights = plan.denoiser_params * element_size(dtype)
     if phase == "capture":
         estimate = weights + raw["batch"] * forward_bytes_per_sample(plan, dtype)
         name = "capture"

@@ -60,7 +60,7 @@ def _available_ram() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _element_size(dtype: torch.dtype) -> int:
+def element_size(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
@@ -80,7 +80,7 @@ def forward_bytes_per_sample(plan: Plan, dtype: torch.dtype) -> int:
     """One sample's live activations in a forward pass without a graph (an estimate: the
     largest few (tokens x width) tensors, see FORWARD_LIVE_ACTIVATIONS)."""
     largest = max(layer.tokens * layer.width for layer in plan.layers)
-    return FORWARD_LIVE_ACTIVATIONS * largest * _element_size(dtype)
+    return FORWARD_LIVE_ACTIVATIONS * largest * element_size(dtype)
 
 
 def per_sample_bytes(plan: Plan, dtype: torch.dtype, grad_checkpointing: bool = False) -> int:
@@ -92,10 +92,10 @@ def per_sample_bytes(plan: Plan, dtype: torch.dtype, grad_checkpointing: bool = 
     width) tensor, and backward recomputes one block at a time, whose activations are taken as
     its share of the measured total, in proportion to its (tokens x width).
     """
-    kept = plan.activation_bytes_per_sample * _element_size(dtype) // _element_size(plan.spec.torch_dtype)
+    kept = plan.activation_bytes_per_sample * element_size(dtype) // element_size(plan.spec.torch_dtype)
     if grad_checkpointing:
         blocks = _block_activations(plan)
-        kept = sum(blocks) * _element_size(dtype) + kept * max(blocks) // sum(blocks)
+        kept = sum(blocks) * element_size(dtype) + kept * max(blocks) // sum(blocks)
     return kept + forward_bytes_per_sample(plan, dtype)
 
 
@@ -127,7 +127,7 @@ def choose_batches(
     come, are set aside first. The headroom leaves room for the allocator's fragmentation, the
     hypernetwork and the optimiser."""
     free = free_bytes(device) if free is None else free
-    reserved = 0 if weights_loaded else plan.denoiser_params * _element_size(dtype)
+    reserved = 0 if weights_loaded else plan.denoiser_params * element_size(dtype)
     per_sample = per_sample_bytes(plan, dtype, grad_checkpointing)
     return fit_batches(free, reserved, per_sample, forward_bytes_per_sample(plan, dtype), headroom)
 
