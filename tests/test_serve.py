@@ -24,6 +24,7 @@ from htcli.generate.batch import Sample, generate_batch
 from htcli.generate.compose import combine
 from htcli.generate.steer import SteerRequest, steer
 from htcli.generate.steerer import Steerer
+from htcli.methods.predict import shipped_checkpoint
 from htcli.models.interventions import load_intervention
 from htcli.serve.cache import CachedPredictor, MapCache
 
@@ -99,6 +100,19 @@ def test_generate_equals_ht_steer_with_its_sidecar_metadata(server, steerer):
     strength0, strength1 = _pixels(data["images"][0]), _pixels(data["images"][2])
     assert np.abs(strength0 - strength1).mean() > 1  # steering shows
     assert data["timings"]["maps_ms"] >= 0 and data["timings"]["generate_ms"] > 0
+
+
+def test_each_sources_out_of_distribution_flag_is_the_predictors(tiny):
+    """The shipped tiny network decides by its calibrated score: 'gouache' is in distribution
+    although its nearest training concept is below the older nearest-similarity threshold."""
+    spec, pipe = tiny
+    shipped = Steerer(spec, pipe=pipe, hyper=shipped_checkpoint("tiny"))
+    with served(shipped, batch_window_ms=5) as (_, url):
+        reply = _post(url, "/v1/generate", json={"prompt": "a bowl of fruit", "concepts": ["gouache", "zxqv 1234 lorem"]})
+    assert reply.status_code == 200, reply.text
+    alone = steer(shipped, SteerRequest("a bowl of fruit", concepts=["gouache", "zxqv 1234 lorem"]))
+    assert [(s["source"], s["ood"]) for s in reply.json()["sources"]] == [(r["source"], r["ood"]) for r in alone.neighbours]
+    assert [s["ood"] for s in reply.json()["sources"]] == [False, True]
 
 
 def test_concurrent_requests_share_one_batch_and_each_equals_it_served_alone(steerer):

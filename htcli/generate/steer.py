@@ -220,6 +220,7 @@ class Steered:
     maps: Maps | None = None  # the composed maps; None with `each` or the prompt method
     notes: list[str] = field(default_factory=list)
     intervention_ms: float | None = None  # concept/image/file -> composed maps; None for the prompt method
+    neighbours: list[dict] = field(default_factory=list)  # per predicted source: nearest training concepts, "ood"
 
     def intervention(self) -> Intervention:
         """The composed maps as an intervention file, to apply again with `ht steer -i`."""
@@ -318,4 +319,5 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             progress(len(cells), total, "" if strength is None else f"strength {strength:g}")
     if spec.offline:
         notes.append(f"{spec.id} has random weights: its images are noise (compare in activation space)")
-    return Steered([cells[key] for key in sorted(cells)], columns, sources, spec.id, request.method, combined, notes, ms)
+    return Steered([cells[key] for key in sorted(cells)], columns, sources, spec.id, request.method, combined, notes, ms,
+                   neighbours)

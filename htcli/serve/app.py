@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 from htcli import __version__
 from htcli.errors import HTError
 from htcli.generate.batch import Planned
+from htcli.generate.steer import Steered
 from htcli.serve.batching import Produced
 from htcli.serve.guard import Guard
 from htcli.serve.parse import Parsed, parse_request
@@ -60,19 +61,14 @@ def _png(image: Image.Image, metadata: dict) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _sources(service: Service, metadata: dict) -> list[dict]:
+def _sources(steered: Steered) -> list[dict]:
     """Per predicted source (concepts, reference images): its nearest training concepts and whether
     it is out of distribution (None: the hypernetwork cannot tell), as `ht steer` prints them."""
-    training = service.predictor.training_concepts
-    found: dict[str, list[dict]] = {}
-    for record in metadata.get("nearest_training_concepts") or []:
-        found.setdefault(record["source"], []).append({"name": record["name"], "similarity": record["similarity"]})
-    return [{"source": source, "nearest_training_concepts": nearest,
-             "ood": training.is_ood(nearest[0]["similarity"]) if training is not None else None}
-            for source, nearest in found.items()]
+    return [{"source": record["source"], "nearest_training_concepts": record["nearest_training_concepts"],
+             "ood": record["ood"]} for record in steered.neighbours]
 
 
-def _generated(service: Service, planned: Planned, produced: list[Produced], parsed: Parsed, start: float) -> dict:
+def _generated(planned: Planned, produced: list[Produced], parsed: Parsed, start: float) -> dict:
     """The JSON answer of /v1/generate."""
     steered = planned.fill([p.image for p in produced])
     images = []
@@ -83,7 +79,7 @@ def _generated(service: Service, planned: Planned, produced: list[Produced], par
     timings = {"maps_ms": steered.intervention_ms, "queue_ms": max(p.queue_ms for p in produced),
                "generate_ms": max(p.generate_ms for p in produced), "total_ms": (time.perf_counter() - start) * 1e3}
     return {"images": images, "columns": steered.columns, "notes": steered.notes,
-            "sources": _sources(service, steered.images[0].metadata), "timings": timings}
+            "sources": _sources(steered), "timings": timings}
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -158,7 +154,7 @@ def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
             produced = await _produced(request, service.batcher.submit(planned.samples))
             if produced is None:
                 return Response(status_code=499)  # nginx's "client closed request": for the log, nobody reads it
-            answer = await run_in_threadpool(_generated, service, planned, produced, parsed, start)
+            answer = await run_in_threadpool(_generated, planned, produced, parsed, start)
             return JSONResponse(answer, headers=replica)
 
     @app.post("/v1/intervention", openapi_extra=describe("intervention"))
