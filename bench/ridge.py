@@ -59,7 +59,8 @@ def main() -> None:
         prompts = tuple(data.settings.fit_prompts[: int(count)]) if count else ()
         hyper = HyperConfig(embed_dim=int(data.embeddings(data.names()[:1]).shape[-1]), layers=layers, embedding=rule,
                             embedding_prompts=prompts, prior="linear")
-        trainer = Trainer(frozen, data, hyper, config, Path("unused"), data.settings.model)  # embeds every concept once
+        # Embeds every concept once; its network, and so its prior, is replaced below (fitted once per rank and ridge).
+        trainer = Trainer(frozen, data, replace(hyper, prior="none"), config, Path("unused"), data.settings.model)
         if maps is None:  # the same targets for every setting
             maps = closed_form_maps(data, trainer.train, config.samples)
             reference(trainer, data, frozen, fit_mean_shift_maps, residuals, maps)
@@ -81,13 +82,12 @@ def reference(trainer, data, frozen, fit_mean_shift_maps, residuals, maps) -> No
     import torch
 
     from htcli.methods.baselines import fit_linear_act_maps
+    from htcli.methods.hypernetwork import layer_parts
 
     source_fit = data.source_activations("fit")
     inputs, source = data.source_inputs("eval"), data.source_activations("eval")
-    widths = list(data.layers.values())
-    mean = {}
-    for (name, width), part in zip(data.layers.items(), maps.mean(0).split([2 * w for w in widths])):
-        mean[name] = (1 + part[:width], part[width:])
+    layers = list(data.layers.items())
+    mean = {name: (1 + part[:width], part[width:]) for (name, width), part in zip(layers, layer_parts(maps.mean(0), layers))}
     for label, fit in (("mean shift", fit_mean_shift_maps), ("Linear-AcT", fit_linear_act_maps), ("one mean map", None)):
         ratios = []
         for name in trainer.val:

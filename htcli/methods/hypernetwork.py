@@ -19,6 +19,7 @@ out-of-distribution calibration of `htcli.methods.ood`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -133,11 +134,21 @@ class MLPHyper(nn.Module):
         e = F.normalize(embedding.float(), dim=-1)
         outputs = self.head(self.trunk(e))  # per layer (K, 2 D)
         if self.linear is not None:
-            outputs = [out + part for out, part in zip(outputs, self.linear(e).split([2 * w for _, w in self.config.layers], -1))]
+            outputs = [out + part for out, part in zip(outputs, layer_parts(self.linear(e), self.config.layers))]
         maps = {}
         for (name, width), out in zip(self.config.layers, outputs):
             maps[name] = (1.0 + out[:, :width], out[:, width:])
         return maps
+
+
+def layer_parts(flat: Tensor, layers: Sequence[tuple[str, int]]) -> tuple[Tensor, ...]:
+    """(..., 2 * neurons) flat outputs -> each layer's (..., 2 D) part, (omega - 1, beta) in turn."""
+    return flat.split([2 * width for _, width in layers], -1)
+
+
+def flat_maps(maps: Maps, names: Iterable[str]) -> Tensor:
+    """One concept's {layer: (omega (D,), beta (D,))} -> (2 * neurons,), as `layer_parts` reads it."""
+    return torch.cat([torch.cat([maps[name][0] - 1, maps[name][1]]) for name in names])
 
 
 PRIOR_RIDGE = 0.03  # ridge penalty of the linear prior, chosen on validation concepts (docs/results.md)
@@ -149,7 +160,7 @@ def init_prior(network: nn.Module, embeddings: Tensor, maps: Tensor, ridge: floa
     embeddings and their closed-form maps (C, 2 * neurons), each layer's (omega - 1, beta) in turn."""
     prior = network.config.prior
     if prior == "mean":
-        for up, part in zip(network.head.up, maps.mean(0).split([2 * w for _, w in network.config.layers])):
+        for up, part in zip(network.head.up, layer_parts(maps.mean(0), network.config.layers)):
             up.bias.copy_(part)
     elif prior == "linear":  # ridge regression, reduced to the path's rank (the top directions of its fitted maps)
         x = F.normalize(embeddings.float(), dim=-1)  # (C, E), as the network sees them

@@ -34,6 +34,7 @@ from htcli.methods.hypernetwork import (
     HyperConfig,
     TrainingConcepts,
     build_hypernetwork,
+    flat_maps,
     init_prior,
     load_checkpoint,
     ood_threshold,
@@ -137,7 +138,7 @@ def closed_form_maps(dataset: ActivationDataset, names: Sequence[str], samples: 
         targets = dataset.targets(names[start : start + 256], "fit")  # (K, N, D) per layer
         for i in range(next(iter(targets.values())).shape[0]):
             maps = fit_linear_act_maps(source, {layer: t[i, :samples] for layer, t in targets.items()})
-            rows.append(torch.cat([torch.cat([maps[layer][0] - 1, maps[layer][1]]) for layer in dataset.settings.layers]))
+            rows.append(flat_maps(maps, dataset.settings.layers))
     return torch.stack(rows)
 
 
