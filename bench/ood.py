@@ -128,9 +128,9 @@ def main() -> None:
     rows = labelled_set()
     for start in range(0, len(rows), 64):
         batch = rows[start : start + 64]
-        predictor.maps([library.resolve(row["text"]) for row in batch])  # the users' path: text -> concept -> maps
-        for i, row in enumerate(batch):
-            row |= predictor.neighbour_info(i)
+        # What `maps` records for each concept, without the maps: text -> concept -> its record.
+        for row, record in zip(batch, predictor.neighbours([library.resolve(row["text"]) for row in batch])):
+            row |= record
     score = lambda label: [r["ood_score"] for r in rows if r["label"] == label]  # noqa: E731
     area = auroc(score(1), score(0))
     print(f"threshold {predictor.checkpoint.ood.threshold:.4f} (score: the lowest cue percentile against training concepts)")
