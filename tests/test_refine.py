@@ -295,3 +295,5 @@ def test_other_weights_capture_into_their_own_cache(predictor, tmp_path, monkeyp
     local = Refiner(spec, lambda: None, lambda: library, model_path=str(tmp_path / "weights")).captured(None, predictor)
     assert own.settings == local.settings and own.root != local.root
     assert local.root.name.startswith(own.root.name + "-")
+    monkeypatch.setenv("HT_MODEL_PATH", str(tmp_path / "weights"))  # the same weights, named by the variable
+    assert Refiner(spec, lambda: None, lambda: library).captured(None, predictor).root == local.root

@@ -34,6 +34,7 @@ from htcli.methods.objective import residuals
 from htcli.methods.predict import Predictor, resolve_checkpoint
 from htcli.models import ModelSpec, default_model_name, get_model
 from htcli.models.interventions import Intervention, check_intervention_out
+from htcli.models.spec import local_model_path
 
 
 def refined_method(steps: int) -> str:
@@ -154,8 +155,9 @@ class Refiner:
                                         None if self.spec.resolution == own else self.spec.resolution)
             source = None
         key = settings.digest()
-        if self.model_path:  # other weights than the spec's: their own targets
-            key += "-" + hashlib.sha256(str(Path(self.model_path).resolve()).encode()).hexdigest()[:8]
+        local = local_model_path(self.model_path)
+        if local:  # other weights than the spec's: their own targets
+            key += "-" + hashlib.sha256(str(Path(local).resolve()).encode()).hexdigest()[:8]
         if key not in self._captured:
             self._captured[key] = CapturedTargets(settings, self._encode,
                                                   lambda inputs: self.frozen(settings.layers).pooled(inputs),

@@ -15,7 +15,6 @@ configs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from htcli.errors import HTError
-from htcli.models.spec import ModelSpec, denoiser_class, denoiser_config, register
+from htcli.models.spec import ModelSpec, denoiser_class, denoiser_config, local_model_path, register
 
 OFFLINE_HINT = "no network or Hub cache for its weights; use `--model tiny` for the offline model"
 
@@ -174,7 +173,7 @@ def _flux_transformer(spec: ModelSpec, dtype: torch.dtype, device: str | torch.d
     never pass through float32 (diffusers' own `from_pretrained` would, without accelerate)."""
     from huggingface_hub import snapshot_download
 
-    source = model_path or os.environ.get("HT_MODEL_PATH") or spec.base_repo
+    source = local_model_path(model_path) or spec.base_repo
     try:
         root = source if Path(source).is_dir() else snapshot_download(source, allow_patterns=["transformer/*"])
     except _hub_errors() as error:

@@ -159,10 +159,16 @@ def load_pipeline(
     directory. Raises HTError with one line when the weights cannot be had (e.g. offline).
     """
     spec = get_model(spec) if isinstance(spec, str) else spec
-    model_path = model_path or os.environ.get("HT_MODEL_PATH") or None
+    model_path = local_model_path(model_path)
     pipe = spec.loader(spec, model_path=model_path, device=device, dtype=dtype or spec.torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def local_model_path(model_path: str | None = None) -> str | None:
+    """The local pipeline directory that replaces the spec's Hub weights: `model_path`, else
+    $HT_MODEL_PATH, else None (the Hub's)."""
+    return model_path or os.environ.get("HT_MODEL_PATH") or None
 
 
 def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -171,7 +177,7 @@ def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: to
     the inputs are cached (no text encoder, no VAE). Its weights go straight to `device`.
     `model_path` (or env `HT_MODEL_PATH`): the local pipeline directory `load_pipeline` takes,
     so that fitting goes through the weights generation uses."""
-    model_path = model_path or os.environ.get("HT_MODEL_PATH") or None
+    model_path = local_model_path(model_path)
     model = spec.denoiser_loader(spec, dtype or spec.torch_dtype, torch.device(device), model_path)
     return model.eval().requires_grad_(False)
 
