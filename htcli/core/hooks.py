@@ -37,7 +37,7 @@ from functools import cache
 import torch
 from torch import Tensor, nn
 
-from htcli.core.transport import apply_affine
+from htcli.core.transport import apply_affine, maps_to
 from htcli.errors import HTError
 
 
@@ -64,11 +64,8 @@ class Steering:
         and omega near 1 in bfloat16 would be quantised to 0.996, 1.0, 1.008, ...
         Tensors already there are kept as they are (no copy), autograd included."""
 
-        def move(t: Tensor) -> Tensor:
-            return t.to(device, torch.float32)
-
-        strength = move(self.strength) if isinstance(self.strength, Tensor) else self.strength
-        return replace(self, maps={name: (move(o), move(b)) for name, (o, b) in self.maps.items()}, strength=strength)
+        strength = self.strength.to(device, torch.float32) if isinstance(self.strength, Tensor) else self.strength
+        return replace(self, maps=maps_to(self.maps, device), strength=strength)
 
 
 @dataclass
