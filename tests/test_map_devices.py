@@ -171,3 +171,7 @@ def test_refine_with_a_dataset_of_other_layers_is_one_line(tmp_path):
     assert message.startswith("Error: --refine fits the hypernetwork's layers") and "lacks 4 of its 8 layers" in message
     assert not (tmp_path / "out").exists()
     assert json.loads((data / "manifest.json").read_text())["settings"]["layers"][0] == "transformer_blocks.0.norm2"
+    exported = runner.invoke(app, ["hyper", "export", "-m", "tiny", "--hyper", str(shipped_checkpoint("tiny")), "-c", name,
+                                   "--refine", "2", "--data", str(data), "-o", str(tmp_path / "maps.safetensors")])
+    assert exported.exit_code == 1 and isinstance(exported.exception, SystemExit)  # the same refusal
+    assert exported.output.strip().splitlines()[-1] == message and not (tmp_path / "maps.safetensors").exists()

@@ -185,10 +185,6 @@ def compose_sources(steerer: Steerer, sources: Sources, *, layers: Sequence[str]
     predicted = []  # the hypernetwork's layers, when it predicts a source
     if sources.concepts or sources.images:
         predicted = [name for name, _ in steerer.predictor.checkpoint.config.layers]
-    if dataset is not None:
-        from htcli.methods.refine import check_refine_layers
-
-        check_refine_layers(predicted, dataset)
     kept = select_layers(sources.known_layers(predicted), sources.layers, layers, sources.labels)
     per_source, digest, ms = _source_maps(steerer, sources, gap_correction, notes, refine, dataset)
     per_source = [({name: maps[name] for name in names}, w) for (maps, w), names in zip(per_source, kept)]

@@ -168,7 +168,10 @@ class Refiner:
     def fit_sources(self, concepts: Sequence[Concept], dataset: ActivationDataset | None,
                     predictor: Predictor) -> tuple[dict[str, Any], tuple[str, ...]]:
         """Per concept name, what refining fits it on: `dataset` where the concept is built there,
-        else its targets captured now (or read from the cache); and the layers they cover."""
+        else its targets captured now (or read from the cache); and the layers they cover. A dataset
+        hooked at other layers than the hypernetwork's is refused first (`check_refine_layers`)."""
+        if dataset is not None:
+            check_refine_layers([name for name, _ in predictor.checkpoint.config.layers], dataset)
         built = set(dataset.names()) if dataset is not None else set()
         sources: dict[str, Any] = {c.name: dataset for c in concepts if c.name in built}
         missing = [c for c in concepts if c.name not in built]
