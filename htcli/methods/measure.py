@@ -103,10 +103,7 @@ class Measurement:
 def measured_spec(model: str | None, resolution: int | None) -> ModelSpec:
     """The spec `measure` runs: the model's random-weights variant (an offline model as it is:
     its weights are random already), at `resolution`."""
-    from htcli.models.random_weights import random_variant
-
-    spec = get_model(model)
-    return (spec if spec.offline else random_variant(spec)).at_resolution(resolution)
+    return get_model(model, random_weights=True).at_resolution(resolution)
 
 
 def plan(model: str | None, layers: Sequence[str] | None, samples: int, eval_samples: int, concepts_per_step: int,

@@ -217,15 +217,15 @@ def _unknown(name: str, source: str = "") -> HTError:
     return HTError(f"unknown model {name!r}{source}; known models: {', '.join(_REGISTRY)}.{hint}")
 
 
-def get_model(name: str | None = None) -> ModelSpec:
+def get_model(name: str | None = None, random_weights: bool | None = None) -> ModelSpec:
     """The spec called `name` (None: `default_model_name()`); an unknown name is an error
-    listing the known ones. With $HT_RANDOM_WEIGHTS set, a real model's random-weights variant
-    (the offline models' weights are random already: they stay as they are)."""
+    listing the known ones. With `random_weights` (None: $HT_RANDOM_WEIGHTS), a real model's
+    random-weights variant (the offline models' weights are random already: they stay as they are)."""
     name = default_model_name() if name is None else name
     if name not in _REGISTRY:
         raise _unknown(name)
     spec = _REGISTRY[name]
-    if random_weights_requested() and not spec.offline:
+    if (random_weights_requested() if random_weights is None else random_weights) and not spec.offline:
         return _RANDOM_VARIANT[0](spec)
     return spec
 
