@@ -77,10 +77,14 @@ class Concept:
         return slugify(self.name)
 
     @property
+    def phrases(self) -> list[str]:
+        """Each template without a prompt, e.g. "in the style of Art Deco"."""
+        return [template.replace("{prompt}", "").format(concept=self.name).strip(" ,") for template in self.templates]
+
+    @property
     def phrase(self) -> str:
-        """What concept encoders embed: the first template without a prompt, e.g.
-        "in the style of Art Deco" (richer than the bare name)."""
-        return self.templates[0].replace("{prompt}", "").format(concept=self.name).strip(" ,")
+        """What concept encoders embed: the first of `phrases` (richer than the bare name)."""
+        return self.phrases[0]
 
     @property
     def in_library(self) -> bool:

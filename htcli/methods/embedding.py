@@ -58,8 +58,7 @@ def concept_texts(concept: str | Concept, rule: str, prompts: Sequence[str] = ()
         return [concept]
     if rule == "phrase":
         return [concept.phrase]
-    return list(dict.fromkeys(template.replace("{prompt}", "").format(concept=concept.name).strip(" ,")
-                              for template in concept.templates))
+    return list(dict.fromkeys(concept.phrases))
 
 
 def embed_concepts(encoder: Any, concepts: Sequence[str | Concept], rule: str, prompts: Sequence[str] = ()) -> Tensor:
