@@ -43,11 +43,11 @@ from htcli.core.files import save_tensors
 from htcli.errors import HTError
 from htcli.models.hub import EmptyParameters, _distilled_denoiser
 from htcli.models.spec import (
-    CONFIG_DIR,
     ModelSpec,
     denoiser_class,
     denoiser_config,
     register_random_variant,
+    shipped_config,
 )
 from htcli.models.tiny import _seeded, minilm_tokenizer
 
@@ -198,8 +198,7 @@ def _clip(widths: dict[str, Any], with_projection: bool, dtype: torch.dtype, see
 def _vae(family: str, seed: int):
     from diffusers import AutoencoderKL
 
-    raw = json.loads((CONFIG_DIR / VAES[family]).read_text())
-    config = {k: v for k, v in raw.items() if not k.startswith("_")}
+    config = shipped_config(VAES[family])
     config["block_out_channels"] = [VAE_WIDTH] * len(config["block_out_channels"])
     return _seeded(lambda: AutoencoderKL.from_config(config), seed)
 

@@ -123,11 +123,16 @@ class ModelSpec:
         }
 
 
+def shipped_config(name: str) -> dict[str, Any]:
+    """A shipped architecture config (htcli/models/configs/`name`), its keys starting with _
+    (diffusers' bookkeeping) removed."""
+    raw = json.loads((CONFIG_DIR / name).read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
 def denoiser_config(spec: ModelSpec) -> dict[str, Any]:
-    """The shipped architecture config of the spec's denoiser (keys starting with _ removed),
-    with the spec's `config_overrides`."""
-    raw = json.loads((CONFIG_DIR / spec.denoiser_config).read_text())
-    return {k: v for k, v in raw.items() if not k.startswith("_")} | spec.config_overrides
+    """The shipped architecture config of the spec's denoiser, with the spec's `config_overrides`."""
+    return shipped_config(spec.denoiser_config) | spec.config_overrides
 
 
 def denoiser_class(spec: ModelSpec) -> type[nn.Module]:

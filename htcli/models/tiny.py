@@ -17,7 +17,6 @@ still drawn from their seeds at every build (their VAEs: `tiny`'s file for `tiny
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,11 @@ import torch
 
 from htcli.models.hub import FLUX_BLOCKS
 from htcli.models.spec import (
-    CONFIG_DIR,
     ModelSpec,
     denoiser_class,
     denoiser_config,
     register,
+    shipped_config,
 )
 
 SEED = 0
@@ -42,8 +41,7 @@ def _vae(**overrides: Any):
     """The tiny VAE; `overrides` change config values that hold no weights."""
     from diffusers import AutoencoderKL
 
-    raw = json.loads((CONFIG_DIR / "tiny_vae.json").read_text())
-    return AutoencoderKL.from_config({k: v for k, v in raw.items() if not k.startswith("_")} | overrides)
+    return AutoencoderKL.from_config(shipped_config("tiny_vae.json") | overrides)
 
 
 def minilm_tokenizer(max_length: int = 48):
