@@ -74,7 +74,7 @@ def make_settings(
         storage_dtype=spec.dataset_dtype,
         batch_size=batch_size,
         random_weights=spec.random_weights,
-        resolution=None if spec.resolution == get_model(spec.id).resolution else spec.resolution,
+        resolution=spec.resolution_asked,
     )
 
 
@@ -325,9 +325,8 @@ def settings_differences(saved: Mapping, settings: DatasetSettings) -> list[str]
     compare("--seed", _seed_of(settings.fit_seeds), _seed_of(old.get("fit_seeds") or ()))
     compare("--batch-size", settings.batch_size, old.get("batch_size"))
     compare("storage dtype", settings.storage_dtype, old.get("storage_dtype"))
-    if settings.random_weights != bool(old.get("random_weights")):
-        differ.append(f"--random-weights {'on' if settings.random_weights else 'off'} "
-                      f"(saved {'on' if old.get('random_weights') else 'off'})")
+    on_off = lambda flag: "on" if flag else "off"  # noqa: E731
+    compare("--random-weights", on_off(settings.random_weights), on_off(old.get("random_weights")))
     compare("--resolution", settings.resolution or "the model's", old.get("resolution") or "the model's")
     if not differ and any(current[key] != old.get(key) for key in ("fit_prompts", "eval_prompts")):
         differ.append("the source prompts (the concept library's source prompts changed)")

@@ -149,10 +149,9 @@ class Refiner:
         if dataset is not None:
             settings, source = dataset.settings, dataset.source_inputs("fit")
         else:
-            checkpoint, own = predictor.checkpoint, get_model(self.spec.id).resolution
+            checkpoint = predictor.checkpoint
             settings = default_settings(self.spec.id, checkpoint.config.layers, checkpoint.encoder, self._library(),
-                                        self.spec.dataset_dtype, self.spec.random_weights,
-                                        None if self.spec.resolution == own else self.spec.resolution)
+                                        self.spec.dataset_dtype, self.spec.random_weights, self.spec.resolution_asked)
             source = None
         key = settings.digest()
         local = local_model_path(self.model_path)

@@ -95,6 +95,12 @@ class ModelSpec:
         activations can exceed float16's range), else float16; 2 bytes either way."""
         return "bfloat16" if self.dtype == "bfloat16" else "float16"
 
+    @property
+    def resolution_asked(self) -> int | None:
+        """The resolution `at_resolution` moved the spec to; None at the model's own (what
+        dataset settings record)."""
+        return None if self.resolution == _REGISTRY[self.id].resolution else self.resolution
+
     def at_resolution(self, resolution: int | None) -> ModelSpec:
         """The spec generating and capturing at `resolution` px (None: its own), e.g. a 1024-px
         model at 256 px for a quick run on a CPU (the images of a model distilled at 1024 px
