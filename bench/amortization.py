@@ -52,12 +52,11 @@ def main() -> None:
     from htcli.methods.baselines import LineasConfig
     from htcli.methods.fitting import fit_baselines
     from htcli.methods.predict import Predictor, resolve_checkpoint
-    from htcli.models import get_model
 
     data = ActivationDataset(args.data)
     predictor = Predictor.load(resolve_checkpoint(args.hyper, data.settings.model))
     checkpoint = predictor.checkpoint
-    spec = get_model(data.settings.model)
+    spec = data.spec()  # at the resolution, and on the weights, the dataset was built with
     frozen = Frozen.load(spec, data.settings.layers, "cpu")
     names = data.names("test")[: args.concepts or None]
     # LinEAS on an evenly spaced sample: the held-out list is ordered by category.

@@ -43,14 +43,13 @@ def main() -> None:
     from htcli.methods.hypernetwork import HyperConfig, build_hypernetwork, init_prior
     from htcli.methods.objective import residuals
     from htcli.methods.training import TrainConfig, Trainer, closed_form_maps
-    from htcli.models import get_model
 
     data = ActivationDataset(args.data)
     extra = ()
     if args.extra_concepts:
         extra = tuple(dict.fromkeys(c.name for c in load_library().extra_training(read_concept_names(args.extra_concepts))))
     config = TrainConfig(steps=0, extra_concepts=extra, samples=data.fitting_samples())
-    frozen = Frozen.load(get_model(data.settings.model), data.settings.layers, "cpu")
+    frozen = Frozen.load(data.spec(), data.settings.layers, "cpu")
     layers = tuple(data.layers.items())
     maps = None
     rows = []
