@@ -42,7 +42,8 @@ def main() -> None:
     from htcli.methods.baselines import fit_mean_shift_maps
     from htcli.methods.hypernetwork import HyperConfig, build_hypernetwork, init_prior
     from htcli.methods.objective import residuals
-    from htcli.methods.training import TrainConfig, Trainer, closed_form_maps
+    from htcli.methods.train_config import TrainConfig
+    from htcli.methods.training import Trainer, closed_form_maps
 
     data = ActivationDataset(args.data)
     extra = ()

@@ -35,7 +35,7 @@ PROMPTS = ["a lighthouse on a cliff", "a red barn in a field", "a city street at
 
 
 def _steerer():
-    from htcli.generate.steerer import Steerer
+    from htcli.generate.source_maps import Steerer
     from htcli.methods.predict import shipped_checkpoint
     from htcli.models import get_model
 

@@ -7,7 +7,7 @@
     with ht.apply(pipe, art_deco, strength=0.6):
         image = pipe("cyberpunk city").images[0]
 
-`intervention` runs what `ht steer` runs before it generates (`htcli.generate.steerer.compose_sources`):
+`intervention` runs what `ht steer` runs before it generates (`htcli.generate.source_maps.compose_sources`):
 the same concept resolution, prediction, composition and notes, so a pipeline under `ht.apply`
 makes the images `ht steer` makes for the same request.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from htcli.generate.compose import Weighted, resolve_sources
-from htcli.generate.steerer import Steerer, compose_sources, nearest_records, ood_flag
+from htcli.generate.source_maps import Steerer, compose_sources, nearest_records, ood_flag
 from htcli.methods.predict import Predictor, resolve_checkpoint
 from htcli.models import default_model_name, get_model
 from htcli.models.interventions import Intervention
@@ -96,12 +96,12 @@ class HyperTransport:
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the Hub layout (config.json, model.safetensors, README.md with a model card) to
         `folder`: what `push_to_hub` uploads, and what `from_pretrained` loads back."""
-        from htcli.hub import hypernetwork_folder
+        from htcli.publish import hypernetwork_folder
 
         return hypernetwork_folder(self.predictor.path, Path(folder))
 
     def push_to_hub(self, repo_id: str, private: bool = False) -> str:
         """Upload the `save_pretrained` folder to the Hub repo `repo_id` (created if need be); returns its URL."""
-        from htcli.hub import push
+        from htcli.publish import push
 
         return push(self.predictor.path, repo_id, private=private)

@@ -37,7 +37,8 @@ from htcli.methods.baselines import LineasConfig
 from htcli.methods.fitting import fit_baselines
 from htcli.methods.hypernetwork import HyperConfig
 from htcli.methods.predict import Predictor, resolve_checkpoint, shipped_checkpoint
-from htcli.methods.training import TrainConfig, Trainer
+from htcli.methods.train_config import TrainConfig
+from htcli.methods.training import Trainer
 from htcli.models import denoiser, get_model, load_pipeline
 from htcli.models.encoders import get_encoder
 

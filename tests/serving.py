@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, TrainingConcepts, build_hypernetwork
 from htcli.models import get_model
 from htcli.models.plan import make_plan

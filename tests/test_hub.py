@@ -15,7 +15,7 @@ import htcli as ht
 import htcli.models
 from htcli.cli import app
 from htcli.errors import HTError
-from htcli.hub import stage
+from htcli.publish import stage
 from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork
 from htcli.models import get_model
 from htcli.models.plan import make_plan

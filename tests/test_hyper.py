@@ -196,7 +196,7 @@ def test_resume_with_other_settings_is_refused(data, trained):
 
 
 def test_settings_without_an_option_are_named_as_settings():
-    from htcli.methods.training import TrainConfig, settings_differences
+    from htcli.methods.train_config import TrainConfig, settings_differences
 
     hyper = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=None)
     saved = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=4)
@@ -295,7 +295,8 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
 def test_micro_batched_gradient_equals_one_pass(data):
     from htcli.core.hooks import resolve_layers
     from htcli.data.forward import Frozen
-    from htcli.methods.training import TrainConfig, Trainer
+    from htcli.methods.train_config import TrainConfig
+    from htcli.methods.training import Trainer
     from htcli.models import get_model, load_denoiser
 
     spec = get_model("tiny")
@@ -318,7 +319,8 @@ def test_micro_batched_gradient_equals_one_pass(data):
 def test_checkpoint_averaging_publishes_the_mean_of_the_last_steps_and_resumes_from_its_own(data, tmp_path):
     from htcli.core.hooks import resolve_layers
     from htcli.data.forward import Frozen
-    from htcli.methods.training import TrainConfig, Trainer
+    from htcli.methods.train_config import TrainConfig
+    from htcli.methods.training import Trainer
     from htcli.models import get_model, load_denoiser
 
     spec = get_model("tiny")

@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "htcli"
 # Lowest first: a module may import its own floor and the floors below it, never one above.
 FLOORS = ("htcli.errors", "htcli.core", "htcli.models", "htcli.data", "htcli.methods", "htcli.generate",
-          "htcli.evaluation", "htcli.serve", "htcli.hub", "htcli.api", "htcli.demo", "htcli.cli", "htcli.__main__")
+          "htcli.evaluation", "htcli.serve", "htcli.publish", "htcli.api", "htcli.demo", "htcli.cli", "htcli.__main__")
 
 
 def _modules() -> dict[str, Path]:

@@ -99,7 +99,7 @@ def test_plan_prints_the_counts(name, layers, neurons):
 
 
 def test_plan_sizes_memory_for_train_hypers_default_batch():
-    from htcli.methods.training import TrainConfig
+    from htcli.methods.train_config import TrainConfig
 
     train_hyper = typer.main.get_command(app).commands["train-hyper"]
     default = next(p.default for p in train_hyper.params if p.name == "concepts_per_step")

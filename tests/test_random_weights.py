@@ -72,9 +72,9 @@ def test_blocks_are_seeded_by_name_so_a_capped_model_is_the_full_models_first_bl
 
 
 def test_the_random_denoiser_loads_through_the_real_weights_loader(random_weights, random_weights_cache, monkeypatch):
-    """Drawn once into the cache, then read by `htcli.models.hub.load_module`: the safetensors
+    """Drawn once into the cache, then read by `htcli.models.pretrained.load_module`: the safetensors
     file, the dtype and the device, as the distilled weights are."""
-    import htcli.models.hub as hub
+    import htcli.models.pretrained as hub
 
     monkeypatch.setenv("HT_RANDOM_BLOCKS", "1")
     spec = get_model("pixart")

@@ -130,7 +130,7 @@ def test_hyper_export_refine(data, hyper, concept, tmp_path):
 def test_steer_refine(data, hyper, concept, frozen, predictor, tiny, tmp_path):
     from htcli.generate.save import save_steered
     from htcli.generate.steer import SteerRequest, steer
-    from htcli.generate.steerer import Steerer
+    from htcli.generate.source_maps import Steerer
 
     spec, pipe = tiny
     steerer = Steerer(spec, pipe=pipe, hyper=hyper)
@@ -187,7 +187,7 @@ def test_captured_targets_are_the_datasets_and_refine_alike(data, hyper, predict
                                                             monkeypatch):
     """Captured on a dataset's fitting samples, a concept's targets are the ones the dataset stores
     (up to the float16 it stores them in), and refining on them gives the dataset's refined maps."""
-    from htcli.generate.steerer import Steerer
+    from htcli.generate.source_maps import Steerer
 
     monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
     spec, pipe = tiny
@@ -237,7 +237,7 @@ def test_serve_refines_within_its_limit(hyper, tiny, tmp_path, monkeypatch):
     import httpx
     from serving import served
 
-    from htcli.generate.steerer import Steerer
+    from htcli.generate.source_maps import Steerer
 
     monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
     spec, pipe = tiny
@@ -258,7 +258,7 @@ def test_serve_refines_within_its_limit(hyper, tiny, tmp_path, monkeypatch):
 def test_damaged_cache_files_are_captured_again_and_the_cache_is_bounded(data, hyper, predictor, tiny, tmp_path,
                                                                           monkeypatch):
     from htcli.core.files import read_tensors, save_tensors
-    from htcli.generate.steerer import Steerer
+    from htcli.generate.source_maps import Steerer
 
     monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
     spec, pipe = tiny

@@ -23,7 +23,7 @@ from htcli.cli import app
 from htcli.generate.batch import Sample, generate_batch
 from htcli.generate.compose import combine
 from htcli.generate.steer import SteerRequest, steer
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 from htcli.methods.predict import shipped_checkpoint
 from htcli.models.interventions import load_intervention
 from htcli.serve.cache import CachedPredictor, MapCache

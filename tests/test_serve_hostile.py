@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from htcli.cli import app
 from htcli.generate.compose import parse_weighted
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 from htcli.serve.cache import MapCache
 
 TIMEOUT = 60.0

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from serving import hyper_checkpoint, served
 
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 
 ray = pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from serving import hyper_checkpoint, served
 
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402

@@ -19,7 +19,7 @@ from htcli.generate import steer as steering
 from htcli.generate.compose import combine, parse_weighted
 from htcli.generate.save import save_steered
 from htcli.generate.steer import SteerRequest, parse_steer_steps, parse_strengths, steer
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 from htcli.methods.hypernetwork import (
     HyperCheckpoint,
     HyperConfig,

@@ -30,7 +30,7 @@ from htcli.generate.compose import (
     split_layers,
 )
 from htcli.generate.steer import SteerRequest, steer
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 from htcli.methods.baselines import fit_linear_act_maps
 from htcli.models import denoiser, get_model
 from htcli.models.interventions import Intervention, load_intervention

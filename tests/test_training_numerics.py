@@ -123,7 +123,8 @@ def test_hypernetwork_maps_stay_float32_with_a_bfloat16_denoiser(tmp_path):
     """Under --dtype bfloat16 the maps the hypernetwork predicts during training are float32 (no
     autocast rounds `1 + out` to bfloat16's 0.996, 1.0, 1.008 steps), and it still gets gradients."""
     from htcli.methods.hypernetwork import HyperConfig
-    from htcli.methods.training import TrainConfig, Trainer
+    from htcli.methods.train_config import TrainConfig
+    from htcli.methods.training import Trainer
     from htcli.models import get_model
 
     data = build_tiny_dataset(tmp_path / "data", train=3, test=0, samples=4, eval_samples=2)

@@ -33,7 +33,7 @@ def push_command(
 
     Example: ht hub push runs/pixart/hyper me/pixart-hypertransport
     """
-    from htcli.hub import push
+    from htcli.publish import push
 
     url = push(source, repo_id, private=private)
     console.print(f"uploaded {source} to {url}", markup=False, highlight=False)
@@ -49,7 +49,7 @@ def stage_command(
 
     Example: ht hub stage runs/tiny/hyper hub-upload --repo-id me/tiny-hypertransport
     """
-    from htcli.hub import stage
+    from htcli.publish import stage
 
     kind, folder = stage(source, out, repo_id)
     files = sorted(p for p in folder.rglob("*") if p.is_file())

@@ -30,7 +30,7 @@ from htcli.cli.output import console, err, note, steps
 from htcli.core.runtime import is_main_process
 from htcli.data.concepts import read_concept_names
 from htcli.methods.hypernetwork import HyperConfig
-from htcli.methods.training import TrainConfig
+from htcli.methods.train_config import TrainConfig
 
 hyper_app = typer.Typer(help="Use a trained hypernetwork.", no_args_is_help=True)
 app.add_typer(hyper_app, name="hyper")

@@ -65,7 +65,7 @@ RandomWeightsOption = Annotated[
 from enum import Enum  # noqa: E402
 
 from htcli.data.build import DatasetRequest  # noqa: E402
-from htcli.methods.training import TrainConfig  # noqa: E402
+from htcli.methods.train_config import TrainConfig  # noqa: E402
 
 BUILD_SAMPLES = DatasetRequest.samples  # build-dataset's (and `ht plan`'s) fitting samples per concept
 BUILD_EVAL_SAMPLES = DatasetRequest.eval_samples

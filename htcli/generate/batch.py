@@ -31,7 +31,7 @@ from htcli.core.transport import Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.apply import steer_pipeline
 from htcli.generate.steer import Steered, SteerRequest, parse_steer_steps, steer
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 from htcli.models import ModelSpec, build_meta_denoiser
 
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from htcli.core.files import atomic_path, check_output_dir, write_json
 from htcli.errors import HTError
 from htcli.generate.steer import Progress, Steered, SteeredImage, SteerRequest, steer
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 from htcli.models.interventions import check_intervention_out
 
 CAPTION_PX = 14  # height of the caption band under each grid cell

@@ -1,11 +1,11 @@
 """Steered generation: a request (prompt, sources, strengths, seeds) -> images with metadata.
 
     from htcli.generate.steer import SteerRequest, steer
-    from htcli.generate.steerer import Steerer
+    from htcli.generate.source_maps import Steerer
     steerer = Steerer(get_model("tiny"))          # loads the pipeline and hypernetwork on first use
     steered = steer(steerer, SteerRequest("a lighthouse", concepts=["art deco:0.6"], strengths=[0, 0.5, 1]))
 
-`Steerer` (`htcli.generate.steerer`) keeps the pipeline and the `Predictor` loaded between
+`Steerer` (`htcli.generate.source_maps`) keeps the pipeline and the `Predictor` loaded between
 requests, and makes each source's maps (`compose_sources`). Strength 0 (or no
 maps) runs the pipeline with no hook at all, so it equals unsteered generation bit for bit.
 `steer_steps` ("all", "0:1", "1:", ":2", "2") limits steering to some denoising steps, `layers`
@@ -38,7 +38,7 @@ from htcli.generate.compose import (
     combine,
     resolve_sources,
 )
-from htcli.generate.steerer import Steerer, compose_sources, nearest_records, ood_flag
+from htcli.generate.source_maps import Steerer, compose_sources, nearest_records, ood_flag
 from htcli.models import ModelSpec
 from htcli.models.interventions import Intervention
 

@@ -292,7 +292,8 @@ def _step(spec: ModelSpec, job: MeasureRequest, device: torch.device, folder: Pa
     from htcli.data.forward import Frozen
     from htcli.methods.baselines import LineasConfig, fit_lineas
     from htcli.methods.hypernetwork import HyperConfig
-    from htcli.methods.training import TrainConfig, Trainer
+    from htcli.methods.train_config import TrainConfig
+    from htcli.methods.training import Trainer
 
     dataset = ActivationDataset(folder)
     frozen = Frozen.load(spec, dataset.settings.layers, device, job.dtype, checkpointing)

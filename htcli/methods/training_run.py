@@ -17,12 +17,8 @@ from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.methods.hypernetwork import HyperConfig, parameter_count
-from htcli.methods.training import (
-    TrainConfig,
-    Trainer,
-    check_resumable,
-    training_concepts,
-)
+from htcli.methods.train_config import TrainConfig, check_resumable
+from htcli.methods.training import Trainer, training_concepts
 
 
 @dataclass

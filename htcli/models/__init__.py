@@ -8,11 +8,11 @@ A spec is data (`ModelSpec`) plus a loader. The denoiser architectures ship as J
     pipe = load_pipeline(spec)             # the real thing (downloads from the Hub, or cache)
 
 The spec type and registry live in `spec.py`; importing this package registers the real
-models (`hub.py`), the offline tiny ones (`tiny.py`) and the real models' random-weights
+models (`pretrained.py`), the offline tiny ones (`tiny.py`) and the real models' random-weights
 variants (`random_weights.py`, for `--random-weights`).
 """
 
-from htcli.models import hub as _hub  # noqa: E402,F401  (registers pixart, dmd2, flux-schnell)
+from htcli.models import pretrained as _pretrained  # noqa: E402,F401  (registers pixart, dmd2, flux-schnell)
 from htcli.models import random_weights as _random  # noqa: E402,F401  (registers the random-weights variants)
 from htcli.models import tiny as _tiny  # noqa: E402,F401  (registers tiny, tiny-sdxl, tiny-flux)
 from htcli.models.spec import (

@@ -10,7 +10,7 @@ hooks, timesteps and dtype, and changes where the weights come from:
   PixArt's scale-shift tables, come from one seed in the order they are built), written once
   to a safetensors file in the spec's dtype in the cache
   folder ($HT_CACHE, default ~/.cache/ht), then loaded by the real weights' own code
-  (`htcli.models.hub`: the same safetensors reading, dtype conversion and device placement);
+  (`htcli.models.pretrained`: the same safetensors reading, dtype conversion and device placement);
 - the text encoders: the real ones' output widths (T5-XXL: 4096; SDXL's CLIP-L and OpenCLIP
   bigG: 768 and 1280; FLUX's CLIP-L and T5-XXL: 768 and 4096) with one layer each, reading
   all-MiniLM-L6-v2's tokenizer (the real tokenizers are not available offline), as `tiny` does;
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from htcli.core.files import save_tensors
 from htcli.errors import HTError
-from htcli.models.hub import EmptyParameters, _distilled_denoiser
+from htcli.models.pretrained import EmptyParameters, _distilled_denoiser
 from htcli.models.spec import (
     ModelSpec,
     denoiser_class,

@@ -1,5 +1,5 @@
 """Model specs: how to load each diffusion model, which modules to hook, and how to sample;
-the registry of specs (filled by `htcli.models.hub` and `htcli.models.tiny`).
+the registry of specs (filled by `htcli.models.pretrained` and `htcli.models.tiny`).
 
 A spec is data (`ModelSpec`) plus a loader. The denoiser architectures ship as JSON configs in
 `configs/`, so every model, real or tiny, can be built on the meta device without weights:

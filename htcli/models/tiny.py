@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from htcli.models.hub import FLUX_BLOCKS
+from htcli.models.pretrained import FLUX_BLOCKS
 from htcli.models.spec import (
     ModelSpec,
     denoiser_class,
@@ -68,7 +68,7 @@ def _seeded_denoiser(spec: ModelSpec) -> torch.nn.Module:
 def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32, device: str | torch.device = "cpu",
                    model_path: str | None = None) -> torch.nn.Module:
     if spec.weights:  # shipped weights (tiny)
-        from htcli.models.hub import _distilled_denoiser
+        from htcli.models.pretrained import _distilled_denoiser
 
         return _distilled_denoiser(spec, dtype, device)
     model = _seeded_denoiser(spec)
@@ -81,7 +81,7 @@ def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) ->
     from transformers import AutoModel
 
     from htcli.models.encoders import minilm_path
-    from htcli.models.hub import load_module
+    from htcli.models.pretrained import load_module
 
     transformer = _tiny_denoiser(spec)
     vae = load_module(_vae, TINY_VAE, torch.float32, "cpu")
@@ -153,7 +153,7 @@ def _tiny_t5_encoder():
 def _load_tiny_flux(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from htcli.models.hub import load_module
+    from htcli.models.pretrained import load_module
 
     # FLUX's pipeline decodes `latents / scaling_factor + shift_factor`: its VAE needs a shift.
     vae = load_module(lambda: _vae(shift_factor=0.0), TINY_VAE, torch.float32, "cpu")

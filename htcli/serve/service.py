@@ -27,7 +27,7 @@ from htcli.errors import HTError
 from htcli.generate.batch import Planned, Planner, generate_batch
 from htcli.generate.compose import MAX_STRENGTH, Sources, check_pattern, resolve_sources, select_layers
 from htcli.generate.steer import METHODS, SteerRequest, check_seeds, parse_steer_steps
-from htcli.generate.steerer import Steerer
+from htcli.generate.source_maps import Steerer
 from htcli.models.interventions import Intervention
 from htcli.serve.batching import Batcher
 from htcli.serve.cache import CachedPredictor, MapCache

@@ -30,7 +30,7 @@ from htcli.evaluation.runs import INDEX, METADATA, EvalRun
 from htcli.methods.hypernetwork import FORMAT as HYPER_FORMAT
 from htcli.methods.hypernetwork import HyperConfig, load_checkpoint
 from htcli.methods.predict import CHECKPOINT_NAMES
-from htcli.methods.training import TrainConfig
+from htcli.methods.train_config import TrainConfig
 from htcli.models import get_model
 from htcli.models.interventions import FORMAT as INTERVENTION_FORMAT
 from htcli.models.interventions import load_intervention
