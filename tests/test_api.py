@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import htcli as ht
 from htcli.cli import app
-from htcli.core import hooks
-from htcli.core.hooks import Steering, module_width, resolve_layers
+from htcli.core.hooks import module_width, resolve_layers
+from htcli.core.steering import SteeringConfig
 from htcli.errors import HTError
 from htcli.models import denoiser
 
@@ -182,22 +182,21 @@ def test_maps_that_do_not_fit_the_pipeline_are_refused_in_one_line(pipelines):
     assert sum(len(m._diffusers_hook.hooks) for m in denoiser(pipe, spec).modules() if hasattr(m, "_diffusers_hook")) == 0
 
 
-def test_hooks_go_through_diffusers_registry_and_forward_hooks_without_it(tiny_sdxl, monkeypatch):
+def test_hooks_go_through_diffusers_registry_under_stable_names(tiny_sdxl):
     spec, pipe = tiny_sdxl
     model = denoiser(pipe, spec)
     maps = _random_intervention(spec, pipe)
     name = next(iter(maps.maps))
     module = dict(model.named_modules())[name]
-    with ht.apply(pipe, maps, strength=0.8, steps={1, 2}):
-        assert any(key.startswith("ht.steer.") for key in module._diffusers_hook.hooks)
-        assert any(key.startswith("ht.call.") for key in model._diffusers_hook.hooks)  # the step clock
-        assert not module._forward_hooks
-        through_registry = _generate(spec, pipe, output_type="pt")
-    monkeypatch.setattr(hooks, "_registry_hooks", lambda: None)  # a diffusers without a hook registry
-    with ht.apply(pipe, maps, strength=0.8, steps={1, 2}):
-        assert module._forward_hooks and not module._diffusers_hook.hooks
-        assert torch.equal(_generate(spec, pipe, output_type="pt"), through_registry)
-    assert not module._forward_hooks
+    with ht.apply(pipe, maps, strength=0.8, steps={1, 2}) as outer:
+        assert list(module._diffusers_hook.hooks) == ["ht_steering"] and not module._forward_hooks
+        assert list(model._diffusers_hook.hooks) == ["ht_steering"]  # the root: config and step
+        with ht.apply(pipe, maps, strength=0.5) as inner:  # a second one nests under the next free name
+            assert list(module._diffusers_hook.hooks) == ["ht_steering", "ht_steering.1"]
+            assert repr(inner) == (f"<Applied 'ht_steering.1': {len(maps.maps)} layers on UNet2DConditionModel, "
+                                   "strength 0.5, attached>")
+        assert repr(outer).count("\n") == 0 and len(repr(outer)) < 120
+    assert not module._diffusers_hook.hooks and not model._diffusers_hook.hooks and "removed" in repr(outer)
 
 
 def test_intervention_save_and_load_from_a_folder(tmp_path, tiny):
@@ -275,7 +274,7 @@ def test_maps_follow_the_model_to_another_device(tiny):
     model = build_meta_denoiser(spec).to_empty(device="cpu")
     layers = resolve_layers(model, spec.hook_patterns)
     maps = {name: (torch.ones(module_width(m)), torch.zeros(module_width(m))) for name, m in layers.items()}
-    hooks = attach(model, layers, steering=Steering(maps, 0.5))
+    hooks = attach(model, layers, steering=SteeringConfig(maps, 0.5))
     assert next(iter(hooks.steering.maps.values()))[0].device.type == "cpu"
     model.to("meta")
     with torch.device("meta"):

@@ -10,7 +10,8 @@ from conftest import generate
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.hooks import Steering, hooked, resolve_layers
+from htcli.core.hooks import hooked, resolve_layers
+from htcli.core.steering import SteeringConfig
 from htcli.core.transport import w2_loss
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
@@ -132,10 +133,10 @@ def test_cli_fit_round_trip_and_identical_steering_after_reload(data, tmp_path, 
     assert loaded.method == method and loaded.model == "tiny"
     spec, pipe = tiny
     layers = resolve_layers(denoiser(pipe, spec), list(loaded.maps))
-    with hooked(denoiser(pipe, spec), layers, steering=Steering(loaded.maps)):
+    with hooked(denoiser(pipe, spec), layers, steering=SteeringConfig(loaded.maps)):
         first = generate(spec, pipe, "a red barn in a field")
     reloaded = load_intervention(path, model="tiny", widths=data.layers)
-    with hooked(denoiser(pipe, spec), layers, steering=Steering(reloaded.maps)):
+    with hooked(denoiser(pipe, spec), layers, steering=SteeringConfig(reloaded.maps)):
         second = generate(spec, pipe, "a red barn in a field")
     assert torch.equal(first, second)
     inspected = runner.invoke(app, ["inspect", str(path), "--json"])

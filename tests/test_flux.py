@@ -16,7 +16,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.hooks import Steering, hooked, resolve_layers
+from htcli.core.hooks import hooked, resolve_layers
+from htcli.core.steering import SteeringConfig
 from htcli.data.forward import encode_inputs, pooled_activations
 from htcli.errors import HTError
 from htcli.models import denoiser, get_model, load_denoiser, load_pipeline
@@ -99,7 +100,7 @@ def test_a_flux_block_steers_and_captures_its_image_stream_only(tiny_flux, name)
         return outputs[0], hooks.pooled[name]
 
     (text, image), pooled = run(None)
-    (steered_text, steered_image), steered_pooled = run(Steering({name: (omega, beta)}))
+    (steered_text, steered_image), steered_pooled = run(SteeringConfig({name: (omega, beta)}))
     assert image.shape[1] == 64 and text.shape[1] == 32  # 8x8 latent patches; all max_sequence_length T5 tokens
     torch.testing.assert_close(steered_text, text, rtol=0, atol=0)
     torch.testing.assert_close(steered_image, omega * image + beta)

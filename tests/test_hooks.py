@@ -11,7 +11,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from htcli.core.files import read_tensors, save_tensors
-from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
+from htcli.core.hooks import hooked, module_width, resolve_layers
+from htcli.core.steering import SteeringConfig
 from htcli.core.transport import apply_affine
 from htcli.errors import HTError
 from htcli.models import denoiser, get_model, load_pipeline
@@ -90,7 +91,7 @@ def test_steering_tuple_output_keeps_type_and_extra_items():
     x = torch.randn(1, 2, 3, 3)
     maps = {"inner": (torch.tensor([2.0, 1.0]), torch.tensor([0.0, 5.0]))}
     wrapper = nn.ModuleDict({"m": model})
-    with hooked(wrapper, resolve_layers(wrapper, ["m"]), steering=Steering({"m": maps["inner"]})):
+    with hooked(wrapper, resolve_layers(wrapper, ["m"]), steering=SteeringConfig({"m": maps["inner"]})):
         out = wrapper["m"](x)
     plain = model(x)
     assert isinstance(out, tuple) and out[1] == "extra"
@@ -114,11 +115,11 @@ def test_cfg_repeat_of_per_sample_maps():
     layers = resolve_layers(model, ["a"])
     x = torch.randn(4, 4, 4)  # classifier-free guidance stacks [uncond(2), cond(2)]
     omega, beta = torch.rand(2, 4) + 0.5, torch.randn(2, 4)
-    with hooked(model, layers, capture=True, steering=Steering({"a": (omega, beta)})) as run:
+    with hooked(model, layers, capture=True, steering=SteeringConfig({"a": (omega, beta)})) as run:
         model(x)
     steered = model.a(x) * omega.repeat(2, 1)[:, None] + beta.repeat(2, 1)[:, None]  # sample i uses map i % 2
     torch.testing.assert_close(run.pooled["a"], steered.mean(1))
-    with pytest.raises(HTError, match="do not divide"), hooked(model, layers, steering=Steering({"a": (omega, beta)})):
+    with pytest.raises(HTError, match="do not divide"), hooked(model, layers, steering=SteeringConfig({"a": (omega, beta)})):
         model(torch.randn(3, 4, 4))
 
 
@@ -147,7 +148,7 @@ def test_strength_zero_is_bit_identical_and_strength_scales_the_map(tiny):
     omega, beta = maps[first]
     runs, images = {}, {}
     for strength in (None, 0.0, 0.5, 1.0):
-        steering = None if strength is None else Steering(maps, strength=strength)
+        steering = None if strength is None else SteeringConfig(maps, strength=strength)
         with hooked(model, layers, steering=steering, capture=True) as runs[strength]:
             images[strength] = generate(spec, pipe, "a lighthouse on a cliff")
     assert torch.equal(images[None], images[0.0])
@@ -165,11 +166,11 @@ def test_per_sample_maps_equal_one_by_one(tiny):
     prompts = ["a red bicycle", "a bowl of soup", "an old bridge"]
     maps = _random_maps(layers, batch=3)
     strengths = torch.tensor([[1.0], [0.5], [0.0]])
-    with hooked(model, layers, steering=Steering(maps, strength=strengths), capture=True) as batched:
+    with hooked(model, layers, steering=SteeringConfig(maps, strength=strengths), capture=True) as batched:
         images = generate(spec, pipe, prompts)
     for i, prompt in enumerate(prompts):
         single = {name: (o[i], b[i]) for name, (o, b) in maps.items()}
-        with hooked(model, layers, steering=Steering(single, strength=float(strengths[i])), capture=True) as one:
+        with hooked(model, layers, steering=SteeringConfig(single, strength=float(strengths[i])), capture=True) as one:
             image = generate(spec, pipe, prompt, seed=i)
         torch.testing.assert_close(images[i : i + 1], image, atol=1e-4, rtol=1e-4)
         for name in layers:
@@ -189,7 +190,7 @@ def test_low_precision_steering_matches_float32(tiny, dtype, tolerance):
     outputs, pooled = {}, {}
     for run_dtype in (torch.float32, dtype):
         model = copy.deepcopy(denoiser(pipe, spec)).to(run_dtype)  # leave the shared fixture as it is
-        with hooked(model, resolve_layers(model, spec.hook_patterns), steering=Steering(maps, strength=0.8),
+        with hooked(model, resolve_layers(model, spec.hook_patterns), steering=SteeringConfig(maps, strength=0.8),
                     capture=True) as run:
             outputs[run_dtype] = model(x.to(run_dtype), encoder_hidden_states=text.to(run_dtype),
                                        timestep=torch.tensor([400, 400]),
@@ -213,7 +214,7 @@ def test_unet_feature_map_path(tiny_sdxl):
     maps = {name: m for name, m in _random_maps(layers).items() if name.endswith("attentions.0")}
     with hooked(model, layers, capture=True) as plain_run:
         plain = generate(spec, pipe, "a teapot")
-    with hooked(model, layers, steering=Steering(maps), capture=True) as run:
+    with hooked(model, layers, steering=SteeringConfig(maps), capture=True) as run:
         steered = generate(spec, pipe, "a teapot")
     assert {name: v.shape[-1] for name, v in run.pooled.items()} == {n: module_width(m) for n, m in layers.items()}
     first = next(iter(maps))
@@ -273,12 +274,12 @@ def test_maps_move_to_the_model_device_once_not_per_hook_call(sdxl_on):
     strength = torch.tensor([[1.0], [0.5]])
     watched = [t for pair in maps.values() for t in pair] + [strength]
     recorder = RecordConversions(watched)
-    with hooked(model, layers, steering=Steering(maps, strength)):
+    with hooked(model, layers, steering=SteeringConfig(maps, strength)):
         with recorder:
             steered = generate(spec, pipe, ["a teapot", "a kite"])
     assert recorder.calls == []
     on_device = {name: (o.to(device), b.to(device)) for name, (o, b) in maps.items()}
-    with hooked(model, layers, steering=Steering(on_device, strength.to(device))):
+    with hooked(model, layers, steering=SteeringConfig(on_device, strength.to(device))):
         reference = generate(spec, pipe, ["a teapot", "a kite"])
     assert torch.equal(steered, reference)
     assert (steered - generate(spec, pipe, ["a teapot", "a kite"])).abs().max() > 1e-3  # it did steer
@@ -286,10 +287,10 @@ def test_maps_move_to_the_model_device_once_not_per_hook_call(sdxl_on):
 
 def test_steering_to_keeps_float32_and_tensors_already_there():
     omega, beta = torch.rand(3), torch.zeros(3)
-    moved = Steering({"a": (omega, beta)}, torch.ones(2, 1, dtype=torch.float64)).to("cpu")
+    moved = SteeringConfig({"a": (omega, beta)}, torch.ones(2, 1, dtype=torch.float64)).to("cpu")
     assert moved.maps["a"][0] is omega and moved.maps["a"][1] is beta  # no copy
     assert moved.strength.dtype == torch.float32
-    half = Steering({"a": (omega.half(), beta.half())}).to("cpu")  # float32, never the model's half precision
+    half = SteeringConfig({"a": (omega.half(), beta.half())}).to("cpu")  # float32, never the model's half precision
     assert half.maps["a"][0].dtype == torch.float32
 
 
@@ -306,9 +307,9 @@ def test_steering_window_applies_exactly_at_its_calls(tiny_sdxl, monkeypatch):
         applied[call[-1]] += 1
         return apply_affine(*args, **kwargs)
 
-    monkeypatch.setattr("htcli.core.hooks.apply_affine", counting_affine)
+    monkeypatch.setattr("htcli.core.steering.apply_affine", counting_affine)
     try:
-        with hooked(model, layers, steering=Steering(maps, steps=range(1, 3))):
+        with hooked(model, layers, steering=SteeringConfig(maps, steps=range(1, 3))):
             generate(spec, pipe, "a teapot")
         assert len(call) == len(spec.timesteps) == 4
         assert applied == {1: len(layers), 2: len(layers)}
@@ -316,7 +317,7 @@ def test_steering_window_applies_exactly_at_its_calls(tiny_sdxl, monkeypatch):
         # The count starts again in every block: step 0 of the next image is steered.
         call.clear()
         applied.clear()
-        with hooked(model, layers, steering=Steering(maps, steps=range(0, 1))):
+        with hooked(model, layers, steering=SteeringConfig(maps, steps=range(0, 1))):
             generate(spec, pipe, "a teapot")
         assert applied == {0: len(layers)}
     finally:

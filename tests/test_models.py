@@ -11,7 +11,8 @@ from conftest import generate
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.hooks import module_width, output_element, resolve_layers
+from htcli.core.hooks import module_width, resolve_layers
+from htcli.core.steering import output_element
 from htcli.errors import HTError
 from htcli.models import (
     build_meta_denoiser,

@@ -11,7 +11,8 @@ from test_steer import _checkpoint
 from typer.testing import CliRunner
 
 from htcli.cli import app
-from htcli.core.hooks import Steering, hooked, module_width, resolve_layers
+from htcli.core.hooks import hooked, module_width, resolve_layers
+from htcli.core.steering import SteeringConfig
 from htcli.core.transport import (
     OMEGA_MIN,
     apply_affine,
@@ -120,10 +121,10 @@ def test_reverse_then_forward_at_one_layer_of_tiny_is_the_identity(tiny):
     inputs = encode_inputs(spec, pipe, ["a lighthouse on a cliff", "a red barn"], [0, 1])
     with torch.no_grad():
         plain = pooled_activations(spec, model, layers, inputs)
-        away = pooled_activations(spec, model, layers, inputs, Steering(maps, -1.0))
+        away = pooled_activations(spec, model, layers, inputs, SteeringConfig(maps, -1.0))
         # Hooks on one module run in registration order: the outer -1, then the inner +1.
-        with hooked(model, {name: layers[name]}, steering=Steering(maps, -1.0)):
-            both = pooled_activations(spec, model, layers, inputs, Steering(maps, 1.0))
+        with hooked(model, {name: layers[name]}, steering=SteeringConfig(maps, -1.0)):
+            both = pooled_activations(spec, model, layers, inputs, SteeringConfig(maps, 1.0))
     for layer in layers:
         torch.testing.assert_close(both[layer], plain[layer], atol=1e-4, rtol=1e-4)
     assert (away[name] - plain[name]).abs().max() > 0.1 and (away["transformer_blocks.3.norm2"] - plain[

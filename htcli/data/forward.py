@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from htcli.core.hooks import Steering, hooked
+from htcli.core.hooks import hooked
+from htcli.core.steering import SteeringConfig
 from htcli.core.transport import Maps
 from htcli.models import ModelSpec, denoiser
 from htcli.models.inputs import denoiser_call
@@ -112,7 +113,7 @@ def pooled_activations(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     inputs: Mapping[str, Tensor],
-    steering: Steering | None = None,
+    steering: SteeringConfig | None = None,
 ) -> dict[str, Tensor]:
     """Pooled (B, D) float32 activations of `layers` at the first timestep, steered if asked.
 
@@ -181,7 +182,7 @@ class Frozen:
                 batch = {k: v[rows] for k, v in inputs.items()}
                 steering = None
                 if maps:
-                    steering = Steering({name: (o[rows], b[rows]) if o.ndim == 2 else (o, b) for name, (o, b) in maps.items()})
+                    steering = SteeringConfig({name: (o[rows], b[rows]) if o.ndim == 2 else (o, b) for name, (o, b) in maps.items()})
                 out = pooled_activations(self.spec, self.model, self.layers, batch, steering)
                 for name in self.layers:
                     parts[name].append(out[name])
@@ -197,7 +198,7 @@ class Frozen:
         raises CheckpointError). One pass rather than batches: a graph keeps every batch's
         activations anyway; callers bound memory with micro-batches of samples instead.
         """
-        with hooked(self.model, self.layers, steering=Steering(maps)):
+        with hooked(self.model, self.layers, steering=SteeringConfig(maps)):
             yield pooled_activations(self.spec, self.model, self.layers, inputs)
 
     def execution_order(self, inputs: Mapping[str, Tensor]) -> list[str]:

@@ -6,11 +6,13 @@
         handle.strength = 1.0                  # the next call steers harder
     # here the pipeline is untouched again, also after an exception inside the block
 
-The hooks go on the pipeline's denoiser (`pipe.transformer` or `pipe.unet`: PixArt, SDXL/UNet
-and FLUX families, or a denoiser passed directly), through `htcli.core.hooks.attach`: the one
-mechanism behind `ht steer`, `ht serve` and the Python API. A step window counts denoising steps
-with the pipeline's scheduler (`scheduler.step_index`), so it restarts with every call of the
-pipeline; on a bare denoiser, with its calls since `apply`.
+The maps go on the pipeline's denoiser (`pipe.transformer` or `pipe.unet`: PixArt, SDXL/UNet
+and FLUX families, or a denoiser passed directly) as a diffusers hook,
+`htcli.core.diffusers_hooks.apply_steering`: the one mechanism behind `ht steer`, `ht serve`
+(`steer_samples`: one map per sample of a batch) and the Python API (also `ht.load`). A step
+window reads the pipeline's scheduler (`scheduler.step_index`, which every pipeline call resets
+when it sets its timesteps), so it restarts with every call of the pipeline; on a bare denoiser,
+it counts the denoiser's timesteps.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from htcli.core.hooks import Hooks, Steering, attach, module_width
-from htcli.core.transport import Maps
+from htcli.core.hooks import module_width
+from htcli.core.steering import SteeringConfig
+from htcli.core.transport import Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.compose import combine, layer_summary, select_layers
 from htcli.models.interventions import Intervention
@@ -44,12 +48,12 @@ def denoiser_of(pipe: Any) -> nn.Module:
                   f"{' or '.join(DENOISER_ATTRIBUTES)}, or the denoiser module itself")
 
 
-def _scheduler_step(pipe: Any) -> Callable[[], int] | None:
+def pipeline_step(pipe: Any) -> Callable[[], int] | None:
     """The denoising step a call of the pipeline's denoiser belongs to, read from its scheduler:
     `step_index` (None before the first `scheduler.step` of a pipeline call: the first step, which
     is `begin_index` when a pipeline starts part-way). None when `pipe` has no scheduler."""
     scheduler = getattr(pipe, "scheduler", None)
-    if scheduler is None:
+    if scheduler is None or isinstance(pipe, nn.Module):  # a bare denoiser: it counts its timesteps
         return None
     if not hasattr(scheduler, "step_index"):
         raise HTError(f"a step window needs a scheduler that tracks its step (step_index); "
@@ -63,17 +67,6 @@ def _scheduler_step(pipe: Any) -> Callable[[], int] | None:
     return step
 
 
-def _steps(steps: int | Collection[int] | None) -> Collection[int] | None:
-    """The window as a range or a frozenset (a generator is read once, here)."""
-    if steps is None:
-        return None
-    window = range(steps, steps + 1) if isinstance(steps, int) else steps
-    window = window if isinstance(window, range) else frozenset(window)
-    if not window or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in window):
-        raise HTError(f"steps takes denoising step numbers from 0 (an int, a range or a set), got {steps!r}")
-    return window
-
-
 def check_strength(value: object) -> float:
     """`value` as a float if it is a finite number, else HTError; above 1 in size it extrapolates
     beyond the fitted transport (or its inverse), which works but is worth a warning."""
@@ -85,27 +78,41 @@ def check_strength(value: object) -> float:
 
 
 class Applied:
-    """Maps attached to a pipeline's denoiser: a context manager, and `remove()`. Setting
-    `strength` takes effect on the next call of the pipeline."""
+    """A steering attached to a pipeline's denoiser, by name: a context manager, and `remove()`.
+    Setting `strength` takes effect on the next call of the pipeline."""
 
-    def __init__(self, hooks: Hooks, layers: Sequence[str]) -> None:
-        self._hooks, self.layers = hooks, list(layers)
+    def __init__(self, denoiser: nn.Module, name: str) -> None:
+        self._denoiser, self.name = denoiser, name
+        self.layers = list(self._config.steered)
+
+    @property
+    def _config(self) -> SteeringConfig:
+        from htcli.core.diffusers_hooks import steering
+
+        root = steering(self._denoiser, self.name)
+        if root is None:
+            raise HTError(f"the steering {self.name!r} was removed from this pipeline")
+        return root.config
 
     @property
     def strength(self) -> float | Tensor:
-        return self._hooks.steering.strength
+        return self._config.strength
 
     @strength.setter
     def strength(self, value: float) -> None:
-        self._hooks.steering.strength = check_strength(value)
+        self._config.strength = check_strength(value)
 
     @property
     def attached(self) -> bool:
-        return self._hooks.attached
+        from htcli.core.diffusers_hooks import steering_names
+
+        return self.name in steering_names(self._denoiser)
 
     def remove(self) -> None:
         """Take the maps off the pipeline: its output is again exactly the unsteered one."""
-        self._hooks.remove()
+        from htcli.core.diffusers_hooks import remove_steering
+
+        remove_steering(self._denoiser, self.name)
 
     def __enter__(self) -> Applied:
         return self
@@ -113,21 +120,43 @@ class Applied:
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
 
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "removed"
+        strength = "per sample" if self.attached and isinstance(self.strength, Tensor) else (
+            f"{self.strength:g}" if self.attached else "-")
+        return f"<Applied {self.name!r}: {len(self.layers)} layers on {type(self._denoiser).__name__}, strength {strength}, {state}>"
+
 
 def steer_pipeline(pipe: Any, maps: Maps, strength: float | Tensor = 1.0,
                    steps: Collection[int] | None = None) -> Applied:
     """Attach `maps` ({layer: (omega, beta)}, (D,) or per-sample (B, D)) at `strength` (a float, or
-    (B, 1) per sample) to `pipe`'s denoiser, steering the denoising `steps` (None: all). The
-    layers must exist in the denoiser; `apply` checks their widths first."""
+    (B, 1) per sample) to `pipe`'s denoiser, steering the denoising `steps` (None: all), under the
+    first free name of "ht_steering", "ht_steering.1", ... The layers must exist in the denoiser;
+    `apply` checks their widths first."""
+    from htcli.core.diffusers_hooks import STEERING, apply_steering, free_name
+
     model = denoiser_of(pipe)
-    modules = dict(model.named_modules())
-    missing = [name for name in maps if name not in modules]
-    if missing:
-        raise HTError(f"the maps steer layers {type(model).__name__} does not have: {layer_summary(missing)}")
-    layers = {name: modules[name] for name in maps}
-    steering = Steering(maps, strength, steps)
-    clock = _scheduler_step(pipe) if steps is not None and model is not pipe else None
-    return Applied(attach(model, layers, steering=steering, step=clock), list(layers))
+    config = SteeringConfig(maps, strength, steps)
+    name = free_name(model, STEERING)
+    apply_steering(model, config, name, read_step=pipeline_step(pipe) if config.steps is not None else None)
+    return Applied(model, name)
+
+
+def steer_samples(pipe: Any, maps: Sequence[Maps | None], strengths: Sequence[float],
+                  steps: Collection[int] | None = None) -> Applied:
+    """Steer sample i of the pipeline's next batches by `maps[i]` at `strengths[i]` (None or
+    strength 0: unsteered, bit for bit), in one pipeline call: the maps stacked per sample,
+    (B, D) per layer, with (B, 1) strengths, the identity at strength 0 for a sample that is not
+    steered. The batch is the pipeline's prompts in order, one image each (the copies
+    classifier-free guidance stacks are steered alike)."""
+    if len(maps) != len(strengths):
+        raise HTError(f"{len(maps)} maps for {len(strengths)} strengths: give one of each per sample")
+    steered = [bool(m) and s != 0 for m, s in zip(maps, strengths)]
+    stacked = stack_maps([m if on else None for m, on in zip(maps, steered)])
+    if not stacked:
+        raise HTError("none of the samples is steered: call the pipeline without steer_samples")
+    per_sample = torch.tensor([[float(s) if on else 0.0] for s, on in zip(strengths, steered)])
+    return steer_pipeline(pipe, stacked, per_sample, steps)
 
 
 def check_fits(intervention: Intervention, model: nn.Module, label: str) -> None:
@@ -169,6 +198,22 @@ def _weighted(interventions: Applicable | Sequence[Applicable]) -> list[tuple[In
     return pairs
 
 
+def composed_maps(model: nn.Module, interventions: Applicable | Sequence[Applicable], layers: Sequence[str] = (),
+                  own_layers: Sequence[str | None] | None = None) -> Maps:
+    """The maps of `interventions` (see `apply`) composed as `ht steer` composes its sources, each
+    checked against `model` first; `own_layers`: per intervention, a pattern of the layers it acts
+    on (None: all), as `ht steer`'s `-i FILE@LAYERS`."""
+    weighted = _weighted(interventions)
+    labels = [intervention.concept or f"intervention {k}" for k, (intervention, _) in enumerate(weighted)]
+    for (intervention, _), label in zip(weighted, labels):
+        check_fits(intervention, model, repr(label))
+    if isinstance(layers, str):
+        raise HTError(f"layers takes a list of patterns, got the string {layers!r}: write [{layers!r}]")
+    own = list(own_layers) if own_layers is not None else [None] * len(weighted)
+    kept = select_layers([list(i.maps) for i, _ in weighted], own, list(layers), labels)
+    return combine([({name: i.maps[name] for name in names}, float(w)) for (i, w), names in zip(weighted, kept)])
+
+
 def apply(
     pipe: Any,
     interventions: Applicable | Sequence[Applicable],
@@ -186,13 +231,5 @@ def apply(
     layers: glob (or `re:`) patterns; only the intervention layers they match are steered.
 
     Maps whose layers or widths do not fit the pipeline's denoiser are refused in one line."""
-    weighted = _weighted(interventions)
-    model = denoiser_of(pipe)
-    labels = [intervention.concept or f"intervention {k}" for k, (intervention, _) in enumerate(weighted)]
-    for (intervention, _), label in zip(weighted, labels):
-        check_fits(intervention, model, repr(label))
-    if isinstance(layers, str):
-        raise HTError(f"layers takes a list of patterns, got the string {layers!r}: write [{layers!r}]")
-    kept = select_layers([list(i.maps) for i, _ in weighted], [None] * len(weighted), list(layers), labels)
-    composed = combine([({name: i.maps[name] for name in names}, float(w)) for (i, w), names in zip(weighted, kept)])
-    return steer_pipeline(pipe, composed, check_strength(strength), _steps(steps))  # nothing attached before here
+    composed = composed_maps(denoiser_of(pipe), interventions, layers)
+    return steer_pipeline(pipe, composed, check_strength(strength), steps)  # nothing attached before here

@@ -7,7 +7,8 @@
 `Planner.plan` runs `steer()` itself (`htcli.generate.steer`) on a recording stand-in for the
 pipeline, so a request's checks, sources, predicted and composed maps, notes and sidecar
 metadata are exactly those of `ht steer`; what it records instead of generating are the samples
-to generate. `generate_batch` runs samples of any requests together: their maps are stacked per
+to generate. `generate_batch` runs samples of any requests together through
+`htcli.generate.apply.steer_samples` (as `ht.apply_per_prompt` does): their maps are stacked per
 sample, (B, D) per layer, with per-sample strengths (B, 1), and a sample that is not steered gets
 the identity map at strength 0, which leaves its activations unchanged bit for bit.
 
@@ -27,9 +28,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from htcli.core.transport import Maps, stack_maps
+from htcli.core.transport import Maps
 from htcli.errors import HTError
-from htcli.generate.apply import steer_pipeline
+from htcli.generate.apply import steer_samples
 from htcli.generate.steer import Steered, SteerRequest, parse_steer_steps, steer
 from htcli.generate.source_maps import Steerer
 from htcli.models import ModelSpec, build_meta_denoiser
@@ -133,7 +134,5 @@ def generate_batch(spec: ModelSpec, pipe: Any, samples: Sequence[Sample]) -> lis
     kwargs = dict(generator=generators, **spec.pipeline_kwargs())
     if not any(s.steered for s in samples):
         return pipe(texts, **kwargs).images
-    stacked = stack_maps([s.maps if s.steered else None for s in samples])  # (B, D) per layer; identity if unsteered
-    strengths = torch.tensor([[s.strength if s.steered else 0.0] for s in samples])  # (B, 1)
-    with steer_pipeline(pipe, stacked, strengths, windows.pop()):
+    with steer_samples(pipe, [s.maps for s in samples], [s.strength for s in samples], windows.pop()):
         return pipe(texts, **kwargs).images

@@ -14,14 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from htcli.core.hooks import (
-    Steering,
-    attach_hook,
-    hooked,
-    layer_output,
-    module_width,
-    resolve_layers,
-)
+from htcli.core.hooks import hooked, module_width, resolve_layers
+from htcli.core.steering import SteeringConfig, layer_output
 from htcli.models.inputs import denoiser_call, example_inputs
 from htcli.models.spec import ModelSpec, build_meta_denoiser, denoiser_config
 
@@ -113,15 +107,17 @@ def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_check
     saved = _SavedForBackward()
 
     def record_shape(name):
-        def hook(module, args, out) -> None:
+        def hook(module, out) -> None:
             shapes.setdefault(name, tuple(layer_output(module, out).shape))
 
         return hook
 
-    detach = [attach_hook(m, record_shape(n)) for n, m in layers.items()]  # before the stop, which ends the pass
+    from htcli.core.diffusers_hooks import observe  # imports diffusers, as building the denoiser did
+
+    detach = [observe(m, record_shape(n)) for n, m in layers.items()]  # before the stop, which ends the pass
     try:
         with saved, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            with hooked(model, layers, capture=True, steering=Steering(maps), stop_early=True):
+            with hooked(model, layers, capture=True, steering=SteeringConfig(maps), stop_early=True):
                 denoiser_call(spec, model, inputs)
     finally:
         for remove in detach:

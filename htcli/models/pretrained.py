@@ -199,7 +199,7 @@ def _load_flux(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
 SDXL_NORMS = ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3")
 
 
-# The image stream of every FLUX block (`htcli.core.hooks.STREAMS` takes it from the blocks'
+# The image stream of every FLUX block (`htcli.core.steering.STREAMS` takes it from the blocks'
 # (text, image) outputs): the 19 dual-stream blocks, where the text reaches the image through
 # joint attention, and the 38 single-stream blocks that follow. Whole blocks (their residual
 # stream), not norms: no submodule of a dual-stream block outputs its image stream, and a
