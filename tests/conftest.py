@@ -54,6 +54,21 @@ def generate(spec, pipe, prompt, seed=0, **kwargs) -> torch.Tensor:
     return pipe(prompt, generator=generator, output_type="pt", **spec.pipeline_kwargs(), **kwargs).images
 
 
+def random_intervention(spec, pipe, seed: int = 0):
+    """An `ht.Intervention` of random non-identity maps at every default hooked layer of the
+    spec's denoiser."""
+    from htcli.core.hooks import module_width, resolve_layers
+    from htcli.models import denoiser
+    from htcli.models.interventions import Intervention
+
+    g = torch.Generator().manual_seed(seed)
+    maps = {}
+    for name, module in resolve_layers(denoiser(pipe, spec), spec.hook_patterns).items():
+        width = module_width(module)
+        maps[name] = (1 + 0.3 * torch.randn(width, generator=g), 0.3 * torch.randn(width, generator=g))
+    return Intervention(maps, spec.id, "lineas", "random")
+
+
 def build_tiny_dataset(out, train: int, test: int, samples: int = 8, eval_samples: int = 8):
     """A `tiny` dataset of the library's first `train` training and `test` held-out concepts,
     built through `ht build-dataset` (the CLI path users take)."""
