@@ -13,10 +13,11 @@ module's dtype, so fp16/bf16 models are safe.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +95,7 @@ def _check_strength(strength: object) -> float | Tensor:
     if isinstance(strength, Tensor):
         if strength.ndim == 0:
             strength = float(strength)
-        elif not bool(torch.isfinite(strength).all()):
+        elif not strength.is_meta and not bool(torch.isfinite(strength).all()):
             raise HTError("strength must hold finite numbers")
         else:
             return strength
@@ -154,8 +155,11 @@ class SteeringConfig:
         float32 rather than the model's dtype on purpose: `apply_affine` computes in float32,
         and omega near 1 in bfloat16 would be quantised to 0.996, 1.0, 1.008, ...
         Tensors already there are kept as they are (no copy), autograd included."""
-        strength = self.strength.to(device, torch.float32) if isinstance(self.strength, Tensor) else self.strength
-        return replace(self, maps=maps_to(self.maps, device), strength=strength)
+        moved = copy.copy(self)  # checked when made: not again
+        moved.maps = maps_to(self.maps, device)
+        if isinstance(self.strength, Tensor):
+            moved.strength = self.strength.to(device, torch.float32)
+        return moved
 
     def acts_at(self, name: str, step: int) -> bool:
         """Whether layer `name` is steered during denoising step `step`."""
