@@ -133,14 +133,16 @@ class SteeringConfig:
         self.steps = steering_window(self.steps)
         if self.layers is not None:
             if isinstance(self.layers, str):
-                raise HTError(f"layers takes a list of layer names, got the string {self.layers!r}: write [{self.layers!r}]")
+                raise HTError(f"layers takes a list of layer names, got the string {self.layers!r}: "
+                              f"write [{self.layers!r}]")
             unknown = [name for name in self.layers if name not in self.maps]
             if unknown:
                 raise HTError(f"layers names layers the maps do not steer: {', '.join(unknown[:5])}")
             self.layers = list(self.layers)
 
     def __repr__(self) -> str:
-        strength = f"per-sample {tuple(self.strength.shape)}" if isinstance(self.strength, Tensor) else f"{self.strength:g}"
+        per_sample = isinstance(self.strength, Tensor)
+        strength = f"per-sample {tuple(self.strength.shape)}" if per_sample else f"{self.strength:g}"
         return (f"SteeringConfig({len(self.steered)} layers, strength={strength}, "
                 f"steps={'all' if self.steps is None else sorted(self.steps)})")
 

@@ -28,7 +28,15 @@ from typing import Any
 
 from htcli.core.steering import SteeringConfig, steering_window
 from htcli.errors import HTError
-from htcli.generate.apply import Applicable, Applied, check_strength, composed_maps, denoiser_of, pipeline_step, steer_samples
+from htcli.generate.apply import (
+    Applicable,
+    Applied,
+    check_strength,
+    composed_maps,
+    denoiser_of,
+    pipeline_step,
+    steer_samples,
+)
 from htcli.models.interventions import Intervention
 
 ADAPTERS = "ht_adapters"  # the name of the steering the loaded interventions make together
@@ -101,7 +109,8 @@ def load(pipe: Any, intervention: Intervention, name: str | None = None, weight:
         raise HTError("name must be a non-empty string: this intervention has no concept to name it by")
     current = active(pipe)
     if name in current.weights:
-        raise HTError(f"an intervention named {name!r} is loaded already: unload(pipe, {name!r}) first, or pick another name")
+        raise HTError(f"an intervention named {name!r} is loaded already: unload(pipe, {name!r}) first, "
+                      "or pick another name")
     loaded = replace(current, weights=current.weights | {name: _weight(name, weight)},
                      interventions=current.interventions | {name: intervention}, layers=current.layers | {name: layers})
     _attach(pipe, loaded)

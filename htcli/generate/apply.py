@@ -121,10 +121,10 @@ class Applied:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "attached" if self.attached else "removed"
-        strength = "per sample" if self.attached and isinstance(self.strength, Tensor) else (
-            f"{self.strength:g}" if self.attached else "-")
-        return f"<Applied {self.name!r}: {len(self.layers)} layers on {type(self._denoiser).__name__}, strength {strength}, {state}>"
+        if not self.attached:
+            return f"<Applied {self.name!r}: removed>"
+        strength = "per sample" if isinstance(self.strength, Tensor) else f"{self.strength:g}"
+        return f"<Applied {self.name!r}: {len(self.layers)} layers on {type(self._denoiser).__name__}, strength {strength}>"
 
 
 def steer_pipeline(pipe: Any, maps: Maps, strength: float | Tensor = 1.0,
