@@ -5,6 +5,8 @@
     art_deco = hyper.intervention("art deco")                        # ht.Intervention (+ nearest concepts, OOD flag)
     with ht.apply(pipe, art_deco, strength=0.6):                     # any diffusers pipeline whose denoiser fits
         image = pipe("cyberpunk city").images[0]
+    ht.load(pipe, art_deco, name="deco")                             # or kept on the pipeline, like LoRA adapters:
+    ht.set_weights(pipe, {"deco": 0.6})                              # ht.active(pipe), ht.unload(pipe)
     ht.Intervention.load("user/repo", weight_name="art_deco.safetensors")
 
 The names below load on first use, so `import htcli` stays cheap. Everything else is importable
