@@ -120,6 +120,14 @@ def test_per_prompt_interventions_in_one_call_equal_separate_calls(tiny):
         assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
     with ht.apply(pipe, deco, strength=0.7):  # each prompt had its own maps: not deco's for the third (10x the tolerance)
         assert np.abs(batched[2] - _image(spec, pipe, prompts[2], seeds[2]).astype(int)).mean() > 0.1
+    # Two images per prompt: the pipeline repeats each prompt in place, and so do the maps.
+    generators = [torch.Generator().manual_seed(s) for s in (3, 3, 4, 4)]
+    with ht.apply_per_prompt(pipe, [deco, None], strength=0.7, images_per_prompt=2):
+        pairs = pipe(prompts[:2], generator=generators, num_images_per_prompt=2, **spec.pipeline_kwargs()).images
+    for image, single in zip(pairs, [alone[0], alone[0], alone[1], alone[1]]):
+        assert np.abs(np.asarray(image, dtype=int) - single).max() <= 1
     with pytest.raises(HTError, match="one entry per prompt"):
         ht.apply_per_prompt(pipe, deco)
+    with pytest.raises(HTError, match="images_per_prompt takes"):
+        ht.apply_per_prompt(pipe, [deco], images_per_prompt=0)
     assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in denoiser(pipe, spec).modules())

@@ -152,15 +152,19 @@ def unload(pipe: Any, name: str | Sequence[str] | None = None) -> None:
 
 def apply_per_prompt(pipe: Any, interventions: Sequence[Applicable | Sequence[Applicable] | None],
                      strength: float = DEFAULT_STRENGTH, steps: int | Collection[int] | None = None,
-                     layers: Sequence[str] = ()) -> Applied:
+                     layers: Sequence[str] = (), images_per_prompt: int = 1) -> Applied:
     """Steer prompt i of the pipeline's next calls by `interventions[i]` (an intervention, a list
     composed as `ht.apply` composes one, or None: unsteered), in one batched call, until the
-    handle is removed. Give the pipeline as many prompts, one image each; the images equal
-    separate calls up to floating point (docs/serve.md, "Batching")."""
+    handle is removed. Give the pipeline as many prompts, and its `num_images_per_prompt` as
+    `images_per_prompt`; the images equal separate calls up to floating point (docs/serve.md,
+    "Batching")."""
     if isinstance(interventions, (Intervention, str)) or not isinstance(interventions, Sequence) or not interventions:
         raise HTError("apply_per_prompt takes a list with one entry per prompt: an Intervention, a list of them, "
                       "or None for a prompt left unsteered")
+    if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise HTError(f"images_per_prompt takes a whole number from 1, got {images_per_prompt!r}")
     model = denoiser_of(pipe)
-    maps = [composed_maps(model, item, layers) if item is not None else None for item in interventions]
+    composed = [composed_maps(model, item, layers) if item is not None else None for item in interventions]
+    maps = [m for m in composed for _ in range(images_per_prompt)]  # the pipeline repeats each prompt in place
     strength = check_strength(strength)
     return steer_samples(pipe, maps, [strength] * len(maps), steering_window(steps))
