@@ -215,7 +215,7 @@ def steering(denoiser: nn.Module, name: str = STEERING) -> SteeringRootHook | No
 def steering_names(denoiser: nn.Module) -> list[str]:
     """The names of the steerings attached to `denoiser`, in the order they were attached."""
     registry = getattr(denoiser, "_diffusers_hook", None)
-    return [n for n in registry._hook_order if isinstance(registry.hooks[n], SteeringRootHook)] if registry else []
+    return [n for n, hook in registry.hooks.items() if isinstance(hook, SteeringRootHook)] if registry else []
 
 
 def remove_steering(denoiser: nn.Module, name: str = STEERING) -> None:
