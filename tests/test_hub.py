@@ -101,7 +101,9 @@ def test_the_card_names_a_real_base_model_and_its_licence(tmp_path):
     card = (folder / "README.md").read_text()
     front = _front_matter(card)
     assert front["base_model"] == "tianweiy/DMD2" and front["license"] == "cc-by-nc-sa-4.0"
-    assert 'ht.Intervention.load("me/styles", weight_name="art-deco.safetensors")' in card and "0.520" in card
+    assert 'ht.Intervention.from_pretrained("me/styles", weight_name="art-deco.safetensors")' in card and "0.520" in card
+    assert front["library_version"] == ht.__version__ and front["pipeline_tag"] == "text-to-image"
+    assert 'pipe = ht.load_pipeline("dmd2")' in card and "num_inference_steps=4, timesteps=[999, 749, 499, 249]" in card
 
 
 def test_loading_by_repo_id_from_the_hub_cache_offline(hub_cache, tmp_path):
