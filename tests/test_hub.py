@@ -240,3 +240,14 @@ def test_an_evaluation_run_becomes_an_image_dataset(tmp_path, tiny, monkeypatch)
     assert row["concept"] == "Art Deco" and np.asarray(row["image"]).shape[-1] == 3
     again = runner.invoke(app, ["hub", "stage", str(run), str(folder)])
     assert again.exit_code == 1 and "is not an empty folder" in again.output
+
+
+def test_one_version_everywhere(tmp_path):
+    """`ht --version`, `htcli.__version__`, the installed package's metadata and the cards'
+    `library_version` agree (pyproject.toml reads the version from htcli/__init__.py)."""
+    from importlib.metadata import version
+
+    _, folder = stage(SHIPPED, tmp_path / "up")
+    cli = runner.invoke(app, ["--version"])
+    assert cli.output == f"ht {ht.__version__}\n" and version("htcli") == ht.__version__
+    assert _front_matter((folder / "README.md").read_text())["library_version"] == ht.__version__
