@@ -283,3 +283,13 @@ def test_maps_follow_the_model_to_another_device(tiny):
     denoiser_call(spec, model, inputs)
     assert {o.device.type for o, _ in hooks.steering.maps.values()} == {"meta"}
     hooks.remove()
+
+
+def test_loading_tiny_prints_no_progress_bar(capfd):
+    """The tiny pipeline's text encoder and the MiniLM concept encoder are two copies of the
+    shipped MiniLM; reading them printed transformers' "Loading weights 100%" bar once each."""
+    from htcli.models.encoders import MiniLMEncoder
+
+    ht.load_pipeline("tiny")
+    MiniLMEncoder()
+    assert "Loading weights" not in capfd.readouterr().err
