@@ -41,6 +41,7 @@ from htcli.methods.train_config import TrainConfig
 from htcli.methods.training import Trainer
 from htcli.models import denoiser, get_model, load_pipeline
 from htcli.models.encoders import get_encoder
+from htcli.models.torch_pair import check_torch_pair
 
 SWEEP_PROMPT = "a lighthouse on a cliff"
 
@@ -74,6 +75,7 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     """Run the five steps into `out` and write summary.json, report.md, residuals.png and sweep.png.
     `progress(step, 5, what)` hears each step as it starts. Returns the summary."""
     config = config or DemoConfig()
+    check_torch_pair()  # before the first progress line: a newcomer's most likely failure
     say = (lambda step, text: progress(step, 5, text)) if progress else (lambda step, text: None)
     started = time.perf_counter()
     spec = get_model("tiny")

@@ -293,3 +293,21 @@ def test_loading_tiny_prints_no_progress_bar(capfd):
     ht.load_pipeline("tiny")
     MiniLMEncoder()
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_a_mismatched_torchvision_is_one_line_naming_the_pair(monkeypatch, tmp_path):
+    from htcli.models import torch_pair
+
+    def broken(name):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(torch_pair, "import_module", broken)
+    monkeypatch.setattr(torch_pair, "version", {"torch": "2.13.0+cpu", "torchvision": "0.29.1"}.get)
+    message = (r"torchvision 0.29.1 was not built for torch 2.13.0\+cpu \(operator torchvision::nms does not exist\): "
+               r"install a matching pair, e.g. pip install torch==2.14.1 torchvision==0.29.1 \(the pair the tests "
+               r"use\), or torchvision 0.28.\* for your torch")
+    with pytest.raises(HTError, match=message):
+        ht.load_pipeline("tiny")
+    demo = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert demo.exit_code == 1 and demo.output.count("\n") == 1 and "pip install torch==2.14.1" in demo.output
+    assert not (tmp_path / "demo").exists()  # checked before anything runs
