@@ -3,6 +3,8 @@
 `ht.apply` must make exactly the images `ht steer` makes for the same request (they share one
 mechanism), leave the pipeline exactly as it was once removed, and refuse maps that do not fit."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -311,3 +313,7 @@ def test_a_mismatched_torchvision_is_one_line_naming_the_pair(monkeypatch, tmp_p
     demo = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert demo.exit_code == 1 and demo.output.count("\n") == 1 and "pip install torch==2.14.1" in demo.output
     assert not (tmp_path / "demo").exists()  # checked before anything runs
+    root = Path(__file__).resolve().parents[1]
+    pins = '"torch=={}" "torchvision=={}"'.format(*torch_pair.TESTED_PAIR)
+    assert pins in (root / ".ci/run").read_text()  # the pair the message names is the one tested
+    assert "`torch=={}` and `torchvision=={}`".format(*torch_pair.TESTED_PAIR) in (root / "README.md").read_text()
