@@ -29,7 +29,10 @@ ANSWERS = {"unauthorized": (401, None), "forbidden": (403, None), "absent": (404
 
 
 class _Stub(BaseHTTPRequestHandler):
+    authorizations: list[str | None] = []  # the Authorization header of each request, in order
+
     def _answer(self):
+        self.authorizations.append(self.headers.get("Authorization"))
         path = self.path.split("?")[0]
         if "/slow" in path:
             time.sleep(SLOW_S)
@@ -134,6 +137,12 @@ def test_no_connection_is_one_line_and_the_cache_is_used(hub_cache, closed_port,
         assert ht.Intervention.from_pretrained("me/styles", "a.safetensors", local_files_only=True).layers
     cli = runner.invoke(app, ["inspect", "me/styles/a.safetensors"])
     assert cli.exit_code == 0 and "art deco" in cli.output, cli.output
+
+
+def test_the_token_and_revision_reach_the_hub(hub_cache, stub_hub):
+    _Stub.authorizations.clear()
+    _fails("me/unauthorized", "Hub repo me/unauthorized at revision 'v1' was not found", token="hf_test", revision="v1")
+    assert _Stub.authorizations == ["Bearer hf_test"]
 
 
 def test_a_server_error_falls_back_to_the_cache(hub_cache, stub_hub, tmp_path):

@@ -77,7 +77,8 @@ def explain(error: BaseException, repo_id: str, hub: HubOptions) -> HubError:
     if isinstance(error, RevisionNotFoundError):
         return HubError(f"{at}: the repo has no such revision; give a branch, tag or commit it has (see {url})")
     if isinstance(error, RepositoryNotFoundError) or status in (401, 404):
-        return HubError(f"{at} was not found, or it is private and you are not logged in: check the repo id, or {login}")
+        return HubError(f"{at} was not found, or it is private and you are not logged in: check the repo id, "
+                        f"or {login}")
     if status == 403:
         return HubError(f"{at}: access denied (403); {login} with a token that can read it")
     if _unreachable(error):
