@@ -149,3 +149,29 @@ def test_a_server_error_falls_back_to_the_cache(hub_cache, stub_hub, tmp_path):
     hub_cache("me/broken", {"model.safetensors": _maps().save(tmp_path / "a.safetensors")})
     with pytest.warns(HubCacheWarning, match=r"for Hub repo me/broken \(HfHubHTTPError\)"):
         assert ht.Intervention.from_pretrained("me/broken").model == "tiny"
+
+
+@pytest.mark.slow
+def test_the_command_line_reads_hf_endpoint_and_warns_in_one_line(hub_cache, tmp_path):
+    """`ht` in its own process, HF_ENDPOINT on a closed port and HF_HUB_OFFLINE unset: a cached repo
+    is read with a one-line warning, a repo not in the cache is a one-line error."""
+    import os
+    import subprocess
+    import sys
+
+    hub_cache("me/styles", {"a.safetensors": _maps().save(tmp_path / "a.safetensors")})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    run = lambda reference: subprocess.run([sys.executable, "-m", "htcli", "inspect", reference], env=env,  # noqa: E731
+                                           capture_output=True, text=True, timeout=120)
+    cached = run("me/styles")
+    assert cached.returncode == 0 and "art deco" in cached.stdout, cached.stderr
+    warned = [line for line in cached.stderr.splitlines() if "Hub" in line]
+    assert warned == [f"warning: could not reach the Hub at http://127.0.0.1:{port} for Hub repo me/styles "
+                      "(ConnectError); using the files in the Hub cache"], cached.stderr
+    missing = run("me/nothere")
+    assert missing.returncode == 1 and missing.stderr.splitlines()[-1].startswith(
+        f"Error: could not reach the Hub at http://127.0.0.1:{port} for Hub repo me/nothere (ConnectError)")
