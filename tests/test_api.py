@@ -317,3 +317,16 @@ def test_a_mismatched_torchvision_is_one_line_naming_the_pair(monkeypatch, tmp_p
     pins = '"torch=={}" "torchvision=={}"'.format(*torch_pair.TESTED_PAIR)
     assert pins in (root / ".ci/run").read_text()  # the pair the message names is the one tested
     assert "`torch=={}` and `torchvision=={}`".format(*torch_pair.TESTED_PAIR) in (root / "README.md").read_text()
+
+
+def test_the_demo_needs_nothing_of_the_test_extra():
+    """`pip install -e .` is the demo's set-up (README): the demo and the CLI import with the test
+    and serve extras' packages (Ray, Selenium, schemathesis, POT, FastAPI) absent."""
+    import subprocess
+    import sys
+
+    blocked = ("ray", "selenium", "schemathesis", "ot", "fastapi", "uvicorn", "pytest")
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+            "import htcli.demo, htcli.cli, htcli.cli.demo; from htcli.cli import app")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
