@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The release check (.ci/run calls it): `python -m build` makes an sdist and a wheel; each installs
 # into a fresh virtual environment and passes a smoke test there, run outside the source tree:
-# `ht --version`, `ht models`, `ht demo --help`, `import htcli as ht`, and one version everywhere.
+# `ht --version`, `ht models`, `ht demo --help`, the concept library, `import htcli as ht` with the
+# shipped tiny hypernetwork, and one version everywhere.
 #
 # The fresh environments see the running environment's packages (torch, diffusers...) through a
 # .pth line, read after their own site-packages, so that only htcli itself is installed in them:
@@ -29,6 +30,7 @@ for artifact in "$work/dist/htcli-$version.tar.gz" "$work/dist/htcli-$version-py
         [ "$("$env/bin/ht" --version)" = "ht $version" ]
         "$env/bin/ht" models >/dev/null
         "$env/bin/ht" demo --help >/dev/null
+        "$env/bin/ht" concepts show "art deco" >/dev/null  # the concept library is in the package
         "$env/bin/python" - "$version" <<'EOF'
 import sys
 from importlib.metadata import version

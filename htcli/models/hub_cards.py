@@ -50,7 +50,7 @@ def base_line(model: str) -> str:
     spec = get_model(model)
     if spec.base_model:
         return f"`{model}` ({spec.description}; weights `{spec.base_model}`, licence: {spec.licence})"
-    return f"`{model}` ({spec.description}; not on the Hub, random weights: its images are noise; for tests and demos)"
+    return f"`{model}` ({spec.description}; not on the Hub: for tests and demos)"
 
 
 def steered_call(model: str, load: str, steer: str) -> str:
