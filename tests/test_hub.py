@@ -2,6 +2,7 @@
 repo id from a Hub cache laid out here with HF_HUB_OFFLINE=1 (the layout huggingface_hub writes)."""
 
 import re
+import shutil
 
 import datasets
 import numpy as np
@@ -125,6 +126,13 @@ def test_loading_by_repo_id_from_the_hub_cache_offline(hub_cache, tmp_path):
     with pytest.raises(HTError, match=r"b.safetensors in Hub repo me/styles folder art at revision 'v1' not in the Hub "
                                       r"cache \(HF_HUB_OFFLINE is set"):
         ht.Intervention.load("me/styles@v1/art/b.safetensors")
+    for reference in ("me/styles@main/art/a.safetensors", "me/styles@main/art/a.safetensors:0.5@transformer_blocks.0.*"):
+        steered = runner.invoke(app, ["steer", "a cat", "-m", "tiny", "-i", reference, "--out", str(tmp_path / "s")])
+        assert steered.exit_code == 0, steered.output  # the revision's '@' is not a layer pattern's
+        shutil.rmtree(tmp_path / "s")
+    steered = runner.invoke(app, ["steer", "a cat", "-m", "tiny", "-i", "me/styles@v1/art/a.safetensors"])
+    assert steered.exit_code == 1 and "in Hub repo me/styles folder art at revision 'v1' not in the Hub cache" \
+        in steered.output, steered.output
     inspected = runner.invoke(app, ["inspect", "me/styles@main/art/a.safetensors", "--json"])
     assert inspected.exit_code == 0 and '"concept": "art deco"' in inspected.output
     exported = runner.invoke(app, ["hyper", "export", "--model", "tiny", "--hyper", "me/tiny-ht@main", "-c", "art deco",
