@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from htcli.core.hub_access import HubOptions
 from htcli.generate.compose import Weighted, resolve_sources
 from htcli.generate.source_maps import Steerer, compose_sources, nearest_records, ood_flag
 from htcli.methods.predict import Predictor, resolve_checkpoint
@@ -39,15 +40,20 @@ class HyperTransport:
 
     @classmethod
     def from_pretrained(cls, reference: str | Path | None = None, *, model: str | None = None,
-                        weight_name: str | None = None, subfolder: str | None = None,
+                        weight_name: str | None = None, subfolder: str | None = None, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, force_download: bool = False,
                         device: str | torch.device = "cpu") -> HyperTransport:
         """Load a hypernetwork from a run folder (`runs/<model>/hyper`), a saved folder
-        (`save_pretrained`), a checkpoint file or a Hub repo ("user/repo"); with no reference,
-        `model`'s own run (runs/<model>/hyper), else the one shipped for it (`tiny`). `model`, when
-        given, must be the one the hypernetwork was trained for."""
+        (`save_pretrained`), a checkpoint file or a Hub repo ("user/repo", "user/repo@v1"); with no
+        reference, `model`'s own run (runs/<model>/hyper), else the one shipped for it (`tiny`).
+        `model`, when given, must be the one the hypernetwork was trained for. `revision`, `token`,
+        `cache_dir`, `local_files_only` and `force_download` read a Hub repo as diffusers'
+        `from_pretrained` does, through huggingface_hub and its cache."""
         if reference is None:
             model = model or default_model_name()
-        path = resolve_checkpoint(reference, model, weight_name, subfolder)
+        hub = HubOptions(revision, token, cache_dir, local_files_only, force_download)
+        path = resolve_checkpoint(reference, model, weight_name, subfolder, hub)
         return cls(Predictor.load(path, model=model, device=device))
 
     @property
@@ -93,15 +99,16 @@ class HyperTransport:
         return Intervention(maps, self.model, "hypertransport", "; ".join(sources.labels),
                             self.predictor.checkpoint.encoder, info, self.predictor.checkpoint.fitted_timestep)
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the Hub layout (config.json, model.safetensors, README.md with a model card) to
-        `folder`: what `push_to_hub` uploads, and what `from_pretrained` loads back."""
+    def save_pretrained(self, folder: str | Path, repo_id: str = "USER/REPO") -> Path:
+        """Write the Hub layout (config.json, model.safetensors, README.md with a model card whose
+        usage code loads it from `repo_id`) to `folder`: what `push_to_hub` uploads, and what
+        `from_pretrained` loads back."""
         from htcli.publish import hypernetwork_folder
 
-        return hypernetwork_folder(self.predictor.path, Path(folder))
+        return hypernetwork_folder(self.predictor.path, Path(folder), repo_id)
 
-    def push_to_hub(self, repo_id: str, private: bool = False) -> str:
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """Upload the `save_pretrained` folder to the Hub repo `repo_id` (created if need be); returns its URL."""
         from htcli.publish import push
 
-        return push(self.predictor.path, repo_id, private=private)
+        return push(self.predictor.path, repo_id, private=private, token=token)

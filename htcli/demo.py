@@ -31,8 +31,8 @@ from htcli.errors import HTError
 from htcli.evaluation.plots import plot_residuals
 from htcli.evaluation.report import TRANSPORT_HEAD, markdown_table, transport_rows
 from htcli.evaluation.residuals import capture_seconds, compare, evaluate_hyper
-from htcli.generate.save import grid
-from htcli.generate.steer import generate
+from htcli.generate.save import grid, noise_banner
+from htcli.generate.steer import generate, weights_kind
 from htcli.methods.baselines import LineasConfig
 from htcli.methods.fitting import fit_baselines
 from htcli.methods.hypernetwork import HyperConfig
@@ -41,6 +41,7 @@ from htcli.methods.train_config import TrainConfig
 from htcli.methods.training import Trainer
 from htcli.models import denoiser, get_model, load_pipeline
 from htcli.models.encoders import get_encoder
+from htcli.models.torch_pair import check_torch_pair
 
 SWEEP_PROMPT = "a lighthouse on a cliff"
 
@@ -65,10 +66,16 @@ class DemoConfig:
                 raise HTError(f"--{name.replace('_', '-')} must be {least}, got {value}")
 
 
+def used_settings(config: DemoConfig) -> dict[str, Any]:
+    """The settings this run used: the training ones only with `retrain`."""
+    return {name: value for name, value in vars(config).items() if config.retrain or not name.startswith("train_")}
+
+
 def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | None = None) -> dict:
     """Run the five steps into `out` and write summary.json, report.md, residuals.png and sweep.png.
     `progress(step, 5, what)` hears each step as it starts. Returns the summary."""
     config = config or DemoConfig()
+    check_torch_pair()  # before the first progress line: a newcomer's most likely failure
     say = (lambda step, text: progress(step, 5, text)) if progress else (lambda step, text: None)
     started = time.perf_counter()
     spec = get_model("tiny")
@@ -119,7 +126,8 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     maps = predictor.maps([test[0]])[0]
     images = generate(spec, pipe, SWEEP_PROMPT, maps, [0.0, 0.25, 0.5, 0.75, 1.0], [config.seed])
     with atomic_path(out / "sweep.png") as tmp:
-        grid([g.image for g in images], [g.label.split(",")[0] for g in images], columns=len(images)).save(tmp, format="PNG")
+        grid([g.image for g in images], [g.label.split(",")[0] for g in images], columns=len(images),
+             banner=noise_banner(weights_kind(spec), spec.id)).save(tmp, format="PNG")
 
     summary = {
         "rows": rows,
@@ -132,7 +140,7 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
         "train_steps": info["step"],
         "train_seconds": info["train_seconds"],
         "seconds": time.perf_counter() - started,
-        "config": vars(config),
+        "config": used_settings(config),
     }
     summary["findings"] = findings(rows, summary["train_seconds"])
     write_json(out / "summary.json", summary)

@@ -7,10 +7,9 @@
 
 `stage(source, folder)` writes that folder (what `ht hub stage` shows and tests check);
 `push(source, repo_id)` stages into a temporary folder and uploads it with one
-`huggingface_hub` call. Cards are written from the artifact's own metadata: `library_name`,
-`base_model` (the diffusion model's Hub repo), `base_model_relation: adapter`, the base
-model's licence, tags, what it was trained on and its held-out results, and the command that
-reproduces it. Loading them back is `ht.HyperTransport.from_pretrained("user/repo")`,
+`huggingface_hub` call. Cards are written from the artifact's own metadata: the front matter
+and runnable usage code of `htcli.models.hub_cards`, what it was trained on and its held-out
+results, and the command that reproduces it. Loading them back is `ht.HyperTransport.from_pretrained("user/repo")`,
 `ht.Intervention.load("user/repo")` and `--hyper user/repo` / `-i user/repo` on the command line.
 """
 
@@ -31,18 +30,17 @@ from htcli.methods.hypernetwork import FORMAT as HYPER_FORMAT
 from htcli.methods.hypernetwork import HyperConfig, load_checkpoint
 from htcli.methods.predict import CHECKPOINT_NAMES
 from htcli.methods.train_config import TrainConfig
-from htcli.models import get_model
+from htcli.models.hub_cards import CARD, base_line, card, check_repo_id, front_matter, intervention_card, steered_call
+from htcli.models.hub_cards import upload as upload_folder
 from htcli.models.interventions import FORMAT as INTERVENTION_FORMAT
 from htcli.models.interventions import load_intervention
 
-CARD = "README.md"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # The settings `ht train-hyper` has an option for, named as the option is (--concepts-per-step).
 ARCH_OPTIONS = ("arch", "hidden", "depth", "rank", "embedding", "prior")
 TRAIN_OPTIONS = ("steps", "concepts_per_step", "samples", "limit_concepts", "val_fraction", "lr", "dtype", "micro_batch",
                  "l1", "group", "eval_every", "average", "seed")
-TAGS = ["ht", "hypertransport", "activation-steering", "optimal-transport", "diffusers", "text-to-image"]
 
 
 def _kind(source: Path) -> tuple[str, Path]:
@@ -62,28 +60,6 @@ def _kind(source: Path) -> tuple[str, Path]:
     if fmt not in kinds:
         raise HTError(f"{source} is neither an ht hypernetwork nor an ht intervention file (format {fmt!r})")
     return kinds[fmt], source
-
-
-def _front_matter(model: str, **extra) -> dict:
-    spec = get_model(model)
-    data = {"library_name": "htcli", "license": spec.hub_license, "tags": TAGS + [spec.family, model]}
-    if spec.base_model:
-        data |= {"base_model": spec.base_model, "base_model_relation": "adapter"}
-    return data | extra
-
-
-def _card(front: dict, body: str, dataset: bool = False) -> str:
-    from huggingface_hub import DatasetCardData, ModelCardData
-
-    data = DatasetCardData(**front) if dataset else ModelCardData(**front)
-    return f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"
-
-
-def _base_line(model: str) -> str:
-    spec = get_model(model)
-    if spec.base_model:
-        return f"`{model}` ({spec.description}; weights `{spec.base_model}`, licence: {spec.licence})"
-    return f"`{model}` ({spec.description}; not on the Hub: for tests and demos)"
 
 
 def reproduce_commands(model: str, config: HyperConfig, train: dict, dataset: str | None) -> str:
@@ -131,11 +107,13 @@ def hypernetwork_folder(checkpoint: Path, folder: Path, repo_id: str = "USER/REP
               "training_concepts": count, "ood_threshold": concepts.threshold if concepts is not None else None,
               "modality_gap": loaded.gap is not None, "training": info, "ht_version": __version__}
     reproduce = reproduce_commands(loaded.model, loaded.config, train, info.get("dataset"))
+    load = (f"hyper = ht.HyperTransport.from_pretrained({json.dumps(repo_id)})\n"
+            'art_deco = hyper.intervention("art deco")  # also: nearest training concepts, out-of-distribution flag')
     body = f"""
 # HyperTransport hypernetwork for `{loaded.model}`
 
 A hypernetwork that, in one forward pass, turns a concept ("art deco") or a reference image
-into per-neuron affine maps that steer {_base_line(loaded.model)}. Made with
+into per-neuron affine maps that steer {base_line(loaded.model)}. Made with
 [`ht`](https://pypi.org/project/htcli/) (HyperTransport: amortized activation steering by
 optimal transport). Concept encoder: `{loaded.encoder}`; {len(loaded.config.layers)} steered layers,
 {loaded.config.neurons:,} neurons; trained on {count} concepts.
@@ -143,11 +121,7 @@ optimal transport). Concept encoder: `{loaded.encoder}`; {len(loaded.config.laye
 ## Use
 
 ```python
-import htcli as ht
-hyper = ht.HyperTransport.from_pretrained({json.dumps(repo_id)})
-art_deco = hyper.intervention("art deco")      # also: nearest training concepts, out-of-distribution flag
-with ht.apply(pipe, art_deco, strength=0.6):    # your own diffusers pipeline of the base model
-    image = pipe("a lighthouse on a cliff").images[0]
+{steered_call(loaded.model, load, "art_deco")}
 ```
 
 or `ht steer "a lighthouse on a cliff" --model {loaded.model} --hyper {shlex.quote(repo_id)} --concept "art deco"`.
@@ -168,38 +142,16 @@ The dataset's sampling options are not stored with the checkpoint; its digest,
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(checkpoint, folder / WEIGHTS)
     write_json(folder / CONFIG, config)
-    (folder / CARD).write_text(_card(_front_matter(loaded.model), body))
+    (folder / CARD).write_text(card(front_matter(loaded.model), body))
     return folder
 
 
 def intervention_folder(path: Path, folder: Path, repo_id: str = "USER/REPO") -> Path:
     """Write the Hub layout of an intervention file (the file, and its card) to `folder`."""
     loaded = load_intervention(path)
-    steps = loaded.info.get("steps")
-    fit = f" ({steps} steps)" if steps else ""
-    residual = loaded.info.get("residual")
-    result = (f"Held-out residual ratio on its evaluation samples: {residual:.3f}."
-              if isinstance(residual, (int, float)) else "")
-    body = f"""
-# `{loaded.concept}`: an ht intervention for `{loaded.model}`
-
-Per-neuron affine maps, method `{loaded.method}`{fit}, for {len(loaded.maps)} layers
-({sum(loaded.widths.values()):,} neurons) of {_base_line(loaded.model)}. {result}
-
-## Use
-
-```python
-import htcli as ht
-maps = ht.Intervention.load({json.dumps(repo_id)}, weight_name={json.dumps(path.name)})
-with ht.apply(pipe, maps, strength=0.6):
-    image = pipe("a lighthouse on a cliff").images[0]
-```
-
-or `ht steer "a lighthouse on a cliff" --model {loaded.model} -i {shlex.quote(f"{repo_id}/{path.name}")}`.
-"""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, folder / path.name)
-    (folder / CARD).write_text(_card(_front_matter(loaded.model), body))
+    (folder / CARD).write_text(intervention_card(loaded, path.name, repo_id))
     return folder
 
 
@@ -213,13 +165,11 @@ def dataset_folder(run: Path, folder: Path, repo_id: str = "USER/REPO") -> Path:
     methods = sorted({r["method"] for r in records})
     concepts = sorted({r["concept"] for r in records})
     configs = [{"config_name": "default", "data_files": [{"split": "train", "path": ["images/**/*.png", METADATA]}]}]
-    front = _front_matter(model, task_categories=["text-to-image"], configs=configs)
-    for key in ("library_name", "base_model", "base_model_relation"):
-        front.pop(key, None)  # model-card fields; a dataset names its model in the text
+    front = front_matter(model, dataset=True, task_categories=["text-to-image"], configs=configs)
     body = f"""
 # ht evaluation run: `{model}`
 
-{len(records)} images of {_base_line(model)}, from an `ht evaluate` run: {len(concepts)} concepts x
+{len(records)} images of {base_line(model)}, from an `ht evaluate` run: {len(concepts)} concepts x
 source prompts x seeds, generated with every method ({', '.join(methods)}) from the same seeds, so
 that every number of a result table can be checked image by image.
 
@@ -237,19 +187,8 @@ Score it again with `ht score --run DIR` on a local copy (`hf download {shlex.qu
         shutil.copyfile(run / record["file"], target)
     for name in (INDEX, METADATA):
         shutil.copyfile(run / name, folder / name)
-    (folder / CARD).write_text(_card(front, body, dataset=True))
+    (folder / CARD).write_text(card(front, body, dataset=True))
     return folder
-
-
-def _check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except ValueError as error:
-        raise HTError(f"{repo_id!r} is not a Hub repo id (user/name): {error}") from None
-    if repo_id.count("/") != 1:
-        raise HTError(f"{repo_id!r} is not a Hub repo id: write user/name")
 
 
 STAGERS = {"hypernetwork": hypernetwork_folder, "intervention": intervention_folder, "dataset": dataset_folder}
@@ -258,7 +197,7 @@ STAGERS = {"hypernetwork": hypernetwork_folder, "intervention": intervention_fol
 def stage(source: str | Path, folder: str | Path, repo_id: str = "USER/REPO") -> tuple[str, Path]:
     """Write what `push` would upload for `source` (a hypernetwork run folder or checkpoint, an
     intervention file, an evaluation run folder) to `folder`, which must be new or empty: (kind, folder)."""
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise HTError(f"{folder} exists and is not an empty folder; give a new one")
@@ -266,17 +205,10 @@ def stage(source: str | Path, folder: str | Path, repo_id: str = "USER/REPO") ->
     return kind, STAGERS[kind](path, folder, repo_id)
 
 
-def push(source: str | Path, repo_id: str, private: bool = False) -> str:
+def push(source: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Stage `source` and upload it to the Hub repo `repo_id` (a model repo, or a dataset repo for an
     evaluation run), creating the repo if need be; returns the repo's URL."""
-    from huggingface_hub import HfApi
-
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     with tempfile.TemporaryDirectory(prefix="ht-hub-") as temporary:
         kind, folder = stage(source, Path(temporary) / "upload", repo_id)
-        repo_type = "dataset" if kind == "dataset" else "model"
-        api = HfApi()
-        url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=folder,
-                          commit_message=f"Upload {kind} with ht {__version__}")
-    return str(url)
+        return upload_folder(folder, repo_id, kind, private=private, token=token)

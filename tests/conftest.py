@@ -1,5 +1,6 @@
 """Shared fixtures: everything runs offline on the CPU with the tiny models."""
 
+import hashlib
 import os
 import tempfile
 
@@ -85,3 +86,26 @@ def build_tiny_dataset(out, train: int, test: int, samples: int = 8, eval_sample
                                       "--eval-samples", str(eval_samples), "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     return ActivationDataset(out)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hub cache, offline: `add(repo_id, {path_in_repo: local file}, repo_type)` fills it
+    (the layout huggingface_hub writes)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo_id, files, repo_type="model"):
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        for name, source in files.items():
+            target = repo / "snapshots" / commit / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+
+    return add

@@ -3,6 +3,8 @@
 `ht.apply` must make exactly the images `ht steer` makes for the same request (they share one
 mechanism), leave the pipeline exactly as it was once removed, and refuse maps that do not fit."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -273,3 +275,48 @@ def test_maps_follow_the_model_to_another_device(tiny):
     denoiser_call(spec, model, inputs)
     assert {o.device.type for o, _ in hooks.steering.maps.values()} == {"meta"}
     hooks.remove()
+
+
+def test_loading_tiny_prints_no_progress_bar(capfd):
+    """The tiny pipeline's text encoder and the MiniLM concept encoder are two copies of the
+    shipped MiniLM; reading them printed transformers' "Loading weights 100%" bar once each."""
+    from htcli.models.encoders import MiniLMEncoder
+
+    ht.load_pipeline("tiny")
+    MiniLMEncoder()
+    assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_a_mismatched_torchvision_is_one_line_naming_the_pair(monkeypatch, tmp_path):
+    from htcli.models import torch_pair
+
+    def broken(name):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(torch_pair, "import_module", broken)
+    monkeypatch.setattr(torch_pair, "version", {"torch": "2.13.0+cpu", "torchvision": "0.29.1"}.get)
+    message = (r"torchvision 0.29.1 was not built for torch 2.13.0\+cpu \(operator torchvision::nms does not exist\): "
+               r"install a matching pair, e.g. pip install torch==2.14.1 torchvision==0.29.1 \(the pair the tests "
+               r"use\), or torchvision 0.28.\* for your torch")
+    with pytest.raises(HTError, match=message):
+        ht.load_pipeline("tiny")
+    demo = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert demo.exit_code == 1 and demo.output.count("\n") == 1 and "pip install torch==2.14.1" in demo.output
+    assert not (tmp_path / "demo").exists()  # checked before anything runs
+    root = Path(__file__).resolve().parents[1]
+    pins = '"torch=={}" "torchvision=={}"'.format(*torch_pair.TESTED_PAIR)
+    assert pins in (root / ".ci/run").read_text()  # the pair the message names is the one tested
+    assert "`torch=={}` and `torchvision=={}`".format(*torch_pair.TESTED_PAIR) in (root / "README.md").read_text()
+
+
+def test_the_demo_needs_nothing_of_the_test_extra():
+    """`pip install -e .` is the demo's set-up (README): the demo and the CLI import with the test
+    and serve extras' packages (Ray, Selenium, schemathesis, POT, FastAPI) absent."""
+    import subprocess
+    import sys
+
+    blocked = ("ray", "selenium", "schemathesis", "ot", "fastapi", "uvicorn", "pytest")
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+            "import htcli.demo, htcli.cli, htcli.cli.demo; from htcli.cli import app")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

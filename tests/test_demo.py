@@ -116,6 +116,7 @@ def test_demo_reduced_runs_and_reports_honestly(tmp_path, monkeypatch):
     assert len(list((out / "baselines" / "lineas").glob("*.safetensors"))) == 2
     history = json.loads((out / "hyper" / "history.json").read_text())
     assert history[-1]["step"] == 10 and summary["hypernetwork"] == "trained here" and summary["train_steps"] == 10
+    assert summary["config"]["train_steps"] == 10 and summary["config"]["retrain"]
 
 
 def test_demo_compares_with_the_shipped_hypernetwork_by_default(tmp_path):
@@ -126,6 +127,7 @@ def test_demo_compares_with_the_shipped_hypernetwork_by_default(tmp_path):
     shipped = Predictor.load(shipped_checkpoint("tiny"), model="tiny")
     assert summary["hypernetwork"] == "shipped" and summary["checkpoint_sha256"] == shipped.digest
     assert summary["fit_concepts"] == shipped.checkpoint.info["train_concepts"]
+    assert "retrain" in summary["config"] and not any(k.startswith("train_") for k in summary["config"])  # unused
     # Nothing was trained, and the held-out concepts are none of the shipped network's training concepts.
     assert not (out / "hyper").exists() and "training the hypernetwork" not in result.stderr
     assert not set(summary["test_concepts"]) & set(shipped.checkpoint.training_concepts.names)

@@ -193,19 +193,22 @@ def test_version_is_written_once():
     assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "htcli.__version__"}
 
 
-PYTHON_BLOCK = re.compile(r"(<!-- not run[^>]*-->\n)?^```python\n(.*?)^```", re.S | re.M)
+PYTHON_BLOCK = re.compile(r"(<!-- (?:not run|needs ht\.(\w+))[^>]*-->\n)?^```python\n(.*?)^```", re.S | re.M)
 
 
 @pytest.mark.parametrize("page", ["docs/python.md", "README.md"])
 def test_python_examples_run(page, tmp_path, monkeypatch):
     """The pages' Python blocks run in order as one script, as a reader would paste them (blocks
-    marked `<!-- not run: why -->` need what a CPU machine offline lacks, and are only compiled)."""
+    marked `<!-- not run: why -->` need what a CPU machine offline lacks, and are only compiled;
+    blocks marked `<!-- needs ht.NAME -->` run when the package has `ht.NAME`)."""
+    import htcli
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HT_RUNS", str(tmp_path / "runs"))
     blocks = PYTHON_BLOCK.findall((ROOT / page).read_text())
-    assert any(not skipped for skipped, _ in blocks)
+    assert any(not marker for marker, _, _ in blocks)
     namespace: dict = {}
-    for skipped, code in blocks:
+    for marker, needs, code in blocks:
         compiled = compile(code, page, "exec")
-        if not skipped:
+        if not marker or (needs and hasattr(htcli, needs)):
             exec(compiled, namespace)

@@ -1,7 +1,8 @@
 """The Hub, both ways, offline: the folders `ht hub push` uploads and their cards, and loading by
 repo id from a Hub cache laid out here with HF_HUB_OFFLINE=1 (the layout huggingface_hub writes)."""
 
-import hashlib
+import re
+import shutil
 
 import datasets
 import numpy as np
@@ -25,29 +26,16 @@ runner = CliRunner()
 SHIPPED = WEIGHTS_DIR / "tiny_hyper.safetensors"
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hub cache, offline: `add(repo_id, {path_in_repo: local file}, repo_type)` fills it."""
-    cache = tmp_path / "hub-cache"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-    def add(repo_id, files, repo_type="model"):
-        commit = hashlib.sha1(repo_id.encode()).hexdigest()
-        repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text(commit)
-        for name, source in files.items():
-            target = repo / "snapshots" / commit / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
-
-    return add
-
-
 def _front_matter(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])
+
+
+def _card_code(folder) -> str:
+    """The python block of the card in `folder`, as a reader would copy it."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (folder / "README.md").read_text(), re.S | re.M)
+    assert len(blocks) == 1
+    return blocks[0]
 
 
 def _maps(spec_id, seed=0) -> ht.Intervention:
@@ -101,7 +89,9 @@ def test_the_card_names_a_real_base_model_and_its_licence(tmp_path):
     card = (folder / "README.md").read_text()
     front = _front_matter(card)
     assert front["base_model"] == "tianweiy/DMD2" and front["license"] == "cc-by-nc-sa-4.0"
-    assert 'ht.Intervention.load("me/styles", weight_name="art-deco.safetensors")' in card and "0.520" in card
+    assert 'ht.Intervention.from_pretrained("me/styles", weight_name="art-deco.safetensors")' in card and "0.520" in card
+    assert front["library_version"] == ht.__version__ and front["pipeline_tag"] == "text-to-image"
+    assert 'pipe = ht.load_pipeline("dmd2")' in card and "num_inference_steps=4, timesteps=[999, 749, 499, 249]" in card
 
 
 def test_loading_by_repo_id_from_the_hub_cache_offline(hub_cache, tmp_path):
@@ -110,6 +100,11 @@ def test_loading_by_repo_id_from_the_hub_cache_offline(hub_cache, tmp_path):
     hyper = ht.HyperTransport.from_pretrained("me/tiny-ht")
     assert hyper.model == "tiny" and hyper.predictor.path.name == "model.safetensors"
     assert str(hyper.predictor.path).startswith(constants.HF_HUB_CACHE)
+    elsewhere = tmp_path / "moved-cache"  # cache_dir=, as diffusers takes it
+    (tmp_path / "hub-cache").rename(elsewhere)
+    hyper = ht.HyperTransport.from_pretrained("me/tiny-ht", revision="main", cache_dir=elsewhere)
+    assert str(hyper.predictor.path).startswith(str(elsewhere))
+    elsewhere.rename(tmp_path / "hub-cache")
 
     first, second = _maps("tiny"), _maps("tiny", seed=1)
     paths = [first.save(tmp_path / "a.safetensors"), second.save(tmp_path / "b.safetensors")]
@@ -124,11 +119,47 @@ def test_loading_by_repo_id_from_the_hub_cache_offline(hub_cache, tmp_path):
                                       r"me/styles/FILE"):
         ht.Intervention.load("me/styles")
 
-    inspected = runner.invoke(app, ["inspect", "me/styles/art/a.safetensors", "--json"])
+    at_main = ht.Intervention.from_pretrained("me/styles", "b.safetensors", "art", revision="main", local_files_only=True)
+    assert at_main.layers == second.layers
+    with pytest.raises(HTError, match="names revision 'v1' but revision='main' was given"):
+        ht.Intervention.load("me/styles@v1/art/b.safetensors", revision="main")
+    with pytest.raises(HTError, match=r"b.safetensors in Hub repo me/styles folder art at revision 'v1' not in the Hub "
+                                      r"cache \(HF_HUB_OFFLINE is set"):
+        ht.Intervention.load("me/styles@v1/art/b.safetensors")
+    for reference in ("me/styles@main/art/a.safetensors", "me/styles@main/art/a.safetensors:0.5@transformer_blocks.0.*"):
+        steered = runner.invoke(app, ["steer", "a cat", "-m", "tiny", "-i", reference, "--out", str(tmp_path / "s")])
+        assert steered.exit_code == 0, steered.output  # the revision's '@' is not a layer pattern's
+        shutil.rmtree(tmp_path / "s")
+    steered = runner.invoke(app, ["steer", "a cat", "-m", "tiny", "-i", "me/styles@v1/art/a.safetensors"])
+    assert steered.exit_code == 1 and "in Hub repo me/styles folder art at revision 'v1' not in the Hub cache" \
+        in steered.output, steered.output
+    inspected = runner.invoke(app, ["inspect", "me/styles@main/art/a.safetensors", "--json"])
     assert inspected.exit_code == 0 and '"concept": "art deco"' in inspected.output
-    exported = runner.invoke(app, ["hyper", "export", "--model", "tiny", "--hyper", "me/tiny-ht", "-c", "art deco",
+    exported = runner.invoke(app, ["hyper", "export", "--model", "tiny", "--hyper", "me/tiny-ht@main", "-c", "art deco",
                                    "--out", str(tmp_path / "x.safetensors")])
     assert exported.exit_code == 0, exported.output
+
+
+def test_the_cards_code_runs_as_written(hub_cache, tmp_path, monkeypatch):
+    """The usage code of the hypernetwork and intervention cards staged for `tiny`, run as a reader
+    pastes it, its repo ids answered by a Hub cache: a pipeline steered with the model's own
+    call arguments (a tiny pipeline called without them fails: "Invalid sample size")."""
+    _, hyper_folder = stage(SHIPPED, tmp_path / "hyper", repo_id="me/tiny-ht")
+    hub_cache("me/tiny-ht", {p.name: p for p in hyper_folder.iterdir()})
+    intervention = ht.HyperTransport.from_pretrained(SHIPPED).intervention("ukiyo-e")
+    saved = intervention.save_pretrained(tmp_path / "maps", repo_id="me/styles", weight_name="ukiyo-e.safetensors")
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "ukiyo-e.safetensors"]
+    hub_cache("me/styles", {p.name: p for p in saved.iterdir()})
+    monkeypatch.chdir(tmp_path)
+    for folder, steered in ((hyper_folder, "art_deco"), (saved, "maps")):
+        code = _card_code(folder)
+        assert 'pipe = ht.load_pipeline("tiny")' in code and "num_inference_steps=1, timesteps=[400]" in code
+        namespace = {}
+        exec(compile(code, str(folder / "README.md"), "exec"), namespace)
+        assert namespace["image"].size == (128, 128) and (tmp_path / "steered.png").is_file()
+        assert isinstance(namespace[steered], ht.Intervention) and namespace[steered].model == "tiny"
+        (tmp_path / "steered.png").unlink()
+    assert namespace["maps"].concept == intervention.concept
 
 
 @pytest.mark.parametrize("reference,kwargs,message", [
@@ -175,6 +206,10 @@ def test_push_uploads_the_staged_folder_with_one_call(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert calls == [("create_repo", "me/tiny-ht", {"repo_type": "model", "private": True, "exist_ok": True}),
                      ("upload_folder", "me/tiny-ht", "model", ["README.md", "config.json", "model.safetensors"])]
+    calls.clear()
+    assert _maps("tiny").push_to_hub("me/styles", weight_name="deco.safetensors") == "https://huggingface.co/me/styles"
+    assert calls == [("create_repo", "me/styles", {"repo_type": "model", "private": False, "exist_ok": True}),
+                     ("upload_folder", "me/styles", "model", ["README.md", "deco.safetensors"])]
     bad = runner.invoke(app, ["hub", "push", str(SHIPPED), "not a repo"])
     assert bad.exit_code == 1 and "is not a Hub repo id" in bad.output
     weird = runner.invoke(app, ["hub", "push", str(tmp_path), "me/x"])
@@ -201,7 +236,26 @@ def test_an_evaluation_run_becomes_an_image_dataset(tmp_path, tiny, monkeypatch)
     bad_id = runner.invoke(app, ["hub", "stage", str(run), str(tmp_path / "up3"), "--repo-id", 'a"b/c'])
     assert bad_id.exit_code == 1 and "is not a Hub repo id" in bad_id.output
     assert len(loaded) == 4 and sorted(set(loaded["method"])) == ["none", "prompt"]
+    # The card's code, its repo id read as the staged folder (`load_dataset` reads a folder's card
+    # configs as it reads the repo's; the datasets library cannot read a Hub repo offline).
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    code = _card_code(folder)
+    assert 'load_dataset("me/tiny-eval", split="train")' in code
+    namespace = {}
+    exec(code.replace('"me/tiny-eval"', repr(str(folder))), namespace)
+    assert len(namespace["images"]) == 4
     row = loaded[0]
     assert row["concept"] == "Art Deco" and np.asarray(row["image"]).shape[-1] == 3
     again = runner.invoke(app, ["hub", "stage", str(run), str(folder)])
     assert again.exit_code == 1 and "is not an empty folder" in again.output
+
+
+def test_one_version_everywhere(tmp_path):
+    """`ht --version`, `htcli.__version__`, the installed package's metadata and the cards'
+    `library_version` agree (pyproject.toml reads the version from htcli/__init__.py)."""
+    from importlib.metadata import version
+
+    _, folder = stage(SHIPPED, tmp_path / "up")
+    cli = runner.invoke(app, ["--version"])
+    assert cli.output == f"ht {ht.__version__}\n" and version("htcli") == ht.__version__
+    assert _front_matter((folder / "README.md").read_text())["library_version"] == ht.__version__

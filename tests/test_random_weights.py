@@ -238,7 +238,7 @@ def test_pixart_full_width_through_the_cli(tmp_path, random_weights_cache, monke
     _invoke("steer", "a lighthouse", "-m", "pixart", "--random-weights", "--resolution", 64, "--hyper", hyper,
             "-c", a, "--strength", "0,1", "-o", out)
     sidecars = sorted(out.glob("*.json"))
-    assert all(json.loads(p.read_text())["random_weights"] for p in sidecars)
+    assert all(json.loads(p.read_text())["weights"] == "random-full-width" for p in sidecars)
     zero, one = (np.asarray(Image.open(p.with_suffix(".png"))) for p in sidecars)
     monkeypatch.setenv("HT_RANDOM_WEIGHTS", "1")
     spec = get_model("pixart").at_resolution(64)

@@ -17,7 +17,7 @@ from htcli.core.transport import at_strength
 from htcli.errors import HTError
 from htcli.generate import steer as steering
 from htcli.generate.compose import combine, parse_weighted
-from htcli.generate.save import save_steered
+from htcli.generate.save import CAPTION_PX, save_steered
 from htcli.generate.steer import SteerRequest, parse_steer_steps, parse_strengths, steer
 from htcli.generate.source_maps import Steerer
 from htcli.methods.hypernetwork import (
@@ -77,12 +77,14 @@ def test_sweep_writes_images_grid_sidecars_and_strength_zero_is_unsteered(hyper,
     assert [p.stem for p in pngs] == ["000-strength+0-seed7", "001-strength+0.5-seed7", "002-strength+1-seed7"]
     width, height = Image.open(pngs[0]).size
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.width == 3 * width and grid.height > height  # one row, a column per strength, captions below
+    assert grid.width == 3 * width and grid.height == height + 2 * CAPTION_PX  # one row, captions, the noise banner
+    assert np.asarray(grid)[:CAPTION_PX].min() < 200  # "tiny has random weights: these images are noise" on top
     sidecar = json.loads(pngs[1].with_suffix(".json").read_text())
     assert sidecar["strength"] == 0.5 and sidecar["seed"] == 7 and sidecar["model"] == "tiny"
     assert sidecar["text"] == sidecar["prompt"] == "a lighthouse on a cliff" and sidecar["method"] == "hypertransport"
     assert sidecar["sources"] == [{"concept": "Art Deco", "weight": 1.0}] and len(sidecar["checkpoint_sha256"]) == 16
     assert sidecar["intervention_ms"] > 0 and sidecar["composition"] == "additive"
+    assert sidecar["weights"] == "random" and "random_weights" not in sidecar  # tiny: a random test model
     assert "ms" in result.output and str(tmp_path) in result.output
     assert "steer: 3/3 (100%) strength 1" in result.output  # plain progress lines off a terminal
     spec, pipe = tiny

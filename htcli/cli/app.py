@@ -8,6 +8,7 @@ the commands in the pipeline's order, then the tools (`SECTIONS`).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -110,6 +111,19 @@ app = typer.Typer(
 )
 
 
+_library_format = warnings.formatwarning
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A Hub cache fallback warns in one line on the terminal, as `ht`'s own warnings do (the
+    library's `warnings.warn` shows the file and line of the call)."""
+    from htcli.core.hub_access import HubCacheWarning
+
+    if issubclass(category, HubCacheWarning):
+        return f"warning: {message}\n"
+    return _library_format(message, category, filename, lineno, line)
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(f"ht {__version__}")
@@ -130,3 +144,4 @@ def _quiet_libraries(
     for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         os.environ.setdefault(variable, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.formatwarning = _warning_line

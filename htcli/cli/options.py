@@ -19,7 +19,7 @@ DataOption = Annotated[
 HyperOption = Annotated[
     Path | None,
     typer.Option("--hyper", help="Hypernetwork run directory (or its .safetensors) from `ht train-hyper`, or a Hub "
-                 "repo USER/REPO. Default: runs/<model>/hyper."),
+                 "repo USER/REPO[@REVISION]. Default: runs/<model>/hyper."),
 ]
 ConceptDirsOption = Annotated[
     list[Path] | None, typer.Option("--concepts", help="Directory of your own concept YAML files, added to the bundled library; repeatable.")

@@ -45,7 +45,7 @@ def steer_command(
     ] = None,
     intervention: Annotated[
         list[str] | None,
-        typer.Option("--intervention", "-i", help="Saved intervention file, or a Hub reference USER/REPO[/FILE], "
+        typer.Option("--intervention", "-i", help="Saved intervention file, or a Hub reference USER/REPO[@REVISION][/FILE], "
                      "optionally 'FILE:weight' or 'FILE:weight@LAYERS'; repeatable."),
     ] = None,
     strength: Annotated[

@@ -49,6 +49,8 @@ def _number(text: str) -> float | None:
 
 # |weight| and |strength| at most this: beyond 1 a map extrapolates, and far beyond, images fall apart.
 MAX_STRENGTH = 2.0
+# A Hub reference's revision (`user/repo@v1`, `user/repo@v1/file.safetensors`): its '@' is not a layer pattern's.
+HUB_REVISION = re.compile(r"[^/@:\s]+/[^/@:\s]+@[^/@:\s]+")
 
 
 def check_weight(weight: float, text: str) -> float:
@@ -111,6 +113,9 @@ def _weighted(item: Weighted, what: str, is_path: bool = False) -> tuple[str, fl
     if is_path and (isinstance(item, Path) or Path(item).is_file()):
         return str(item), 1.0, None  # an existing file is never split at a ':' or '@' (C:\maps.safetensors)
     text, pattern = split_layers(item, what)
+    revision = HUB_REVISION.match(item) if is_path else None
+    if revision and len(text) < revision.end():  # the '@' split at was the revision's
+        text, pattern = item, None
     if is_path and Path(text).is_file():
         return text, 1.0, pattern
     return (*parse_weighted(text, what), pattern)

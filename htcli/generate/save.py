@@ -22,14 +22,23 @@ from htcli.models.interventions import check_intervention_out
 CAPTION_PX = 14  # height of the caption band under each grid cell
 
 
-def grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int) -> Image.Image:
-    """Images in rows of `columns`, each with its label underneath."""
+def noise_banner(weights: str | None, model: str) -> str | None:
+    """The line a grid of images made with random weights carries (sidecar `weights`, see
+    `htcli.generate.steer.weights_kind`): such images are noise; None for pretrained weights."""
+    return None if weights in (None, "pretrained") else f"{model} has random weights: these images are noise"
+
+
+def grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int, banner: str | None = None) -> Image.Image:
+    """Images in rows of `columns`, each with its label underneath; `banner`, a line above them all."""
     width, height = images[0].size
     rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * width, rows * (height + CAPTION_PX)), "white")
+    top = CAPTION_PX if banner else 0
+    sheet = Image.new("RGB", (columns * width, top + rows * (height + CAPTION_PX)), "white")
     draw = ImageDraw.Draw(sheet)
+    if banner:
+        draw.text((2, 1), banner, fill="firebrick")
     for i, (image, label) in enumerate(zip(images, labels)):
-        x, y = (i % columns) * width, (i // columns) * (height + CAPTION_PX)
+        x, y = (i % columns) * width, top + (i // columns) * (height + CAPTION_PX)
         sheet.paste(image.resize((width, height)), (x, y))
         draw.text((x + 2, y + height + 1), label, fill="black")
     return sheet
@@ -78,7 +87,9 @@ def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> 
         write_json(path.with_suffix(".json"), item.metadata)
         written.append(path)
     if len(steered.images) > 1:
-        sheet = grid([i.image for i in steered.images], [i.label for i in steered.images], steered.columns)
+        first = steered.images[0].metadata
+        banner = noise_banner(first.get("weights"), first.get("model", "the model"))
+        sheet = grid([i.image for i in steered.images], [i.label for i in steered.images], steered.columns, banner)
         with atomic_path(folder / "grid.png") as tmp:
             sheet.save(tmp, format="PNG")
     if intervention is not None:

@@ -47,6 +47,15 @@ DEFAULT_STRENGTH = 0.6
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.Generator.manual_seed takes and initial_seed gives back
 
 
+def weights_kind(spec: ModelSpec) -> str:
+    """What the sidecar's `weights` says the images were made with: "pretrained" (the model's
+    published weights), "random" (a small offline test model: `tiny`, `tiny-sdxl`, `tiny-flux`)
+    or "random-full-width" (a real architecture under `--random-weights`). Random weights make noise."""
+    if spec.random_weights:
+        return "random-full-width"
+    return "random" if spec.offline else "pretrained"
+
+
 def check_seeds(seed: int, num_images: int) -> None:
     """HTError unless every seed of a request (seed, seed + 1, ... seed + num_images - 1) is in [0, 2**63)."""
     if not 0 <= seed <= SEED_LIMIT - max(num_images, 1):
@@ -298,7 +307,7 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
             "method": request.method, "composition": "each" if request.each else "additive",
             "steer_steps": request.steer_steps, "layers": list(request.layers) or None,
             "steered_layers": list(combined) if combined else None, "checkpoint_sha256": digest,
-            "ht_version": __version__, "intervention_ms": ms, "random_weights": spec.random_weights,
+            "ht_version": __version__, "intervention_ms": ms, "weights": weights_kind(spec),
             "refine": request.refine, "nearest_training_concepts": nearest, "ood": ood_flag(neighbours),
             "ood_threshold": neighbours[0]["ood_threshold"] if neighbours else None}
     cells: dict[tuple[int, int], SteeredImage] = {}  # (row, column) -> image

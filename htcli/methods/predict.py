@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from htcli.core.files import file_digest
+from htcli.core.hub_access import HubError, HubOptions
 from htcli.core.references import resolve_file
 from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
@@ -57,13 +58,15 @@ def shipped_checkpoint(model: str) -> Path | None:
 
 
 def resolve_checkpoint(hyper: str | Path | None, model: str, weight_name: str | None = None,
-                       subfolder: str | None = None) -> Path:
+                       subfolder: str | None = None, hub: HubOptions = HubOptions()) -> Path:
     """The checkpoint file: `hyper` (a run folder, a Hub-layout folder, the file itself, or a Hub
-    reference: `htcli.core.references`), else runs/<model>/hyper, else the one shipped for `model`
-    (`shipped_checkpoint`)."""
+    reference read with `hub`'s revision, token...: `htcli.core.references`), else
+    runs/<model>/hyper, else the one shipped for `model` (`shipped_checkpoint`)."""
     if hyper is not None:
         try:
-            return resolve_file(hyper, "hypernetwork", CHECKPOINT_NAMES, weight_name, subfolder)
+            return resolve_file(hyper, "hypernetwork", CHECKPOINT_NAMES, weight_name, subfolder, hub=hub)
+        except HubError:  # the repo could not be read: training one is not the fix
+            raise
         except HTError as error:
             raise HTError(f"{error}; train one with `ht train-hyper --model {model or 'MODEL'}`") from None
     path = run_path(model, "hyper") / CHECKPOINT

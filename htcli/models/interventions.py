@@ -20,11 +20,13 @@ import torch
 
 from htcli import __version__
 from htcli.core.files import check_output_file, read_tensors, save_tensors
+from htcli.core.hub_access import HubOptions
 from htcli.core.references import resolve_file
 from htcli.core.transport import Maps
 from htcli.errors import HTError
 
 FORMAT = "ht-intervention/1"
+WEIGHT_NAME = "intervention.safetensors"  # `save_pretrained`'s file name when none is given
 METHODS = ("linear-act", "lineas", "mean-shift", "hypertransport")
 
 
@@ -42,11 +44,41 @@ class Intervention:
     random_weights: bool | None = None  # made on random weights (`--random-weights`); None: `save` asks the model's spec
 
     @classmethod
-    def load(cls, reference: str | Path, weight_name: str | None = None, subfolder: str | None = None) -> Intervention:
+    def from_pretrained(cls, reference: str | Path, weight_name: str | None = None, subfolder: str | None = None, *,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool = False,
+                        force_download: bool = False) -> Intervention:
         """Read an intervention file from a local path or folder, or from a Hub repo through the Hub
-        cache (`htcli.core.references`): `Intervention.load("user/repo", weight_name="art_deco.safetensors")`."""
+        cache (`htcli.core.references`), taking diffusers' `from_pretrained` arguments:
+        `Intervention.from_pretrained("user/repo", weight_name="art_deco.safetensors", revision="v1")`."""
+        hub = HubOptions(revision, token, cache_dir, local_files_only, force_download)
         return load_intervention(resolve_file(reference, "intervention file", weight_name=weight_name,
-                                              subfolder=subfolder))
+                                              subfolder=subfolder, hub=hub))
+
+    load = from_pretrained  # the same, by the name `ht.Intervention.load` had first
+
+    def save_pretrained(self, folder: str | Path, repo_id: str = "USER/REPO", weight_name: str | None = None) -> Path:
+        """Write the Hub layout to `folder`: the file (`weight_name`, else WEIGHT_NAME) and README.md, a model card whose usage code loads it from `repo_id`. Returns the folder."""
+        from htcli.models.hub_cards import CARD, intervention_card
+
+        folder = Path(folder)
+        name = weight_name or WEIGHT_NAME
+        folder.mkdir(parents=True, exist_ok=True)
+        self.save(folder / name)
+        (folder / CARD).write_text(intervention_card(self, name, repo_id))
+        return folder
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    weight_name: str | None = None) -> str:
+        """Upload the `save_pretrained` folder to the Hub repo `repo_id` (created if need be); returns its URL."""
+        import tempfile
+
+        from htcli.models.hub_cards import check_repo_id, upload
+
+        check_repo_id(repo_id)
+        with tempfile.TemporaryDirectory(prefix="ht-hub-") as temporary:
+            folder = self.save_pretrained(Path(temporary) / "upload", repo_id, weight_name)
+            return upload(folder, repo_id, "intervention", private=private, token=token)
 
     @property
     def layers(self) -> list[str]:

@@ -169,7 +169,10 @@ def load_pipeline(
     `model_path` (or env `HT_MODEL_PATH`) replaces the base Hub repo with a local pipeline
     directory. Raises HTError with one line when the weights cannot be had (e.g. offline).
     """
+    from htcli.models.torch_pair import check_torch_pair
+
     spec = get_model(spec) if isinstance(spec, str) else spec
+    check_torch_pair()  # else a mismatched torchvision fails deep in the pipeline's imports
     model_path = local_model_path(model_path)
     pipe = spec.loader(spec, model_path=model_path, device=device, dtype=dtype or spec.torch_dtype)
     pipe.set_progress_bar_config(disable=True)

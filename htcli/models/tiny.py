@@ -78,16 +78,15 @@ def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32, device: str | torch.dev
 
 def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
-    from transformers import AutoModel
 
-    from htcli.models.encoders import minilm_path
+    from htcli.models.encoders import load_minilm
     from htcli.models.pretrained import load_module
 
     transformer = _tiny_denoiser(spec)
     vae = load_module(_vae, TINY_VAE, torch.float32, "cpu")
     pipe = PixArtSigmaPipeline(
         tokenizer=minilm_tokenizer(),
-        text_encoder=AutoModel.from_pretrained(minilm_path()),
+        text_encoder=load_minilm(),
         vae=vae,
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
