@@ -9,8 +9,9 @@
 Bodies are JSON or forms (`htcli.serve.parse`), both described in /openapi.json
 (`htcli.serve.schema`). A bad request is answered 4xx with `{"error": ..., "field": ...}`, never
 a 500, and the server keeps serving; foreign Host names and cross-origin POSTs are refused
-before any route runs (`htcli.serve.guard`). A client that disconnects while its images wait
-cancels them.
+before any route runs (`htcli.serve.guard`). Connections, headers and bodies are bounded below
+the routes (`htcli.serve.limits`): a body is read whole, under a deadline, before its request
+takes a place in the queue. A client that disconnects while its images wait cancels them.
 """
 
 from __future__ import annotations

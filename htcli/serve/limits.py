@@ -45,7 +45,7 @@ MAX_HEADERS = 64  # header fields of one request
 MAX_JSON_SEPARATORS = 10_000  # of each of , : [ { in a JSON body; a real request has a few dozen
 DESCRIPTORS_KEPT = 128  # file descriptors left for everything but client connections (models, uploads, logs)
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's default)
-log = logging.getLogger("ht.serve")
+log = logging.getLogger("uvicorn.error")  # configured by uvicorn: one line, in its format
 
 
 def error_bytes(status: int, message: str, field: str | None = None) -> bytes:
@@ -104,6 +104,8 @@ class GuardedH11(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY:  # answered before the body ended (408, 413): read no more of it
+            self.transport.close()
         self._watch()
 
     def send_400_response(self, msg: str) -> None:

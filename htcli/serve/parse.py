@@ -44,6 +44,7 @@ Files = dict[str, list[tuple[str, bytes]]]  # upload field -> (file name the cli
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Word = Annotated[str, Field(max_length=32)]
 _SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_FORM_TEXT_BYTES = 256 * 1024  # a form's text: the prompt, concepts and layers take a few KB
 MAX_JPEG_SCANS = 64  # a progressive JPEG has about 10; each scan is another pass over the pixels
 
 
@@ -125,6 +126,9 @@ async def parse_request(request: Request, body: bytes, limits: Limits, budget: P
     if kind == "application/json":
         fields, files = body, {name: [] for name in UPLOADS}  # parsed in the thread pool below
     elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        if kind[-10:] == "urlencoded" and len(body) > MAX_FORM_TEXT_BYTES:  # text only: no upload makes it big
+            raise FieldError(f"a urlencoded form takes at most {MAX_FORM_TEXT_BYTES} bytes of text; send uploads as "
+                             "multipart/form-data", None, 413)
         # in a thread with its own event loop: a 15 MB form takes seconds to split
         fields, files = await run_in_threadpool(asyncio.run, _form(request.scope, body, limits))
     else:
@@ -173,7 +177,7 @@ async def _form(scope: dict, body: bytes, limits: Limits) -> tuple[dict, Files]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     form = await Request(scope, replay).form(max_files=limits.max_sources, max_fields=4 * limits.max_sources + 16,
-                                                     max_part_size=limits.max_body_bytes)
+                                                     max_part_size=MAX_FORM_TEXT_BYTES)  # a text part
     fields: dict[str, Any] = {}
     files: Files = {name: [] for name in UPLOADS}
     for key, value in form.multi_items():

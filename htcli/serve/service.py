@@ -45,7 +45,7 @@ class FieldError(HTError):
 # The `ht serve` option of a limit, where it is not named like the field (max_batch: --max-batch);
 # limits without an option (_NO_OPTION) are named by their field.
 _OPTIONS = {"max_body_bytes": "--max-body-mb (in bytes)", "cache_bytes": "--cache-mb (in bytes)"}
-_NO_OPTION = ("max_sources", "max_prompt_chars", "max_held_pixels", "header_timeout_s")
+_NO_OPTION = ("max_sources", "max_prompt_chars", "max_held_pixels")
 
 
 @dataclass(frozen=True)
