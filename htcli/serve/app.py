@@ -96,7 +96,12 @@ async def _produced(request: Request, futures: list) -> list[Produced] | None:
     yet generated are cancelled, and the batcher drops them."""
     images = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
     gone = asyncio.ensure_future(_until_disconnected(request))
-    await asyncio.wait((images, gone), return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait((images, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the request itself was cancelled (Ray Serve, when its client left)
+        images.cancel()
+        gone.cancel()
+        raise
     if images.done():
         gone.cancel()
         return images.result()
