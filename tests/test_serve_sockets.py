@@ -23,10 +23,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 from safetensors.torch import load, save
 from serving import ht_serve, hyper_checkpoint, served
 
+from bench.serve import jpeg_bomb
 from htcli.generate.source_maps import Steerer
 from htcli.serve.limits import connection_cap
 from htcli.serve.service import Limits
@@ -278,17 +278,6 @@ def test_hang_ups_mid_body_are_one_log_line_each(server):
     assert not any("Traceback" in line for line in logged), "".join(logged)
     assert sum("hung up" in line for line in logged) == 16, "".join(logged)
     assert len(logged) <= 16 + 2, "".join(logged)  # and the health check's access line
-
-
-def jpeg_bomb(scans: int, size: int = 1024) -> bytes:
-    """A progressive JPEG of one flat colour whose smallest scan is repeated `scans` times: ~17
-    bytes a scan, each one another pass over every block when decoded (2000 scans: ~4 s)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (120, 80, 200)).save(buffer, "JPEG", progressive=True, quality=90)
-    data = buffer.getvalue()
-    starts = [m.start() for m in re.finditer(b"\xff\xda", data)] + [len(data) - 2]
-    smallest = min((data[a:b] for a, b in zip(starts[1:], starts[2:])), key=len)
-    return data[:-2] + smallest * scans + b"\xff\xd9"
 
 
 def test_reference_images_are_refused_undecoded_by_a_text_only_encoder(server):
