@@ -96,6 +96,9 @@ class Honest:
         assert self.health and self.generate, "the honest client got no answer at all"
         assert all(status == 200 for status, _ in self.health + self.generate), (self.health, self.generate)
         slowest = max(seconds for _, seconds in self.health)
+        generated = sorted(seconds for _, seconds in self.generate)
+        print(f"honest client: {len(self.health)} health checks, slowest {slowest * 1e3:.0f} ms; {len(generated)} "
+              f"generations, slowest {generated[-1] * 1e3:.0f} ms")  # shown with pytest -s: the figures of docs/serve.md
         assert slowest < HEALTH_S, f"/v1/health took {slowest:.2f} s under attack"
 
 
@@ -165,6 +168,7 @@ def test_json_bombs_are_refused_before_parsing_fast_and_small(server):
         for body in (keys, floats):
             before = server.reset_peak()
             reply, seconds = _post(server, body)
+            print(f"JSON bomb: {reply.status_code} in {seconds * 1e3:.0f} ms, peak RSS +{server.peak_mb() - before:.0f} MB")
             assert reply.status_code == 413 and reply.json()["field"] is None, reply.text[:300]
             assert seconds < REFUSED_S, seconds
             assert server.peak_mb() - before < HOSTILE_MB, server.peak_mb() - before
@@ -174,6 +178,7 @@ def test_json_bombs_are_refused_before_parsing_fast_and_small(server):
             thread.start()
         for thread in threads:
             thread.join(TIMEOUT)
+        print(f"4 JSON bombs at once: peak RSS +{server.peak_mb() - before:.0f} MB")
         assert server.peak_mb() - before < 4 * HOSTILE_MB, server.peak_mb() - before
     seen.check()
 
@@ -201,6 +206,8 @@ def test_oversized_headers_get_431_without_buffering_them(server):
         for thread in threads:
             thread.join(TIMEOUT)
         seconds = time.perf_counter() - start
+        print(f"4 x 64 MB of headers: {[a[9:12] for a in answers]} in {seconds * 1e3:.0f} ms, "
+              f"peak RSS +{server.peak_mb() - before:.0f} MB")
         assert server.peak_mb() - before < HOSTILE_MB, server.peak_mb() - before
         many = b"".join(b"X-H%d: 1\r\n" % i for i in range(1000))  # 10 KB: under the byte limit, over the count
         with server.connect() as sock:
@@ -228,6 +235,7 @@ def test_stalled_bodies_time_out_and_hold_no_queue_place(server):
         for sock in sockets:
             _json_error(_answer(sock), 408)
             sock.close()
+        print(f"64 stalled bodies: 408 after {time.perf_counter() - start:.1f} s")
         assert time.perf_counter() - start < BODY_S + 3
     seen.check()
 
@@ -243,6 +251,7 @@ def test_silent_and_half_header_connections_are_closed(server):
             assert _answer(sock) == b""  # closed: nothing to answer
         for sock in half:
             _json_error(_answer(sock), 408)
+        print(f"30 silent and 30 half-header connections: closed / 408 after {time.perf_counter() - start:.1f} s")
         assert time.perf_counter() - start < HEADER_S + 3
     for sock in silent + half:
         sock.close()
@@ -258,6 +267,7 @@ def test_connections_are_capped_and_honest_clients_still_get_in(server):
         for _ in range(3 * CAP):
             sockets.append(server.connect())
         time.sleep(0.5)
+        print(f"{3 * CAP} connections: the server holds {server.descriptors() - baseline} more descriptors")
         assert server.descriptors() <= baseline + CAP + 5, server.descriptors()
         assert httpx.get(server.url + "/v1/health", timeout=TIMEOUT).status_code == 200  # room made for it
     for sock in sockets:
@@ -285,6 +295,7 @@ def test_reference_images_are_refused_undecoded_by_a_text_only_encoder(server):
     with honest(server) as seen:
         for _ in range(4):
             reply, seconds = _post(server, body)
+            print(f"JPEG of 2000 scans to a text-only encoder: {reply.status_code} in {seconds * 1e3:.0f} ms")
             assert reply.status_code == 400 and reply.json()["field"] == "reference_images", reply.text
             assert seconds < REFUSED_S, seconds
     seen.check()
@@ -307,6 +318,7 @@ def test_big_forms_are_parsed_off_the_event_loop(server):
         for form in (one_field, many_fields):
             before = server.reset_peak()
             reply, seconds = _post(server, form, "application/x-www-form-urlencoded")
+            print(f"15 MB form: {reply.status_code} in {seconds * 1e3:.0f} ms, peak RSS +{server.peak_mb() - before:.0f} MB")
             assert 400 <= reply.status_code < 500 and set(reply.json()) == {"error", "field"}, reply.text[:300]
             assert server.peak_mb() - before < HOSTILE_MB, server.peak_mb() - before
         before = server.reset_peak()
@@ -320,6 +332,7 @@ def test_big_forms_are_parsed_off_the_event_loop(server):
 def test_refine_has_a_budget_and_one_slot(server):
     flood = {"prompt": "x", "concepts": [f"style {i}" for i in range(16)], "refine": 50}
     reply, seconds = _post(server, json.dumps(flood).encode())
+    print(f"refine flood: {reply.status_code} in {seconds * 1e3:.0f} ms")
     assert reply.status_code == 400 and reply.json()["field"] == "refine" and seconds < REFUSED_S, reply.text
     replies = []
     one = {"prompt": "x", "concepts": ["a city made of glass"], "refine": 50}
