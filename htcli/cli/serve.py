@@ -44,9 +44,10 @@ def serve_command(
     = DEFAULTS.cache_size,
     cache_mb: Annotated[float, typer.Option(help="And at most this much memory of them (MiB).")]
     = DEFAULTS.cache_bytes / 2**20,
-    max_refine: Annotated[int, typer.Option(help="Most LinEAS steps a request may refine each concept with (its "
-                                            "`refine` field; targets are captured per concept and cached). It keeps a "
-                                            "second copy of the denoiser for fitting. 0: off.")] = DEFAULTS.max_refine,
+    max_refine: Annotated[int, typer.Option(help="Most LinEAS steps a request may refine with: its `refine` "
+                                            "field x its concepts (targets are captured per concept and cached); one "
+                                            "request refines at a time. It keeps a second copy of the denoiser for "
+                                            "fitting. 0: off.")] = DEFAULTS.max_refine,
     max_connections: Annotated[int, typer.Option(help="Client connections open at once (also kept below the open-file "
                                                  "limit); at the cap, the oldest one still silent is closed.")]
     = DEFAULTS.max_connections,

@@ -2,11 +2,15 @@
 
 A body is JSON (uploads as base64 strings) or a form (uploads as multipart files: `curl -F`,
 the web page); both go through one pydantic model, `Body`, whose text fields are capped in
-length. The body is capped before it is read and parsed off the event loop (deep nesting is a
-400, not a crash). Sources are counted before anything is decoded; reference images must be
-PNG, JPEG or WebP, and every upload's header is read, its size checked (per image, per request,
-and against the server's `PixelBudget`) before any pixel is decoded. Uploaded intervention
-files are written under names the server chooses: nothing a client sends is ever opened as a path.
+length. The body, read already (`htcli.serve.limits.read_body`), is parsed off the event loop,
+JSON after its separators are counted (`check_json_size`: a million keys are 413 before
+`json.loads` builds them), forms in a thread of their own; deep nesting, integers too long to
+read and lone surrogates are 4xx, not crashes. Sources are counted before anything is decoded;
+reference images must be PNG, JPEG (of at most `MAX_JPEG_SCANS` scans) or WebP, are refused
+undecoded when the encoder has no image tower, and every upload's header is read, its size
+checked (per image, per request, and against the server's `PixelBudget`) before any pixel is
+decoded. Uploaded intervention files are written under names the server chooses: nothing a
+client sends is ever opened as a path.
 """
 
 from __future__ import annotations
