@@ -142,6 +142,7 @@ def test_a_replica_killed_under_load_loses_no_request(ray_replicas):
     for thread in threads:
         thread.join(TIMEOUT)
     assert len(replies) == 24 and all(isinstance(r, httpx.Response) for r in replies), replies
+    print("after a replica was killed:", sorted(r.status_code for r in replies))  # pytest -s
     for reply in replies:
         assert reply.status_code in (200, 503), (reply.status_code, reply.text[:300])
         if reply.status_code == 503:
