@@ -345,6 +345,7 @@ def test_refine_has_a_budget_and_one_slot(server):
     time.sleep(0.5)
     refine("a city made of paper")  # while the first refines: refused, not queued behind it
     first.join(TIMEOUT)
+    print("refine 1 x 50 steps beside another:", [(r.status_code, f"{r.elapsed.total_seconds():.1f} s") for r in replies])
     assert sorted(r.status_code for r in replies) == [200, 429], [r.text[:200] for r in replies]
     assert next(r for r in replies if r.status_code == 429).headers["retry-after"] == "1"
 
