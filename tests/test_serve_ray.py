@@ -188,3 +188,36 @@ def test_sigterm_stops_every_process_ht_serve_replicas_started(hyper):
     finally:
         for pid in _marked(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_front_retries_once_then_answers_json_503():
+    """`HtFront` with replicas that die on every call: two calls, then a JSON 503 with Retry-After;
+    one that dies once: the retry's answer."""
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from htcli.serve.replicas import HtFront
+
+    class Replicas:  # what the front calls: `replicas.answer.remote(scope, body)`
+        def __init__(self, deaths: int) -> None:
+            self.deaths, self.calls = deaths, 0
+            self.answer = self
+
+        async def remote(self, scope: dict, body: bytes) -> tuple[int, list, bytes]:
+            self.calls += 1
+            if self.calls <= self.deaths:
+                raise RayActorError()
+            return 200, [(b"content-type", b"application/json")], body
+
+    async def post(replicas: Replicas) -> httpx.Response:
+        front = HtFront.func_or_class.__mro__[1]  # the class itself, under Ray's ingress wrapper
+        app = front(replicas, {}).__serve_build_asgi_app__()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+            return await client.post("/v1/generate", json={"prompt": "x"})
+
+    dead, once = Replicas(deaths=2), Replicas(deaths=1)
+    refused, retried = asyncio.run(post(dead)), asyncio.run(post(once))
+    assert dead.calls == 2 and refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+    assert set(refused.json()) == {"error", "field"} and refused.json()["error"]
+    assert once.calls == 2 and retried.status_code == 200 and retried.json() == {"prompt": "x"}
