@@ -181,6 +181,7 @@ def test_sigterm_stops_every_process_ht_serve_replicas_started(hyper):
         assert len(started) > 3, started  # the command, Ray's GCS, raylet, agents, the replica...
         process.send_signal(signal.SIGTERM)
         process.wait(TIMEOUT)
+        assert process.returncode == 128 + signal.SIGTERM, (process.returncode, "".join(lines)[-2000:])  # not killed
         deadline = time.monotonic() + 30
         while _marked(marker) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -179,12 +179,12 @@ def serve_replicas(options: ReplicaOptions, replicas: int, host: str = "127.0.0.
 
     check_replicas(replicas)
     gpus = 1.0 if torch.cuda.is_available() and (options.device or "cuda").startswith("cuda") else 0.0
-    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds through the shutdowns below
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started_ray = not ray.is_initialized()
     before = set(_descendants())
     if started_ray:
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    if threading.current_thread() is threading.main_thread():  # after ray.init, whose own handler aborts the process
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwinds through the shutdowns
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(options, replicas, gpus), name=APP_NAME, route_prefix="/")
