@@ -9,12 +9,16 @@ In each round every client sends one request at once, steering towards its own l
 after one unmeasured warm-up round each (which also fills the map caches). Then --requests more
 rounds go to the batched server while another process sends the bodies of
 issue 23 (uploads past every bound, a regex layer pattern, a 3 MB concept, deeply nested JSON,
-bad seeds, a cross-origin post, a body over 16 MiB) back to back, each refused. With --replicas N both
+bad seeds, a cross-origin post, a body over 16 MiB) back to back, each refused, and beside them the
+clients of issue 31 (silent connections, half headers, stalled bodies, 64 MB of headers, hang-ups,
+a JSON body of 1.3 million keys, a JPEG of 2000 scans, a 15 MB form, a refine flood). The peak
+growth of the server's resident memory over the hostile phase is measured (this process: the
+clients are processes of their own). With --replicas N both
 servers are Ray Serve applications of N replicas each (local Ray, CPU replicas), else threads of
 this process. Bounded: --requests rounds per phase, none started after --limit-s. The
 hypernetwork is the one shipped for tiny. Last line:
 batched_vs_sequential=<throughput ratio> p95_ms=<honest p95 under the hostile mix> p95_ms_quiet=<batched
-p95 without it> p95_ms_sequential=<ms> hostile_requests=<count>
+p95 without it> p95_ms_sequential=<ms> hostile_requests=<count> peak_rss_growth_mb=<MiB>
 """
 
 from __future__ import annotations
@@ -98,6 +102,72 @@ def _hostile_bodies() -> list[dict]:
     ]
 
 
+def jpeg_bomb(scans: int, size: int = 1024) -> bytes:
+    """A progressive JPEG of one flat colour whose smallest scan is repeated `scans` times: ~17
+    bytes a scan, each one another pass over every block when decoded (2000 scans: ~4 s)."""
+    import io
+    import re
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 80, 200)).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    starts = [m.start() for m in re.finditer(b"\xff\xda", data)] + [len(data) - 2]
+    smallest = min((data[a:b] for a, b in zip(starts[1:], starts[2:])), key=len)
+    return data[:-2] + smallest * scans + b"\xff\xd9"
+
+
+def _connection_attacks(url: str, stop, deadline: float) -> int:
+    """The connection-level clients of issue 31, in turn until `stop`: silent connections, half
+    headers, stalled bodies, 64 MB of headers, hang-ups mid-body, a 15 MB JSON body of 1.3 million
+    keys, a JPEG of 2000 scans, a 15 MB form, a refine flood. How many attacks were made."""
+    import base64
+    import json
+    import socket
+
+    import httpx
+
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    keys = b"{" + b",".join(b'"k%d":1' % i for i in range(1_300_000)) + b"}"
+    bomb = json.dumps({"prompt": "x", "reference_images": [base64.b64encode(jpeg_bomb(2000)).decode()]}).encode()
+    flood = json.dumps({"prompt": "x", "concepts": [f"style {i}" for i in range(16)], "refine": 50}).encode()
+    posts = [(keys, "application/json"), (bomb, "application/json"), (flood, "application/json"),
+             (b"prompt=" + b"%41" * 5_000_000, "application/x-www-form-urlencoded")]
+    made = 0
+    while not stop.is_set() and time.monotonic() < deadline:
+        held = [socket.create_connection((host, int(port))) for _ in range(90)]
+        try:
+            for sock in held[50:70]:
+                sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0")  # half headers
+            for sock in held[70:]:
+                sock.sendall(head + b"Content-Length: 1000\r\n\r\n{")  # a stalled body
+            with socket.create_connection((host, int(port))) as sock:  # 64 MB of headers
+                try:
+                    sock.sendall(head + b"X-Big: ")
+                    for _ in range(64):
+                        sock.sendall(b"a" * 2**20)
+                except OSError:  # refused and closed early, as it should be
+                    pass
+            for _ in range(10):  # hang-ups mid-body
+                with socket.create_connection((host, int(port))) as sock:
+                    sock.sendall(head + b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+            for content, kind in posts:
+                try:
+                    reply = httpx.post(url + "/v1/generate", content=content, headers={"content-type": kind}, timeout=60)
+                except httpx.HTTPError:
+                    continue
+                if not 400 <= reply.status_code < 500:
+                    raise SystemExit(f"a hostile body got {reply.status_code}: {reply.text[:200]}")
+            made += 9
+            time.sleep(1.0)
+        finally:
+            for sock in held:
+                sock.close()
+    return made
+
+
 def _hostile(url: str, stop, limit_s: float) -> int:
     """Send `_hostile_bodies` in turn, back to back, until `stop` is set (or `limit_s`): how many
     were sent. Anything but a 4xx is an error."""
@@ -125,7 +195,19 @@ def _p95(values: list[float]) -> float:
 
 
 def _hostile_process(url: str, stop, sent, limit_s: float) -> None:
+    """Issue 23's bodies and, in a thread beside them, issue 31's connection-level clients."""
+    attacks = [0]
+    thread = threading.Thread(target=lambda: attacks.__setitem__(0, _connection_attacks(url, stop, time.monotonic() + limit_s)))
+    thread.start()
     sent.value = _hostile(url, stop, limit_s)
+    thread.join()
+    sent.value += attacks[0]
+
+
+def _rss_mb(key: str) -> float:
+    """This process's resident memory (VmRSS) or its peak (VmHWM), in MiB (Linux)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) / 1024
 
 
 def _served(args, stack: ExitStack, modes: dict[str, int]) -> dict[str, str]:
@@ -134,7 +216,7 @@ def _served(args, stack: ExitStack, modes: dict[str, int]) -> dict[str, str]:
     from htcli.serve.service import Limits
 
     def limits(max_batch: int) -> Limits:
-        return Limits(max_batch=max_batch, batch_window_ms=args.window_ms, max_queue=2 * args.clients)
+        return Limits(max_batch=max_batch, batch_window_ms=args.window_ms, max_queue=2 * args.clients, max_refine=50)
 
     if args.replicas is None:
         from htcli.serve.app import running
@@ -208,6 +290,9 @@ def main() -> None:
             for mode in modes:
                 measure(mode, urls[mode], k)
         # The hostile mix: the batched server's honest rounds while another process sends the worst bodies.
+        with open("/proc/self/clear_refs", "w") as refs:  # the peak RSS from here: the hostile mix's
+            refs.write("5")
+        rss_before = _rss_mb("VmRSS")
         stop, sent = spawn.Event(), spawn.Value("i", 0)
         hostile = spawn.Process(target=_hostile_process, args=(urls["batched"], stop, sent, 2 * args.limit_s))
         hostile.start()
@@ -218,16 +303,18 @@ def main() -> None:
         hostile.join(120)
         if hostile.exitcode != 0:
             raise SystemExit(f"the hostile client failed (exit code {hostile.exitcode})")
+        rss_growth = _rss_mb("VmHWM") - rss_before
     results = {}
     for mode in latencies:
         results[mode] = (len(latencies[mode]) / seconds[mode], _p95(latencies[mode]))
         print(f"{mode}: {len(latencies[mode])} requests in {seconds[mode]:.1f} s ({results[mode][0]:.2f} req/s), "
               f"latency median {statistics.median(latencies[mode]):.0f} ms, p95 {results[mode][1]:.0f} ms; "
               f"mean batch per image {statistics.mean(batches[mode]):.1f}, largest batch {max(batches[mode])}", flush=True)
-    print(f"hostile client: {sent.value} requests, all refused 4xx")
+    print(f"hostile client: {sent.value} requests and connection attacks, all refused 4xx (or closed)")
     ratio = results["batched"][0] / results["sequential"][0]
     print(f"batched_vs_sequential={ratio:.2f} p95_ms={results['hostile'][1]:.0f} p95_ms_quiet={results['batched'][1]:.0f} "
-          f"p95_ms_sequential={results['sequential'][1]:.0f} hostile_requests={sent.value}")
+          f"p95_ms_sequential={results['sequential'][1]:.0f} hostile_requests={sent.value} "
+          f"peak_rss_growth_mb={rss_growth:.0f}")
 
 
 if __name__ == "__main__":

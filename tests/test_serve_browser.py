@@ -8,17 +8,14 @@ The screenshot of the page with its results is kept as a test artefact:
 $HT_TEST_ARTIFACTS/serve-page.png (CI: build/test-artifacts/), else <pytest base temp>/artifacts/."""
 
 import os
-import queue
 import re
 import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from serving import ht_serve as served_command
 from serving import hyper_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -58,32 +55,8 @@ def browser(downloads):
 def ht_serve(tmp_path_factory):
     """`ht serve` in a subprocess: its base URL once it listens."""
     hyper = hyper_checkpoint(tmp_path_factory.mktemp("hyper"), training_concepts=True)
-    command = [sys.executable, "-m", "htcli", "serve", "--model", "tiny", "--hyper", str(hyper), "--port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=os.environ | {"OMP_NUM_THREADS": "1"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    seen = []
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=START_S)
-            except queue.Empty:
-                pytest.fail(f"ht serve did not start within {START_S} s:\n{''.join(seen)}")
-            seen.append(line)
-            found = re.search(r"at (http://127\.0\.0\.1:\d+)/", line)
-            if found:
-                break
-            if process.poll() is not None:
-                pytest.fail(f"ht serve exited with {process.returncode}:\n{''.join(seen)}")
-        yield found.group(1)
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(15)
+    with served_command("--model", "tiny", "--hyper", str(hyper), start_s=START_S) as (_, url, _lines):
+        yield url
 
 
 def _artefacts(tmp_path_factory) -> Path:

@@ -113,7 +113,9 @@ HOSTILE = [  # (id, request keyword arguments, status, field)
     ("weight 1e6", dict(json={"prompt": "x", "concepts": ["art deco:1e6"]}), 400, "concepts"),
     ("weight object 1e6", dict(json={"prompt": "x", "concepts": [{"name": "art deco", "weight": 1e6}]}), 400, "concepts"),
     ("deep nesting", dict(content=b'{"prompt": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
-                          headers={"content-type": "application/json"}), 400, None),
+                          headers={"content-type": "application/json"}), 413, None),  # counted before parsing
+    ("deep nesting below the count", dict(content=b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                          headers={"content-type": "application/json"}), 400, None),
     ("deep nesting in a field", dict(content=b'{"prompt": "x", "concepts": ' + b"[" * 500 + b"]" * 500 + b"}",
                                      headers={"content-type": "application/json"}), 422, "concepts"),
 ]

@@ -44,9 +44,17 @@ def serve_command(
     = DEFAULTS.cache_size,
     cache_mb: Annotated[float, typer.Option(help="And at most this much memory of them (MiB).")]
     = DEFAULTS.cache_bytes / 2**20,
-    max_refine: Annotated[int, typer.Option(help="Most LinEAS steps a request may refine each concept with (its "
-                                            "`refine` field; targets are captured per concept and cached). It keeps a "
-                                            "second copy of the denoiser for fitting. 0: off.")] = DEFAULTS.max_refine,
+    max_refine: Annotated[int, typer.Option(help="Most LinEAS steps a request may refine with: its `refine` "
+                                            "field x its concepts (targets are captured per concept and cached); one "
+                                            "request refines at a time. It keeps a second copy of the denoiser for "
+                                            "fitting. 0: off.")] = DEFAULTS.max_refine,
+    max_connections: Annotated[int, typer.Option(help="Client connections open at once (also kept below the open-file "
+                                                 "limit); at the cap, the oldest one still silent is closed.")]
+    = DEFAULTS.max_connections,
+    header_timeout_s: Annotated[float, typer.Option(help="Seconds a connection has to send its request's headers; "
+                                                    "then 408 and closed.")] = DEFAULTS.header_timeout_s,
+    body_timeout_s: Annotated[float, typer.Option(help="Seconds a request's whole body has to arrive; then 408.")]
+    = DEFAULTS.body_timeout_s,
     allowed_host: Annotated[
         list[str] | None,
         typer.Option("--allowed-host", help="A Host name the server answers to besides 127.0.0.1, localhost and [::1] "
@@ -80,7 +88,8 @@ def serve_command(
     limits = Limits(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue, max_images=max_images,
                     max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=max_image_pixels,
                     max_request_pixels=max_request_pixels, max_strength=max_strength, cache_size=cache_size,
-                    cache_bytes=int(cache_mb * 2**20), max_refine=max_refine)
+                    cache_bytes=int(cache_mb * 2**20), max_refine=max_refine, max_connections=max_connections,
+                    header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s)
     allowed = [*(allowed_host or []), *([host] if host not in LOOPBACK + WILDCARDS else [])]
     if host not in LOOPBACK:
         warn(f"listening on {host}: anyone who can reach this address can use the server (it has no authentication)")

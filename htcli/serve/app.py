@@ -9,8 +9,9 @@
 Bodies are JSON or forms (`htcli.serve.parse`), both described in /openapi.json
 (`htcli.serve.schema`). A bad request is answered 4xx with `{"error": ..., "field": ...}`, never
 a 500, and the server keeps serving; foreign Host names and cross-origin POSTs are refused
-before any route runs (`htcli.serve.guard`). A client that disconnects while its images wait
-cancels them.
+before any route runs (`htcli.serve.guard`). Connections, headers and bodies are bounded below
+the routes (`htcli.serve.limits`): a body is read whole, under a deadline, before its request
+takes a place in the queue. A client that disconnects while its images wait cancels them.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from htcli import __version__
 from htcli.errors import HTError
 from htcli.generate.batch import Planned
 from htcli.generate.steer import Steered
 from htcli.serve.batching import Produced
-from htcli.serve.guard import Guard
+from htcli.serve.guard import Guard, page_policy
+from htcli.serve.limits import HeaderCount, hung_up, read_body, server_config
 from htcli.serve.parse import Parsed, parse_request
 from htcli.serve.schema import describe, document
 from htcli.serve.service import FieldError, Service
@@ -93,7 +96,12 @@ async def _produced(request: Request, futures: list) -> list[Produced] | None:
     yet generated are cancelled, and the batcher drops them."""
     images = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
     gone = asyncio.ensure_future(_until_disconnected(request))
-    await asyncio.wait((images, gone), return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait((images, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the request itself was cancelled (Ray Serve, when its client left)
+        images.cancel()
+        gone.cancel()
+        raise
     if images.done():
         gone.cancel()
         return images.result()
@@ -115,7 +123,10 @@ def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
     """The FastAPI application serving `service`, answering to loopback names and `allowed_hosts`."""
     app = FastAPI(title="ht serve", version=__version__, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, allowed_hosts=allowed_hosts)
+    app.add_middleware(HeaderCount)
     page = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
+    page_headers = page_policy(page)
+    images = service.predictor.encoder.has_images
     replica = {"X-HT-Replica": service.replica}
 
     @app.exception_handler(FieldError)
@@ -130,9 +141,14 @@ def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return _error(error.status_code, str(error.detail), headers=error.headers)  # 405 keeps its Allow header
 
+    @app.exception_handler(ClientDisconnect)
+    async def left(request: Request, error: ClientDisconnect) -> Response:
+        hung_up(request, error)
+        return Response(status_code=499)  # nobody reads it: the client has gone
+
     @app.get("/", response_class=HTMLResponse, openapi_extra=describe("page"))
     async def index() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/v1/health", openapi_extra=describe("health"))
     async def health() -> JSONResponse:
@@ -145,8 +161,9 @@ def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
     @app.post("/v1/generate", openapi_extra=describe("generate"))
     async def generate(request: Request) -> Response:
         start = time.perf_counter()
+        body = await read_body(request, service.limits)  # before admission: a stalled body holds no place
         with service.admitted():
-            with await parse_request(request, service.limits, service.pixels) as parsed:
+            with await parse_request(request, body, service.limits, service.pixels, images) as parsed:
                 try:
                     planned = await run_in_threadpool(service.prepare, parsed.request)
                 except HTError as error:
@@ -159,8 +176,9 @@ def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
 
     @app.post("/v1/intervention", openapi_extra=describe("intervention"))
     async def intervention(request: Request) -> Response:
+        body = await read_body(request, service.limits)
         with service.admitted():
-            with await parse_request(request, service.limits, service.pixels) as parsed:
+            with await parse_request(request, body, service.limits, service.pixels, images) as parsed:
                 try:
                     data = await run_in_threadpool(_intervention_bytes, service, parsed)
                 except HTError as error:
@@ -195,7 +213,7 @@ def run_server(service: Service, host: str = DEFAULT_HOST, port: int = 8000,
     """Serve `service` until interrupted; `on_ready(url)` once the port is bound. Closes `service`."""
     sock = _bind(host, port)
     app = create_app(service, allowed_hosts)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(server_config(app, service.limits, log_level))
     if on_ready is not None:
         on_ready(_url(sock))
     try:
@@ -211,7 +229,7 @@ def running(service: Service, host: str = DEFAULT_HOST, port: int = 0, timeout_s
     """Serve `service` from a background thread for the `with` block (tests, benchmarks): yields
     its base URL (port 0: any free port). The caller closes `service`."""
     sock = _bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, allowed_hosts), log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(service, allowed_hosts), service.limits, "warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ht-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

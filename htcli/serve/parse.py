@@ -2,15 +2,20 @@
 
 A body is JSON (uploads as base64 strings) or a form (uploads as multipart files: `curl -F`,
 the web page); both go through one pydantic model, `Body`, whose text fields are capped in
-length. The body is capped before it is read and parsed off the event loop (deep nesting is a
-400, not a crash). Sources are counted before anything is decoded; reference images must be
-PNG, JPEG or WebP, and every upload's header is read, its size checked (per image, per request,
-and against the server's `PixelBudget`) before any pixel is decoded. Uploaded intervention
-files are written under names the server chooses: nothing a client sends is ever opened as a path.
+length. The body, read already (`htcli.serve.limits.read_body`), is parsed off the event loop,
+JSON after its separators are counted (`check_json_size`: a million keys are 413 before
+`json.loads` builds them), forms in a thread of their own; deep nesting, integers too long to
+read and lone surrogates are 4xx, not crashes. Sources are counted before anything is decoded;
+reference images must be PNG, JPEG (of at most `MAX_JPEG_SCANS` scans) or WebP, are refused
+undecoded when the encoder has no image tower, and every upload's header is read, its size
+checked (per image, per request, and against the server's `PixelBudget`) before any pixel is
+decoded. Uploaded intervention files are written under names the server chooses: nothing a
+client sends is ever opened as a path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -30,6 +35,7 @@ from starlette.requests import Request
 
 from htcli.errors import HTError
 from htcli.generate.steer import SEED_LIMIT, SteerRequest, parse_strengths
+from htcli.serve.limits import check_json_size
 from htcli.serve.service import FieldError, Limits, PixelBudget
 
 UPLOADS = ("reference_images", "interventions")
@@ -41,6 +47,9 @@ MAX_PATTERNS = 16  # layer patterns in `layers`
 Files = dict[str, list[tuple[str, bytes]]]  # upload field -> (file name the client gave, bytes)
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Word = Annotated[str, Field(max_length=32)]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_FORM_TEXT_BYTES = 256 * 1024  # a form's text: the prompt, concepts and layers take a few KB
+MAX_JPEG_SCANS = 64  # a progressive JPEG has about 10; each scan is another pass over the pixels
 
 
 class _Strict(BaseModel):
@@ -113,54 +122,66 @@ class Parsed:
                 for s in sources]
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise FieldError(f"the request body is {declared} bytes; this server takes at most {limit}", None, 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise FieldError(f"the request body exceeds {limit} bytes", None, 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def parse_request(request: Request, limits: Limits, budget: PixelBudget) -> Parsed:
-    """Read, decode and check a request body (JSON or a form) into a `Parsed` request."""
-    body = await read_body(request, limits.max_body_bytes)
+async def parse_request(request: Request, body: bytes, limits: Limits, budget: PixelBudget,
+                        images: bool = True) -> Parsed:
+    """Decode and check a request's body (JSON or a form, read already) into a `Parsed` request, off
+    the event loop. `images`: whether the server takes reference images (else they are refused undecoded)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        fields, files = body, {name: [] for name in UPLOADS}  # parsed in the thread pool below, off the event loop
+        fields, files = body, {name: [] for name in UPLOADS}  # parsed in the thread pool below
     elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        fields, files = await _form(request, body, limits)
+        if kind[-10:] == "urlencoded" and len(body) > MAX_FORM_TEXT_BYTES:  # text only: no upload makes it big
+            raise FieldError(f"a urlencoded form takes at most {MAX_FORM_TEXT_BYTES} bytes of text; send uploads as "
+                             "multipart/form-data", None, 413)
+        # in a thread with its own event loop: a 15 MB form takes seconds to split
+        fields, files = await run_in_threadpool(asyncio.run, _form(request.scope, body, limits))
     else:
         raise FieldError(f"send application/json or a form (multipart/form-data for uploads), "
                          f"not {kind[:60] or 'no content type'!r}", None, 415)
-    return await run_in_threadpool(_build, fields, files, limits, budget)  # JSON and image decoding: not on the loop
+    return await run_in_threadpool(_build, fields, files, limits, budget, images)
 
 
 def _json(body: bytes) -> dict:
+    check_json_size(body)
     try:
         fields = json.loads(body)  # NaN and Infinity parse, and are refused by field below
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FieldError(f"the body is not valid JSON: {error}") from None
     except RecursionError:
         raise FieldError("the body nests JSON too deeply") from None
+    except ValueError as error:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise FieldError(f"the body holds a number too long to read: {str(error)[:120]}") from None
     if not isinstance(fields, dict):
         raise FieldError("the body must be a JSON object")
+    _check_text(fields)
     return fields
 
 
-async def _form(request: Request, body: bytes, limits: Limits) -> tuple[dict, Files]:
+def _check_text(fields: dict) -> None:
+    """FieldError 422 when a string holds a lone surrogate ("\\ud800": valid JSON, not valid text),
+    which would fail later, when it is encoded."""
+    stack: list[tuple[str, Any]] = [(str(key), value) for key, value in fields.items()]
+    while stack:
+        key, value = stack.pop()
+        texts = [value] if isinstance(value, str) else []
+        if isinstance(value, list):
+            stack += [(key, item) for item in value]
+        elif isinstance(value, dict):
+            texts += list(value)
+            stack += [(key, item) for item in value.values()]
+        if any(_SURROGATE.search(text) for text in texts):
+            raise FieldError(f"{key[:60]} holds a lone UTF-16 surrogate, which is not text; send valid Unicode",
+                             key[:60], 422)
+
+
+async def _form(scope: dict, body: bytes, limits: Limits) -> tuple[dict, Files]:
     """A form's text fields as Body fields, and its uploads."""
 
     async def replay() -> dict:  # the body is read already (and capped): parse it from memory
         return {"type": "http.request", "body": body, "more_body": False}
 
-    form = await Request(request.scope, replay).form(max_files=limits.max_sources, max_fields=4 * limits.max_sources + 16,
-                                                     max_part_size=limits.max_body_bytes)
+    form = await Request(scope, replay).form(max_files=limits.max_sources, max_fields=4 * limits.max_sources + 16,
+                                                     max_part_size=MAX_FORM_TEXT_BYTES)  # a text part
     fields: dict[str, Any] = {}
     files: Files = {name: [] for name in UPLOADS}
     for key, value in form.multi_items():
@@ -182,6 +203,7 @@ async def _form(request: Request, body: bytes, limits: Limits) -> tuple[dict, Fi
                 raise FieldError(str(error).replace("--strength", "strength")[:300], "strength") from None
         else:
             fields[key] = value
+    _check_text(fields)
     return fields, files
 
 
@@ -221,6 +243,9 @@ def _opened(uploads: list[bytes], limits: Limits) -> list[Image.Image]:
                              "reference_images", 413) from None
         except (UnidentifiedImageError, OSError, ValueError):
             raise FieldError(f"{where} is not a PNG, JPEG or WebP image", "reference_images") from None
+        if image.format == "JPEG" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # SOS markers (0xFF is escaped in data)
+            raise FieldError(f"{where} is a JPEG of more than {MAX_JPEG_SCANS} scans; re-save it as a baseline JPEG",
+                             "reference_images", 413)
         if image.width * image.height > limits.max_image_pixels:
             raise FieldError(f"{where} has more than {limits.max_image_pixels} pixels, the most this server accepts "
                              f"({image.width}x{image.height})", "reference_images", 413)
@@ -249,12 +274,15 @@ def _count(fields: dict, files: Files, limits: Limits) -> None:
                           + len(files.get(name, ())) for name in SOURCES})
 
 
-def _build(fields: dict | bytes, files: Files, limits: Limits, budget: PixelBudget) -> Parsed:
+def _build(fields: dict | bytes, files: Files, limits: Limits, budget: PixelBudget, images: bool) -> Parsed:
     """Type-check the fields, decode the uploads (JSON's and the form's), and make the SteerRequest."""
     strict = isinstance(fields, bytes)
     fields = _json(fields) if strict else fields
     _count(fields, files, limits)
     body = _validated(fields, strict)
+    if not images and (body.reference_images or files["reference_images"]):
+        raise FieldError("reference images need an image encoder; this server's hypernetwork encodes text only",
+                         "reference_images")
     images = [_base64(text, f"reference_images[{i}]", "reference_images") for i, text in enumerate(body.reference_images)]
     opened = _opened(images + [data for _, data in files["reference_images"]], limits)
     pixels = ExitStack()

@@ -61,15 +61,23 @@ GENERATED = {"type": "object", "required": ["images", "columns", "notes", "sourc
                                                  "generate_ms": _NUMBER, "total_ms": _NUMBER}}}}
 
 _REFUSALS = {  # status -> when (every POST route)
-    400: "a field the server refuses (named in `field`), a body that is not JSON, or a Host header that does not "
-         "name this server (`field`: Host)",
+    400: "a field the server refuses (named in `field`), a body that is not JSON (or nests too deeply, or holds a "
+         "number too long to read), a damaged intervention file, reference images to a text-only encoder, or a Host "
+         "header that does not name this server (`field`: Host)",
     403: "a cross-origin POST from a browser (`field`: Origin or Sec-Fetch-Site)",
-    413: "a body over --max-body-mb, a reference image over --max-image-pixels, or reference images over "
-         "--max-request-pixels together",
+    408: "the body did not arrive within --body-timeout-s, or the headers within --header-timeout-s (the connection "
+         "is then closed)",
+    413: "a body over --max-body-mb, a JSON body of more than 10000 items, keys, lists or objects, a reference image "
+         "over --max-image-pixels (or a JPEG of more than 64 scans), or reference images over --max-request-pixels "
+         "together",
     415: "a body that is neither JSON nor a form",
-    422: "a field of the wrong type or length, or an unknown field",
-    429: "--max-queue requests already in progress, or too many pixels being decoded at once; retry after Retry-After",
+    422: "a field of the wrong type or length, an unknown field, or text holding a lone UTF-16 surrogate",
+    429: "--max-queue requests already in progress, too many pixels being decoded at once, or another request "
+         "refining; retry after Retry-After",
+    431: "request headers over 16 KiB, or more than 64 header fields",
     499: "the client disconnected before its images were made (their generation is cancelled; nobody receives this)",
+    503: "--max-connections connections open and none idle to close, or (--replicas) the replica answering died "
+         "and so did the retry; retry after Retry-After",
 }
 
 
@@ -88,7 +96,8 @@ def describe(route: str) -> dict:
             "description": "the composed intervention, a .safetensors file (what ht inspect and ht steer -i read)",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
         refusals = {str(status): _json({"$ref": "#/components/schemas/Error"}, why) for status, why in _REFUSALS.items()}
-        refusals["429"]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+        for status in ("429", "503"):
+            refusals[status]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
         refusals["499"] = {"description": _REFUSALS[499]}
         return {"requestBody": REQUEST_BODY, "responses": {"200": ok} | refusals}
     ok = {"page": {"description": "the web page", "content": {"text/html": {"schema": {"type": "string"}}}},

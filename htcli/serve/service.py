@@ -65,7 +65,10 @@ class Limits:
     max_prompt_chars: int = 1000
     cache_size: int = 256  # concepts whose predicted maps are kept
     cache_bytes: int = 256 * 2**20  # and at most this many bytes of them
-    max_refine: int = 0  # LinEAS steps a request may refine each concept with (`refine`); 0: refining is off
+    max_refine: int = 0  # LinEAS steps a request may refine its concepts with (`refine` x concepts); 0: refining is off
+    max_connections: int = 1000  # client connections open at once (htcli.serve.limits; also below RLIMIT_NOFILE)
+    header_timeout_s: float = 10.0  # for a connection to send its request line and headers
+    body_timeout_s: float = 30.0  # for a request's whole body to arrive
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -135,6 +138,7 @@ class Service:
         steerer.refiner.max_cached = self.limits.cache_size  # refine targets on disk: as many concepts as maps in memory
         self._planning = threading.Lock()  # the planner and the encoder's tokenizer are single-threaded
         self._counting = threading.Lock()
+        self._refining = threading.Lock()  # the one request refining at a time
         self.in_flight = 0
         self.started = time.time()
         self.batcher = Batcher(self._generate, self.limits.max_batch, self.limits.batch_window_ms / 1e3)
@@ -184,10 +188,11 @@ class Service:
         if request.refine is not None:
             if not limits.max_refine:
                 raise FieldError("this server does not refine (start it with --max-refine N)", "refine")
-            if not 1 <= request.refine <= limits.max_refine:
-                raise FieldError(f"refine takes 1 to {limits.max_refine} LinEAS steps, got {request.refine}", "refine")
             if not request.concepts or request.method != "hypertransport":
                 raise FieldError("refine refines the maps of concepts; give one, with method hypertransport", "refine")
+            if not 1 <= request.refine * len(request.concepts) <= limits.max_refine:  # the whole request's budget
+                raise FieldError(f"refine x concepts must be from 1 to {limits.max_refine} LinEAS steps, got "
+                                 f"{request.refine} x {len(request.concepts)}", "refine")
         self._check_sources(request)
 
     def _check_sources(self, request: SteerRequest) -> None:
@@ -209,6 +214,10 @@ class Service:
                     if getattr(request, field) else Sources()
             except HTError as error:
                 raise FieldError(str(error), field) from None
+            except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as error:
+                # an uploaded file whose metadata has the right keys but not the right shapes ("layers": "5")
+                raise FieldError(f"{field}: a file is not a valid intervention file (damaged metadata: "
+                                 f"{type(error).__name__} {str(error)[:100]})", field) from None
             found = resolved[field]
             for pattern in found.layers:
                 if pattern is not None:
@@ -229,10 +238,21 @@ class Service:
                 from None
 
     def prepare(self, request: SteerRequest) -> Planned:
-        """Check `request`, then plan it with `steer()`: maps predicted (or cached) and composed."""
+        """Check `request`, then plan it with `steer()`: maps predicted (or cached) and composed. One
+        request refines at a time (its budget bounds how long): another is refused (429), not queued."""
         self.check(request)
-        with self._planning:
+        with self._refine_slot(request.refine is not None), self._planning:
             return self.planner.plan(request)
+
+    @contextmanager
+    def _refine_slot(self, refines: bool) -> Iterator[None]:
+        if refines and not self._refining.acquire(blocking=False):
+            raise FieldError("the server is refining another request's concepts; retry shortly", "refine", 429)
+        try:
+            yield
+        finally:
+            if refines:
+                self._refining.release()
 
     def intervention(self, request: SteerRequest) -> Intervention:
         """The composed intervention of `request`'s sources (what `ht steer --export` writes)."""
