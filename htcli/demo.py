@@ -74,7 +74,7 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     spec = get_model("tiny")
     shipped = None if config.retrain else shipped_checkpoint(spec.id)
     if not config.retrain and shipped is None:
-        raise HTError("this installation has no shipped tiny hypernetwork; run `ht demo --retrain` to train one")
+        raise HTError("this installation has no shipped tiny hypernetwork; train one with retrain=True (`ht demo`)")
     library = load_library()
     rng = random.Random(config.seed)
     train = rng.sample(library.targets("train"), config.train_concepts) if config.retrain else []

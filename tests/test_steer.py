@@ -18,7 +18,8 @@ from htcli.errors import HTError
 from htcli.generate import steer as steering
 from htcli.generate.compose import combine, parse_weighted
 from htcli.generate.save import save_steered
-from htcli.generate.steer import SteerRequest, parse_steer_steps, parse_strengths, steer
+from htcli.core.strength import parse_strengths
+from htcli.generate.steer import SteerRequest, parse_steer_steps, steer
 from htcli.generate.source_maps import Steerer
 from htcli.methods.hypernetwork import (
     HyperCheckpoint,

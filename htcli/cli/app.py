@@ -1,6 +1,6 @@
 """The `ht` Typer app, which every command module registers its commands on.
 
-Library errors (`HTError`), and file-system errors (`OSError`) the library did not foresee,
+Library errors (`HTError`, in the options' words: `htcli.cli.messages`), and file-system errors (`OSError`) the library did not foresee,
 become a one-line `Error: ...` on stderr and exit code 1, never a traceback. `ht --help` lists
 the commands in the pipeline's order, then the tools (`SECTIONS`).
 """
@@ -15,6 +15,7 @@ import typer
 from typer.core import TyperArgument, TyperGroup
 
 from htcli import __version__
+from htcli.cli.messages import cli_words
 from htcli.errors import HTError
 
 # Conventional help placeholders, by parameter type; Typer's own are `<str>`, `<list[Path]>`.
@@ -90,7 +91,8 @@ class _Root(TyperGroup):
         try:
             return super().invoke(ctx)
         except HTError as error:
-            typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
+            command = self.commands.get(ctx.invoked_subcommand or "", self)
+            typer.secho(f"Error: {cli_words(str(error), command, self)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except OSError as error:  # a file system refusal the library did not foresee: still one line
             where = f": {error.filename}" if error.filename else ""

@@ -21,7 +21,8 @@ from htcli.cli.options import (
 )
 from htcli.cli.output import console, note, steps
 from htcli.evaluation.stats import plural
-from htcli.generate.steer import METHODS, SteerRequest, parse_strengths
+from htcli.core.strength import parse_strengths
+from htcli.generate.steer import METHODS, SteerRequest
 
 Method = Enum("Method", {name: name for name in METHODS}, type=str)  # hypertransport | prompt
 

@@ -31,9 +31,9 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 def split_prompts(prompts: Sequence[str], samples: int, eval_samples: int, seed: int) -> tuple[list[str], list[str]]:
     """Disjoint fitting and evaluation prompts from a seeded shuffle (cycled if too few)."""
     if samples < 2:
-        raise HTError(f"--samples must be at least 2 (W2 compares distributions), got {samples}")
+        raise HTError(f"samples= must be at least 2 (W2 compares distributions), got {samples}")
     if eval_samples < 2:
-        raise HTError(f"--eval-samples must be at least 2, got {eval_samples}")
+        raise HTError(f"eval_samples= must be at least 2, got {eval_samples}")
     order = list(prompts)
     random.Random(seed).shuffle(order)
     if len(order) < 2:
@@ -59,7 +59,7 @@ def make_settings(
     from htcli.core.hooks import module_width
 
     if batch_size < 1:
-        raise HTError(f"--batch-size must be positive, got {batch_size}")
+        raise HTError(f"batch_size= must be positive, got {batch_size}")
     fit_prompts, eval_prompts = split_prompts(library.source_prompts(), samples, eval_samples, seed)
     fit_seeds, eval_seeds = make_seeds(seed, samples, eval_samples)
     return DatasetSettings(
@@ -288,7 +288,7 @@ def check_existing(out: Path, settings: DatasetSettings, overwrite: bool) -> Non
         differ = settings_differences(existing.get("settings") or {}, settings)
         raise HTError(
             f"{out} holds a dataset built with other settings ({', '.join(differ)}); "
-            "choose another --out or pass --overwrite"
+            "choose another out= or pass overwrite=True"
         )
     for path in (out / "concepts").glob("*.safetensors"):
         path.unlink()

@@ -55,7 +55,7 @@ def baseline_folders(folders: Sequence[Path]) -> list[Path]:
     found = []
     for folder in map(Path, folders):
         if not folder.is_dir():
-            raise HTError(f"--baselines {folder} is not a directory; fit baselines with `ht fit-linear-baselines`")
+            raise HTError(f"baselines={str(folder)!r} is not a directory; fit baselines with `ht fit-linear-baselines`")
         methods = [folder] if (folder / SUMMARY).is_file() else sorted(p.parent for p in folder.glob(f"*/{SUMMARY}"))
         if not methods:
             raise HTError(f"no baselines in {folder} or its subfolders (no {SUMMARY}); "
@@ -135,7 +135,7 @@ def transport_concepts(dataset: ActivationDataset, split: str, baselines: Sequen
         names = sorted(random.Random(seed).sample(names, limit), key=str.lower)
     if not names:
         where = f" fitted by the baselines in {', '.join(map(str, baselines))}" if baselines else ""
-        raise HTError(f"no {split} concepts of {dataset.root}{where} to judge; try --split all or other --baselines")
+        raise HTError(f"no {split} concepts of {dataset.root}{where} to judge; try split='all' or other baselines=")
     return names
 
 

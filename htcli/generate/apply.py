@@ -16,13 +16,13 @@ pipeline; on a bare denoiser, with its calls since `apply`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from htcli.core.hooks import Hooks, Steering, attach, module_width
+from htcli.core.strength import DEFAULT_STRENGTH, check_strength
 from htcli.core.transport import Maps
 from htcli.errors import HTError
 from htcli.generate.compose import combine, layer_summary, select_layers
@@ -74,16 +74,6 @@ def _steps(steps: int | Collection[int] | None) -> Collection[int] | None:
     return window
 
 
-def check_strength(value: object) -> float:
-    """`value` as a float if it is a finite number, else HTError; above 1 in size it extrapolates
-    beyond the fitted transport (or its inverse), which works but is worth a warning."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise HTError(f"strength must be a finite number, got {value!r}")
-    if abs(value) > 1:
-        warnings.warn(f"strength {value:g} extrapolates beyond the fitted transport", stacklevel=3)
-    return float(value)
-
-
 class Applied:
     """Maps attached to a pipeline's denoiser: a context manager, and `remove()`. Setting
     `strength` takes effect on the next call of the pipeline."""
@@ -97,7 +87,7 @@ class Applied:
 
     @strength.setter
     def strength(self, value: float) -> None:
-        self._hooks.steering.strength = check_strength(value)
+        self._hooks.steering.strength = check_strength(value, warn=True)
 
     @property
     def attached(self) -> bool:
@@ -172,7 +162,7 @@ def _weighted(interventions: Applicable | Sequence[Applicable]) -> list[tuple[In
 def apply(
     pipe: Any,
     interventions: Applicable | Sequence[Applicable],
-    strength: float = 0.6,
+    strength: float = DEFAULT_STRENGTH,
     steps: int | Collection[int] | None = None,
     layers: Sequence[str] = (),
 ) -> Applied:
@@ -195,4 +185,4 @@ def apply(
         raise HTError(f"layers takes a list of patterns, got the string {layers!r}: write [{layers!r}]")
     kept = select_layers([list(i.maps) for i, _ in weighted], [None] * len(weighted), list(layers), labels)
     composed = combine([({name: i.maps[name] for name in names}, float(w)) for (i, w), names in zip(weighted, kept)])
-    return steer_pipeline(pipe, composed, check_strength(strength), _steps(steps))  # nothing attached before here
+    return steer_pipeline(pipe, composed, check_strength(strength, warn=True), _steps(steps))  # nothing attached before here

@@ -55,11 +55,11 @@ def check_outputs(request: SteerRequest, out: Path | None, export: Path | None) 
     a folder (or new), `export` a new .safetensors path or an ht intervention file (anything else
     there is never overwritten)."""
     if out is not None:
-        check_output_dir(out, "--out")
+        check_output_dir(out)
     if export is not None:
         if request.each or request.method != "hypertransport":
-            raise HTError("--export needs one composed intervention: drop --each, and use --method hypertransport")
-        check_intervention_out(export, "--export")
+            raise HTError("export= needs one composed intervention: drop each=True, and use method='hypertransport'")
+        check_intervention_out(export, "export")
 
 
 def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> list[Path]:
@@ -67,7 +67,7 @@ def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> 
     composed intervention to `export`. Every file is written atomically. Returns the PNGs."""
     check_output_dir(folder)
     if export is not None:
-        check_intervention_out(export, "--export")
+        check_intervention_out(export, "export")
     intervention = steered.intervention() if export is not None else None  # refuse before writing
     folder.mkdir(parents=True, exist_ok=True)
     written = []

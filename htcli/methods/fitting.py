@@ -67,7 +67,7 @@ def fit_settings(method: str, dataset: ActivationDataset, samples: int | None = 
     fitted = {k: v for k, v in asdict(lineas).items() if k != "micro_batch"} if lineas else None
     if refine is not None:
         if method != "lineas":
-            raise HTError(f"--refine warm-starts LinEAS from HyperTransport; use it with --method lineas, not {method}")
+            raise HTError(f"refine= warm-starts LinEAS from HyperTransport; use it with method='lineas', not {method!r}")
         check_refine_steps(refine)
         fitted |= {"steps": refine, "refine": refine, "hyper": checkpoint}
     return {"samples": dataset.fitting_samples(samples), "dataset_digest": dataset.manifest["settings_digest"],
@@ -102,7 +102,7 @@ def prepare_folder(folder: Path, method: str, model: str, settings: dict, overwr
     """The summary to continue in a method's `folder`: the saved one if fitted with `settings`
     (an interrupted run resumes), else a fresh one. A folder fitted with other settings is an
     HTError naming what differs, unless `overwrite`: then its summary and intervention files go."""
-    check_output_dir(folder, "--out")
+    check_output_dir(folder)
     fresh = {"method": method, "model": model, "settings": settings, "concepts": {}}
     path = folder / SUMMARY
     if not path.exists():
@@ -113,7 +113,7 @@ def prepare_folder(folder: Path, method: str, model: str, settings: dict, overwr
         return saved
     if not overwrite:
         raise HTError(f"{folder} holds {method} fits made with other settings ({', '.join(differ)}); "
-                      "choose another --out, rerun with the saved settings, or pass --overwrite to replace them")
+                      "choose another out=, rerun with the saved settings, or pass overwrite=True to replace them")
     for old in folder.glob("*.safetensors"):
         old.unlink()
     path.unlink()
@@ -147,7 +147,7 @@ def fit_baselines(
     from htcli.data.concepts import load_library
 
     if (refine is None) != (predictor is None):
-        raise HTError("--refine needs a hypernetwork to start from, and a hypernetwork is only used with --refine")
+        raise HTError("refine= needs a hypernetwork to start from, and a hypernetwork is only used with refine=")
     digest = predictor.digest if predictor is not None else None
     settings = fit_settings(method, dataset, samples, lineas, incremental, refine, digest)
     n = settings["samples"]
@@ -260,7 +260,7 @@ def run_baselines(
     # Every check before the model loads: method, concepts, samples, the hypernetwork, the
     # output folder and the settings of what it already holds.
     if hyper is not None and refine is None:
-        raise HTError("--hyper is only used with --refine (LinEAS from the hypernetwork's prediction)")
+        raise HTError("hyper= is only used with refine= (LinEAS from the hypernetwork's prediction)")
     spec = dataset.spec()
     checkpoint = resolve_checkpoint(hyper, spec.id) if refine is not None else None
     digest = file_digest(checkpoint) if checkpoint is not None else None

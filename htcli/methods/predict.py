@@ -65,14 +65,14 @@ def resolve_checkpoint(hyper: str | Path | None, model: str, weight_name: str | 
         try:
             return resolve_file(hyper, "hypernetwork", CHECKPOINT_NAMES, weight_name, subfolder)
         except HTError as error:
-            raise HTError(f"{error}; train one with `ht train-hyper --model {model or 'MODEL'}`") from None
+            raise HTError(f"{error}; train one with `ht train-hyper`{f' (model={model!r})' if model else ''}") from None
     path = run_path(model, "hyper") / CHECKPOINT
     if path.is_file():
         return path
     if (shipped := shipped_checkpoint(model)) is not None:
         return shipped
-    hint = "" if get_model(model).offline else " (offline, without its weights? try --model tiny)"
-    raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {model}` or pass --hyper{hint}")
+    hint = "" if get_model(model).offline else " (offline, without its weights? try model='tiny')"
+    raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper` (model={model!r}) or pass hyper= (a run folder, a .safetensors file or a Hub repo){hint}")
 
 
 @dataclass

@@ -43,15 +43,15 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise HTError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.steps < 0:
-            raise HTError(f"--steps must be 0 (the network as it starts: its prior alone) or positive, got {self.steps}")
+            raise HTError(f"steps= must be 0 (the network as it starts: its prior alone) or positive, got {self.steps}")
         if not self.lr > 0:
-            raise HTError(f"--lr must be positive, got {self.lr}")
+            raise HTError(f"lr= must be positive, got {self.lr}")
         if self.micro_batch is not None and self.micro_batch < 0:
-            raise HTError(f"--micro-batch must be 0 (off) or positive, got {self.micro_batch}")
+            raise HTError(f"micro_batch= must be 0 (off) or positive, got {self.micro_batch}")
         if not 0 <= self.val_fraction < 1:
-            raise HTError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+            raise HTError(f"val_fraction= must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.average < 1:
-            raise HTError(f"--average must be in [0, 1), got {self.average}")
+            raise HTError(f"average= must be in [0, 1), got {self.average}")
 
 
 # --micro-batch changes only memory (the gradient is exact) and --dtype only rounding (a run
@@ -102,6 +102,6 @@ def check_resumable(out: Path, hyper: HyperConfig, config: TrainConfig) -> Hyper
     saved = load_checkpoint(path)
     differ = settings_differences(saved.config, saved.info.get("config", {}), hyper, config)
     if differ:
-        raise HTError(f"--resume with other settings than the run in {out}: {', '.join(differ)}; "
-                      "rerun with the saved values, or pass --overwrite instead of --resume to start afresh")
+        raise HTError(f"resume=True with other settings than the run in {out}: {', '.join(differ)}; "
+                      "rerun with the saved values, or pass overwrite=True instead of resume=True to start afresh")
     return saved

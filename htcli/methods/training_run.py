@@ -66,7 +66,7 @@ def train_hypernetwork(
     # encoder they need, the samples, the concepts, and the run a --resume continues.
     out = check_output_dir(Path(out))
     if (out / "hyper.safetensors").exists() and not (resume or overwrite):
-        raise HTError(f"{out} already holds a hypernetwork; pass --resume to continue it or --overwrite to replace it")
+        raise HTError(f"{out} already holds a hypernetwork; pass resume=True to continue it or overwrite=True to replace it")
     images = None
     if calibration_images is not None:
         images = _calibration_paths(calibration_images)
@@ -141,15 +141,15 @@ def _check_image_encoder(encoder_id: str) -> None:
 
     kind = MiniLMEncoder if encoder_id == "minilm" else OpenClipEncoder if encoder_id.startswith("open_clip:") else None
     if kind is None or not kind.has_images:
-        raise HTError(f"--calibration-images needs a concept encoder with an image tower, and this dataset's encoder "
-                      f"{encoder_id} has none: build the dataset with an open_clip --encoder, or leave the images out")
+        raise HTError(f"calibration_images= needs a concept encoder with an image tower, and this dataset's encoder "
+                      f"{encoder_id} has none: build the dataset with an open_clip encoder=, or leave the images out")
 
 
 def _calibration_paths(folder: Path) -> list[Path]:
     """The images in `folder`, checked before training so a typo costs no training time."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise HTError(f"--calibration-images {folder} is not a folder")
+        raise HTError(f"calibration_images={str(folder)!r} is not a folder")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise HTError(f"no images (.png, .jpg, .webp) in {folder}")

@@ -29,7 +29,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from htcli.errors import HTError
-from htcli.generate.steer import SEED_LIMIT, SteerRequest, parse_strengths
+from htcli.core.strength import parse_strengths
+from htcli.generate.steer import SEED_LIMIT, SteerRequest
 from htcli.serve.service import FieldError, Limits, PixelBudget
 
 UPLOADS = ("reference_images", "interventions")
@@ -179,7 +180,7 @@ async def _form(request: Request, body: bytes, limits: Limits) -> tuple[dict, Fi
             try:
                 fields["strength"] = parse_strengths(value)
             except HTError as error:
-                raise FieldError(str(error).replace("--strength", "strength")[:300], "strength") from None
+                raise FieldError(str(error)[:300], "strength") from None
         else:
             fields[key] = value
     return fields, files

@@ -25,7 +25,8 @@ from pathlib import Path
 from htcli import __version__
 from htcli.errors import HTError
 from htcli.generate.batch import Planned, Planner, generate_batch
-from htcli.generate.compose import MAX_STRENGTH, Sources, check_pattern, resolve_sources, select_layers
+from htcli.core.strength import MAX_STRENGTH
+from htcli.generate.compose import Sources, check_pattern, resolve_sources, select_layers
 from htcli.generate.steer import METHODS, SteerRequest, check_seeds, parse_steer_steps
 from htcli.generate.source_maps import Steerer
 from htcli.models.interventions import Intervention
@@ -74,7 +75,7 @@ class Limits:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= least):
                 raise HTError(f"{option} must be a number >= {least}, got {value!r}")
         if self.max_strength > MAX_STRENGTH:
-            raise HTError(f"--max-strength must be at most {MAX_STRENGTH:g} (what ht steer takes), got {self.max_strength:g}")
+            raise HTError(f"max_strength= must be at most {MAX_STRENGTH:g} (what ht steer takes), got {self.max_strength:g}")
 
     def check_sources(self, counts: dict[str, int]) -> None:
         """FieldError, naming the field with most, unless a request's sources ({field: count}) are within `max_sources`."""
@@ -176,14 +177,14 @@ class Service:
         try:
             check_seeds(request.seed, request.num_images)
         except HTError as error:
-            raise FieldError(str(error).replace("--seed", "seed"), "seed") from None
+            raise FieldError(str(error), "seed") from None
         try:
             parse_steer_steps(request.steer_steps, len(self.spec.timesteps))
         except HTError as error:
             raise FieldError(str(error), "steer_steps") from None
         if request.refine is not None:
             if not limits.max_refine:
-                raise FieldError("this server does not refine (start it with --max-refine N)", "refine")
+                raise FieldError("this server does not refine (start it with max_refine=N)", "refine")
             if not 1 <= request.refine <= limits.max_refine:
                 raise FieldError(f"refine takes 1 to {limits.max_refine} LinEAS steps, got {request.refine}", "refine")
             if not request.concepts or request.method != "hypertransport":
@@ -225,7 +226,7 @@ class Service:
             select_layers(every.known_layers(predicted), every.layers, request.layers, every.labels)
         except HTError as error:
             message = str(error)
-            raise FieldError(message.replace("--layers", "layers"), "layers" if message.startswith("--layers") else "concepts") \
+            raise FieldError(message, "layers" if message.startswith("layers=") else "concepts") \
                 from None
 
     def prepare(self, request: SteerRequest) -> Planned:

@@ -1,0 +1,73 @@
+"""Library messages in the command line's words: `layers=` becomes `--layers`.
+
+The library names Python parameters in its errors and notes (`strength=`, `overwrite=True`), as
+a Python user calls it; the CLI shows the same text with its own options. Each `name=` is looked
+up among the running command's options (by their Python parameter name), then among every
+command's; `LIBRARY_NAMES` holds the few library parameters whose option is called otherwise.
+A `name=` that no option has is left as written.
+"""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+# Library parameter -> the CLI parameter that sets it, where the two names differ.
+LIBRARY_NAMES = {
+    "strengths": "strength",
+    "concepts": "concept",
+    "reference_images": "reference_image",
+    "interventions": "intervention",
+    "steps": "steps_",
+    "reference": "hyper",
+    "config": "hyper",
+}
+
+# `name=` not inside a longer name (`ht.apply(x=...)`, `--strength=-1` stay), then a True/False
+_PARAMETER = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=(True|False\b)?")
+
+
+def _options(command: click.Command) -> dict[str, click.Option]:
+    """The options of `command` and of every command below it, by Python parameter name (the
+    command's own first)."""
+    found: dict[str, click.Option] = {}
+    queue = [command]
+    while queue:
+        current = queue.pop(0)
+        for param in current.params:
+            if isinstance(param, click.Option):
+                found.setdefault(param.name, param)
+        queue += list(getattr(current, "commands", {}).values())
+    return found
+
+
+def _rendered(option: click.Option, value: str | None, next_char: str) -> str:
+    """The option as typed: `--overwrite` for `overwrite=True`, `--layers 'x'` for `layers='x'`."""
+    flag = max(option.opts, key=len)
+    if value is not None and option.is_flag:
+        return flag
+    return flag + (" " if next_char not in ("", " ", ",", ";", ")", ":") else "")
+
+
+def cli_words(message: str, command: click.Command, everywhere: click.Command | None = None) -> str:
+    """`message` with each Python parameter `name=` replaced by the option of `command` (else of
+    any command under `everywhere`) that sets it."""
+    own = _options(command)
+    anywhere = {**_options(everywhere), **own} if everywhere is not None else own
+
+    def option(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        for table in (own, anywhere):
+            found = table.get(name) or table.get(LIBRARY_NAMES.get(name, ""))
+            if found is not None:
+                return _rendered(found, value, message[match.end():match.end() + 1])
+        return match.group(0)
+
+    return _PARAMETER.sub(option, message)
+
+
+def current_cli_words(message: str) -> str:
+    """`message` in the words of the command now running (as is outside one)."""
+    ctx = click.get_current_context(silent=True)
+    return message if ctx is None else cli_words(message, ctx.command, ctx.find_root().command)
