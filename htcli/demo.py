@@ -62,7 +62,7 @@ class DemoConfig:
         for name, value in vars(self).items():
             if name not in ("seed", "retrain") and value < (2 if "samples" in name else 1):
                 least = "at least 2" if "samples" in name else "positive"
-                raise HTError(f"--{name.replace('_', '-')} must be {least}, got {value}")
+                raise HTError(f"{name}= must be {least}, got {value}")
 
 
 def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | None = None) -> dict:

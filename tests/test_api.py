@@ -235,7 +235,7 @@ def test_nothing_is_attached_when_apply_refuses(tiny):
     model = denoiser(pipe, spec)
     maps = _random_intervention(spec, pipe)
     for bad in (float("nan"), "0.5", None, True):
-        with pytest.raises(HTError, match="strength must be a finite number"):
+        with pytest.raises(HTError, match="strength= takes a finite number"):
             ht.apply(pipe, maps, strength=bad)
         assert _hook_count(model) == 0
     with pytest.raises(HTError, match="got 'art deco' \\(for concept text, use HyperTransport.intervention first\\)"):

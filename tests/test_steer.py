@@ -223,11 +223,11 @@ def test_flags_are_single_and_methods_a_choice():
         (["-c", "art deco:x"], "weight 'x' after the last ':' is not a number"),
         (["-i", "{pixart_file}"], "made for model 'pixart'"),
         (["-c", "art deco", "--method", "prompt", "-r", "{bad}"], "cannot use --reference-image"),
-        (["-c", "art deco", "--num-images", "0"], "--num-images must be positive"),
+        (["-c", "art deco", "--num-images", "0"], "--num-images must be at least 1"),
         (["-c", "art deco", "-c", "ukiyo-e", "--each", "--export", "{tmp}/x.safetensors"], "--export needs one composed"),
         ([], "nothing to steer with"),
         (["-r", "{png}"], "need an image encoder"),
-        (["-c", "art deco", "--steer-steps", "1:"], "--steer-steps 1: is past the model's last step"),
+        (["-c", "art deco", "--steer-steps", "1:"], "--steer-steps '1:' is past the model's last step"),
     ],
 )
 def test_bad_input_is_one_line_error_before_the_pipeline_loads(hyper, tmp_path, monkeypatch, args, message):

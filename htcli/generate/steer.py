@@ -37,12 +37,11 @@ from htcli.generate.compose import (
     combine,
     resolve_sources,
 )
+from htcli.generate.request_fields import FIELDS, SEED_LIMIT
 from htcli.generate.source_maps import Steerer, compose_sources, nearest_records, ood_flag
 from htcli.models import ModelSpec
 from htcli.models.interventions import Intervention
 
-METHODS = ("hypertransport", "prompt")
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.Generator.manual_seed takes and initial_seed gives back
 
 
 def check_seeds(seed: int, num_images: int) -> None:
@@ -137,14 +136,14 @@ class SteerRequest:
     reference_images: Sequence[Any] = ()
     interventions: Sequence[Weighted] = ()
     strengths: Sequence[float] | None = None  # a sweep: one image per value (and seed); None: DEFAULT_STRENGTH
-    method: str = "hypertransport"  # or "prompt": the concept's template applied to the prompt
-    seed: int = 0  # image k uses seed + k
-    num_images: int = 1
+    method: str = FIELDS["method"].default  # or "prompt": the concept's template applied to the prompt
+    seed: int = FIELDS["seed"].default  # image k uses seed + k
+    num_images: int = FIELDS["num_images"].default
     each: bool = False  # one image per source in one mixed batch, instead of composing them
-    gap_correction: bool = True
-    steer_steps: str = "all"  # denoising steps to steer: "all", "0:1", "1:", ":2", "2" (see parse_steer_steps)
+    gap_correction: bool = FIELDS["gap_correction"].default
+    steer_steps: str = FIELDS["steer_steps"].default  # denoising steps to steer: "all", "0:1", "1:", ":2", "2" (see parse_steer_steps)
     layers: Sequence[str] = ()  # steer only the intervention's layers matching any of these (glob or re:); (): all
-    refine: int | None = None  # N LinEAS steps from each concept's prediction (`htcli.methods.refine`)
+    refine: int | None = FIELDS["refine"].default  # N LinEAS steps from each concept's prediction (`htcli.methods.refine`)
     data: Path | None = None  # the dataset --refine reads first; None: runs/<model>/data if built (`refine_dataset`)
 
     @property
@@ -159,10 +158,8 @@ class SteerRequest:
         """Raise HTError for settings that cannot work together (sources are checked later)."""
         if not self.prompt.strip():
             raise HTError("the prompt is empty: say what to generate")
-        if self.method not in METHODS:
-            raise HTError(f"method= must be hypertransport or prompt, got {self.method!r}")
-        if self.num_images < 1:
-            raise HTError(f"num_images= must be positive, got {self.num_images}")
+        for name in ("method", "num_images"):
+            FIELDS[name].check(getattr(self, name))
         check_seeds(self.seed, self.num_images)
         if self.strengths is not None and not list(self.strengths):
             raise HTError("strengths= is empty: give a sweep of numbers, or None for the default")

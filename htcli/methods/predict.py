@@ -29,6 +29,7 @@ from htcli.core.files import file_digest
 from htcli.core.references import resolve_file
 from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
+from htcli.data.concept_files import normalize
 from htcli.data.concepts import Concept
 from htcli.errors import HTError
 from htcli.methods.embedding import bare_text, embed_concepts
@@ -206,6 +207,10 @@ class Predictor:
                 bare = self.encoder.encode_text(names)  # (K, E)
                 nearest = training.nearest(bare, against=ood.names)
                 records += [self._record(n, None) | r for n, r in zip(nearest, ood.record(self.encoder, names, bare))]
+            trained = {normalize(name) for name in training.names}
+            for concept, record in zip(concepts, records):  # a concept trained on is in distribution, whatever the cues say
+                if normalize(bare_text(concept)) in trained:
+                    record["ood"] = False
         if images is not None:
             records.append(self._record(training.nearest(images)[0], training.threshold))
         return records

@@ -41,7 +41,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("concepts_per_step", "eval_every", "limit_concepts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise HTError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise HTError(f"{name}= must be positive, got {getattr(self, name)}")
         if self.steps < 0:
             raise HTError(f"steps= must be 0 (the network as it starts: its prior alone) or positive, got {self.steps}")
         if not self.lr > 0:

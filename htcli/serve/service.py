@@ -27,7 +27,8 @@ from htcli.errors import HTError
 from htcli.generate.batch import Planned, Planner, generate_batch
 from htcli.core.strength import MAX_STRENGTH
 from htcli.generate.compose import Sources, check_pattern, resolve_sources, select_layers
-from htcli.generate.steer import METHODS, SteerRequest, check_seeds, parse_steer_steps
+from htcli.generate.request_fields import METHODS
+from htcli.generate.steer import SteerRequest, check_seeds, parse_steer_steps
 from htcli.generate.source_maps import Steerer
 from htcli.models.interventions import Intervention
 from htcli.serve.batching import Batcher
