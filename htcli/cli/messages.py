@@ -10,8 +10,7 @@ A `name=` that no option has is left as written.
 from __future__ import annotations
 
 import re
-
-import click
+from typing import Any
 
 # Library parameter -> the CLI parameter that sets it, where the two names differ.
 LIBRARY_NAMES = {
@@ -28,21 +27,21 @@ LIBRARY_NAMES = {
 _PARAMETER = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=(True|False\b)?")
 
 
-def _options(command: click.Command) -> dict[str, click.Option]:
+def _options(command: Any) -> dict[str, Any]:
     """The options of `command` and of every command below it, by Python parameter name (the
     command's own first)."""
-    found: dict[str, click.Option] = {}
+    found: dict[str, Any] = {}
     queue = [command]
     while queue:
         current = queue.pop(0)
         for param in current.params:
-            if isinstance(param, click.Option):
+            if param.param_type_name == "option":
                 found.setdefault(param.name, param)
         queue += list(getattr(current, "commands", {}).values())
     return found
 
 
-def _rendered(option: click.Option, value: str | None, next_char: str) -> str:
+def _rendered(option: Any, value: str | None, next_char: str) -> str:
     """The option as typed: `--overwrite` for `overwrite=True`, `--layers 'x'` for `layers='x'`."""
     flag = max(option.opts, key=len)
     if value is not None and option.is_flag:
@@ -50,7 +49,7 @@ def _rendered(option: click.Option, value: str | None, next_char: str) -> str:
     return flag + (" " if next_char not in ("", " ", ",", ";", ")", ":") else "")
 
 
-def cli_words(message: str, command: click.Command, everywhere: click.Command | None = None) -> str:
+def cli_words(message: str, command: Any, everywhere: Any = None) -> str:
     """`message` with each Python parameter `name=` replaced by the option of `command` (else of
     any command under `everywhere`) that sets it."""
     own = _options(command)
@@ -67,7 +66,10 @@ def cli_words(message: str, command: click.Command, everywhere: click.Command | 
     return _PARAMETER.sub(option, message)
 
 
+# (command, root) of the command this process runs, set when `ht` resolves it (`htcli.cli.app`)
+running: tuple[Any, Any] | None = None
+
+
 def current_cli_words(message: str) -> str:
     """`message` in the words of the command now running (as is outside one)."""
-    ctx = click.get_current_context(silent=True)
-    return message if ctx is None else cli_words(message, ctx.command, ctx.find_root().command)
+    return message if running is None else cli_words(message, *running)
