@@ -82,7 +82,8 @@ def test_the_cli_names_its_options_for_the_same_mistakes(tmp_path):
     root = typer.main.get_command(app)
     steer = root.commands["steer"]
     assert cli_words("layers=['x'] matches none", steer) == "--layers ['x'] matches none"
-    assert cli_words("steer_steps='9' is past the last step", steer) == "--steer-steps '9' is past the last step"
+    assert cli_words("steer_steps='9' is past the last step", steer) == "--steer-steps 9 is past the last step"
+    assert cli_words("layers='*.norm1' matches none", steer) == "--layers '*.norm1' matches none"
     assert (cli_words("nothing to steer with: give concepts=, reference_images= or interventions=", steer)
             == "nothing to steer with: give --concept, --reference-image or --intervention")
     assert cli_words("pass overwrite=True", root.commands["train-hyper"], root) == "pass --overwrite"
@@ -93,8 +94,8 @@ def test_the_cli_names_its_options_for_the_same_mistakes(tmp_path):
                         (["--seed", "-1"], "--seed must be from 0"),
                         (["--strength", "7"], "--strength takes a finite number"),
                         (["--layers", "nothing.like.this"], "--layers 'nothing.like.this' matches none"),
-                        (["--steer-steps", "9"], "--steer-steps '9' is past"),
-                        (["--each", "--method", "prompt"], "--each needs --method 'hypertransport'")]:
+                        (["--steer-steps", "9"], "--steer-steps 9 is past"),
+                        (["--each", "--method", "prompt"], "--each needs --method hypertransport")]:
         result = runner.invoke(app, ["steer", "a cat", "-c", "art deco", "--model", "tiny",
                                      "--out", str(tmp_path / "o"), *args])
         assert result.exit_code == 1 and named in result.output, (args, result.output)

@@ -113,9 +113,9 @@ def test_no_validation_concepts_no_threshold(tmp_path):
 def test_training_concept_is_its_own_nearest_neighbour(hyper):
     predictor = Predictor.load(hyper, model="tiny")
     name = predictor.training_concepts.names[0]
-    predicted = predictor.maps([load_library().resolve(name), FAR_OFF])
-    assert len(predicted) == 2  # `maps` still returns the maps; the neighbours are on the side
-    near, far = predictor.neighbour_info(0), predictor.neighbour_info(1)
+    prediction = predictor.predict([load_library().resolve(name), FAR_OFF])
+    assert len(prediction.maps) == 2 and prediction.ms > 0
+    near, far = prediction.neighbours
     best, *others = near["nearest_training_concepts"]
     assert best == {"name": name, "similarity": pytest.approx(1.0, abs=1e-5)} and len(others) == 2
     assert all(o["similarity"] <= best["similarity"] for o in others)
@@ -190,8 +190,7 @@ def pre_cue_hyper(hyper, tmp_path_factory):
 def test_checkpoint_without_calibration_keeps_the_nearest_concept_rule(pre_cue_hyper):
     predictor = Predictor.load(pre_cue_hyper)
     assert predictor.checkpoint.ood is None
-    predictor.maps([FAR_OFF])
-    info = predictor.neighbour_info(0)
+    (info,) = predictor.predict([FAR_OFF]).neighbours
     similarity = predictor.nearest(predictor.embed_concepts([FAR_OFF]), 1)[0][0][1]
     assert info["nearest_training_concepts"][0]["similarity"] == pytest.approx(similarity)
     threshold = predictor.training_concepts.threshold

@@ -227,7 +227,7 @@ def test_flags_are_single_and_methods_a_choice():
         (["-c", "art deco", "-c", "ukiyo-e", "--each", "--export", "{tmp}/x.safetensors"], "--export needs one composed"),
         ([], "nothing to steer with"),
         (["-r", "{png}"], "need an image encoder"),
-        (["-c", "art deco", "--steer-steps", "1:"], "--steer-steps '1:' is past the model's last step"),
+        (["-c", "art deco", "--steer-steps", "1:"], "--steer-steps 1: is past the model's last step"),
     ],
 )
 def test_bad_input_is_one_line_error_before_the_pipeline_loads(hyper, tmp_path, monkeypatch, args, message):

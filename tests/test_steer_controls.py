@@ -211,10 +211,10 @@ def test_select_layers_intersects_and_names_the_known_layers():
     known = "transformer_blocks.{0..3}.norm1, transformer_blocks.{0..3}.norm2"
     with pytest.raises(HTError) as error:
         select_layers([TINY_LAYERS], [None], ["transformer_blocks.9.*"], ["a"])
-    assert str(error.value) == f"--layers 'transformer_blocks.9.*' matches none of the intervention's layers: {known}"
+    assert str(error.value) == f"layers='transformer_blocks.9.*' matches none of the intervention's layers: {known}"
     with pytest.raises(HTError, match="layer pattern '\\*.norm3' of 'a' matches none of its layers"):
         select_layers([TINY_LAYERS], ["*.norm3"], [], ["a"])
-    with pytest.raises(HTError, match="--layers \\*.norm1 matches none of the layers 'f' acts on"):
+    with pytest.raises(HTError, match="layers=\\['\\*.norm1'\\] matches none of the layers 'f' acts on"):
         select_layers([TINY_LAYERS, file_layers], [None, None], ["*.norm1"], ["a", "f"])
 
 

@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperArgument, TyperGroup
 
 from htcli import __version__
-from htcli.cli import messages
+from htcli.cli.messages import current_cli_words, set_running
 from htcli.errors import HTError
 
 # Conventional help placeholders, by parameter type; Typer's own are `<str>`, `<list[Path]>`.
@@ -89,14 +89,14 @@ class _Root(TyperGroup):
 
     def resolve_command(self, ctx, args):
         name, command, rest = super().resolve_command(ctx, args)
-        messages.running = (command, self)  # notes and errors name this command's options
+        set_running(command, self)  # notes and errors name this command's options
         return name, command, rest
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except HTError as error:
-            typer.secho(f"Error: {messages.current_cli_words(str(error))}", err=True, fg=typer.colors.RED)
+            typer.secho(f"Error: {current_cli_words(str(error))}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except OSError as error:  # a file system refusal the library did not foresee: still one line
             where = f": {error.filename}" if error.filename else ""

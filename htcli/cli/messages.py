@@ -23,8 +23,9 @@ LIBRARY_NAMES = {
     "config": "hyper",
 }
 
-# `name=` not inside a longer name (`ht.apply(x=...)`, `--strength=-1` stay), then a True/False
-_PARAMETER = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=(True|False\b)?")
+# `name=` not inside a longer name (`ht.apply(x=...)`, `--strength=-1` stay), then True/False,
+# or a quoted word a shell takes unquoted ('tiny', '1:'), or anything else
+_PARAMETER = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=(?:(True|False)\b|'([\w.:-]+)'(?!\w))?")
 
 
 def _options(command: Any) -> dict[str, Any]:
@@ -41,11 +42,15 @@ def _options(command: Any) -> dict[str, Any]:
     return found
 
 
-def _rendered(option: Any, value: str | None, next_char: str) -> str:
-    """The option as typed: `--overwrite` for `overwrite=True`, `--layers 'x'` for `layers='x'`."""
+def _rendered(option: Any, match: re.Match, next_char: str) -> str:
+    """The option as typed: `--overwrite` for `overwrite=True`, `--model tiny` for `model='tiny'`,
+    `--layers '*.norm1'` for `layers='*.norm1'`."""
     flag = max(option.opts, key=len)
-    if value is not None and option.is_flag:
-        return flag
+    switch, word = match.group(2), match.group(3)
+    if switch is not None:
+        return flag if option.is_flag else f"{flag} {switch}"
+    if word is not None:
+        return f"{flag} {word}"
     return flag + (" " if next_char not in ("", " ", ",", ";", ")", ":") else "")
 
 
@@ -56,20 +61,24 @@ def cli_words(message: str, command: Any, everywhere: Any = None) -> str:
     anywhere = {**_options(everywhere), **own} if everywhere is not None else own
 
     def option(match: re.Match) -> str:
-        name, value = match.group(1), match.group(2)
+        name = match.group(1)
         for table in (own, anywhere):
             found = table.get(name) or table.get(LIBRARY_NAMES.get(name, ""))
             if found is not None:
-                return _rendered(found, value, message[match.end():match.end() + 1])
+                return _rendered(found, match, message[match.end():match.end() + 1])
         return match.group(0)
 
     return _PARAMETER.sub(option, message)
 
 
-# (command, root) of the command this process runs, set when `ht` resolves it (`htcli.cli.app`)
-running: tuple[Any, Any] | None = None
+_running: list[tuple[Any, Any]] = []  # (command, root) of the command this process runs
+
+
+def set_running(command: Any, root: Any) -> None:
+    """Say which command `ht` runs (`htcli.cli.app`), for `current_cli_words`."""
+    _running[:] = [(command, root)]
 
 
 def current_cli_words(message: str) -> str:
     """`message` in the words of the command now running (as is outside one)."""
-    return message if running is None else cli_words(message, *running)
+    return cli_words(message, *_running[0]) if _running else message

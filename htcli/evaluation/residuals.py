@@ -36,8 +36,9 @@ def evaluate_hyper(
     eval_inputs, source = dataset.source_inputs("eval"), dataset.source_activations("eval")
     result = MethodResult("hypertransport", [], [])
     for done, name in enumerate(names, 1):
-        maps = predictor.maps([library.resolve(name)])[0]
-        result.seconds.append(predictor.last_ms / 1e3)
+        prediction = predictor.predict([library.resolve(name)])
+        maps = prediction.maps[0]
+        result.seconds.append(prediction.ms / 1e3)
         target = {k: v[0] for k, v in dataset.targets([name], "eval").items()}
         result.residuals.append(residuals(frozen, eval_inputs, source, target, maps)[0])
         if progress:

@@ -88,7 +88,7 @@ class _Recorder:
 
 class Planner:
     """Plans requests with `steer()` for `generate_batch`. One per loaded model; not thread-safe
-    (the predictor keeps per-call state): callers serialise `plan`."""
+    (its recording pipeline keeps the calls of the request it plans): callers serialise `plan`."""
 
     def __init__(self, steerer: Steerer, predictor: Any = None) -> None:
         self.spec = steerer.spec

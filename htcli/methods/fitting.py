@@ -19,6 +19,7 @@ from pathlib import Path
 
 from htcli.core.files import check_output_dir, read_json, write_json
 from htcli.core.runtime import Progress
+from htcli.core.settings import settings_differences
 from htcli.data.concepts import slugify
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
@@ -74,28 +75,22 @@ def fit_settings(method: str, dataset: ActivationDataset, samples: int | None = 
             "lineas": fitted, "incremental": incremental if method == "linear-act" else None}
 
 
-def settings_differences(saved: dict, model: str, settings: dict) -> list[str]:
-    """What differs from a saved summary's model and settings, by the option that sets it:
-    '--samples 8 (saved 16)', 'another dataset (settings digest ...)', '--lr 0.1 (saved 0.01)'."""
+def fit_differences(saved: dict, model: str, settings: dict) -> list[str]:
+    """What differs from a saved summary's model and settings (`settings_differences`:
+    'samples=8 (saved 16)', 'lr=0.1 (saved 0.01)'), and 'another dataset (settings digest ...)'."""
     old = saved.get("settings") or {}
     differ = []
     if saved.get("model") != model:
         differ.append(f"model {model} (saved {saved.get('model')})")
     if old.get("dataset_digest") != settings["dataset_digest"]:
         differ.append(f"another dataset (settings digest {settings['dataset_digest']}, saved {old.get('dataset_digest')})")
-    if old.get("samples") != settings["samples"]:
-        differ.append(f"--samples {settings['samples']} (saved {old.get('samples')})")
-    if old.get("incremental") != settings["incremental"]:
-        differ.append(f"--incremental {_on(settings['incremental'])} (saved {_on(old.get('incremental'))})")
-    new_lineas, old_lineas = settings["lineas"] or {}, old.get("lineas") or {}
-    for key in sorted(set(new_lineas) | set(old_lineas)):
-        if new_lineas.get(key) != old_lineas.get(key):
-            differ.append(f"--{key.replace('_', '-')} {new_lineas.get(key)} (saved {old_lineas.get(key)})")
-    return differ
 
+    def shown(settings: dict) -> dict:
+        lineas = settings.get("lineas") or {}
+        return {"samples": settings.get("samples"), "incremental": "on" if settings.get("incremental") else "off",
+                **{key: lineas.get(key) for key in sorted(set(lineas) | set(old.get("lineas") or {}))}}
 
-def _on(flag: bool | None) -> str:
-    return "on" if flag else "off"
+    return differ + settings_differences(shown(old), shown(settings))
 
 
 def prepare_folder(folder: Path, method: str, model: str, settings: dict, overwrite: bool = False) -> dict:
@@ -108,7 +103,7 @@ def prepare_folder(folder: Path, method: str, model: str, settings: dict, overwr
     if not path.exists():
         return fresh
     saved = read_json(path)
-    differ = settings_differences(saved if isinstance(saved, dict) else {}, model, settings)
+    differ = fit_differences(saved if isinstance(saved, dict) else {}, model, settings)
     if not differ:
         return saved
     if not overwrite:

@@ -92,8 +92,8 @@ def refine_maps(
     """
     check_refine(steps, dataset, [concept.name])
     n = dataset.fitting_samples(samples)
-    predicted = predictor.maps([concept])[0]
-    predict_seconds = predictor.last_ms / 1e3
+    prediction = predictor.predict([concept])
+    predicted, predict_seconds = prediction.maps[0], prediction.ms / 1e3
     inputs = {k: v[:n] for k, v in dataset.source_inputs("fit").items()}  # (N, ...) per input
     target = {k: v[0, :n] for k, v in dataset.targets([concept.name], "fit").items()}  # (N, D) per layer
     config = replace(lineas or LineasConfig(), steps=steps)
@@ -206,8 +206,9 @@ def export_intervention(concept: str, out: Path, hyper: Path | None = None, mode
     predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
     if refine is not None and dataset is None:
         dataset = refine_dataset(None, predictor.model)
+    prediction = predictor.predict([resolved])
     if refine is None:
-        maps, method, refined = predictor.maps([resolved])[0], "hypertransport", {}
+        maps, method, refined = prediction.maps[0], "hypertransport", {}
     else:
         from htcli.models import load_pipeline
 
@@ -220,6 +221,6 @@ def export_intervention(concept: str, out: Path, hyper: Path | None = None, mode
         maps, refined = refine_maps(predictor, refiner.frozen(layers), resolved, source, refine, evaluate=evaluate)
         method = refined_method(refine)
     intervention = Intervention(maps, predictor.model, method, resolved.name, predictor.checkpoint.encoder,
-                                info={"phrase": resolved.phrase, **predictor.neighbour_info(0), **refined})
+                                info={"phrase": resolved.phrase, **prediction.neighbours[0], **refined})
     intervention.save(out)
     return intervention

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from htcli.core.files import check_output_dir
-from htcli.core.runtime import Progress, is_main_process, process_group, resolve_device
+from htcli.core.runtime import Progress, is_main_process, process_group, resolve_device, world_size
+from htcli.core.runtime import rank as process_rank
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
@@ -60,8 +61,6 @@ def train_hypernetwork(
     result there and None on the other ranks. Every check runs before the model loads; a
     `resume` of a finished run trains nothing (it still calibrates, given images).
     """
-    import torch.distributed as dist
-
     # Every check before the model loads: the output folder, the calibration images and the
     # encoder they need, the samples, the concepts, and the run a --resume continues.
     out = check_output_dir(Path(out))
@@ -88,7 +87,7 @@ def train_hypernetwork(
 
     torch_device = resolve_device(device)  # this rank's GPU under torchrun
     with process_group(torch_device) as distributed:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        rank, world = (process_rank(), world_size()) if distributed else (0, 1)
         main = rank == 0
         frozen = Frozen.load(spec, dataset.settings.layers, torch_device, config.dtype, grad_checkpointing, model_path)
         trainer = Trainer(frozen, dataset, hyper_config, config, out, spec.id, rank, world)

@@ -135,7 +135,7 @@ class Service:
         self.library = steerer.library
         self.planner = Planner(steerer, self.predictor)
         steerer.refiner.max_cached = self.limits.cache_size  # refine targets on disk: as many concepts as maps in memory
-        self._planning = threading.Lock()  # the planner and the encoder's tokenizer are single-threaded
+        self._planning = threading.Lock()  # the planner's recorder and the encoder's tokenizer are single-threaded
         self._counting = threading.Lock()
         self.in_flight = 0
         self.started = time.time()
