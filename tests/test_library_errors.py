@@ -93,7 +93,7 @@ def test_the_cli_names_its_options_for_the_same_mistakes(tmp_path):
     for args, named in [(["--num-images", "0"], "--num-images must be at least 1"),
                         (["--seed", "-1"], "--seed must be from 0"),
                         (["--strength", "7"], "--strength takes a finite number"),
-                        (["--layers", "nothing.like.this"], "--layers 'nothing.like.this' matches none"),
+                        (["--layers", "nothing.like.this"], "--layers nothing.like.this matches none"),
                         (["--steer-steps", "9"], "--steer-steps 9 is past"),
                         (["--each", "--method", "prompt"], "--each needs --method hypertransport")]:
         result = runner.invoke(app, ["steer", "a cat", "-c", "art deco", "--model", "tiny",
@@ -116,3 +116,58 @@ def test_interventions_print_in_one_short_line(tiny):
     spec, pipe = tiny
     text = repr(_intervention(spec, pipe))
     assert "\n" not in text and "tensor" not in text and len(text) < 200 and "'tiny'" in text
+
+
+def _public_members(obj) -> list[tuple[str, object]]:
+    """`obj` itself, and for a class its public methods and properties defined in htcli."""
+    members = [(obj.__name__, obj)]
+    if isinstance(obj, type) and not issubclass(obj, BaseException):
+        for name, member in vars(obj).items():
+            if not name.startswith("_") or name == "__repr__":
+                members.append((f"{obj.__name__}.{name}", getattr(member, "__func__", getattr(member, "fget", member))))
+    return members
+
+
+def test_every_public_name_has_a_docstring_and_type_hints():
+    import inspect
+
+    missing = []
+    for export in sorted(set(ht.__all__) - {"__version__"}):
+        for name, member in _public_members(getattr(ht, export)):
+            if not callable(member) and not isinstance(member, type):
+                continue  # a dataclass field's default
+            if not inspect.getdoc(member):
+                missing.append(f"{name}: no docstring")
+            if isinstance(member, type) or not inspect.isfunction(member):
+                continue
+            signature = inspect.signature(member)
+            untyped = [p for p in signature.parameters.values() if p.name not in ("self", "cls")
+                       and p.annotation is inspect.Parameter.empty]
+            if untyped or signature.return_annotation is inspect.Signature.empty:
+                missing.append(f"{name}: untyped {[p.name for p in untyped] or 'return'}")
+    assert missing == []
+    assert (PACKAGE / "py.typed").is_file()
+
+
+def test_an_intervention_for_another_model_is_refused_by_name_unless_forced(tiny):
+    spec, pipe = tiny
+    own = _intervention(spec, pipe)
+    other = ht.Intervention(own.maps, "pixart", "lineas", "pixart's")  # tiny's layers and widths: it fits
+    with pytest.raises(ValueError, match="made for model 'pixart', and this pipeline's PixArtTransformer2DModel is "
+                                         "'tiny'; pass force=True"):
+        ht.apply(pipe, other)
+    with ht.apply(pipe, other, force=True) as handle:
+        assert handle.attached
+    with ht.apply(pipe, own) as handle:
+        assert handle.attached
+
+
+def test_steps_take_ints_and_ranges_and_refuse_bools_and_floats(tiny):
+    spec, pipe = tiny
+    iv = _intervention(spec, pipe)
+    for good in (0, range(0, 1), {0}):
+        with ht.apply(pipe, iv, steps=good) as handle:
+            assert handle.attached
+    for bad in (True, 0.5, "0", [0.5], -1):
+        with pytest.raises(ValueError, match=r"^steps= takes denoising step numbers from 0 \(an int, a range or a set"):
+            ht.apply(pipe, iv, steps=bad)

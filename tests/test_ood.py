@@ -245,3 +245,19 @@ def test_score_is_the_weakest_cue_percentile(tmp_path):
     with pytest.raises(HTError, match="other cues"):
         OODCalibration.load(tensors, other)
     assert OODCalibration.fit(encoder, train, []) is None  # no validation concepts: no threshold to set
+
+
+def test_a_training_concepts_own_name_is_never_out_of_distribution():
+    """The shipped tiny hypernetwork: every training concept, by its own name (any case), is in
+    distribution, whatever its cues say ('ukiyo-e' splits into short fragments)."""
+    import htcli as ht
+
+    hyper = ht.HyperTransport.from_pretrained(model="tiny")
+    names = hyper.training_concepts
+    records = hyper.predictor.neighbours(names + [name.upper() for name in names[:50]])
+    assert [name for name, record in zip(names, records) if record["ood"] is not False] == []
+    ukiyo = hyper.intervention("ukiyo-e")
+    assert ukiyo.ood is False and not any("out of distribution" in note for note in ukiyo.info["notes"])
+    assert ukiyo.nearest[0]["name"] == "ukiyo-e"
+    assert hyper.intervention(FAR_OFF).ood is True  # the rule still flags text unlike any concept
+    assert repr(hyper).startswith("HyperTransport(model='tiny'") and "\n" not in repr(hyper)

@@ -16,7 +16,7 @@ pipeline; on a bare denoiser, with its calls since `apply`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from htcli.core.strength import DEFAULT_STRENGTH, check_strength
 from htcli.core.transport import Maps
 from htcli.errors import HTError
 from htcli.generate.compose import combine, layer_summary, select_layers
+from htcli.models.identity import model_ids
 from htcli.models.interventions import Intervention
 
 DENOISER_ATTRIBUTES = ("transformer", "unet")  # where diffusers pipelines keep their denoiser
@@ -67,10 +68,13 @@ def _steps(steps: int | Collection[int] | None) -> Collection[int] | None:
     """The window as a range or a frozenset (a generator is read once, here)."""
     if steps is None:
         return None
+    form = f"steps= takes denoising step numbers from 0 (an int, a range or a set of ints), got {steps!r:.60}"
+    if isinstance(steps, (bool, float, str)) or not isinstance(steps, (int, Iterable)):
+        raise HTError(form)
     window = range(steps, steps + 1) if isinstance(steps, int) else steps
     window = window if isinstance(window, range) else frozenset(window)
     if not window or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in window):
-        raise HTError(f"steps takes denoising step numbers from 0 (an int, a range or a set), got {steps!r}")
+        raise HTError(form)
     return window
 
 
@@ -120,8 +124,9 @@ def steer_pipeline(pipe: Any, maps: Maps, strength: float | Tensor = 1.0,
     return Applied(attach(model, layers, steering=steering, step=clock), list(layers))
 
 
-def check_fits(intervention: Intervention, model: nn.Module, label: str) -> None:
-    """One line, unless every layer `intervention` steers exists in `model` with its width."""
+def check_fits(intervention: Intervention, model: nn.Module, label: str, force: bool = False) -> None:
+    """One line, unless every layer `intervention` steers exists in `model` with its width and,
+    unless `force`, `model` is not known to be another model than the one it was made for."""
     modules = dict(model.named_modules())
     made_for = f"{label} (made for {intervention.model or 'an unknown model'})"
     missing = [name for name in intervention.maps if name not in modules]
@@ -133,6 +138,10 @@ def check_fits(intervention: Intervention, model: nn.Module, label: str) -> None
         if have != width:
             raise HTError(f"{made_for} has width {width} at {name}, but this pipeline's "
                           f"{type(model).__name__} has width {have} there")
+    known = [] if force or not intervention.model else model_ids(model)
+    if known and intervention.model not in known:
+        raise HTError(f"{label} was made for model {intervention.model!r}, and this pipeline's {type(model).__name__} "
+                      f"is {' or '.join(map(repr, known))}; pass force=True to apply it anyway")
 
 
 Applicable = Intervention | tuple[Intervention, float]
@@ -165,6 +174,7 @@ def apply(
     strength: float = DEFAULT_STRENGTH,
     steps: int | Collection[int] | None = None,
     layers: Sequence[str] = (),
+    force: bool = False,
 ) -> Applied:
     """Steer `pipe` (a diffusers pipeline, or its denoiser) with one or several interventions
     until the returned handle is removed (or its `with` block ends).
@@ -174,13 +184,15 @@ def apply(
     strength: the global strength (0: exactly the unsteered model; negative: the reverse transport).
     steps: the denoising steps to steer, 0-based (an int, a range or a set); None: all.
     layers: glob (or `re:`) patterns; only the intervention layers they match are steered.
+    force: apply an intervention made for another model whose layers and widths fit.
 
-    Maps whose layers or widths do not fit the pipeline's denoiser are refused in one line."""
+    Maps whose layers or widths do not fit the pipeline's denoiser are refused in one line, and
+    so are maps made for another model, even when they fit, unless `force`."""
     weighted = _weighted(interventions)
     model = denoiser_of(pipe)
     labels = [intervention.concept or f"intervention {k}" for k, (intervention, _) in enumerate(weighted)]
     for (intervention, _), label in zip(weighted, labels):
-        check_fits(intervention, model, repr(label))
+        check_fits(intervention, model, repr(label), force)
     if isinstance(layers, str):
         raise HTError(f"layers takes a list of patterns, got the string {layers!r}: write [{layers!r}]")
     kept = select_layers([list(i.maps) for i, _ in weighted], [None] * len(weighted), list(layers), labels)

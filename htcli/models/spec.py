@@ -219,6 +219,7 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def list_models() -> list[ModelSpec]:
+    """Every registered model spec (`ht models`): the real models, then the offline tiny ones."""
     return list(_REGISTRY.values())
 
 
