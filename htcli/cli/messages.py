@@ -20,7 +20,7 @@ LIBRARY_NAMES = {
     "interventions": "intervention",
     "steps": "steps_",
     "reference": "hyper",
-    "config": "hyper",
+    "extra_dirs": "concept_dirs",  # load_library's folders of concept files: --concepts
 }
 
 # `name=` not inside a longer name (`ht.apply(x=...)`, `--strength=-1` stay), then True/False,

@@ -317,7 +317,7 @@ def _check_split(path: Path, bundled: Sequence[Concept]) -> tuple[list[str], int
     if problem is not None:
         return [], None, [problem]
     seed, size = (data.get("seed"), data.get("test_size")) if isinstance(data, dict) else (None, None)
-    fix = f"regenerate it with `ht concepts split --seed {seed} --test-size {size}`"
+    fix = f"regenerate it with `ht concepts split` (seed={seed}, test_size={size})"
     if type(seed) is not int or type(size) is not int or set(data) != {"seed", "test_size", "counts", "test"}:
         return [], None, [f"{show_path(path)}: expected the keys seed, test_size, counts and test; {fix}"]
     try:

@@ -71,7 +71,7 @@ def clip_section(run: EvalRun, clip_model: str | None, clip_pretrained: str | No
         clip_model = TINY_CLIP
     check_clip_arch(clip_model or DEFAULT_CLIP[0])
     if clip_model not in (None, TINY_CLIP) and not clip_pretrained:
-        warn(f"--clip-model {clip_model} without --clip-pretrained has random weights")
+        warn(f"clip_model={clip_model!r} without clip_pretrained= has random weights")
     encoder = get_encoder(clip_encoder_id(clip_model, clip_pretrained), device)
     return clip_judge(encoder, run.root, run.records, seed, progress)
 

@@ -131,7 +131,7 @@ def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes
     predicted[: len(refined)] = refined
     if sources.images and gap_correction and not predictor.has_gap:
         notes.append("the hypernetwork stores no modality gap; raw image embeddings were used "
-                     "(train it with --calibration-images to store one)")
+                     "(train it with calibration_images= to store one)")
     weights = [w for _, w in sources.concepts] + [1.0] * bool(sources.images)
     per_source = [(maps_to(maps, device), w) for maps, w in zip(predicted, weights)] + files
     return per_source, replace(prediction, ms=prediction.ms + refine_ms)

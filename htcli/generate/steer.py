@@ -58,7 +58,7 @@ def parse_steer_steps(text: str, num_steps: int) -> range | None:
     text = text.strip()
     if text == "all":
         return None
-    form = f"--steer-steps takes 'all', a step N or a window START:STOP (0-based, STOP excluded), got {text!r}"
+    form = f"steer_steps= takes 'all', a step N or a window START:STOP (0-based, STOP excluded), got {text!r}"
     start_text, colon, stop_text = text.partition(":")
     try:
         if colon:
@@ -245,13 +245,13 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
         for concept, _ in sources.concepts:
             text = concept.apply(text)
         if any(w != 1 for _, w in sources.concepts):
-            notes.append("--method prompt ignores concept weights")
+            notes.append("method='prompt' ignores concept weights")
         if request.strengths is not None:
-            notes.append("--method prompt hooks nothing, so --strength does not apply: one image per seed")
+            notes.append("method='prompt' hooks nothing, so strengths= does not apply: one image per seed")
         if steps is not None:
-            notes.append("--method prompt hooks nothing, so --steer-steps does not apply")
+            notes.append("method='prompt' hooks nothing, so steer_steps= does not apply")
         if request.layers or any(sources.layers):
-            notes.append("--method prompt hooks nothing, so --layers and @LAYERS do not apply")
+            notes.append("method='prompt' hooks nothing, so layers= and @LAYERS do not apply")
         strengths = [None]  # nothing is hooked: strength does not apply
     else:
         composed = compose_sources(steerer, sources, layers=request.layers, gap_correction=request.gap_correction,

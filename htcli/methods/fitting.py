@@ -219,7 +219,7 @@ class BaselineRun:
         first = self.rows[diverged[0]]
         return (f"the {self.method} loss rose during the fit (diverged) on {len(diverged)} of {len(self.rows)} concepts: "
                 f"{shown} ({first['loss_first']:.3g} -> {first['loss_last']:.3g} on the first); "
-                "refit with a lower --lr and --overwrite")
+                "refit with a lower lr= and overwrite=True")
 
 
 def run_baselines(

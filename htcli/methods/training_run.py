@@ -115,7 +115,7 @@ def _finished(out: Path, info: dict, images: list[Path] | None, train_names: Seq
         return None
     if say:
         say(f"the run in {out} is already finished ({info['step']} steps): nothing to train "
-            "(pass --overwrite instead of --resume to train it afresh)")
+            "(pass overwrite=True instead of resume=True to train it afresh)")
     if images is not None:
         _calibrate(out, images, train_names)
     return TrainResult(out / "hyper.safetensors", info["step"], info.get("train_seconds", 0.0), info.get("final_loss"),
