@@ -52,7 +52,7 @@ class HyperTransport:
         given, must be the one the hypernetwork was trained for."""
         if reference is None:
             model = model or default_model_name()
-        path = resolve_checkpoint(reference, model, weight_name, subfolder)
+        path = resolve_checkpoint(reference, model, weight_name, subfolder, parameter="reference")
         return cls(Predictor.load(path, model=model, device=device))
 
     @property

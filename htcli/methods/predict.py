@@ -59,10 +59,10 @@ def shipped_checkpoint(model: str) -> Path | None:
 
 
 def resolve_checkpoint(hyper: str | Path | None, model: str, weight_name: str | None = None,
-                       subfolder: str | None = None) -> Path:
+                       subfolder: str | None = None, parameter: str = "hyper") -> Path:
     """The checkpoint file: `hyper` (a run folder, a Hub-layout folder, the file itself, or a Hub
     reference: `htcli.core.references`), else runs/<model>/hyper, else the one shipped for `model`
-    (`shipped_checkpoint`)."""
+    (`shipped_checkpoint`). Errors name `hyper` as the caller's `parameter`."""
     if hyper is not None:
         try:
             return resolve_file(hyper, "hypernetwork", CHECKPOINT_NAMES, weight_name, subfolder)
@@ -74,7 +74,7 @@ def resolve_checkpoint(hyper: str | Path | None, model: str, weight_name: str | 
     if (shipped := shipped_checkpoint(model)) is not None:
         return shipped
     hint = "" if get_model(model).offline else " (offline, without its weights? try model='tiny')"
-    raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper` (model={model!r}) or pass hyper= (a run folder, a .safetensors file or a Hub repo){hint}")
+    raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper` (model={model!r}) or pass {parameter}= (a run folder, a .safetensors file or a Hub repo){hint}")
 
 
 UNKNOWN_NEIGHBOURS = {"nearest_training_concepts": [], "ood": None, "ood_threshold": None}  # no training concepts stored
