@@ -43,7 +43,6 @@ from htcli.models import ModelSpec
 from htcli.models.interventions import Intervention
 
 
-
 def check_seeds(seed: int, num_images: int) -> None:
     """HTError unless every seed of a request (seed, seed + 1, ... seed + num_images - 1) is in [0, 2**63)."""
     if not 0 <= seed <= SEED_LIMIT - max(num_images, 1):
