@@ -8,7 +8,7 @@ option: '--samples 8 (saved 16)').
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -17,8 +17,9 @@ def plain(value: Any) -> Any:
     return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                         shown: Callable[[str, Any], Any] = lambda name, value: value) -> list[str]:
     """'name=value (saved old)' for each setting of `current` whose value differs from `saved`'s
-    (a setting `saved` lacks was saved as None); values as the caller wants them shown."""
-    return [f"{name}={value} (saved {saved.get(name)})" for name, value in current.items()
+    (a setting `saved` lacks was saved as None), each value as `shown(name, value)` says."""
+    return [f"{name}={shown(name, value)} (saved {shown(name, saved.get(name))})" for name, value in current.items()
             if plain(saved.get(name)) != plain(value)]

@@ -58,17 +58,19 @@ class TrainConfig:
 # --micro-batch changes only memory (the gradient is exact) and --dtype only rounding (a run
 # may resume on another device), so a resumed run may change them.
 RESUMABLE_CHANGES = {"micro_batch", "dtype"}
+SHAPES = ("layers", "embed_dim")  # the dataset's, named together
+
+
 def training_differences(saved_hyper: HyperConfig, saved_train: dict, hyper: HyperConfig, config: TrainConfig) -> list[str]:
     """Every architecture or training setting that differs (`settings_differences`: 'lr=0.005
     (saved 0.01)'); a setting the run did not save yet is taken as unchanged."""
     differ = []
     for saved, current in ((asdict(saved_hyper), asdict(hyper)), (saved_train, asdict(config))):
-        current = {key: value for key, value in current.items() if key not in RESUMABLE_CHANGES}
         saved = current | saved
-        if any(plain(saved[key]) != plain(current[key]) for key in ("layers", "embed_dim") if key in current):
+        if any(plain(saved[key]) != plain(current[key]) for key in SHAPES if key in current):
             differ.append("the dataset's layers or concept encoder")
-        shown = lambda settings: {key: _shown(key, settings[key]) for key in current if key not in ("layers", "embed_dim")}  # noqa: E731
-        differ += settings_differences(shown(saved), shown(current))
+        current = {key: value for key, value in current.items() if key not in RESUMABLE_CHANGES | set(SHAPES)}
+        differ += settings_differences(saved, current, _shown)
     return list(dict.fromkeys(differ))
 
 
