@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,25 +28,15 @@ def run_path(model: str, kind: str) -> Path:
     return runs_root() / model / kind
 
 
-def _group() -> Any:
-    """torch.distributed when this process has joined a process group, else None."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
 def world_size() -> int:
-    """How many processes run the job: the joined process group's size, else torchrun's
-    WORLD_SIZE (before the group is joined), 1 outside torchrun. Read here only."""
-    group = _group()
-    return group.get_world_size() if group is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    """How many processes run the job: torchrun's WORLD_SIZE, 1 outside torchrun (from the
+    environment, so it answers before the process group is joined). Read here only."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    """This process's rank in the job: the joined process group's, else torchrun's RANK, 0
-    outside torchrun. Read here only."""
-    group = _group()
-    return group.get_rank() if group is not None else int(os.environ.get("RANK", "0"))
+    """This process's rank in the job: torchrun's RANK, 0 outside torchrun. Read here only."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -147,7 +147,7 @@ class SteerRequest:
 
     @property
     def strength_values(self) -> list[float]:
-        return [DEFAULT_STRENGTH] if self.strengths is None else [check_strength(s, "strengths") for s in self.strengths]
+        return [DEFAULT_STRENGTH] if self.strengths is None else [float(s) for s in self.strengths]  # checked by `check`
 
     @property
     def seeds(self) -> list[int]:
