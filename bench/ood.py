@@ -8,7 +8,7 @@ A labelled set, made here with fixed seeds:
 - "out" (text that names no concept), 120 of each kind: random letter strings, keyboard mash,
   numbers, emoji, mixed scripts; and the nonsense strings of issue 25.
 Each text goes through the path users' concepts take (`Predictor.maps`, then
-`neighbour_info`), and the record's `ood_score` ranks it. Prints the AUROC (in vs out), the share
+`Prediction.neighbours`), and the record's `ood_score` ranks it. Prints the AUROC (in vs out), the share
 of each kind flagged at the checkpoint's threshold, and last:
 auroc=<AUROC> fpr_test=<share of held-out test concepts flagged out of distribution>
 """

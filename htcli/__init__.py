@@ -10,7 +10,15 @@
     ht.Intervention.load("user/repo", weight_name="art_deco.safetensors")
 
 The names below load on first use, so `import htcli` stays cheap. Everything else is importable
-from its module (docs/python.md), but these are the way in.
+from its module (docs/python.md), but these are the way in (`help(ht.apply)` and so on for each):
+
+    HyperTransport      a trained hypernetwork: concept text or reference images -> an Intervention
+    Intervention        per-layer affine maps, the model they were made for, and metadata; load, save
+    apply               steer a diffusers pipeline until the handle is removed (or its `with` ends)
+    load_pipeline       the diffusers pipeline of a model ht knows ("tiny" runs offline)
+    get_model           a model's spec (ModelSpec): layers to steer, steps, resolution
+    list_models         every model spec ht knows (`ht models`)
+    HTError             what every user mistake raises: a ValueError naming the parameter at fault
 """
 
 from importlib import import_module

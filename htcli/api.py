@@ -38,6 +38,11 @@ class HyperTransport:
         self.predictor = predictor
         self._steerer = Steerer(get_model(predictor.model), predictor=predictor)
 
+    def __repr__(self) -> str:
+        """One line: `HyperTransport(model='tiny', 8 layers, 1375 training concepts, path='...')`."""
+        return (f"HyperTransport(model={self.model!r}, {len(self.layers)} layers, "
+                f"{len(self.training_concepts)} training concepts, path={str(self.predictor.path)!r})")
+
     @classmethod
     def from_pretrained(cls, reference: str | Path | None = None, *, model: str | None = None,
                         weight_name: str | None = None, subfolder: str | None = None, revision: str | None = None,
@@ -53,7 +58,7 @@ class HyperTransport:
         if reference is None:
             model = model or default_model_name()
         hub = HubOptions(revision, token, cache_dir, local_files_only, force_download)
-        path = resolve_checkpoint(reference, model, weight_name, subfolder, hub)
+        path = resolve_checkpoint(reference, model, weight_name, subfolder, hub, parameter="reference")
         return cls(Predictor.load(path, model=model, device=device))
 
     @property

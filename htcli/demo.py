@@ -63,7 +63,7 @@ class DemoConfig:
         for name, value in vars(self).items():
             if name not in ("seed", "retrain") and value < (2 if "samples" in name else 1):
                 least = "at least 2" if "samples" in name else "positive"
-                raise HTError(f"--{name.replace('_', '-')} must be {least}, got {value}")
+                raise HTError(f"{name}= must be {least}, got {value}")
 
 
 def used_settings(config: DemoConfig) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: Progress | N
     spec = get_model("tiny")
     shipped = None if config.retrain else shipped_checkpoint(spec.id)
     if not config.retrain and shipped is None:
-        raise HTError("this installation has no shipped tiny hypernetwork; run `ht demo --retrain` to train one")
+        raise HTError("this installation has no shipped tiny hypernetwork; train one with retrain=True (`ht demo`)")
     library = load_library()
     rng = random.Random(config.seed)
     train = rng.sample(library.targets("train"), config.train_concepts) if config.retrain else []

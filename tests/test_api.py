@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_intervention
 from PIL import Image
 from typer.testing import CliRunner
 
 import htcli as ht
-from conftest import random_intervention
 from htcli.cli import app
 from htcli.core.hooks import module_width, resolve_layers
 from htcli.core.steering import SteeringConfig
@@ -227,7 +227,7 @@ def test_nothing_is_attached_when_apply_refuses(tiny):
     model = denoiser(pipe, spec)
     maps = random_intervention(spec, pipe)
     for bad in (float("nan"), "0.5", None, True):
-        with pytest.raises(HTError, match="strength must be a finite number"):
+        with pytest.raises(HTError, match="strength= takes a finite number"):
             ht.apply(pipe, maps, strength=bad)
         assert _hook_count(model) == 0
     with pytest.raises(HTError, match="got 'art deco' \\(for concept text, use HyperTransport.intervention first\\)"):

@@ -254,7 +254,7 @@ def test_fit_baselines_saves_every_concept_and_resumes(data, frozen, tmp_path, m
     # Other settings (fewer fitting samples) are never mixed with the saved fits: refused, and
     # with overwrite the old fits go and every concept is refitted.
     calls.clear()
-    with pytest.raises(HTError, match=r"other settings \(--samples 8 \(saved 16\)\)"):
+    with pytest.raises(HTError, match=r"other settings \(samples=8 \(saved 16\)\)"):
         fit_baselines("mean-shift", frozen, data, names, samples=8, out=tmp_path)
     assert calls == [] and _strict(summary_path.read_text())["settings"]["samples"] == 16
     fewer = fit_baselines("mean-shift", frozen, data, names[:2], samples=8, out=tmp_path, overwrite=True)

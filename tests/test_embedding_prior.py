@@ -48,7 +48,7 @@ def test_checkpoints_saved_before_the_settings_read_as_phrase_and_no_prior():
     # Only the prompts rule reads prompts; the default rule has its own.
     assert HyperConfig(embed_dim=4, layers=LAYERS, embedding="templates").embedding_prompts == ()
     assert HyperConfig(embed_dim=4, layers=LAYERS).embedding_prompts == EMBEDDING_PROMPTS
-    with pytest.raises(HTError, match="unknown --prior"):
+    with pytest.raises(HTError, match="unknown prior="):
         HyperConfig(embed_dim=4, layers=LAYERS, prior="ridge")
 
 

@@ -88,7 +88,7 @@ def test_train_hyper_trains_on_the_extra_concepts(data_with_extras, tmp_path):
     missing = tmp_path / "missing.txt"
     missing.write_text("a concept nobody built")
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--extra-concepts", str(missing)])
-    assert result.exit_code == 1 and "build-dataset --extra-concepts" in result.output
+    assert result.exit_code == 1 and "`ht build-dataset` (--extra-concepts FILE" in result.output
     leak = tmp_path / "leak.txt"
     leak.write_text(_disguised(load_library().targets("test")[0].name))
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "y"), "--extra-concepts", str(leak)])

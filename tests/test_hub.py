@@ -16,11 +16,11 @@ import htcli as ht
 import htcli.models
 from htcli.cli import app
 from htcli.errors import HTError
-from htcli.publish import stage
 from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork
 from htcli.models import get_model
 from htcli.models.plan import make_plan
 from htcli.models.tiny import WEIGHTS_DIR
+from htcli.publish import stage
 
 runner = CliRunner()
 SHIPPED = WEIGHTS_DIR / "tiny_hyper.safetensors"

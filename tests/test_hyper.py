@@ -195,16 +195,16 @@ def test_resume_with_other_settings_is_refused(data, trained):
     assert (trained / "hyper.safetensors").read_bytes() == before
 
 
-def test_settings_without_an_option_are_named_as_settings():
-    from htcli.methods.train_config import TrainConfig, settings_differences
+def test_settings_are_named_by_their_parameters():
+    from htcli.methods.train_config import TrainConfig, training_differences
 
     hyper = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=None)
     saved = HyperConfig(embed_dim=7, layers=LAYERS, hidden=16, rank=4)
     config = TrainConfig(weight_decay=0.02, eval_every=7, dtype="bfloat16")
     saved_train = {**TrainConfig().__dict__, "weight_decay": 0.01}
-    differ = settings_differences(saved, saved_train, hyper, config)
+    differ = training_differences(saved, saved_train, hyper, config)
     # --dtype only changes rounding (a run may resume on another device): not a difference.
-    assert differ == ["--rank 0 (saved 4)", "weight_decay 0.02 (saved 0.01)", "--eval-every 7 (saved 250)"]
+    assert differ == ["rank=0 (saved 4)", "weight_decay=0.02 (saved 0.01)", "eval_every=7 (saved 250)"]
 
 
 def _refuse_to_load(*args, **kwargs):

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from htcli.cli import app
 from htcli.core.files import file_digest
 from htcli.data.concepts import load_library
-from htcli.generate.steer import SteerRequest, steer
 from htcli.generate.source_maps import Steerer
+from htcli.generate.steer import SteerRequest, steer
 from htcli.methods.hypernetwork import load_checkpoint
 from htcli.methods.predict import Predictor, shipped_checkpoint
 from htcli.models import build_meta_denoiser, get_model

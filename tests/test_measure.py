@@ -19,7 +19,7 @@ def test_the_measured_spec_has_random_weights_at_the_resolution_asked():
     assert measured_spec("tiny", None).id == "tiny" and not measured_spec("tiny", None).random_weights
     with pytest.raises(HTError, match="multiple of 64"):
         measured_spec("pixart", 100)
-    with pytest.raises(HTError, match="--samples must be at least 2"):
+    with pytest.raises(HTError, match="samples= must be at least 2"):
         MeasureRequest("tiny", samples=1)
 
 

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from htcli.cli import app
 from htcli.errors import HTError
 from htcli.models import denoiser_config, get_model, load_denoiser
-from htcli.models.pretrained import EmptyParameters, _distilled_denoiser, load_strict
 from htcli.models.inputs import denoiser_call, example_inputs
 from htcli.models.memory import (
     MAX_FORWARD_BATCH,
@@ -27,6 +26,7 @@ from htcli.models.memory import (
     per_sample_bytes,
 )
 from htcli.models.plan import _SavedForBackward, make_plan
+from htcli.models.pretrained import EmptyParameters, _distilled_denoiser, load_strict
 
 GiB = 2**30
 

@@ -168,7 +168,7 @@ def test_real_model_offline_is_a_one_line_error_pointing_to_tiny(spec, tmp_path,
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     monkeypatch.delenv("HT_MODEL_PATH", raising=False)
     for load in (load_pipeline, load_denoiser):
-        with pytest.raises(HTError, match="--model tiny") as error:
+        with pytest.raises(HTError, match="model='tiny'") as error:
             load(spec)
         assert "\n" not in str(error.value)
 

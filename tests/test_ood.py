@@ -113,9 +113,9 @@ def test_no_validation_concepts_no_threshold(tmp_path):
 def test_training_concept_is_its_own_nearest_neighbour(hyper):
     predictor = Predictor.load(hyper, model="tiny")
     name = predictor.training_concepts.names[0]
-    predicted = predictor.maps([load_library().resolve(name), FAR_OFF])
-    assert len(predicted) == 2  # `maps` still returns the maps; the neighbours are on the side
-    near, far = predictor.neighbour_info(0), predictor.neighbour_info(1)
+    prediction = predictor.predict([load_library().resolve(name), FAR_OFF])
+    assert len(prediction.maps) == 2 and prediction.ms > 0
+    near, far = prediction.neighbours
     best, *others = near["nearest_training_concepts"]
     assert best == {"name": name, "similarity": pytest.approx(1.0, abs=1e-5)} and len(others) == 2
     assert all(o["similarity"] <= best["similarity"] for o in others)
@@ -190,8 +190,7 @@ def pre_cue_hyper(hyper, tmp_path_factory):
 def test_checkpoint_without_calibration_keeps_the_nearest_concept_rule(pre_cue_hyper):
     predictor = Predictor.load(pre_cue_hyper)
     assert predictor.checkpoint.ood is None
-    predictor.maps([FAR_OFF])
-    info = predictor.neighbour_info(0)
+    (info,) = predictor.predict([FAR_OFF]).neighbours
     similarity = predictor.nearest(predictor.embed_concepts([FAR_OFF]), 1)[0][0][1]
     assert info["nearest_training_concepts"][0]["similarity"] == pytest.approx(similarity)
     threshold = predictor.training_concepts.threshold
@@ -246,3 +245,19 @@ def test_score_is_the_weakest_cue_percentile(tmp_path):
     with pytest.raises(HTError, match="other cues"):
         OODCalibration.load(tensors, other)
     assert OODCalibration.fit(encoder, train, []) is None  # no validation concepts: no threshold to set
+
+
+def test_a_training_concepts_own_name_is_never_out_of_distribution():
+    """The shipped tiny hypernetwork: every training concept, by its own name (any case), is in
+    distribution, whatever its cues say ('ukiyo-e' splits into short fragments)."""
+    import htcli as ht
+
+    hyper = ht.HyperTransport.from_pretrained(model="tiny")
+    names = hyper.training_concepts
+    records = hyper.predictor.neighbours(names + [name.upper() for name in names[:50]])
+    assert [name for name, record in zip(names, records) if record["ood"] is not False] == []
+    ukiyo = hyper.intervention("ukiyo-e")
+    assert ukiyo.ood is False and not any("out of distribution" in note for note in ukiyo.info["notes"])
+    assert ukiyo.nearest[0]["name"] == "ukiyo-e"
+    assert hyper.intervention(FAR_OFF).ood is True  # the rule still flags text unlike any concept
+    assert repr(hyper).startswith("HyperTransport(model='tiny'") and "\n" not in repr(hyper)

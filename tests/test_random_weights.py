@@ -95,7 +95,7 @@ def test_the_random_denoiser_loads_through_the_real_weights_loader(random_weight
     drawn = draw_weights(spec)
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, drawn[key].to(torch.bfloat16)), key
-    with pytest.raises(HTError, match="--model-path .* and --random-weights"):
+    with pytest.raises(HTError, match="model_path=.* and random_weights=True"):
         load_denoiser(spec, model_path="/some/folder")
 
 
@@ -143,11 +143,11 @@ def _manifest(root, model, random):
 def test_datasets_are_refused_across_real_and_random_weights(tmp_path, monkeypatch):
     real, random = _manifest(tmp_path / "real", "pixart", False), _manifest(tmp_path / "random", "pixart", True)
     assert open_dataset(real, "pixart").spec().id == "pixart"
-    with pytest.raises(HTError, match="random weights: pass --random-weights"):
+    with pytest.raises(HTError, match="random weights: pass random_weights=True"):
         open_dataset(random, "pixart")
     monkeypatch.setenv("HT_RANDOM_WEIGHTS", "1")
     assert open_dataset(random, "pixart").spec().random_weights
-    with pytest.raises(HTError, match="real weights, and --random-weights"):
+    with pytest.raises(HTError, match="real weights, and random_weights=True"):
         open_dataset(real, "pixart")
     with pytest.raises(HTError, match="real weights"):
         ActivationDataset(real).spec()
@@ -175,16 +175,16 @@ def test_hypernetworks_and_intervention_files_are_refused_across(tmp_path, monke
         maps = {"transformer_blocks.0.norm1": (torch.ones(1152), torch.zeros(1152))}
         Intervention(maps, "pixart", "lineas", "x", random_weights=random).save(tmp_path / f"file-{random}.safetensors")
     widths = {"transformer_blocks.0.norm1": 1152}
-    with pytest.raises(HTError, match="random weights: pass --random-weights"):
+    with pytest.raises(HTError, match="random weights: pass random_weights=True"):
         Predictor.load(paths[True], model="pixart")
-    with pytest.raises(HTError, match="random weights: pass --random-weights"):
+    with pytest.raises(HTError, match="random weights: pass random_weights=True"):
         load_intervention(tmp_path / "file-True.safetensors", "pixart", widths)
     load_intervention(tmp_path / "file-False.safetensors", "pixart", widths)
     monkeypatch.setenv("HT_RANDOM_WEIGHTS", "1")
     assert Predictor.load(paths[True], model="pixart").checkpoint.random_weights
-    with pytest.raises(HTError, match="real weights, and --random-weights"):
+    with pytest.raises(HTError, match="real weights, and random_weights=True"):
         Predictor.load(paths[False], model="pixart")
-    with pytest.raises(HTError, match="real weights, and --random-weights"):
+    with pytest.raises(HTError, match="real weights, and random_weights=True"):
         load_intervention(tmp_path / "file-False.safetensors", "pixart", widths)
     # A file made while random weights are asked for records them (`save` asks the spec).
     Intervention(maps, "pixart", "lineas", "x").save(tmp_path / "made.safetensors")

@@ -129,8 +129,8 @@ def test_hyper_export_refine(data, hyper, concept, tmp_path):
 
 def test_steer_refine(data, hyper, concept, frozen, predictor, tiny, tmp_path):
     from htcli.generate.save import save_steered
-    from htcli.generate.steer import SteerRequest, steer
     from htcli.generate.source_maps import Steerer
+    from htcli.generate.steer import SteerRequest, steer
 
     spec, pipe = tiny
     steerer = Steerer(spec, pipe=pipe, hyper=hyper)
@@ -244,7 +244,7 @@ def test_serve_refines_within_its_limit(hyper, tiny, tmp_path, monkeypatch):
     body = {"prompt": "a lighthouse", "concepts": ["a city made of glass"], "refine": 2, "strength": 1}
     with served(Steerer(spec, pipe=pipe, hyper=hyper)) as (_, url):
         off = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
-    assert off.status_code == 400 and off.json()["field"] == "refine" and "--max-refine" in off.json()["error"]
+    assert off.status_code == 400 and off.json()["field"] == "refine" and "max_refine=" in off.json()["error"]
     with served(Steerer(spec, pipe=pipe, hyper=hyper), max_refine=3) as (_, url):
         ok = httpx.post(f"{url}/v1/generate", json=body, timeout=120)
         too_many = httpx.post(f"{url}/v1/generate", json=body | {"refine": 4}, timeout=60)

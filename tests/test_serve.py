@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from htcli.cli import app
 from htcli.generate.batch import Sample, generate_batch
 from htcli.generate.compose import combine
-from htcli.generate.steer import SteerRequest, steer
 from htcli.generate.source_maps import Steerer
+from htcli.generate.steer import SteerRequest, steer
 from htcli.methods.predict import shipped_checkpoint
 from htcli.models.interventions import load_intervention
 from htcli.serve.cache import CachedPredictor, MapCache

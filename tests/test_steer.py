@@ -13,13 +13,14 @@ from typer.testing import CliRunner
 from htcli.cli import app
 from htcli.core.files import read_tensors, save_tensors
 from htcli.core.hooks import module_width, resolve_layers
+from htcli.core.strength import parse_strengths
 from htcli.core.transport import at_strength
 from htcli.errors import HTError
 from htcli.generate import steer as steering
 from htcli.generate.compose import combine, parse_weighted
 from htcli.generate.save import CAPTION_PX, save_steered
-from htcli.generate.steer import SteerRequest, parse_steer_steps, parse_strengths, steer
 from htcli.generate.source_maps import Steerer
+from htcli.generate.steer import SteerRequest, parse_steer_steps, steer
 from htcli.methods.hypernetwork import (
     HyperCheckpoint,
     HyperConfig,
@@ -224,7 +225,7 @@ def test_flags_are_single_and_methods_a_choice():
         (["-c", "art deco:x"], "weight 'x' after the last ':' is not a number"),
         (["-i", "{pixart_file}"], "made for model 'pixart'"),
         (["-c", "art deco", "--method", "prompt", "-r", "{bad}"], "cannot use --reference-image"),
-        (["-c", "art deco", "--num-images", "0"], "--num-images must be positive"),
+        (["-c", "art deco", "--num-images", "0"], "--num-images must be at least 1"),
         (["-c", "art deco", "-c", "ukiyo-e", "--each", "--export", "{tmp}/x.safetensors"], "--export needs one composed"),
         ([], "nothing to steer with"),
         (["-r", "{png}"], "need an image encoder"),

@@ -30,8 +30,8 @@ from htcli.generate.compose import (
     select_layers,
     split_layers,
 )
-from htcli.generate.steer import SteerRequest, steer
 from htcli.generate.source_maps import Steerer
+from htcli.generate.steer import SteerRequest, steer
 from htcli.methods.baselines import fit_linear_act_maps
 from htcli.models import denoiser, get_model
 from htcli.models.interventions import Intervention, load_intervention
@@ -212,10 +212,10 @@ def test_select_layers_intersects_and_names_the_known_layers():
     known = "transformer_blocks.{0..3}.norm1, transformer_blocks.{0..3}.norm2"
     with pytest.raises(HTError) as error:
         select_layers([TINY_LAYERS], [None], ["transformer_blocks.9.*"], ["a"])
-    assert str(error.value) == f"--layers 'transformer_blocks.9.*' matches none of the intervention's layers: {known}"
+    assert str(error.value) == f"layers='transformer_blocks.9.*' matches none of the intervention's layers: {known}"
     with pytest.raises(HTError, match="layer pattern '\\*.norm3' of 'a' matches none of its layers"):
         select_layers([TINY_LAYERS], ["*.norm3"], [], ["a"])
-    with pytest.raises(HTError, match="--layers \\*.norm1 matches none of the layers 'f' acts on"):
+    with pytest.raises(HTError, match="layers=\\['\\*.norm1'\\] matches none of the layers 'f' acts on"):
         select_layers([TINY_LAYERS, file_layers], [None, None], ["*.norm1"], ["a", "f"])
 
 

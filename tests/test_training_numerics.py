@@ -26,7 +26,7 @@ def test_dtype_policy(monkeypatch):
     assert training_dtype("auto", torch.device("cuda", 0)) == torch.float32
     with pytest.raises(HTError, match="underflow"):
         training_dtype("float16", torch.device("cuda", 0))
-    with pytest.raises(HTError, match="--dtype must be one of"):
+    with pytest.raises(HTError, match="dtype= must be one of"):
         training_dtype("fp8", torch.device("cpu"))
 
 

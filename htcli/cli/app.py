@@ -1,6 +1,6 @@
 """The `ht` Typer app, which every command module registers its commands on.
 
-Library errors (`HTError`), and file-system errors (`OSError`) the library did not foresee,
+Library errors (`HTError`, in the options' words: `htcli.cli.messages`), and file-system errors (`OSError`) the library did not foresee,
 become a one-line `Error: ...` on stderr and exit code 1, never a traceback. `ht --help` lists
 the commands in the pipeline's order, then the tools (`SECTIONS`).
 """
@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperArgument, TyperGroup
 
 from htcli import __version__
+from htcli.cli.messages import current_cli_words, set_running
 from htcli.errors import HTError
 
 # Conventional help placeholders, by parameter type; Typer's own are `<str>`, `<list[Path]>`.
@@ -87,11 +88,16 @@ class _Root(TyperGroup):
                 with formatter.section(title):
                     formatter.write_dl(rows)
 
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        set_running(command, self)  # notes and errors name this command's options
+        return name, command, rest
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except HTError as error:
-            typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
+            typer.secho(f"Error: {current_cli_words(str(error))}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except OSError as error:  # a file system refusal the library did not foresee: still one line
             where = f": {error.filename}" if error.filename else ""

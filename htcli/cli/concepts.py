@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from htcli.cli.app import app
+from htcli.cli.messages import current_cli_words
 from htcli.cli.options import ConceptDirsOption, JsonOption
 from htcli.cli.output import console, print_table
 from htcli.core.files import dumps_json
@@ -115,7 +116,7 @@ def validate_command(concepts: ConceptDirsOption = None) -> None:
     """
     problems = validate_library(concepts or ())
     for problem in problems:
-        typer.secho(f"Error: {problem}", err=True, fg=typer.colors.RED)
+        typer.secho(f"Error: {current_cli_words(problem)}", err=True, fg=typer.colors.RED)
     if problems:
         raise typer.Exit(1)
     summary = load_library(concepts or ()).summary()

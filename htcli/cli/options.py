@@ -65,6 +65,7 @@ RandomWeightsOption = Annotated[
 from enum import Enum  # noqa: E402
 
 from htcli.data.build import DatasetRequest  # noqa: E402
+from htcli.generate.request_fields import FIELDS  # noqa: E402
 from htcli.methods.train_config import TrainConfig  # noqa: E402
 
 BUILD_SAMPLES = DatasetRequest.samples  # build-dataset's (and `ht plan`'s) fitting samples per concept
@@ -97,10 +98,9 @@ LayersOption = Annotated[
 
 RefineOption = Annotated[
     int | None,
-    typer.Option("--refine", help="N LinEAS steps warm-started from the hypernetwork's prediction, on the concept's "
-                 "fitting samples: from --data (default runs/<model>/data) where the concept is built, else captured "
-                 "on the fly and cached in runs/<model>/refine-cache. Seconds for per-concept quality (method "
-                 "lineas-refine<N>)."),
+    typer.Option("--refine", help=FIELDS["refine"].help + " The samples come from --data (default runs/<model>/data) "
+                 "where the concept is built, else are captured on the fly and cached in runs/<model>/refine-cache. "
+                 "Seconds for per-concept quality."),
 ]
 ExtraConceptsOption = Annotated[
     Path | None,

@@ -21,6 +21,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from htcli.cli.messages import current_cli_words
+
 console = Console(soft_wrap=True)  # results, on stdout
 err = Console(stderr=True, soft_wrap=True)  # progress, notes and warnings, on stderr
 
@@ -97,8 +99,8 @@ def print_table(table: Table, to: Console = console) -> None:
 
 
 def warn(text: str) -> None:
-    err.print(f"[yellow]warning:[/] {text}")
+    err.print(f"[yellow]warning:[/] {current_cli_words(text)}")
 
 
 def note(text: str) -> None:
-    err.print(f"[yellow]note:[/] {text}")
+    err.print(f"[yellow]note:[/] {current_cli_words(text)}")

@@ -20,8 +20,10 @@ from htcli.cli.options import (
     ResolutionOption,
 )
 from htcli.cli.output import console, note, steps
+from htcli.core.strength import parse_strengths
 from htcli.evaluation.stats import plural
-from htcli.generate.steer import METHODS, SteerRequest, parse_strengths
+from htcli.generate.request_fields import FIELDS, METHODS
+from htcli.generate.steer import SteerRequest
 
 Method = Enum("Method", {name: name for name in METHODS}, type=str)  # hypertransport | prompt
 
@@ -37,8 +39,7 @@ def steer_command(
     prompt: Annotated[str, typer.Argument(help="What to generate.")],
     concept: Annotated[
         list[str] | None,
-        typer.Option("--concept", "-c", help="Concept text, optionally weighted and limited to some layers: 'art deco:0.6', "
-                     "'art deco:-0.5' (away from it), 'art deco:0.6@transformer_blocks.[0-9].*'; repeatable."),
+        typer.Option("--concept", "-c", help=FIELDS["concepts"].help + " Repeatable."),
     ] = None,
     reference_image: Annotated[
         list[Path] | None, typer.Option("--reference-image", "-r", help="Steer towards the style of this image; repeatable (averaged).")
@@ -50,25 +51,22 @@ def steer_command(
     ] = None,
     strength: Annotated[
         str | None,
-        typer.Option(help="Strength, or a sweep '0,0.25,0.5,0.75,1' (one image per value). Negative values steer away "
-                     "(towards the inverse map; write --strength=-0.5). Default: 0.6."),
-    ] = None,
+        typer.Option(help=FIELDS["strength"].help + " Write a negative one as --strength=-0.5."),
+    ] = FIELDS["strength"].default,
     method: Annotated[
-        Method, typer.Option(help="hypertransport (steer activations) or prompt (apply the concept's template to the prompt).")
-    ] = Method.hypertransport,
+        Method, typer.Option(help=FIELDS["method"].help)
+    ] = Method(FIELDS["method"].default),
     steer_steps: Annotated[
-        str, typer.Option(help="Denoising steps to steer, 0-based: all, a step '2', or a window START:STOP like "
-                          "'0:1' (first step only), '1:' or ':2'.")
-    ] = "all",
+        str, typer.Option(help=FIELDS["steer_steps"].help)
+    ] = FIELDS["steer_steps"].default,
     layers: Annotated[
         list[str] | None,
-        typer.Option("--layers", "-l", help="Steer only the intervention's layers matching this pattern (glob, or "
-                     "regex as 're:...'), e.g. 'transformer_blocks.[0-9].*'; repeatable (any). Default: all."),
+        typer.Option("--layers", "-l", help=FIELDS["layers"].help + " Repeatable."),
     ] = None,
     model: ModelOption = None,
     hyper: HyperOption = None,
-    seed: Annotated[int, typer.Option(help="Seed of the first image; image k uses seed + k.")] = 0,
-    num_images: Annotated[int, typer.Option(help="Images per strength (one batch).")] = 1,
+    seed: Annotated[int, typer.Option(help=FIELDS["seed"].help)] = FIELDS["seed"].default,
+    num_images: Annotated[int, typer.Option(help=FIELDS["num_images"].help)] = FIELDS["num_images"].default,
     each: Annotated[
         bool, typer.Option("--each", help="One image per source instead of composing them (one mixed batch).")
     ] = False,

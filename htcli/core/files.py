@@ -39,22 +39,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def check_output_dir(path: Path, option: str = "--out") -> Path:
+def check_output_dir(path: Path, option: str = "out") -> Path:
     """A folder that a command will write into: an existing file there is a one-line error,
     raised before any work is done (never a traceback after hours of it)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise HTError(f"{option} {path} is a file, not a folder; choose a folder (it is created if missing)")
+        raise HTError(f"{option}={str(path)!r} is a file, not a folder; choose a folder (it is created if missing)")
     return path
 
 
-def check_output_file(path: Path, option: str = "--out", suffix: str = ".safetensors") -> Path:
+def check_output_file(path: Path, option: str = "out", suffix: str = ".safetensors") -> Path:
     """A file that a command will write: not a folder, and named `*suffix`."""
     path = Path(path)
     if path.is_dir():
-        raise HTError(f"{option} {path} is a folder; give a file name such as {path / ('intervention' + suffix)}")
+        raise HTError(f"{option}={str(path)!r} is a folder; give a file name such as {path / ('intervention' + suffix)}")
     if path.suffix != suffix:
-        raise HTError(f"{option} {path} should end in {suffix}")
+        raise HTError(f"{option}={str(path)!r} should end in {suffix}")
     return path
 
 

@@ -30,10 +30,10 @@ def training_dtype(choice: str, device: torch.device) -> torch.dtype:
     gradients underflow (see the module docstring).
     """
     if choice == "float16":
-        raise HTError("--dtype float16 is refused for fitting and training: gradients of the W2 loss "
+        raise HTError("dtype='float16' is refused for fitting and training: gradients of the W2 loss "
                       "underflow in float16 (use bfloat16, or float32)")
     if choice not in TRAINING_DTYPES:
-        raise HTError(f"--dtype must be one of {', '.join(TRAINING_DTYPES)}, got {choice!r}")
+        raise HTError(f"dtype= must be one of {', '.join(TRAINING_DTYPES)}, got {choice!r}")
     if choice == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32

@@ -29,12 +29,18 @@ def run_path(model: str, kind: str) -> Path:
 
 
 def world_size() -> int:
-    """How many processes run the job: torchrun's WORLD_SIZE, 1 outside torchrun."""
+    """How many processes run the job: torchrun's WORLD_SIZE, 1 outside torchrun (from the
+    environment, so it answers before the process group is joined). Read here only."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    """This process's rank in the job: torchrun's RANK, 0 outside torchrun. Read here only."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def resolve_device(device: str | None) -> torch.device:
-    """`--device`: default CUDA when available, else CPU. A CUDA device without index is this
+    """`device`: default CUDA when available, else CPU. A CUDA device without index is this
     process's GPU: `cuda:$LOCAL_RANK` under torchrun, else `cuda:0`. Under torchrun with several
     processes an explicit `cuda:N` is refused: it would put every process on one GPU."""
     if device is None:
@@ -43,27 +49,27 @@ def resolve_device(device: str | None) -> torch.device:
         try:
             resolved = torch.device(device)
         except RuntimeError:
-            raise HTError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+            raise HTError(f"device={device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
         if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise HTError("--device cuda asked for, but no CUDA device is available")
+            raise HTError("device='cuda' asked for, but no CUDA device is available")
     if resolved.type != "cuda":
         return resolved
     if resolved.index is not None:
         if world_size() > 1:
-            raise HTError(f"--device {device} under torchrun with {world_size()} processes would put them all on one "
-                          "GPU: pass --device cuda (each takes cuda:$LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
+            raise HTError(f"device={device!r} under torchrun with {world_size()} processes would put them all on one "
+                          "GPU: pass device='cuda' (each takes cuda:$LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
         return resolved
     local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local_rank >= visible:
         raise HTError(f"torchrun process with LOCAL_RANK {local_rank} has no GPU of its own ({visible} visible): "
-                      f"start at most {visible} processes per machine (--nproc_per_node)")
+                      f"start at most {visible} processes per machine (torchrun's nproc_per_node)")
     return torch.device("cuda", local_rank)
 
 
 def is_main_process() -> bool:
     """Whether this process reports for the job: always outside torchrun, rank 0 under it (from
     the environment, so it answers before the process group is joined)."""
-    return os.environ.get("RANK", "0") == "0"
+    return rank() == 0
 
 
 # How long a rank waits in a collective for the others before the job fails, in minutes. The

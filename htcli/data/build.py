@@ -31,9 +31,9 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 def split_prompts(prompts: Sequence[str], samples: int, eval_samples: int, seed: int) -> tuple[list[str], list[str]]:
     """Disjoint fitting and evaluation prompts from a seeded shuffle (cycled if too few)."""
     if samples < 2:
-        raise HTError(f"--samples must be at least 2 (W2 compares distributions), got {samples}")
+        raise HTError(f"samples= must be at least 2 (W2 compares distributions), got {samples}")
     if eval_samples < 2:
-        raise HTError(f"--eval-samples must be at least 2, got {eval_samples}")
+        raise HTError(f"eval_samples= must be at least 2, got {eval_samples}")
     order = list(prompts)
     random.Random(seed).shuffle(order)
     if len(order) < 2:
@@ -59,7 +59,7 @@ def make_settings(
     from htcli.core.hooks import module_width
 
     if batch_size < 1:
-        raise HTError(f"--batch-size must be positive, got {batch_size}")
+        raise HTError(f"batch_size= must be positive, got {batch_size}")
     fit_prompts, eval_prompts = split_prompts(library.source_prompts(), samples, eval_samples, seed)
     fit_seeds, eval_seeds = make_seeds(seed, samples, eval_samples)
     return DatasetSettings(
@@ -288,7 +288,7 @@ def check_existing(out: Path, settings: DatasetSettings, overwrite: bool) -> Non
         differ = settings_differences(existing.get("settings") or {}, settings)
         raise HTError(
             f"{out} holds a dataset built with other settings ({', '.join(differ)}); "
-            "choose another --out or pass --overwrite"
+            "choose another out= or pass overwrite=True"
         )
     for path in (out / "concepts").glob("*.safetensors"):
         path.unlink()
@@ -303,31 +303,31 @@ def _seed_of(seeds: Sequence[int]) -> int | None:
 
 def settings_differences(saved: Mapping, settings: DatasetSettings) -> list[str]:
     """What differs between a saved dataset's settings and `settings`, named by the option that
-    sets it where there is one: 'model tiny (saved pixart)', '--samples 4 (saved 8)'..."""
+    sets it where there is one: 'model tiny (saved pixart)', 'samples=4 (saved 8)'..."""
     current = asdict(settings)
     old = {key: tuple(value) if isinstance(value, list) else value for key, value in saved.items()}
     differ = []
 
     def compare(label: str, new, before) -> None:
         if new != before:
-            differ.append(f"{label} {new} (saved {before})")
+            differ.append(f"{label}{new} (saved {before})")
 
-    compare("model", settings.model, old.get("model"))
+    compare("model ", settings.model, old.get("model"))
     saved_layers = tuple(old.get("layers") or ())
     if tuple(settings.layers) != saved_layers:
         same_count = len(settings.layers) == len(saved_layers)
-        differ.append(f"--layers: {len(settings.layers)} {'other ' if same_count else ''}layers (saved {len(saved_layers)})")
+        differ.append(f"layers: {len(settings.layers)} {'other ' if same_count else ''}layers (saved {len(saved_layers)})")
     elif tuple(settings.widths) != old.get("widths"):
         differ.append("layer widths (the model's weights changed)")
-    compare("--encoder", settings.encoder, old.get("encoder"))
-    compare("--samples", len(settings.fit_seeds), len(old.get("fit_seeds") or ()))
-    compare("--eval-samples", len(settings.eval_seeds), len(old.get("eval_seeds") or ()))
-    compare("--seed", _seed_of(settings.fit_seeds), _seed_of(old.get("fit_seeds") or ()))
-    compare("--batch-size", settings.batch_size, old.get("batch_size"))
-    compare("storage dtype", settings.storage_dtype, old.get("storage_dtype"))
+    compare("encoder=", settings.encoder, old.get("encoder"))
+    compare("samples=", len(settings.fit_seeds), len(old.get("fit_seeds") or ()))
+    compare("eval_samples=", len(settings.eval_seeds), len(old.get("eval_seeds") or ()))
+    compare("seed=", _seed_of(settings.fit_seeds), _seed_of(old.get("fit_seeds") or ()))
+    compare("batch_size=", settings.batch_size, old.get("batch_size"))
+    compare("storage dtype ", settings.storage_dtype, old.get("storage_dtype"))
     on_off = lambda flag: "on" if flag else "off"  # noqa: E731
-    compare("--random-weights", on_off(settings.random_weights), on_off(old.get("random_weights")))
-    compare("--resolution", settings.resolution or "the model's", old.get("resolution") or "the model's")
+    compare("random_weights=", on_off(settings.random_weights), on_off(old.get("random_weights")))
+    compare("resolution=", settings.resolution or "the model's", old.get("resolution") or "the model's")
     if not differ and any(current[key] != old.get(key) for key in ("fit_prompts", "eval_prompts")):
         differ.append("the source prompts (the concept library's source prompts changed)")
     return differ or ["settings saved by another version of ht"]

@@ -140,7 +140,7 @@ class CapturedTargets:
     def fitting_samples(self, samples: int | None = None) -> int:
         available = len(self.settings.fit_seeds)
         if samples is not None and not 2 <= samples <= available:
-            raise HTError(f"--samples must be from 2 to the {available} fitting samples, got {samples}")
+            raise HTError(f"samples= must be from 2 to the {available} fitting samples, got {samples}")
         return available if samples is None else samples
 
     def targets(self, names: Sequence[str], part: str = "fit") -> dict[str, Tensor]:

@@ -135,7 +135,7 @@ def read_files(base: Path, extra_dirs: Sequence[Path] = ()) -> LibraryFiles:
     for directory in [base, *extra_dirs]:
         if not directory.is_dir():
             what = "does not exist" if not directory.exists() else "is a file, not a directory"
-            found.problems.append(f"--concepts {show_path(directory)} {what}; give a directory of concept YAML files")
+            found.problems.append(f"extra_dirs={show_path(directory)} {what}; give a directory of concept YAML files")
             continue
         files = sorted(directory.glob("*.yaml"))
         if not files:
@@ -331,7 +331,7 @@ def _check_counts(base: Path, bundled: Sequence[Concept]) -> list[str]:
     problems = [
         f"{where[c]}: category {c!r} has {n} concepts; the paper's library has {expected[c]}"
         if c in expected
-        else f"{where[c]}: category {c!r} is not in the paper's library; add it with --concepts DIR"
+        else f"{where[c]}: category {c!r} is not in the paper's library; add it with extra_dirs=DIR"
         for c, n in counts.items()
         if n != expected.get(c)
     ]

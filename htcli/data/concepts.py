@@ -114,7 +114,7 @@ class ConceptLibrary:
                 return concept
         return None
 
-    def extra_training(self, names: Sequence[str], source: str = "--extra-concepts") -> list[Concept]:
+    def extra_training(self, names: Sequence[str], source: str = "extra_concepts=") -> list[Concept]:
         """User-given training concepts (library names or free text), each refused with an
         HTError when it is a held-out test concept under any spelling."""
         concepts = []
@@ -215,11 +215,11 @@ def read_concept_names(path: Path) -> list[str]:
     duplicates dropped (`--extra-concepts FILE`)."""
     path = Path(path)
     if not path.is_file():
-        raise HTError(f"--extra-concepts {path} is not a file (one concept name per line)")
+        raise HTError(f"extra_concepts={str(path)!r} is not a file (one concept name per line)")
     names = [" ".join(line.split("#", 1)[0].split()) for line in path.read_text(encoding="utf-8").splitlines()]
     names = list(dict.fromkeys(name for name in names if name))
     if not names:
-        raise HTError(f"--extra-concepts {path} names no concept")
+        raise HTError(f"extra_concepts={str(path)!r} names no concept")
     return names
 
 
@@ -317,7 +317,7 @@ def _check_split(path: Path, bundled: Sequence[Concept]) -> tuple[list[str], int
     if problem is not None:
         return [], None, [problem]
     seed, size = (data.get("seed"), data.get("test_size")) if isinstance(data, dict) else (None, None)
-    fix = f"regenerate it with `ht concepts split --seed {seed} --test-size {size}`"
+    fix = f"regenerate it with `ht concepts split` (seed={seed}, test_size={size})"
     if type(seed) is not int or type(size) is not int or set(data) != {"seed", "test_size", "counts", "test"}:
         return [], None, [f"{show_path(path)}: expected the keys seed, test_size, counts and test; {fix}"]
     try:

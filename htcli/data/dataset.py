@@ -66,13 +66,13 @@ _ADDED_LATER = {"random_weights": False, "resolution": None}
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise HTError(f"--split must be train, test or all, got {split!r}")
+        raise HTError(f"split= must be train, test or all, got {split!r}")
 
 
 def check_limit(limit: int | None) -> None:
     """`--limit-concepts`: None (all) or a positive count."""
     if limit is not None and limit < 1:
-        raise HTError(f"--limit-concepts must be positive, got {limit}")
+        raise HTError(f"limit_concepts= must be positive, got {limit}")
 
 
 def select_concepts(
@@ -84,7 +84,7 @@ def select_concepts(
         concepts = []
         for name in names:
             if not name.strip():
-                raise HTError("--concept got an empty concept name")
+                raise HTError("concept= got an empty concept name")
             concepts.append(library.resolve(name))
     else:
         check_split(split)
@@ -108,7 +108,7 @@ def resolve_dataset(data: Path | None, model: str) -> Path:
         return Path(data)
     path = run_path(model, "data")
     if not (path / "manifest.json").exists():
-        raise HTError(f"no dataset at {path}; build it with `ht build-dataset --model {model}` or pass --data")
+        raise HTError(f"no dataset at {path}; build it with `ht build-dataset` (model={model!r}) or pass data=")
     return path
 
 
@@ -118,7 +118,7 @@ def open_dataset(data: Path | None, model: str | None) -> ActivationDataset:
 
     dataset = ActivationDataset(resolve_dataset(data, model or default_model_name()))
     if model and model != dataset.settings.model:
-        raise HTError(f"--data {dataset.root} was built for model {dataset.settings.model!r}, not {model!r}")
+        raise HTError(f"data={str(dataset.root)!r} was built for model {dataset.settings.model!r}, not {model!r}")
     dataset.spec()  # built on the weights asked for: random or real
     return dataset
 
@@ -177,14 +177,14 @@ class ActivationDataset:
             for name in names:
                 if name not in built:
                     raise HTError(f"concept {name!r} is not built in the dataset {self.root}; "
-                                  "add it with `ht build-dataset --concept ...` on the same --out")
+                                  "add it with `ht build-dataset` (concept=..., the same out=)")
             return list(names)
         check_split(split)
         chosen = self.names(None if split == "all" else split)
         if not chosen:
             counts = ", ".join(f"{len(self.names(s))} {s}" for s in ("train", "test", "free"))
             raise HTError(f"no concepts of split {split!r} in {self.root} (it has {counts}); "
-                          "choose another with --split train or --split all, or name concepts with --concept")
+                          "choose another with split='train' or split='all', or name concepts with concept=")
         return chosen
 
     def fitting_samples(self, samples: int | None = None) -> int:
@@ -193,10 +193,10 @@ class ActivationDataset:
         if samples is None:
             return available
         if samples < 2:
-            raise HTError(f"--samples must be at least 2 (W2 compares distributions), got {samples}")
+            raise HTError(f"samples= must be at least 2 (W2 compares distributions), got {samples}")
         if samples > available:
-            raise HTError(f"--samples {samples} exceeds the dataset's {available} fitting samples; "
-                          "pass a smaller --samples, or leave it out to use them all")
+            raise HTError(f"samples={samples} exceeds the dataset's {available} fitting samples; "
+                          "pass a smaller samples=, or leave it out to use them all")
         return samples
 
     def targets(self, names: Sequence[str], part: str = "fit") -> dict[str, Tensor]:

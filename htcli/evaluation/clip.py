@@ -57,7 +57,7 @@ def check_clip_arch(arch: str) -> None:
     if arch in known:
         return
     close = difflib.get_close_matches(arch, known, n=3, cutoff=0.5) or [DEFAULT_CLIP[0], "ViT-B-32", TINY_CLIP]
-    raise HTError(f"unknown open_clip architecture {arch!r} for --clip-model; for example {', '.join(close)} "
+    raise HTError(f"unknown open_clip architecture {arch!r} for clip_model=; for example {', '.join(close)} "
                   "(python -c 'import open_clip; print(open_clip.list_models())' lists them all)")
 
 

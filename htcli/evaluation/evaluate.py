@@ -42,10 +42,10 @@ def parse_methods(wanted: str | Sequence[str] | None, found: Sequence[str]) -> l
     names = [m.strip() for m in (wanted.split(",") if isinstance(wanted, str) else wanted) if m.strip()]
     for name in names:
         if name not in known and name != "none":
-            raise HTError(f"unknown method {name!r} for --methods; available here: {', '.join(known)} "
-                          "(baselines come from --baselines folders)")
+            raise HTError(f"unknown method {name!r} for methods=; available here: {', '.join(known)} "
+                          "(baselines come from baselines= folders)")
     if not names:
-        raise HTError("--methods is empty; name at least one of " + ", ".join(known))
+        raise HTError("methods= is empty; name at least one of " + ", ".join(known))
     return [n for n in dict.fromkeys(names) if n != "none"]
 
 
@@ -76,7 +76,7 @@ def covered_concepts(concepts: Sequence[Concept], methods: Sequence[Method], exp
         missing = [c for c in kept if not method.file(c).is_file()]
         if missing and explicit:
             raise HTError(f"baseline {method.name!r} has no file for {missing[0].name!r} in {method.source}; fit it with "
-                          f"`ht fit-linear-baselines --method {method.name} --concept {missing[0].name!r}`")
+                          f"`ht fit-linear-baselines` (method={method.name!r}, concept={missing[0].name!r})")
         kept = [c for c in kept if c not in missing]
     return kept
 
@@ -110,21 +110,21 @@ def evaluate(
     every baseline covers, when baselines narrow the split.
     """
     from htcli.core.runtime import resolve_device, run_path
+    from htcli.core.strength import check_strength, extrapolation_notes, parse_strengths
     from htcli.data.concepts import load_library
     from htcli.data.dataset import select_concepts
-    from htcli.generate.steer import parse_strengths
     from htcli.models import get_model, load_pipeline
 
     say, tell = warn or (lambda text: None), note or (lambda text: None)
     # 1. Every input checked before loading anything heavy.
     spec = get_model(model)
-    strength_list = parse_strengths(strengths) if isinstance(strengths, str) else [float(s) for s in strengths]
-    if any(s > 1 for s in strength_list):
-        say("strength > 1 extrapolates beyond the fitted transport")
+    strength_list = parse_strengths(strengths) if isinstance(strengths, str) else [check_strength(s) for s in strengths]
+    for text in extrapolation_notes(strength_list):
+        say(text)
     if out is not None and resume:
-        raise HTError("give --out (an existing run continues) or --resume (the latest run), not both")
+        raise HTError("give out= (an existing run continues) or resume=True (the latest run), not both")
     if out is not None:
-        check_output_dir(out, "--out")
+        check_output_dir(out)
     check_limit(limit_concepts)
     library = load_library()
     chosen = select_concepts(library, split, concepts)
@@ -142,7 +142,7 @@ def evaluate(
     chosen = covered_concepts(chosen, chosen_methods, explicit=bool(concepts))
     if not chosen:
         raise HTError(f"no concepts to evaluate: the baselines in {', '.join(map(str, folders))} fit none of the "
-                      f"{split} concepts; pass --concept or --methods without them")
+                      f"{split} concepts; pass concept= or methods= without them")
     if limit_concepts is not None and not concepts:  # a seeded sample of what every method covers
         chosen = sorted(random.Random(seed).sample(chosen, min(limit_concepts, len(chosen))), key=lambda c: c.name.lower())
     if any(m.kind == "baseline" for m in chosen_methods) and not concepts:

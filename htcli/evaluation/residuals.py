@@ -36,8 +36,9 @@ def evaluate_hyper(
     eval_inputs, source = dataset.source_inputs("eval"), dataset.source_activations("eval")
     result = MethodResult("hypertransport", [], [])
     for done, name in enumerate(names, 1):
-        maps = predictor.maps([library.resolve(name)])[0]
-        result.seconds.append(predictor.last_ms / 1e3)
+        prediction = predictor.predict([library.resolve(name)])
+        maps = prediction.maps[0]
+        result.seconds.append(prediction.ms / 1e3)
         target = {k: v[0] for k, v in dataset.targets([name], "eval").items()}
         result.residuals.append(residuals(frozen, eval_inputs, source, target, maps)[0])
         if progress:
@@ -55,7 +56,7 @@ def baseline_folders(folders: Sequence[Path]) -> list[Path]:
     found = []
     for folder in map(Path, folders):
         if not folder.is_dir():
-            raise HTError(f"--baselines {folder} is not a directory; fit baselines with `ht fit-linear-baselines`")
+            raise HTError(f"baselines={str(folder)!r} is not a directory; fit baselines with `ht fit-linear-baselines`")
         methods = [folder] if (folder / SUMMARY).is_file() else sorted(p.parent for p in folder.glob(f"*/{SUMMARY}"))
         if not methods:
             raise HTError(f"no baselines in {folder} or its subfolders (no {SUMMARY}); "
@@ -135,7 +136,7 @@ def transport_concepts(dataset: ActivationDataset, split: str, baselines: Sequen
         names = sorted(random.Random(seed).sample(names, limit), key=str.lower)
     if not names:
         where = f" fitted by the baselines in {', '.join(map(str, baselines))}" if baselines else ""
-        raise HTError(f"no {split} concepts of {dataset.root}{where} to judge; try --split all or other --baselines")
+        raise HTError(f"no {split} concepts of {dataset.root}{where} to judge; try split='all' or other baselines=")
     return names
 
 

@@ -86,7 +86,7 @@ class Method:
         if path not in self._digests:
             if not path.is_file():
                 raise HTError(f"{self.name}: no intervention file {path} for {concept.name!r}; fit it with "
-                              f"`ht fit-linear-baselines --method {self.name} --concept {concept.name!r}`")
+                              f"`ht fit-linear-baselines` (method={self.name!r}, concept={concept.name!r})")
             self._digests[path] = file_digest(path)
         return self._digests[path]
 
@@ -124,14 +124,14 @@ def select_prompts(library: ConceptLibrary, count: int, seed: int = 0) -> list[s
     on (same --seed), so evaluation prompts avoid the fitting prompts."""
     prompts = list(library.source_prompts())
     if not 1 <= count <= len(prompts):
-        raise HTError(f"--prompts must be between 1 and the library's {len(prompts)} source prompts, got {count}")
+        raise HTError(f"prompts= must be between 1 and the library's {len(prompts)} source prompts, got {count}")
     random.Random(seed).shuffle(prompts)
     return prompts[::-1][:count]
 
 
 def eval_seeds(seed: int, count: int) -> list[int]:
     if count < 1:
-        raise HTError(f"--seeds must be positive, got {count}")
+        raise HTError(f"seeds= must be positive, got {count}")
     return [seed * 1_000_000 + SEED_OFFSET + k for k in range(count)]
 
 
@@ -173,10 +173,10 @@ class EvalRun:
         if (root / INDEX).exists():
             run = cls.open(root)
             if run.model != model:
-                raise HTError(f"{root} is an evaluation run of model {run.model!r}, not {model!r}; choose another --out")
+                raise HTError(f"{root} is an evaluation run of model {run.model!r}, not {model!r}; choose another out=")
             return run
         if root.exists() and any(root.iterdir()):
-            raise HTError(f"{root} exists and is not an evaluation run; choose an empty or new --out")
+            raise HTError(f"{root} exists and is not an evaluation run; choose an empty or new out=")
         return cls(root, {"format": FORMAT, "model": model, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                           "ht_version": __version__, "methods": {}, "records": []})
 
@@ -216,10 +216,10 @@ def latest_run(model: str) -> Path:
     pointer = run_path(model, "eval") / LATEST
     if not pointer.is_file():
         raise HTError(f"no evaluation run of model {model!r} under {pointer.parent}; make one with "
-                      f"`ht evaluate --model {model}` or pass --run DIR")
+                      f"`ht evaluate` (model={model!r}) or pass run=DIR")
     root = Path(read_json(pointer).get("run", ""))
     if not (root / INDEX).is_file():
-        raise HTError(f"the latest evaluation run of {model!r} ({root}) is gone; run `ht evaluate --model {model}` or pass --run")
+        raise HTError(f"the latest evaluation run of {model!r} ({root}) is gone; run `ht evaluate` (model={model!r}) or pass run=")
     return root
 
 
@@ -265,7 +265,7 @@ def plan_batches(run: EvalRun, concepts: Sequence[Concept], prompts: Sequence[st
             weights = method.weights(concept)
             if used.get((concept.name, method.name), {weights}) != {weights}:
                 raise HTError(f"{run.root} holds {method.name!r} images of {concept.name!r} made with other weights "
-                              f"than {weights}; evaluate into a new --out")
+                              f"than {weights}; evaluate into a new out=")
             for index, prompt in enumerate(prompts):
                 for strength in _strengths(method, strengths):
                     todo = [s for s in seeds if (concept.name, method.name, prompt, s, strength) not in done]

@@ -42,7 +42,7 @@ def open_run(run: Path | None, model: str | None, say: Callable[[str], None]) ->
         say(f"scoring the most recent evaluation run of {name}: {run}")
     opened = EvalRun.open(run)
     if not opened.records:
-        raise HTError(f"the evaluation run {run} holds no images yet; run `ht evaluate --out {run}`")
+        raise HTError(f"the evaluation run {run} holds no images yet; run `ht evaluate` (out={str(run)!r})")
     return opened
 
 
@@ -50,7 +50,7 @@ def parse_pair(pair: str) -> tuple[str, str]:
     a, sep, b = pair.partition(",")
     a, b = a.strip(), b.strip()
     if not sep or not a or not b or "," in b or a == b:
-        raise HTError(f"--pair takes two different methods 'A,B', e.g. hypertransport,prompt; got {pair!r}")
+        raise HTError(f"pair= takes two different methods 'A,B', e.g. hypertransport,prompt; got {pair!r}")
     return a, b
 
 
@@ -71,7 +71,7 @@ def clip_section(run: EvalRun, clip_model: str | None, clip_pretrained: str | No
         clip_model = TINY_CLIP
     check_clip_arch(clip_model or DEFAULT_CLIP[0])
     if clip_model not in (None, TINY_CLIP) and not clip_pretrained:
-        warn(f"--clip-model {clip_model} without --clip-pretrained has random weights")
+        warn(f"clip_model={clip_model!r} without clip_pretrained= has random weights")
     encoder = get_encoder(clip_encoder_id(clip_model, clip_pretrained), device)
     return clip_judge(encoder, run.root, run.records, seed, progress)
 
@@ -157,7 +157,7 @@ def score(
 
     say, warn = say or (lambda text: None), warn or (lambda text: None)
     if judge not in JUDGES:
-        raise HTError(f"unknown --judge {judge!r}; use {', '.join(JUDGES)}")
+        raise HTError(f"unknown judge={judge!r}; use {', '.join(JUDGES)}")
     torch_device = str(resolve_device(device))
     if judge == "transport":
         model_id, section = transport_section(model, data, hyper, baselines, split, limit_concepts, seed, torch_device,

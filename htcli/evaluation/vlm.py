@@ -74,7 +74,7 @@ def pair_items(records: Sequence[Mapping[str, Any]], a: str, b: str) -> list[Pai
     methods = sorted({r["method"] for r in records})
     for name in (a, b):
         if name not in methods:
-            raise HTError(f"--pair: method {name!r} is not in the run; it has {', '.join(methods)}")
+            raise HTError(f"pair=: method {name!r} is not in the run; it has {', '.join(methods)}")
     by_key: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in records:
         if r["method"] == b:
@@ -160,7 +160,7 @@ class OpenAIBackend:
 
     def __init__(self, endpoint: str, model: str, timeout: float = 120.0, api_key: str | None = None) -> None:
         if not endpoint.startswith(("http://", "https://")):
-            raise HTError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {endpoint!r}")
+            raise HTError(f"endpoint= must be an http(s) URL such as http://127.0.0.1:8000/v1, got {endpoint!r}")
         base = endpoint.rstrip("/")
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.timeout = model, timeout
@@ -207,7 +207,7 @@ class TransformersBackend:
             self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto").to(device).eval()
         except (OSError, ValueError) as error:
             raise HTError(f"cannot load the VLM {model_id!r} ({type(error).__name__}); check the id, or use "
-                          "--backend openai --endpoint URL") from None
+                          "backend='openai' with endpoint=URL") from None
 
     def __call__(self, question: str, images: Sequence[Any]) -> str:
         import torch
@@ -227,10 +227,10 @@ def make_backend(backend: str | None, model_id: str | None, endpoint: str | None
     """The backend `--backend` names (default: openai when an --endpoint is given, else transformers)."""
     backend = backend or ("openai" if endpoint else "transformers")
     if backend not in BACKENDS:
-        raise HTError(f"unknown --backend {backend!r}; use {' or '.join(BACKENDS)}")
+        raise HTError(f"unknown backend={backend!r}; use {' or '.join(BACKENDS)}")
     if backend == "openai":
         if not endpoint:
-            raise HTError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
+            raise HTError("backend='openai' needs endpoint=URL (e.g. http://127.0.0.1:8000/v1)")
         return OpenAIBackend(endpoint, model_id or DEFAULT_VLM, timeout)
     return TransformersBackend(model_id or DEFAULT_VLM, device)
 

@@ -17,8 +17,6 @@ it counts the denoiser's timesteps.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -27,9 +25,11 @@ from torch import Tensor, nn
 
 from htcli.core.hooks import module_width
 from htcli.core.steering import SteeringConfig
+from htcli.core.strength import DEFAULT_STRENGTH, check_strength
 from htcli.core.transport import Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.compose import combine, layer_summary, select_layers
+from htcli.models.identity import model_ids
 from htcli.models.interventions import Intervention
 
 DENOISER_ATTRIBUTES = ("transformer", "unet")  # where diffusers pipelines keep their denoiser
@@ -67,14 +67,6 @@ def pipeline_step(pipe: Any) -> Callable[[], int] | None:
     return step
 
 
-def check_strength(value: object) -> float:
-    """`value` as a float if it is a finite number, else HTError; above 1 in size it extrapolates
-    beyond the fitted transport (or its inverse), which works but is worth a warning."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise HTError(f"strength must be a finite number, got {value!r}")
-    if abs(value) > 1:
-        warnings.warn(f"strength {value:g} extrapolates beyond the fitted transport", stacklevel=3)
-    return float(value)
 
 
 class Applied:
@@ -100,7 +92,7 @@ class Applied:
 
     @strength.setter
     def strength(self, value: float) -> None:
-        self._config.strength = check_strength(value)
+        self._config.strength = check_strength(value, warn=True)
 
     @property
     def attached(self) -> bool:
@@ -159,8 +151,9 @@ def steer_samples(pipe: Any, maps: Sequence[Maps | None], strengths: Sequence[fl
     return steer_pipeline(pipe, stacked, per_sample, steps)
 
 
-def check_fits(intervention: Intervention, model: nn.Module, label: str) -> None:
-    """One line, unless every layer `intervention` steers exists in `model` with its width."""
+def check_fits(intervention: Intervention, model: nn.Module, label: str, force: bool = False) -> None:
+    """One line, unless every layer `intervention` steers exists in `model` with its width and,
+    unless `force`, `model` is not known to be another model than the one it was made for."""
     modules = dict(model.named_modules())
     made_for = f"{label} (made for {intervention.model or 'an unknown model'})"
     missing = [name for name in intervention.maps if name not in modules]
@@ -172,6 +165,10 @@ def check_fits(intervention: Intervention, model: nn.Module, label: str) -> None
         if have != width:
             raise HTError(f"{made_for} has width {width} at {name}, but this pipeline's "
                           f"{type(model).__name__} has width {have} there")
+    known = [] if force or not intervention.model else model_ids(model)
+    if known and intervention.model not in known:
+        raise HTError(f"{label} was made for model {intervention.model!r}, and this pipeline's {type(model).__name__} "
+                      f"is {' or '.join(map(repr, known))}; pass force=True to apply it anyway")
 
 
 Applicable = Intervention | tuple[Intervention, float]
@@ -189,24 +186,22 @@ def _weighted(interventions: Applicable | Sequence[Applicable]) -> list[tuple[In
     for item in items:
         if isinstance(item, Intervention):
             item = (item, 1.0)
-        valid = (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], Intervention)
-                 and isinstance(item[1], (int, float)) and not isinstance(item[1], bool) and math.isfinite(item[1]))
-        if not valid:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], Intervention)):
             raise HTError(f"apply takes Intervention objects or (Intervention, weight) pairs, got {item!r:.80}")
         intervention, weight = item
-        pairs.append((intervention, float(weight)))
+        pairs.append((intervention, check_strength(weight, "weight")))
     return pairs
 
 
 def composed_maps(model: nn.Module, interventions: Applicable | Sequence[Applicable], layers: Sequence[str] = (),
-                  own_layers: Sequence[str | None] | None = None) -> Maps:
+                  own_layers: Sequence[str | None] | None = None, force: bool = False) -> Maps:
     """The maps of `interventions` (see `apply`) composed as `ht steer` composes its sources, each
-    checked against `model` first; `own_layers`: per intervention, a pattern of the layers it acts
-    on (None: all), as `ht steer`'s `-i FILE@LAYERS`."""
+    checked against `model` first (`force`: also when made for another model); `own_layers`: per
+    intervention, a pattern of the layers it acts on (None: all), as `ht steer`'s `-i FILE@LAYERS`."""
     weighted = _weighted(interventions)
     labels = [intervention.concept or f"intervention {k}" for k, (intervention, _) in enumerate(weighted)]
     for (intervention, _), label in zip(weighted, labels):
-        check_fits(intervention, model, repr(label))
+        check_fits(intervention, model, repr(label), force)
     if isinstance(layers, str):
         raise HTError(f"layers takes a list of patterns, got the string {layers!r}: write [{layers!r}]")
     own = list(own_layers) if own_layers is not None else [None] * len(weighted)
@@ -217,9 +212,10 @@ def composed_maps(model: nn.Module, interventions: Applicable | Sequence[Applica
 def apply(
     pipe: Any,
     interventions: Applicable | Sequence[Applicable],
-    strength: float = 0.6,
+    strength: float = DEFAULT_STRENGTH,
     steps: int | Collection[int] | None = None,
     layers: Sequence[str] = (),
+    force: bool = False,
 ) -> Applied:
     """Steer `pipe` (a diffusers pipeline, or its denoiser) with one or several interventions
     until the returned handle is removed (or its `with` block ends).
@@ -229,7 +225,9 @@ def apply(
     strength: the global strength (0: exactly the unsteered model; negative: the reverse transport).
     steps: the denoising steps to steer, 0-based (an int, a range or a set); None: all.
     layers: glob (or `re:`) patterns; only the intervention layers they match are steered.
+    force: apply an intervention made for another model whose layers and widths fit.
 
-    Maps whose layers or widths do not fit the pipeline's denoiser are refused in one line."""
-    composed = composed_maps(denoiser_of(pipe), interventions, layers)
-    return steer_pipeline(pipe, composed, check_strength(strength), steps)  # nothing attached before here
+    Maps whose layers or widths do not fit the pipeline's denoiser are refused in one line, and
+    so are maps made for another model, even when they fit, unless `force`."""
+    composed = composed_maps(denoiser_of(pipe), interventions, layers, force=force)
+    return steer_pipeline(pipe, composed, check_strength(strength, warn=True), steps)  # nothing attached before here

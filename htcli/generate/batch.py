@@ -31,8 +31,8 @@ from PIL import Image
 from htcli.core.transport import Maps
 from htcli.errors import HTError
 from htcli.generate.apply import steer_samples
-from htcli.generate.steer import Steered, SteerRequest, parse_steer_steps, steer
 from htcli.generate.source_maps import Steerer
+from htcli.generate.steer import Steered, SteerRequest, parse_steer_steps, steer
 from htcli.models import ModelSpec, build_meta_denoiser
 
 
@@ -89,7 +89,7 @@ class _Recorder:
 
 class Planner:
     """Plans requests with `steer()` for `generate_batch`. One per loaded model; not thread-safe
-    (the predictor keeps per-call state): callers serialise `plan`."""
+    (its recording pipeline keeps the calls of the request it plans): callers serialise `plan`."""
 
     def __init__(self, steerer: Steerer, predictor: Any = None) -> None:
         self.spec = steerer.spec

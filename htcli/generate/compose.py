@@ -18,7 +18,6 @@ w_i = 0. The global strength then scales the combined map by the same rule, and 
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from htcli.core.files import load_rgb_images
 from htcli.core.hooks import (
     matches,  # the one pattern rule for layer names (glob, or re:)
 )
+from htcli.core.strength import MAX_STRENGTH, check_strength
 from htcli.core.transport import Maps, displacement
 from htcli.data.concepts import Concept, ConceptLibrary, load_library
 from htcli.errors import HTError
@@ -47,17 +47,18 @@ def _number(text: str) -> float | None:
         return None
 
 
-# |weight| and |strength| at most this: beyond 1 a map extrapolates, and far beyond, images fall apart.
-MAX_STRENGTH = 2.0
 # A Hub reference's revision (`user/repo@v1`, `user/repo@v1/file.safetensors`): its '@' is not a layer pattern's.
 HUB_REVISION = re.compile(r"[^/@:\s]+/[^/@:\s]+@[^/@:\s]+")
 
 
-def check_weight(weight: float, text: str) -> float:
-    """`weight` if it is finite and |weight| <= MAX_STRENGTH, else a one-line HTError naming `text`."""
-    if not (math.isfinite(weight) and abs(weight) <= MAX_STRENGTH):
-        raise HTError(f"weight of {text!r} must be a number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}, got {weight!r}")
-    return weight
+def check_weight(weight: object, text: str) -> float:
+    """`weight` as a float if the strength policy takes it (`htcli.core.strength`), else a one-line
+    HTError naming `text`."""
+    try:
+        return check_strength(weight, "weight")
+    except HTError:
+        raise HTError(f"weight of {text!r} must be a number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}, "
+                      f"got {weight!r:.60}") from None
 
 
 def parse_weighted(text: str, what: str = "concept") -> tuple[str, float]:
@@ -78,7 +79,7 @@ def parse_weighted(text: str, what: str = "concept") -> tuple[str, float]:
     return head.strip(), check_weight(weight, head.strip())
 
 
-def check_pattern(pattern: str, what: str = "--layers") -> str:
+def check_pattern(pattern: str, what: str = "layers=") -> str:
     """`pattern` if it is a usable layer pattern (a glob, or a regex as `re:...`), else HTError."""
     if not pattern.strip():
         raise HTError(f"{what}: the layer pattern is empty")
@@ -126,7 +127,7 @@ def combine(weighted: Sequence[tuple[Maps, float]]) -> Maps:
 
     The result steers every layer some source names; a source acts only on its own layers."""
     if not weighted:
-        raise HTError("nothing to steer with: give --concept, --reference-image or --intervention")
+        raise HTError("nothing to steer with: give concepts=, reference_images= or interventions=")
     combined = {}
     for layer in dict.fromkeys(name for maps, _ in weighted for name in maps):
         parts = [displacement(*maps[layer], weight) for maps, weight in weighted if layer in maps]
@@ -179,7 +180,7 @@ def select_layers(
     every = list(dict.fromkeys(name for names in known for name in names))
     for pattern in layers:
         if not any(matches(pattern, name) for name in every):
-            raise HTError(f"--layers {pattern!r} matches none of the intervention's layers: {layer_summary(every)}")
+            raise HTError(f"layers={pattern!r} matches none of the intervention's layers: {layer_summary(every)}")
     kept = []
     for names, pattern, label in zip(known, own, labels, strict=True):
         if pattern is not None and not any(matches(pattern, name) for name in names):
@@ -187,7 +188,7 @@ def select_layers(
         own_names = [name for name in names if pattern is None or matches(pattern, name)]
         chosen = [name for name in own_names if not layers or any(matches(p, name) for p in layers)]
         if not chosen:
-            raise HTError(f"--layers {' '.join(layers)} matches none of the layers {label!r} acts on: "
+            raise HTError(f"layers={list(layers)!r} matches none of the layers {label!r} acts on: "
                           f"{layer_summary(own_names)}")
         kept.append(chosen)
     return kept
@@ -272,5 +273,5 @@ def resolve_sources(
         sources.files.append((loaded_file, weight, path))
         sources.layers.append(pattern)
     if not len(sources):
-        raise HTError("nothing to steer with: give --concept, --reference-image or --intervention")
+        raise HTError("nothing to steer with: give concepts=, reference_images= or interventions=")
     return sources

@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 
 from htcli.core.files import atomic_path, check_output_dir, write_json
 from htcli.errors import HTError
-from htcli.generate.steer import Progress, Steered, SteeredImage, SteerRequest, steer
 from htcli.generate.source_maps import Steerer
+from htcli.generate.steer import Progress, Steered, SteeredImage, SteerRequest, steer
 from htcli.models.interventions import check_intervention_out
 
 CAPTION_PX = 14  # height of the caption band under each grid cell
@@ -64,11 +64,11 @@ def check_outputs(request: SteerRequest, out: Path | None, export: Path | None) 
     a folder (or new), `export` a new .safetensors path or an ht intervention file (anything else
     there is never overwritten)."""
     if out is not None:
-        check_output_dir(out, "--out")
+        check_output_dir(out)
     if export is not None:
         if request.each or request.method != "hypertransport":
-            raise HTError("--export needs one composed intervention: drop --each, and use --method hypertransport")
-        check_intervention_out(export, "--export")
+            raise HTError("export= needs one composed intervention: drop each=True, and use method='hypertransport'")
+        check_intervention_out(export, "export")
 
 
 def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> list[Path]:
@@ -76,7 +76,7 @@ def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> 
     composed intervention to `export`. Every file is written atomically. Returns the PNGs."""
     check_output_dir(folder)
     if export is not None:
-        check_intervention_out(export, "--export")
+        check_intervention_out(export, "export")
     intervention = steered.intervention() if export is not None else None  # refuse before writing
     folder.mkdir(parents=True, exist_ok=True)
     written = []

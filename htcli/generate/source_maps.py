@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from htcli.core.transport import Maps, maps_to
 from htcli.errors import HTError
 from htcli.generate.compose import Sources, combine, select_layers
 from htcli.models import ModelSpec
+
+if TYPE_CHECKING:
+    from htcli.methods.predict import Prediction
 
 
 class Steerer:
@@ -99,14 +102,14 @@ def _refine_dataset(steerer: Steerer, sources: Sources, refine: int | None, data
 
 
 def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes: list[str],
-                 refine: int | None = None, dataset: Any = None) -> tuple[list[tuple[Maps, float]], str | None, float]:
-    """(maps, weight) per source in `sources` order, the checkpoint digest (None when nothing
-    was predicted) and the milliseconds the maps took (encoding, and `refine` LinEAS steps per
-    concept, on `dataset` or captured targets, included). Every map is on `steerer.maps_device`."""
+                 refine: int | None = None, dataset: Any = None) -> tuple[list[tuple[Maps, float]], Prediction | None]:
+    """(maps, weight) per source in `sources` order, and the prediction behind them (None when
+    nothing was predicted), its time including `refine` LinEAS steps per concept (on `dataset` or
+    captured targets). Every map is on `steerer.maps_device`."""
     device = steerer.maps_device
     files = [(maps_to(f.maps, device), w) for f, w, _ in sources.files]
     if not (sources.concepts or sources.images):
-        return files, None, 0.0
+        return files, None
     refined, refine_ms = [], 0.0
     if refine is not None and sources.concepts:
         from htcli.methods.refine import refine_maps
@@ -122,28 +125,30 @@ def _source_maps(steerer: Steerer, sources: Sources, gap_correction: bool, notes
             refined.append(maps)
             refine_ms += info["seconds"] * 1e3
     predictor = steerer.predictor
-    # Predicted last, all sources at once: `predictor.last_ms` and its per-source records describe this call.
-    predicted = predictor.maps([c for c, _ in sources.concepts], sources.images, gap_correction)
+    # Predicted last, all sources at once: the prediction's records are the sources' neighbours.
+    prediction = predictor.predict([c for c, _ in sources.concepts], sources.images, gap_correction)
+    predicted = prediction.maps
     predicted[: len(refined)] = refined
     if sources.images and gap_correction and not predictor.has_gap:
         notes.append("the hypernetwork stores no modality gap; raw image embeddings were used "
-                     "(train it with --calibration-images to store one)")
+                     "(train it with calibration_images= to store one)")
     weights = [w for _, w in sources.concepts] + [1.0] * bool(sources.images)
     per_source = [(maps_to(maps, device), w) for maps, w in zip(predicted, weights)] + files
-    return per_source, predictor.digest, predictor.last_ms + refine_ms
+    return per_source, replace(prediction, ms=prediction.ms + refine_ms)
 
 
-def _neighbours(steerer: Steerer, sources: Sources, notes: list[str]) -> list[dict]:
-    """Per predicted source (concepts, then the reference images), after `_source_maps`: its
-    `Predictor.neighbour_info` with a "source" label. Notes name the sources that are out of
-    distribution, or say once that the checkpoint cannot tell."""
-    if not (sources.concepts or sources.images):
+def _neighbours(prediction: Prediction | None, sources: Sources, notes: list[str]) -> list[dict]:
+    """Per predicted source (concepts, then the reference images): its `Prediction.neighbours`
+    record with a "source" label. Notes name the sources that are out of distribution, or say
+    once that the checkpoint cannot tell."""
+    if prediction is None:
         return []
-    predictor = steerer.predictor
+    from htcli.methods.predict import Predictor
+
     labels = sources.labels[: len(sources.concepts) + bool(sources.images)]
-    records = [{"source": label, **predictor.neighbour_info(i)} for i, label in enumerate(labels)]
+    records = [{"source": label, **record} for label, record in zip(labels, prediction.neighbours, strict=True)]
     for record in records:
-        text = predictor.neighbour_note(record["source"], record)
+        text = Predictor.neighbour_note(record["source"], record)
         if text and text not in notes:
             notes.append(text)
     return records
@@ -186,6 +191,7 @@ def compose_sources(steerer: Steerer, sources: Sources, *, layers: Sequence[str]
     if sources.concepts or sources.images:
         predicted = [name for name, _ in steerer.predictor.checkpoint.config.layers]
     kept = select_layers(sources.known_layers(predicted), sources.layers, layers, sources.labels)
-    per_source, digest, ms = _source_maps(steerer, sources, gap_correction, notes, refine, dataset)
+    per_source, prediction = _source_maps(steerer, sources, gap_correction, notes, refine, dataset)
     per_source = [({name: maps[name] for name in names}, w) for (maps, w), names in zip(per_source, kept)]
-    return Composed(per_source, digest, ms, _neighbours(steerer, sources, notes))
+    digest, ms = (steerer.predictor.digest, prediction.ms) if prediction is not None else (None, 0.0)
+    return Composed(per_source, digest, ms, _neighbours(prediction, sources, notes))

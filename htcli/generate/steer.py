@@ -16,7 +16,6 @@ the reverse transport (towards the inverse map; `htcli.core.transport.displaceme
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,24 +26,21 @@ from PIL import Image
 
 from htcli import __version__
 from htcli.core.runtime import Progress
+from htcli.core.strength import DEFAULT_STRENGTH, check_strength, extrapolation_notes
 from htcli.core.transport import OMEGA_MIN, Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.apply import steer_pipeline
 from htcli.generate.compose import (
-    MAX_STRENGTH,
     Sources,
     Weighted,
     check_pattern,
     combine,
     resolve_sources,
 )
+from htcli.generate.request_fields import FIELDS, SEED_LIMIT
 from htcli.generate.source_maps import Steerer, compose_sources, nearest_records, ood_flag
 from htcli.models import ModelSpec
 from htcli.models.interventions import Intervention
-
-METHODS = ("hypertransport", "prompt")
-DEFAULT_STRENGTH = 0.6
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.Generator.manual_seed takes and initial_seed gives back
 
 
 def weights_kind(spec: ModelSpec) -> str:
@@ -60,21 +56,7 @@ def check_seeds(seed: int, num_images: int) -> None:
     """HTError unless every seed of a request (seed, seed + 1, ... seed + num_images - 1) is in [0, 2**63)."""
     if not 0 <= seed <= SEED_LIMIT - max(num_images, 1):
         last = f" (with {num_images} images, at most 2**63 - {num_images})" if num_images > 1 else ""
-        raise HTError(f"--seed must be from 0 to 2**63 - 1{last}, got {seed}")
-
-
-def parse_strengths(text: str) -> list[float]:
-    """`"0.6"` or a sweep `"0,0.25,0.5"`; anything else is a one-line error."""
-    values = []
-    for part in text.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise HTError(f"--strength takes numbers separated by commas, got {text!r}") from None
-        if not math.isfinite(value):
-            raise HTError(f"--strength values must be finite, got {part!r}")
-        values.append(value)
-    return values
+        raise HTError(f"seed= must be from 0 to 2**63 - 1{last}, got {seed}")
 
 
 def parse_steer_steps(text: str, num_steps: int) -> range | None:
@@ -84,7 +66,7 @@ def parse_steer_steps(text: str, num_steps: int) -> range | None:
     text = text.strip()
     if text == "all":
         return None
-    form = f"--steer-steps takes 'all', a step N or a window START:STOP (0-based, STOP excluded), got {text!r}"
+    form = f"steer_steps= takes 'all', a step N or a window START:STOP (0-based, STOP excluded), got {text!r}"
     start_text, colon, stop_text = text.partition(":")
     try:
         if colon:
@@ -99,10 +81,10 @@ def parse_steer_steps(text: str, num_steps: int) -> range | None:
         raise HTError(f"{form}: steps count from 0")
     if start >= num_steps or stop > num_steps:
         numbers = f"0 to {num_steps - 1}" if num_steps > 1 else "only step 0"
-        raise HTError(f"--steer-steps {text} is past the model's last step: it denoises in {num_steps} "
+        raise HTError(f"steer_steps={text!r} is past the model's last step: it denoises in {num_steps} "
                       f"step{'s' * (num_steps > 1)}, {numbers}")
     if stop <= start:
-        raise HTError(f"--steer-steps {text} is an empty window: STOP must be greater than START")
+        raise HTError(f"steer_steps={text!r} is an empty window: STOP must be greater than START")
     return None if (start, stop) == (0, num_steps) else range(start, stop)
 
 
@@ -162,19 +144,19 @@ class SteerRequest:
     reference_images: Sequence[Any] = ()
     interventions: Sequence[Weighted] = ()
     strengths: Sequence[float] | None = None  # a sweep: one image per value (and seed); None: DEFAULT_STRENGTH
-    method: str = "hypertransport"  # or "prompt": the concept's template applied to the prompt
-    seed: int = 0  # image k uses seed + k
-    num_images: int = 1
+    method: str = FIELDS["method"].default  # or "prompt": the concept's template applied to the prompt
+    seed: int = FIELDS["seed"].default  # image k uses seed + k
+    num_images: int = FIELDS["num_images"].default
     each: bool = False  # one image per source in one mixed batch, instead of composing them
-    gap_correction: bool = True
-    steer_steps: str = "all"  # denoising steps to steer: "all", "0:1", "1:", ":2", "2" (see parse_steer_steps)
+    gap_correction: bool = FIELDS["gap_correction"].default
+    steer_steps: str = FIELDS["steer_steps"].default  # denoising steps to steer: "all", "0:1", "1:", ":2", "2" (see parse_steer_steps)
     layers: Sequence[str] = ()  # steer only the intervention's layers matching any of these (glob or re:); (): all
-    refine: int | None = None  # N LinEAS steps from each concept's prediction (`htcli.methods.refine`)
+    refine: int | None = FIELDS["refine"].default  # N LinEAS steps from each concept's prediction (`htcli.methods.refine`)
     data: Path | None = None  # the dataset --refine reads first; None: runs/<model>/data if built (`refine_dataset`)
 
     @property
     def strength_values(self) -> list[float]:
-        return [DEFAULT_STRENGTH] if self.strengths is None else [float(s) for s in self.strengths]
+        return [DEFAULT_STRENGTH] if self.strengths is None else [float(s) for s in self.strengths]  # checked by `check`
 
     @property
     def seeds(self) -> list[int]:
@@ -184,30 +166,29 @@ class SteerRequest:
         """Raise HTError for settings that cannot work together (sources are checked later)."""
         if not self.prompt.strip():
             raise HTError("the prompt is empty: say what to generate")
-        if self.method not in METHODS:
-            raise HTError(f"--method must be hypertransport or prompt, got {self.method!r}")
-        if self.num_images < 1:
-            raise HTError(f"--num-images must be positive, got {self.num_images}")
+        for name in ("method", "num_images"):
+            FIELDS[name].check(getattr(self, name))
         check_seeds(self.seed, self.num_images)
-        values = self.strength_values
-        if not values or not all(math.isfinite(s) and abs(s) <= MAX_STRENGTH for s in values):
-            raise HTError(f"--strength takes numbers from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}, got {values}")
+        if self.strengths is not None and not list(self.strengths):
+            raise HTError("strengths= is empty: give a sweep of numbers, or None for the default")
+        for value in self.strengths or ():
+            check_strength(value, "strengths")
         if self.each and self.method == "prompt":
-            raise HTError("--each needs --method hypertransport; run --method prompt once per concept instead")
+            raise HTError("each=True needs method='hypertransport'; run method='prompt' once per concept instead")
         if self.method == "prompt" and (self.reference_images or self.interventions):
-            raise HTError("--method prompt appends concept text; it cannot use --reference-image or --intervention")
+            raise HTError("method='prompt' appends concept text; it cannot use reference_images= or interventions=")
         if isinstance(self.layers, str):
             raise HTError(f"layers takes a list of patterns, got the string {self.layers!r}: write [{self.layers!r}]")
         for pattern in self.layers:
             check_pattern(pattern)
         if self.refine is None and self.data is not None:
-            raise HTError("--data is only used with --refine (LinEAS on the dataset's samples of each concept)")
+            raise HTError("data= is only used with refine= (LinEAS on the dataset's samples of each concept)")
         if self.refine is not None:
             from htcli.methods.refine import check_refine_steps
 
             check_refine_steps(self.refine)
             if self.method == "prompt" or not self.concepts:
-                raise HTError("--refine refines the maps of --concept sources; give one, with --method hypertransport")
+                raise HTError("refine= refines the maps of concepts= sources; give one, with method='hypertransport'")
 
 
 @dataclass
@@ -234,7 +215,7 @@ class Steered:
     def intervention(self) -> Intervention:
         """The composed maps as an intervention file, to apply again with `ht steer -i`."""
         if self.maps is None:
-            raise HTError("--export needs one composed intervention: drop --each, and use --method hypertransport")
+            raise HTError("export= needs one composed intervention: drop each=True, and use method='hypertransport'")
         method = "composed" if self.sources.files else "hypertransport"
         return Intervention(self.maps, self.model, method, "; ".join(self.sources.labels),
                             info={"sources": self.sources.describe()})
@@ -265,24 +246,20 @@ def steer(steerer: Steerer, request: SteerRequest, progress: Progress | None = N
     sources = resolve_sources(spec, request.concepts, request.reference_images, request.interventions,
                               library=steerer.library)
     strengths: list[float | None] = list(request.strength_values)
-    notes, neighbours = [], []
-    if any(s > 1 for s in strengths):
-        notes.append("strength > 1 extrapolates beyond the fitted transport")
-    if any(s < -1 for s in strengths):
-        notes.append("strength < -1 extrapolates beyond the inverse transport")
+    notes, neighbours = extrapolation_notes(strengths), []
     text, per_source, combined, digest, ms = request.prompt, [], None, None, None
     each_maps: list[Maps] = []
     if request.method == "prompt":
         for concept, _ in sources.concepts:
             text = concept.apply(text)
         if any(w != 1 for _, w in sources.concepts):
-            notes.append("--method prompt ignores concept weights")
+            notes.append("method='prompt' ignores concept weights")
         if request.strengths is not None:
-            notes.append("--method prompt hooks nothing, so --strength does not apply: one image per seed")
+            notes.append("method='prompt' hooks nothing, so strengths= does not apply: one image per seed")
         if steps is not None:
-            notes.append("--method prompt hooks nothing, so --steer-steps does not apply")
+            notes.append("method='prompt' hooks nothing, so steer_steps= does not apply")
         if request.layers or any(sources.layers):
-            notes.append("--method prompt hooks nothing, so --layers and @LAYERS do not apply")
+            notes.append("method='prompt' hooks nothing, so layers= and @LAYERS do not apply")
         strengths = [None]  # nothing is hooked: strength does not apply
     else:
         composed = compose_sources(steerer, sources, layers=request.layers, gap_correction=request.gap_correction,

@@ -39,15 +39,15 @@ class LineasConfig:
 
     def __post_init__(self) -> None:
         if self.micro_batch is not None and self.micro_batch < 0:
-            raise HTError(f"--micro-batch must be 0 (off) or positive, got {self.micro_batch}")
+            raise HTError(f"micro_batch= must be 0 (off) or positive, got {self.micro_batch}")
         if self.steps < 1:
-            raise HTError(f"--steps must be positive, got {self.steps}")
+            raise HTError(f"steps= must be positive, got {self.steps}")
         if not self.lr > 0:
-            raise HTError(f"--lr must be positive, got {self.lr}")
+            raise HTError(f"lr= must be positive, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
-            raise HTError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
+            raise HTError(f"optimizer= must be adam or sgd, got {self.optimizer!r}")
         if self.l1 < 0 or self.group < 0:
-            raise HTError("--l1 and --group must be non-negative")
+            raise HTError("l1= and group= must be non-negative")
 
 
 def _cpu(maps: Maps) -> Maps:
@@ -145,7 +145,7 @@ def fit_lineas(
         if on_step:
             on_step(step, history[-1])
         if not math.isfinite(history[-1]):
-            raise HTError(f"LinEAS diverged at step {step} (loss {history[-1]}); lower --lr")
+            raise HTError(f"LinEAS diverged at step {step} (loss {history[-1]}); lower lr=")
     return _cpu({n: (1 + delta[n], beta[n]) for n in target}), history
 
 

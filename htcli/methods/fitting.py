@@ -19,6 +19,7 @@ from pathlib import Path
 
 from htcli.core.files import check_output_dir, read_json, write_json
 from htcli.core.runtime import Progress
+from htcli.core.settings import settings_differences
 from htcli.data.concepts import slugify
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
@@ -67,53 +68,47 @@ def fit_settings(method: str, dataset: ActivationDataset, samples: int | None = 
     fitted = {k: v for k, v in asdict(lineas).items() if k != "micro_batch"} if lineas else None
     if refine is not None:
         if method != "lineas":
-            raise HTError(f"--refine warm-starts LinEAS from HyperTransport; use it with --method lineas, not {method}")
+            raise HTError(f"refine= warm-starts LinEAS from HyperTransport; use it with method='lineas', not {method!r}")
         check_refine_steps(refine)
         fitted |= {"steps": refine, "refine": refine, "hyper": checkpoint}
     return {"samples": dataset.fitting_samples(samples), "dataset_digest": dataset.manifest["settings_digest"],
             "lineas": fitted, "incremental": incremental if method == "linear-act" else None}
 
 
-def settings_differences(saved: dict, model: str, settings: dict) -> list[str]:
-    """What differs from a saved summary's model and settings, by the option that sets it:
-    '--samples 8 (saved 16)', 'another dataset (settings digest ...)', '--lr 0.1 (saved 0.01)'."""
+def fit_differences(saved: dict, model: str, settings: dict) -> list[str]:
+    """What differs from a saved summary's model and settings (`settings_differences`:
+    'samples=8 (saved 16)', 'lr=0.1 (saved 0.01)'), and 'another dataset (settings digest ...)'."""
     old = saved.get("settings") or {}
     differ = []
     if saved.get("model") != model:
         differ.append(f"model {model} (saved {saved.get('model')})")
     if old.get("dataset_digest") != settings["dataset_digest"]:
         differ.append(f"another dataset (settings digest {settings['dataset_digest']}, saved {old.get('dataset_digest')})")
-    if old.get("samples") != settings["samples"]:
-        differ.append(f"--samples {settings['samples']} (saved {old.get('samples')})")
-    if old.get("incremental") != settings["incremental"]:
-        differ.append(f"--incremental {_on(settings['incremental'])} (saved {_on(old.get('incremental'))})")
-    new_lineas, old_lineas = settings["lineas"] or {}, old.get("lineas") or {}
-    for key in sorted(set(new_lineas) | set(old_lineas)):
-        if new_lineas.get(key) != old_lineas.get(key):
-            differ.append(f"--{key.replace('_', '-')} {new_lineas.get(key)} (saved {old_lineas.get(key)})")
-    return differ
 
+    def shown(settings: dict) -> dict:
+        lineas = settings.get("lineas") or {}
+        return {"samples": settings.get("samples"), "incremental": "on" if settings.get("incremental") else "off",
+                **{key: lineas.get(key) for key in sorted(set(lineas) | set(old.get("lineas") or {}))}}
 
-def _on(flag: bool | None) -> str:
-    return "on" if flag else "off"
+    return differ + settings_differences(shown(old), shown(settings))
 
 
 def prepare_folder(folder: Path, method: str, model: str, settings: dict, overwrite: bool = False) -> dict:
     """The summary to continue in a method's `folder`: the saved one if fitted with `settings`
     (an interrupted run resumes), else a fresh one. A folder fitted with other settings is an
     HTError naming what differs, unless `overwrite`: then its summary and intervention files go."""
-    check_output_dir(folder, "--out")
+    check_output_dir(folder)
     fresh = {"method": method, "model": model, "settings": settings, "concepts": {}}
     path = folder / SUMMARY
     if not path.exists():
         return fresh
     saved = read_json(path)
-    differ = settings_differences(saved if isinstance(saved, dict) else {}, model, settings)
+    differ = fit_differences(saved if isinstance(saved, dict) else {}, model, settings)
     if not differ:
         return saved
     if not overwrite:
         raise HTError(f"{folder} holds {method} fits made with other settings ({', '.join(differ)}); "
-                      "choose another --out, rerun with the saved settings, or pass --overwrite to replace them")
+                      "choose another out=, rerun with the saved settings, or pass overwrite=True to replace them")
     for old in folder.glob("*.safetensors"):
         old.unlink()
     path.unlink()
@@ -147,7 +142,7 @@ def fit_baselines(
     from htcli.data.concepts import load_library
 
     if (refine is None) != (predictor is None):
-        raise HTError("--refine needs a hypernetwork to start from, and a hypernetwork is only used with --refine")
+        raise HTError("refine= needs a hypernetwork to start from, and a hypernetwork is only used with refine=")
     digest = predictor.digest if predictor is not None else None
     settings = fit_settings(method, dataset, samples, lineas, incremental, refine, digest)
     n = settings["samples"]
@@ -224,7 +219,7 @@ class BaselineRun:
         first = self.rows[diverged[0]]
         return (f"the {self.method} loss rose during the fit (diverged) on {len(diverged)} of {len(self.rows)} concepts: "
                 f"{shown} ({first['loss_first']:.3g} -> {first['loss_last']:.3g} on the first); "
-                "refit with a lower --lr and --overwrite")
+                "refit with a lower lr= and overwrite=True")
 
 
 def run_baselines(
@@ -260,7 +255,7 @@ def run_baselines(
     # Every check before the model loads: method, concepts, samples, the hypernetwork, the
     # output folder and the settings of what it already holds.
     if hyper is not None and refine is None:
-        raise HTError("--hyper is only used with --refine (LinEAS from the hypernetwork's prediction)")
+        raise HTError("hyper= is only used with refine= (LinEAS from the hypernetwork's prediction)")
     spec = dataset.spec()
     checkpoint = resolve_checkpoint(hyper, spec.id) if refine is not None else None
     digest = file_digest(checkpoint) if checkpoint is not None else None

@@ -54,12 +54,12 @@ class HyperConfig:
         if self.arch not in ARCHITECTURES:
             raise HTError(f"unknown hypernetwork architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
         if self.hidden < 1 or self.depth < 1 or (self.rank is not None and self.rank < 1):
-            raise HTError("--hidden, --depth and --rank must be positive")
+            raise HTError("hidden=, depth= and rank= must be positive")
         if self.embedding != "prompts":  # only that rule reads prompts: others store none
             object.__setattr__(self, "embedding_prompts", ())
         check_embedding(self.embedding, self.embedding_prompts)
         if self.prior not in PRIORS:
-            raise HTError(f"unknown --prior {self.prior!r}; use one of {', '.join(PRIORS)}")
+            raise HTError(f"unknown prior= {self.prior!r}; use one of {', '.join(PRIORS)}")
         if self.prior_rank < 1:
             raise HTError("the linear prior's rank must be positive")
 

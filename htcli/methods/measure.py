@@ -59,11 +59,11 @@ class MeasureRequest:
 
     def __post_init__(self) -> None:
         if self.samples < 2:
-            raise HTError(f"--samples must be at least 2 (W2 compares distributions), got {self.samples}")
+            raise HTError(f"samples= must be at least 2 (W2 compares distributions), got {self.samples}")
         if self.concepts_per_step < 1:
-            raise HTError(f"--concepts-per-step must be positive, got {self.concepts_per_step}")
+            raise HTError(f"concepts_per_step= must be positive, got {self.concepts_per_step}")
         if self.micro_batch is not None and self.micro_batch < 0:
-            raise HTError(f"--micro-batch must be 0 (off) or positive, got {self.micro_batch}")
+            raise HTError(f"micro_batch= must be 0 (off) or positive, got {self.micro_batch}")
 
 
 @dataclass
@@ -150,8 +150,8 @@ def _in_fresh_process(function, *args):
         try:
             return pool.submit(function, *args).result()
         except BrokenProcessPool:
-            raise HTError("the measuring process died (killed for lack of memory?); try a smaller --resolution, "
-                          "--samples or --micro-batch") from None
+            raise HTError("the measuring process died (killed for lack of memory?); try a smaller resolution=, "
+                          "samples= or micro_batch=") from None
 
 
 def _with_estimate(plan: Plan, phase: str, checkpointing: bool, raw: dict) -> Phase:

@@ -108,7 +108,7 @@ class OODCalibration:
         return {"score": ranks.min(-1).values.tolist(), "cues": cues.tolist(), "percentiles": ranks.tolist()}
 
     def record(self, encoder: Any, texts: Sequence[str], embeddings: Tensor | None = None) -> list[dict]:
-        """Per text, the out-of-distribution part of `Predictor.neighbour_info`."""
+        """Per text, the out-of-distribution part of a `Prediction.neighbours` record."""
         found = self.scores(encoder, texts, embeddings)
         records = []
         for score, cues, ranks in zip(found["score"], found["cues"], found["percentiles"]):

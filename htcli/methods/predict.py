@@ -5,8 +5,9 @@ place where maps are predicted, for steering, evaluation runs, activation-space 
 exports and the demo:
 
     predictor = Predictor.load(resolve_checkpoint(None, "tiny"), model="tiny")
-    art_deco, noir = predictor.maps([load_library().resolve("art deco"), "as a film noir still"])
-    predictor.neighbour_info(0)  # nearest training concepts, out of distribution or not
+    prediction = predictor.predict([load_library().resolve("art deco"), "as a film noir still"])
+    art_deco, noir = prediction.maps
+    prediction.neighbours[0], prediction.ms  # nearest training concepts, out of distribution or not; the time
 
 A concept is embedded by the checkpoint's rule (`htcli.methods.embedding`: the mean of its
 templates' phrases); a plain string is a phrase, embedded as it is. Whether a concept is out of
@@ -30,6 +31,7 @@ from htcli.core.hub_access import HubError, HubOptions
 from htcli.core.references import resolve_file
 from htcli.core.runtime import run_path
 from htcli.core.transport import Maps
+from htcli.data.concept_files import normalize
 from htcli.data.concepts import Concept
 from htcli.errors import HTError
 from htcli.methods.embedding import bare_text, embed_concepts
@@ -58,38 +60,53 @@ def shipped_checkpoint(model: str) -> Path | None:
 
 
 def resolve_checkpoint(hyper: str | Path | None, model: str, weight_name: str | None = None,
-                       subfolder: str | None = None, hub: HubOptions = HubOptions()) -> Path:
+                       subfolder: str | None = None, hub: HubOptions = HubOptions(),
+                       parameter: str = "hyper") -> Path:
     """The checkpoint file: `hyper` (a run folder, a Hub-layout folder, the file itself, or a Hub
     reference read with `hub`'s revision, token...: `htcli.core.references`), else
-    runs/<model>/hyper, else the one shipped for `model` (`shipped_checkpoint`)."""
+    runs/<model>/hyper, else the one shipped for `model` (`shipped_checkpoint`). Errors name
+    `hyper` as the caller's `parameter`."""
     if hyper is not None:
         try:
             return resolve_file(hyper, "hypernetwork", CHECKPOINT_NAMES, weight_name, subfolder, hub=hub)
         except HubError:  # the repo could not be read: training one is not the fix
             raise
         except HTError as error:
-            raise HTError(f"{error}; train one with `ht train-hyper --model {model or 'MODEL'}`") from None
+            raise HTError(f"{error}; train one with `ht train-hyper`{f' (model={model!r})' if model else ''}") from None
     path = run_path(model, "hyper") / CHECKPOINT
     if path.is_file():
         return path
     if (shipped := shipped_checkpoint(model)) is not None:
         return shipped
-    hint = "" if get_model(model).offline else " (offline, without its weights? try --model tiny)"
-    raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper --model {model}` or pass --hyper{hint}")
+    hint = "" if get_model(model).offline else " (offline, without its weights? try model='tiny')"
+    raise HTError(f"no hypernetwork at {path}; train one with `ht train-hyper` (model={model!r}) or pass {parameter}= (a run folder, a .safetensors file or a Hub repo){hint}")
+
+
+UNKNOWN_NEIGHBOURS = {"nearest_training_concepts": [], "ood": None, "ood_threshold": None}  # no training concepts stored
+
+
+@dataclass
+class Prediction:
+    """What one `Predictor.predict` call made: one map per concept, then one for the reference
+    images (if any), each map's neighbour record, and the call's wall-clock time."""
+
+    maps: list[Maps]  # {layer: ((D,), (D,))} each
+    # Per map, JSON-ready: its nearest training concepts (name, cosine similarity), whether it is
+    # out of distribution (None: unknown), the threshold that says so and, where the checkpoint is
+    # calibrated for it (`htcli.methods.ood`), the score compared with it, its cues and the weakest.
+    neighbours: list[dict]
+    ms: float  # encoding included
 
 
 @dataclass
 class Predictor:
-    """A hypernetwork checkpoint with its concept encoder, on one device."""
+    """A hypernetwork checkpoint with its concept encoder, on one device. It holds no per-call
+    state: `predict` returns everything a call made, so threads may share one."""
 
     checkpoint: HyperCheckpoint
     encoder: Any  # MiniLMEncoder | OpenClipEncoder
     path: Path | None = None
     digest: str | None = None  # of the checkpoint file: names the weights behind a result
-    last_ms: float = 0.0  # wall-clock time of the last `maps` call, encoding included
-    # The `neighbour_info` record of each map of the last `maps` call; None: the checkpoint stores
-    # no training concepts.
-    last_neighbours: list[dict] | None = None
 
     @classmethod
     def load(cls, path: Path, model: str | None = None, device: str | torch.device = "cpu") -> Predictor:
@@ -124,18 +141,9 @@ class Predictor:
             raise HTError(f"{self.path or 'this hypernetwork'} stores no training concepts (an older checkpoint)")
         return self.training_concepts.nearest(embeddings, k)
 
-    def neighbour_info(self, index: int) -> dict:
-        """JSON-ready, for map `index` of the last `maps` call: its nearest training concepts (name,
-        cosine similarity), whether it is out of distribution (null: unknown), the threshold that
-        says so and, where the checkpoint is calibrated for it (`htcli.methods.ood`), the score
-        that is compared with the threshold, its cues and the weakest of them."""
-        if self.last_neighbours is None:
-            return {"nearest_training_concepts": [], "ood": None, "ood_threshold": None}
-        return dict(self.last_neighbours[index])
-
     @staticmethod
     def neighbour_note(source: str, info: dict) -> str | None:
-        """The note for a `neighbour_info` record: `source` is out of distribution, or the checkpoint
+        """The note for a `Prediction.neighbours` record: `source` is out of distribution, or the checkpoint
         cannot tell (the same words for every source); None when it is in distribution."""
         if not info["nearest_training_concepts"]:
             return ("the hypernetwork stores no training concepts (an older checkpoint): "
@@ -164,9 +172,14 @@ class Predictor:
 
     def maps(self, phrases: Sequence[str | Concept] = (), images: Sequence[Any] = (),
              gap_correction: bool = True) -> list[Maps]:
-        """One map per concept, then one for the reference images (if any): {layer: ((D,), (D,))}.
-        A concept is a `Concept` (embedded as `concept_texts` says; its name is what the
-        out-of-distribution check reads) or a phrase, embedded as it is."""
+        """The maps of `predict`: one per concept, then one for the reference images (if any)."""
+        return self.predict(phrases, images, gap_correction).maps
+
+    def predict(self, phrases: Sequence[str | Concept] = (), images: Sequence[Any] = (),
+                gap_correction: bool = True) -> Prediction:
+        """One map per concept, then one for the reference images (if any), with their neighbour
+        records and the time taken. A concept is a `Concept` (embedded as `concept_texts` says; its
+        name is what the out-of-distribution check reads) or a phrase, embedded as it is."""
         start = time.perf_counter()
         embeddings = []
         if phrases:
@@ -179,10 +192,8 @@ class Predictor:
         predicted = unbatch(self.checkpoint.maps(torch.cat(embeddings).to(device)))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        self.last_ms = (time.perf_counter() - start) * 1e3
-        self.last_neighbours = self.neighbours(phrases, embeddings[0] if phrases else None,
-                                               embeddings[-1] if images else None)
-        return predicted
+        neighbours = self.neighbours(phrases, embeddings[0] if phrases else None, embeddings[-1] if images else None)
+        return Prediction(predicted, neighbours, (time.perf_counter() - start) * 1e3)
 
     def embed_concepts(self, concepts: Sequence[str | Concept]) -> Tensor:
         """(K, E): the hypernetwork's input for each concept (see `maps`)."""
@@ -190,14 +201,14 @@ class Predictor:
         return embed_concepts(self.encoder, concepts, config.embedding, config.embedding_prompts)
 
     def neighbours(self, concepts: Sequence[str | Concept], embedded: Tensor | None = None,
-                   images: Tensor | None = None) -> list[dict] | None:
-        """The `neighbour_info` record of each concept (by its bare name, where the checkpoint is
+                   images: Tensor | None = None) -> list[dict]:
+        """The `Prediction.neighbours` record of each concept (by its bare name, where the checkpoint is
         calibrated for that: `htcli.methods.ood`; `embedded`: their (K, E) embeddings if already
         computed), then of the reference images' (1, E) embedding, if any (by the hypernetwork's
         input embedding, against the nearest-concept threshold of `TrainingConcepts`)."""
         training = self.training_concepts
         if training is None:
-            return None
+            return [dict(UNKNOWN_NEIGHBOURS) for _ in range(len(concepts) + (images is not None))]
         records = []
         if concepts:
             ood = self.checkpoint.ood
@@ -209,6 +220,10 @@ class Predictor:
                 bare = self.encoder.encode_text(names)  # (K, E)
                 nearest = training.nearest(bare, against=ood.names)
                 records += [self._record(n, None) | r for n, r in zip(nearest, ood.record(self.encoder, names, bare))]
+            trained = {normalize(name) for name in training.names}
+            for concept, record in zip(concepts, records):  # a concept trained on is in distribution, whatever the cues say
+                if normalize(bare_text(concept)) in trained:
+                    record["ood"] = False
         if images is not None:
             records.append(self._record(training.nearest(images)[0], training.threshold))
         return records

@@ -44,7 +44,7 @@ def refined_method(steps: int) -> str:
 
 def check_refine_steps(steps: int) -> None:
     if steps < 1:
-        raise HTError(f"--refine takes a number of LinEAS steps, at least 1, got {steps}")
+        raise HTError(f"refine= takes a number of LinEAS steps, at least 1, got {steps}")
 
 
 def check_refine(steps: int, dataset: ActivationDataset, names: Sequence[str]) -> None:
@@ -54,8 +54,8 @@ def check_refine(steps: int, dataset: ActivationDataset, names: Sequence[str]) -
     built = set(dataset.names())
     for name in names:
         if name not in built:
-            raise HTError(f"--refine fits on the concept's dataset samples, and {name!r} is not built in "
-                          f"{dataset.root}; add it with `ht build-dataset --concept {name!r}` on that dataset first")
+            raise HTError(f"refine= fits on the concept's dataset samples, and {name!r} is not built in "
+                          f"{dataset.root}; add it with `ht build-dataset` (concept={name!r}) on that dataset first")
 
 
 def check_refine_layers(hyper_layers: Sequence[str], dataset: ActivationDataset) -> None:
@@ -66,7 +66,7 @@ def check_refine_layers(hyper_layers: Sequence[str], dataset: ActivationDataset)
     if missing or extra:
         differ = [f"lacks {len(missing)} of its {len(hyper_layers)} layers (e.g. {missing[0]})"] if missing else []
         differ += [f"has {len(extra)} layers it does not predict (e.g. {extra[0]})"] if extra else []
-        raise HTError(f"--refine fits the hypernetwork's layers on the dataset's samples, and {dataset.root} "
+        raise HTError(f"refine= fits the hypernetwork's layers on the dataset's samples, and {dataset.root} "
                       f"{' and '.join(differ)}; refine on a dataset built with the hypernetwork's layers "
                       "(the one it was trained on)")
 
@@ -92,8 +92,8 @@ def refine_maps(
     """
     check_refine(steps, dataset, [concept.name])
     n = dataset.fitting_samples(samples)
-    predicted = predictor.maps([concept])[0]
-    predict_seconds = predictor.last_ms / 1e3
+    prediction = predictor.predict([concept])
+    predicted, predict_seconds = prediction.maps[0], prediction.ms / 1e3
     inputs = {k: v[:n] for k, v in dataset.source_inputs("fit").items()}  # (N, ...) per input
     target = {k: v[0, :n] for k, v in dataset.targets([concept.name], "fit").items()}  # (N, D) per layer
     config = replace(lineas or LineasConfig(), steps=steps)
@@ -196,7 +196,7 @@ def export_intervention(concept: str, out: Path, hyper: Path | None = None, mode
     library = load_library()
     resolved = library.resolve(concept)
     if refine is None and data is not None:
-        raise HTError("--data is only used with --refine (LinEAS from the prediction, on the dataset's samples)")
+        raise HTError("data= is only used with refine= (LinEAS from the prediction, on the dataset's samples)")
     dataset = None
     if refine is not None:
         check_refine_steps(refine)
@@ -206,8 +206,9 @@ def export_intervention(concept: str, out: Path, hyper: Path | None = None, mode
     predictor = Predictor.load(resolve_checkpoint(hyper, model or default_model_name()), model)
     if refine is not None and dataset is None:
         dataset = refine_dataset(None, predictor.model)
+    prediction = predictor.predict([resolved])
     if refine is None:
-        maps, method, refined = predictor.maps([resolved])[0], "hypertransport", {}
+        maps, method, refined = prediction.maps[0], "hypertransport", {}
     else:
         from htcli.models import load_pipeline
 
@@ -220,6 +221,6 @@ def export_intervention(concept: str, out: Path, hyper: Path | None = None, mode
         maps, refined = refine_maps(predictor, refiner.frozen(layers), resolved, source, refine, evaluate=evaluate)
         method = refined_method(refine)
     intervention = Intervention(maps, predictor.model, method, resolved.name, predictor.checkpoint.encoder,
-                                info={"phrase": resolved.phrase, **predictor.neighbour_info(0), **refined})
+                                info={"phrase": resolved.phrase, **prediction.neighbours[0], **refined})
     intervention.save(out)
     return intervention

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from htcli.core.settings import plain, settings_differences
 from htcli.errors import HTError
 from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, load_checkpoint
 
@@ -41,56 +42,45 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("concepts_per_step", "eval_every", "limit_concepts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise HTError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise HTError(f"{name}= must be positive, got {getattr(self, name)}")
         if self.steps < 0:
-            raise HTError(f"--steps must be 0 (the network as it starts: its prior alone) or positive, got {self.steps}")
+            raise HTError(f"steps= must be 0 (the network as it starts: its prior alone) or positive, got {self.steps}")
         if not self.lr > 0:
-            raise HTError(f"--lr must be positive, got {self.lr}")
+            raise HTError(f"lr= must be positive, got {self.lr}")
         if self.micro_batch is not None and self.micro_batch < 0:
-            raise HTError(f"--micro-batch must be 0 (off) or positive, got {self.micro_batch}")
+            raise HTError(f"micro_batch= must be 0 (off) or positive, got {self.micro_batch}")
         if not 0 <= self.val_fraction < 1:
-            raise HTError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+            raise HTError(f"val_fraction= must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.average < 1:
-            raise HTError(f"--average must be in [0, 1), got {self.average}")
+            raise HTError(f"average= must be in [0, 1), got {self.average}")
 
 
 # --micro-batch changes only memory (the gradient is exact) and --dtype only rounding (a run
 # may resume on another device), so a resumed run may change them.
 RESUMABLE_CHANGES = {"micro_batch", "dtype"}
-# Settings with no command-line option: named as settings, not as options.
-LIBRARY_ONLY = {"weight_decay", "warmup", "clip"}
+SHAPES = ("layers", "embed_dim")  # the dataset's, named together
 
 
-def settings_differences(saved_hyper: HyperConfig, saved_train: dict, hyper: HyperConfig, config: TrainConfig) -> list[str]:
-    """Every architecture or training setting that differs, by its option: '--lr 0.005 (saved
-    0.01)', or by its name where `ht train-hyper` has no option for it: 'weight_decay 0.02
-    (saved 0.01)'."""
+def training_differences(saved_hyper: HyperConfig, saved_train: dict, hyper: HyperConfig, config: TrainConfig) -> list[str]:
+    """Every architecture or training setting that differs (`settings_differences`: 'lr=0.005
+    (saved 0.01)'); a setting the run did not save yet is taken as unchanged."""
     differ = []
     for saved, current in ((asdict(saved_hyper), asdict(hyper)), (saved_train, asdict(config))):
-        for key, value in current.items():
-            old = saved.get(key, value)
-            if key in RESUMABLE_CHANGES or _plain(old) == _plain(value):
-                continue
-            if key in ("layers", "embed_dim"):
-                differ.append("the dataset's layers or concept encoder")
-            else:
-                name = key if key in LIBRARY_ONLY else f"--{key.replace('_', '-')}"
-                differ.append(f"{name} {_shown(key, value)} (saved {_shown(key, old)})")
+        saved = current | saved
+        if any(plain(saved[key]) != plain(current[key]) for key in SHAPES if key in current):
+            differ.append("the dataset's layers or concept encoder")
+        current = {key: value for key, value in current.items() if key not in RESUMABLE_CHANGES | set(SHAPES)}
+        differ += settings_differences(saved, current, _shown)
     return list(dict.fromkeys(differ))
 
 
 def _shown(key: str, value) -> str:
-    """A setting as its option takes it: --rank 0 for dense heads, on/off for flags."""
+    """A setting as its option takes it: rank 0 for dense heads, on/off for flags."""
     if key == "rank" and value is None:
         return "0"
     if isinstance(value, bool):
         return "on" if value else "off"
     return "all" if value is None else str(value)
-
-
-def _plain(value):
-    """Tuples as lists: JSON-loaded settings compare equal to in-memory ones."""
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def check_resumable(out: Path, hyper: HyperConfig, config: TrainConfig) -> HyperCheckpoint:
@@ -100,8 +90,8 @@ def check_resumable(out: Path, hyper: HyperConfig, config: TrainConfig) -> Hyper
     if not path.exists() or not (out / "optimizer.pt").exists():
         raise HTError(f"nothing to resume in {out}: no hyper.safetensors and optimizer.pt there")
     saved = load_checkpoint(path)
-    differ = settings_differences(saved.config, saved.info.get("config", {}), hyper, config)
+    differ = training_differences(saved.config, saved.info.get("config", {}), hyper, config)
     if differ:
-        raise HTError(f"--resume with other settings than the run in {out}: {', '.join(differ)}; "
-                      "rerun with the saved values, or pass --overwrite instead of --resume to start afresh")
+        raise HTError(f"resume=True with other settings than the run in {out}: {', '.join(differ)}; "
+                      "rerun with the saved values, or pass overwrite=True instead of resume=True to start afresh")
     return saved

@@ -27,7 +27,6 @@ from htcli.core.transport import Maps
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
-from htcli.methods.train_config import TrainConfig, check_resumable
 from htcli.methods.baselines import fit_linear_act_maps
 from htcli.methods.embedding import embed_concepts
 from htcli.methods.hypernetwork import (
@@ -37,12 +36,12 @@ from htcli.methods.hypernetwork import (
     build_hypernetwork,
     flat_maps,
     init_prior,
-    load_checkpoint,
     ood_threshold,
     unbatch,
 )
 from htcli.methods.objective import residuals, w2_backward
 from htcli.methods.ood import OODCalibration
+from htcli.methods.train_config import TrainConfig, check_resumable
 from htcli.models.encoders import get_encoder
 
 
@@ -56,7 +55,7 @@ def split_train_val(names: Sequence[str], fraction: float, seed: int, limit: int
     if limit is not None:
         train = train[:limit]
     if not train:
-        raise HTError("no training concepts: build the dataset with --split train or all")
+        raise HTError("no training concepts: build the dataset with split='train' or 'all'")
     return train, val
 
 
@@ -68,7 +67,7 @@ def training_concepts(dataset: ActivationDataset, config: TrainConfig) -> tuple[
     missing = [name for name in config.extra_concepts if name not in built]
     if missing:
         raise HTError(f"extra concepts not in {dataset.root}: {', '.join(map(repr, missing[:5]))}; build them with "
-                      "`ht build-dataset --extra-concepts FILE` (same --out) first")
+                      "`ht build-dataset` (extra_concepts=FILE, the same out=) first")
     held_out = [name for name in config.extra_concepts if dataset.split_of(name) == "test"]
     if held_out:
         raise HTError(f"extra concepts {', '.join(map(repr, held_out))} are held-out test concepts of {dataset.root}")
@@ -139,7 +138,7 @@ class Trainer:
         self.out, self.model_id, self.rank, self.world = out, model_id, rank, world
         config = self.config = replace(config, samples=dataset.fitting_samples(config.samples))
         if config.concepts_per_step % world:
-            raise HTError(f"--concepts-per-step {config.concepts_per_step} must divide over {world} processes")
+            raise HTError(f"concepts_per_step={config.concepts_per_step} must divide over {world} processes")
         self.train, self.val = training_concepts(dataset, config)
         self.test = dataset.names("test")
         # A fixed sample of training concepts scored like the held-out ones (their evaluation

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from htcli.core.files import check_output_dir
-from htcli.core.runtime import Progress, is_main_process, process_group, resolve_device
+from htcli.core.runtime import Progress, is_main_process, process_group, resolve_device, world_size
+from htcli.core.runtime import rank as process_rank
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
@@ -60,13 +61,11 @@ def train_hypernetwork(
     result there and None on the other ranks. Every check runs before the model loads; a
     `resume` of a finished run trains nothing (it still calibrates, given images).
     """
-    import torch.distributed as dist
-
     # Every check before the model loads: the output folder, the calibration images and the
     # encoder they need, the samples, the concepts, and the run a --resume continues.
     out = check_output_dir(Path(out))
     if (out / "hyper.safetensors").exists() and not (resume or overwrite):
-        raise HTError(f"{out} already holds a hypernetwork; pass --resume to continue it or --overwrite to replace it")
+        raise HTError(f"{out} already holds a hypernetwork; pass resume=True to continue it or overwrite=True to replace it")
     images = None
     if calibration_images is not None:
         images = _calibration_paths(calibration_images)
@@ -88,7 +87,7 @@ def train_hypernetwork(
 
     torch_device = resolve_device(device)  # this rank's GPU under torchrun
     with process_group(torch_device) as distributed:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        rank, world = (process_rank(), world_size()) if distributed else (0, 1)
         main = rank == 0
         frozen = Frozen.load(spec, dataset.settings.layers, torch_device, config.dtype, grad_checkpointing, model_path)
         trainer = Trainer(frozen, dataset, hyper_config, config, out, spec.id, rank, world)
@@ -116,7 +115,7 @@ def _finished(out: Path, info: dict, images: list[Path] | None, train_names: Seq
         return None
     if say:
         say(f"the run in {out} is already finished ({info['step']} steps): nothing to train "
-            "(pass --overwrite instead of --resume to train it afresh)")
+            "(pass overwrite=True instead of resume=True to train it afresh)")
     if images is not None:
         _calibrate(out, images, train_names)
     return TrainResult(out / "hyper.safetensors", info["step"], info.get("train_seconds", 0.0), info.get("final_loss"),
@@ -141,15 +140,15 @@ def _check_image_encoder(encoder_id: str) -> None:
 
     kind = MiniLMEncoder if encoder_id == "minilm" else OpenClipEncoder if encoder_id.startswith("open_clip:") else None
     if kind is None or not kind.has_images:
-        raise HTError(f"--calibration-images needs a concept encoder with an image tower, and this dataset's encoder "
-                      f"{encoder_id} has none: build the dataset with an open_clip --encoder, or leave the images out")
+        raise HTError(f"calibration_images= needs a concept encoder with an image tower, and this dataset's encoder "
+                      f"{encoder_id} has none: build the dataset with an open_clip encoder=, or leave the images out")
 
 
 def _calibration_paths(folder: Path) -> list[Path]:
     """The images in `folder`, checked before training so a typo costs no training time."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise HTError(f"--calibration-images {folder} is not a folder")
+        raise HTError(f"calibration_images={str(folder)!r} is not a folder")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise HTError(f"no images (.png, .jpg, .webp) in {folder}")

@@ -76,7 +76,7 @@ class MiniLMEncoder:
         return F.normalize(pooled.float(), dim=-1).cpu()
 
     def encode_images(self, images: Sequence[Any]) -> Tensor:
-        raise HTError("the minilm concept encoder has no image tower; use an open_clip encoder for --reference-image")
+        raise HTError("the minilm concept encoder has no image tower; use an open_clip encoder for reference_image=")
 
 
 TINY_CLIP = "ht-tiny-clip"

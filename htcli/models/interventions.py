@@ -98,6 +98,7 @@ class Intervention:
 
     @property
     def widths(self) -> dict[str, int]:
+        """{layer: width}: the number of neurons each layer's maps steer."""
         return {name: int(omega.shape[-1]) for name, (omega, _) in self.maps.items()}
 
     def support(self, tol: float = 0.0) -> float:
@@ -112,8 +113,14 @@ class Intervention:
                 "layers": len(self.maps), "neurons": sum(self.widths.values()),
                 "support": self.support(), "info": self.info}
 
+    def __repr__(self) -> str:
+        """One line, no tensors: `Intervention('art deco', model='tiny', method='hypertransport', 4 layers, 1024 neurons)`."""
+        return (f"Intervention({self.concept!r}, model={self.model!r}, method={self.method!r}, "
+                f"{len(self.maps)} layers, {sum(self.widths.values())} neurons)")
+
     def save(self, path: str | Path) -> Path:
-        """Write the file (atomically) and return its path."""
+        """Write the file (atomically; a `.safetensors` name, else HTError) and return its path."""
+        path = check_output_file(Path(path), "path")
         tensors = {}
         for name, (omega, beta) in self.maps.items():
             tensors[f"{name}.omega"] = omega.float()
@@ -130,8 +137,8 @@ class Intervention:
             "ht_version": __version__,
         }
         made_on = {"random_weights": json.dumps(made_on_random_weights(self.random_weights, self.model))}
-        save_tensors(Path(path), tensors, metadata | made_on | fitted_timestep_metadata(self.fitted_timestep, self.model))
-        return Path(path)
+        save_tensors(path, tensors, metadata | made_on | fitted_timestep_metadata(self.fitted_timestep, self.model))
+        return path
 
     def check(self, model: str, widths: Mapping[str, int], where: str = "intervention") -> None:
         """Raise HTError unless every layer of the maps exists in `widths` with its width."""
@@ -186,7 +193,7 @@ def read_fitted_timestep(meta: Mapping[str, str], path: Path) -> int | None:
         raise HTError(f"{path}: damaged metadata (fitted_timestep {meta['fitted_timestep']!r})") from None
 
 
-def check_intervention_out(path: Path, option: str = "--out") -> Path:
+def check_intervention_out(path: Path, option: str = "out") -> Path:
     """Where an intervention file may be written: a `.safetensors` path that is new or already an
     ht intervention file (which it replaces); anything else there is refused, never overwritten."""
     path = check_output_file(path, option)
@@ -196,7 +203,7 @@ def check_intervention_out(path: Path, option: str = "--out") -> Path:
         except HTError:
             meta = {}
         if meta.get("format") != FORMAT:
-            raise HTError(f"{option} {path} exists and is not an ht intervention file; refusing to overwrite it")
+            raise HTError(f"{option}={str(path)!r} exists and is not an ht intervention file; refusing to overwrite it")
     return path
 
 

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from htcli.errors import HTError
 from htcli.models.spec import ModelSpec, denoiser_class, denoiser_config, local_model_path, register
 
-OFFLINE_HINT = "no network or Hub cache for its weights; use `--model tiny` for the offline model"
+OFFLINE_HINT = "no network or Hub cache for its weights; use model='tiny' for the offline model"
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:

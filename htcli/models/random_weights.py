@@ -145,7 +145,7 @@ def random_weights_file(spec: ModelSpec) -> Path:
 
 def _no_model_path(spec: ModelSpec, model_path: str | None) -> None:
     if model_path:
-        raise HTError(f"--model-path (or HT_MODEL_PATH) {model_path} names real weights, and --random-weights "
+        raise HTError(f"model_path={str(model_path)!r} (or HT_MODEL_PATH) names real weights, and random_weights=True "
                       f"uses none: drop one of them to run {spec.id}")
 
 
@@ -240,7 +240,7 @@ def check_same_weights(spec: ModelSpec, random_weights: bool, what: str) -> None
     if spec.random_weights == random_weights:
         return
     if random_weights:
-        raise HTError(f"{what} was made on {spec.id}'s architecture with random weights: pass --random-weights "
+        raise HTError(f"{what} was made on {spec.id}'s architecture with random weights: pass random_weights=True "
                       "(or set HT_RANDOM_WEIGHTS=1) to use it; it is meaningless for the real model")
-    raise HTError(f"{what} was made on {spec.id}'s real weights, and --random-weights (or HT_RANDOM_WEIGHTS) asks "
-                  "for random ones: drop it to use this, or make one with --random-weights")
+    raise HTError(f"{what} was made on {spec.id}'s real weights, and random_weights=True (or HT_RANDOM_WEIGHTS) asks "
+                  "for random ones: drop it to use this, or make one with random_weights=True")

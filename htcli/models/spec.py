@@ -108,7 +108,7 @@ class ModelSpec:
         if resolution is None or resolution == self.resolution:
             return self
         if resolution < 64 or resolution % 64:
-            raise HTError(f"--resolution must be a positive multiple of 64 (pixels), got {resolution}")
+            raise HTError(f"resolution= must be a positive multiple of 64 (pixels), got {resolution}")
         call_kwargs = dict(self.call_kwargs)
         if self.family == "pixart":  # else PixArt's pipeline generates at the nearest 1024-px size and resizes
             call_kwargs["use_resolution_binning"] = False
@@ -222,6 +222,7 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def list_models() -> list[ModelSpec]:
+    """Every registered model spec (`ht models`): the real models, then the offline tiny ones."""
     return list(_REGISTRY.values())
 
 
@@ -249,5 +250,5 @@ def default_model_name() -> str:
     user gave no --model, so an error about "the model" alone would puzzle)."""
     name = os.environ.get("HT_MODEL", "pixart")
     if name not in _REGISTRY:
-        raise _unknown(name, " (from $HT_MODEL; pass --model or change the variable)")
+        raise _unknown(name, " (from $HT_MODEL; pass model= or change the variable)")
     return name

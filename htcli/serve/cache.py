@@ -2,7 +2,7 @@
 
 A server sees the same concepts again and again; the hypernetwork pass is cheap, the concept
 encoder (CLIP's text tower on a real model) less so. `CachedPredictor` is a `Predictor` whose
-`maps` answers known concept phrases from a `MapCache` and predicts the others, so `steer()`
+`predict` answers known concept phrases from a `MapCache` and predicts the others, so `steer()`
 uses it unchanged. Each phrase is predicted alone, so a concept's cached maps never depend on
 which other concepts happened to arrive with it. Reference images are never cached.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from htcli.core.transport import Maps
 from htcli.data.concepts import Concept
-from htcli.methods.predict import Predictor
+from htcli.methods.predict import Prediction, Predictor
 
 
 def _nbytes(value: Any) -> int:
@@ -73,9 +73,8 @@ class MapCache:
 
 @dataclass
 class CachedPredictor(Predictor):
-    """A `Predictor` sharing another's checkpoint and encoder, with its own per-call state
-    (`last_ms`, `last_neighbours`) and concept maps from `cache`. Not thread-safe by itself:
-    the encoder's tokenizer must not run in two threads at once."""
+    """A `Predictor` sharing another's checkpoint and encoder, with concept maps from `cache`. Not
+    thread-safe by itself: the encoder's tokenizer must not run in two threads at once."""
 
     cache: MapCache = field(default_factory=lambda: MapCache(0))
 
@@ -89,23 +88,23 @@ class CachedPredictor(Predictor):
         what = concept if isinstance(concept, str) else (concept.name, concept.phrase)
         return self.checkpoint.encoder, self.digest, what
 
-    def maps(self, phrases: Sequence[str | Concept] = (), images: Sequence[Any] = (),
-             gap_correction: bool = True) -> list[Maps]:
-        """`Predictor.maps`, with concept phrases from the cache when it has them."""
+    def predict(self, phrases: Sequence[str | Concept] = (), images: Sequence[Any] = (),
+                gap_correction: bool = True) -> Prediction:
+        """`Predictor.predict`, with concept phrases from the cache when it has them."""
         start = time.perf_counter()
-        found: list[tuple[Maps, list | None]] = []  # (maps, nearest training concepts) per phrase
+        found: list[tuple[Maps, dict]] = []  # (maps, neighbour record) per phrase
         for phrase in phrases:
             entry = self.cache.get(self.key(phrase))
             if entry is None:
-                maps = super().maps([phrase])[0]
-                entry = (maps, self.last_neighbours[0] if self.last_neighbours is not None else None)
+                predicted = super().predict([phrase])
+                entry = (predicted.maps[0], predicted.neighbours[0])
                 self.cache.put(self.key(phrase), entry)
             found.append(entry)
         if images:
-            image_maps = super().maps((), images, gap_correction)
-            found.append((image_maps[0], self.last_neighbours[0] if self.last_neighbours is not None else None))
+            predicted = super().predict((), images, gap_correction)
+            found.append((predicted.maps[0], predicted.neighbours[0]))
         if not found:
-            return super().maps()  # raises: nothing to predict
-        self.last_ms = (time.perf_counter() - start) * 1e3
-        self.last_neighbours = None if self.training_concepts is None else [n for _, n in found]
-        return [dict(maps) for maps, _ in found]  # copies: a caller that edits its dict leaves the cache alone
+            return super().predict()  # raises: nothing to predict
+        # copies: a caller that edits its dicts leaves the cache alone
+        return Prediction([dict(maps) for maps, _ in found], [dict(record) for _, record in found],
+                          (time.perf_counter() - start) * 1e3)

@@ -33,17 +33,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from htcli.core.strength import parse_strengths
 from htcli.errors import HTError
-from htcli.generate.steer import SEED_LIMIT, SteerRequest, parse_strengths
+from htcli.generate.request_fields import FIELDS, MAX_TEXT_CHARS
+from htcli.generate.steer import SteerRequest
 from htcli.serve.limits import check_json_size
 from htcli.serve.service import FieldError, Limits, PixelBudget
 
 UPLOADS = ("reference_images", "interventions")
 SOURCES = ("concepts", "reference_images", "interventions")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what reference images may be: Pillow is never asked to try another format
-MAX_TEXT_CHARS = 200  # a concept (with its :WEIGHT@LAYERS) or a layer pattern
 MAX_NAME_CHARS = 255  # an upload's file name
-MAX_PATTERNS = 16  # layer patterns in `layers`
 Files = dict[str, list[tuple[str, bytes]]]  # upload field -> (file name the client gave, bytes)
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Word = Annotated[str, Field(max_length=32)]
@@ -75,18 +75,17 @@ class Body(_Strict):
          "strength": [0, 0.5, 1], "seed": 7},
         {"prompt": "a lighthouse", "concepts": ["bauhaus@transformer_blocks.[01].*"], "layers": ["*.norm2"]}]})
 
-    prompt: str = Field("", description="What to generate (at most the server's max_prompt_chars).")
-    concepts: list[Text | _Concept] = Field([], description='"art deco", "art deco:0.6", "art deco:0.6@GLOB" or '
-                                                            '{"name": ..., "weight": ...}')
-    strength: float | list[float] | None = Field(None, description="One value or a sweep; none: 0.6.")
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the first image; image k uses seed + k.")
-    num_images: int = Field(1, ge=1, description="Images per strength.")
-    method: Word = Field("hypertransport", description="hypertransport or prompt.")
-    steer_steps: Word = Field("all", description="Denoising steps to steer: all, N or START:STOP.")
-    layers: list[Text] = Field([], max_length=MAX_PATTERNS, description="Glob patterns of the layers to steer.")
-    gap_correction: bool = True
-    refine: int | None = Field(None, ge=1, description="LinEAS steps from each concept's prediction, on targets "
-                                                      "captured for it (at most the server's max_refine; off by default).")
+    # The request's own fields: defaults, bounds and descriptions from their one declaration.
+    prompt: str = FIELDS["prompt"].pydantic()
+    concepts: list[Text | _Concept] = FIELDS["concepts"].pydantic()  # or {"name": ..., "weight": ...}
+    strength: float | list[float] | None = FIELDS["strength"].pydantic()
+    seed: int = FIELDS["seed"].pydantic()
+    num_images: int = FIELDS["num_images"].pydantic()
+    method: str = FIELDS["method"].pydantic()
+    steer_steps: str = FIELDS["steer_steps"].pydantic()
+    layers: list[Text] = FIELDS["layers"].pydantic()
+    gap_correction: bool = FIELDS["gap_correction"].pydantic()
+    refine: int | None = FIELDS["refine"].pydantic()
     reference_images: list[str] = Field([], description="Base64 PNG, JPEG or WebP images (or data: URLs).")
     interventions: list[str | _Intervention] = Field([], description="Base64 .safetensors intervention files.")
 
@@ -200,7 +199,7 @@ async def _form(scope: dict, body: bytes, limits: Limits) -> tuple[dict, Files]:
             try:
                 fields["strength"] = parse_strengths(value)
             except HTError as error:
-                raise FieldError(str(error).replace("--strength", "strength")[:300], "strength") from None
+                raise FieldError(str(error)[:300], "strength") from None
         else:
             fields[key] = value
     _check_text(fields)

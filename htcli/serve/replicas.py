@@ -141,7 +141,7 @@ class HtFront:
 
 def check_replicas(replicas: int) -> int:
     if replicas < 1:
-        raise HTError(f"--replicas must be at least 1, got {replicas}")
+        raise HTError(f"replicas= must be at least 1, got {replicas}")
     return replicas
 
 

@@ -15,27 +15,16 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from htcli.generate.steer import SEED_LIMIT
+from htcli.generate.request_fields import FIELDS
 from htcli.serve.parse import Body
 
 ERROR = {"type": "object", "required": ["error", "field"], "additionalProperties": False,
          "properties": {"error": {"type": "string"}, "field": {"type": ["string", "null"],
                                                                "description": "the field at fault; null: the request"}}}
-_TEXT = {"type": "string", "maxLength": 200}
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
-# The form's fields: Body's, as text (curl -F, the web page); uploads are files, repeatable fields repeat.
-_FORM_FIELDS: dict[str, Any] = {
-    "prompt": {"type": "string"},
-    "concepts": {"type": "array", "items": _TEXT, "description": "repeat the field: art deco, art deco:0.6"},
-    "strength": {"type": "string", "description": "0.6, or a sweep 0,0.5,1"},
-    "seed": {"type": "integer", "minimum": 0, "maximum": SEED_LIMIT - 1},
-    "num_images": {"type": "integer", "minimum": 1},
-    "method": {"type": "string", "maxLength": 32},
-    "steer_steps": {"type": "string", "maxLength": 32},
-    "layers": {"type": "array", "items": _TEXT, "maxItems": 16},
-    "gap_correction": {"type": "boolean"},
-    "refine": {"type": "integer", "minimum": 1},
-}
+# The form's fields: the request's declared fields, as text (curl -F, the web page; repeatable fields
+# repeat, a strength sweep is "0,0.5,1"); uploads are files.
+_FORM_FIELDS: dict[str, Any] = {name: field.form_schema() for name, field in FIELDS.items()}
 _FORM = {"type": "object", "additionalProperties": False,
          "properties": _FORM_FIELDS | {"reference_images": _FILES, "interventions": _FILES}}
 _URLENCODED = {"type": "object", "additionalProperties": False, "properties": _FORM_FIELDS}

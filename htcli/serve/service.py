@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from htcli import __version__
+from htcli.core.strength import MAX_STRENGTH
 from htcli.errors import HTError
 from htcli.generate.batch import Planned, Planner, generate_batch
-from htcli.generate.compose import MAX_STRENGTH, Sources, check_pattern, resolve_sources, select_layers
-from htcli.generate.steer import METHODS, SteerRequest, check_seeds, parse_steer_steps
+from htcli.generate.compose import Sources, check_pattern, resolve_sources, select_layers
+from htcli.generate.request_fields import METHODS
 from htcli.generate.source_maps import Steerer
+from htcli.generate.steer import SteerRequest, check_seeds, parse_steer_steps
 from htcli.models.interventions import Intervention
 from htcli.serve.batching import Batcher
 from htcli.serve.cache import CachedPredictor, MapCache
@@ -77,7 +79,7 @@ class Limits:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= least):
                 raise HTError(f"{option} must be a number >= {least}, got {value!r}")
         if self.max_strength > MAX_STRENGTH:
-            raise HTError(f"--max-strength must be at most {MAX_STRENGTH:g} (what ht steer takes), got {self.max_strength:g}")
+            raise HTError(f"max_strength= must be at most {MAX_STRENGTH:g} (what ht steer takes), got {self.max_strength:g}")
 
     def check_sources(self, counts: dict[str, int]) -> None:
         """FieldError, naming the field with most, unless a request's sources ({field: count}) are within `max_sources`."""
@@ -136,7 +138,7 @@ class Service:
         self.library = steerer.library
         self.planner = Planner(steerer, self.predictor)
         steerer.refiner.max_cached = self.limits.cache_size  # refine targets on disk: as many concepts as maps in memory
-        self._planning = threading.Lock()  # the planner and the encoder's tokenizer are single-threaded
+        self._planning = threading.Lock()  # the planner's recorder and the encoder's tokenizer are single-threaded
         self._counting = threading.Lock()
         self._refining = threading.Lock()  # the one request refining at a time
         self.in_flight = 0
@@ -180,14 +182,14 @@ class Service:
         try:
             check_seeds(request.seed, request.num_images)
         except HTError as error:
-            raise FieldError(str(error).replace("--seed", "seed"), "seed") from None
+            raise FieldError(str(error), "seed") from None
         try:
             parse_steer_steps(request.steer_steps, len(self.spec.timesteps))
         except HTError as error:
             raise FieldError(str(error), "steer_steps") from None
         if request.refine is not None:
             if not limits.max_refine:
-                raise FieldError("this server does not refine (start it with --max-refine N)", "refine")
+                raise FieldError("this server does not refine (start it with max_refine=N)", "refine")
             if not request.concepts or request.method != "hypertransport":
                 raise FieldError("refine refines the maps of concepts; give one, with method hypertransport", "refine")
             if not 1 <= request.refine * len(request.concepts) <= limits.max_refine:  # the whole request's budget
@@ -234,7 +236,7 @@ class Service:
             select_layers(every.known_layers(predicted), every.layers, request.layers, every.labels)
         except HTError as error:
             message = str(error)
-            raise FieldError(message.replace("--layers", "layers"), "layers" if message.startswith("--layers") else "concepts") \
+            raise FieldError(message, "layers" if message.startswith("layers=") else "concepts") \
                 from None
 
     def prepare(self, request: SteerRequest) -> Planned:
