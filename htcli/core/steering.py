@@ -14,7 +14,6 @@ module's dtype, so fp16/bf16 models are safe.
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from htcli.core.strength import check_strength
 from htcli.core.transport import apply_affine, maps_to
 from htcli.errors import HTError
 
@@ -99,9 +99,7 @@ def _check_strength(strength: object) -> float | Tensor:
             raise HTError("strength must hold finite numbers")
         else:
             return strength
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
-        raise HTError(f"strength must be a finite number, got {strength!r}")
-    return float(strength)
+    return check_strength(strength)  # a number: the strength policy's bounds
 
 
 @dataclass

@@ -20,18 +20,16 @@ the output of the loaded ones.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from htcli.core.steering import SteeringConfig, steering_window
+from htcli.core.strength import DEFAULT_STRENGTH, check_strength
 from htcli.errors import HTError
 from htcli.generate.apply import (
     Applicable,
     Applied,
-    check_strength,
     composed_maps,
     denoiser_of,
     pipeline_step,
@@ -40,7 +38,6 @@ from htcli.generate.apply import (
 from htcli.models.interventions import Intervention
 
 ADAPTERS = "ht_adapters"  # the name of the steering the loaded interventions make together
-DEFAULT_STRENGTH = 0.6  # as ht.apply's
 
 
 @dataclass(frozen=True)
@@ -91,9 +88,10 @@ def _attach(pipe: Any, loaded: Loaded) -> None:
 
 
 def _weight(name: str, weight: object) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-        raise HTError(f"the weight of {name!r} must be a finite number, got {weight!r}")
-    return float(weight)
+    try:
+        return check_strength(weight, "weight")
+    except HTError as error:
+        raise HTError(f"the weight of {name!r}: {error}") from None
 
 
 def load(pipe: Any, intervention: Intervention, name: str | None = None, weight: float = 1.0,
