@@ -350,6 +350,22 @@ def test_refine_has_a_budget_and_one_slot(server):
     assert next(r for r in replies if r.status_code == 429).headers["retry-after"] == "1"
 
 
+def test_a_refine_whose_client_hangs_up_is_cancelled(server):
+    """A client that sends a refine of 50 LinEAS steps (seconds of work here) and hangs up: the
+    refine stops at its next step and frees its slot, so the next refine is served, not refused."""
+    body = json.dumps({"prompt": "x", "concepts": ["a city made of tin"], "refine": 50}).encode()
+    with server.connect() as sock:
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(1.0)  # the refine has started
+    left = time.perf_counter()
+    time.sleep(0.5)
+    one = {"prompt": "x", "concepts": ["a city made of wax"], "refine": 1}
+    reply = httpx.post(server.url + "/v1/generate", json=one, timeout=TIMEOUT)
+    print(f"refine after a hang-up: {reply.status_code} {time.perf_counter() - left:.1f} s after it")
+    assert reply.status_code == 200, reply.text[:300]  # a refine still running would answer 429
+
+
 def _intervention(server: Server, **metadata: str) -> str:
     """A real intervention file of the server's model, its metadata replaced by `metadata`: base64."""
     reply = httpx.post(server.url + "/v1/intervention", json={"prompt": "x", "concepts": ["art deco"]}, timeout=TIMEOUT)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 
@@ -139,3 +141,28 @@ def process_group(device: torch.device) -> Iterator[bool]:
     yield distributed
     if distributed and joined_here:
         close_distributed()
+
+
+class Cancelled(HTError):
+    """Long work stopped because whoever asked for it has gone (`cancellable`)."""
+
+
+_cancel: ContextVar[threading.Event | None] = ContextVar("ht_cancel", default=None)
+
+
+@contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """Long work inside the block (LinEAS steps, target capture) stops at its next step with
+    `Cancelled` once `event` is set: how `ht serve` stops a refine whose client has hung up."""
+    token = _cancel.set(event)
+    try:
+        yield
+    finally:
+        _cancel.reset(token)
+
+
+def raise_if_cancelled() -> None:
+    """`Cancelled` if the enclosing `cancellable` block's event is set; nothing outside one."""
+    event = _cancel.get()
+    if event is not None and event.is_set():
+        raise Cancelled("the work was cancelled: whoever asked for it has gone")

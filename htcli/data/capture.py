@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from htcli.core.files import read_tensors, save_tensors
-from htcli.core.runtime import run_path
+from htcli.core.runtime import raise_if_cancelled, run_path
 from htcli.data.build import STORAGE_DTYPES, make_seeds, split_prompts
 from htcli.data.concepts import Concept, ConceptLibrary, slugify
 from htcli.data.dataset import DatasetSettings
@@ -111,6 +111,7 @@ class CapturedTargets:
         captured, used = [], set()
         keys = [f"fit.{layer}" for layer in self.settings.layers]
         for concept in concepts:
+            raise_if_cancelled()
             path = self._file(concept)
             if self._read(path, keys) is None:
                 prompts = [concept.apply(p, i) for i, p in enumerate(self.settings.fit_prompts)]

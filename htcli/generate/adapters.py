@@ -35,6 +35,7 @@ from htcli.generate.apply import (
     pipeline_step,
     steer_samples,
 )
+from htcli.generate.compose import check_weight
 from htcli.models.interventions import Intervention
 
 ADAPTERS = "ht_adapters"  # the name of the steering the loaded interventions make together
@@ -87,13 +88,6 @@ def _attach(pipe: Any, loaded: Loaded) -> None:
     root.sources, root.read_step = loaded, read_step
 
 
-def _weight(name: str, weight: object) -> float:
-    try:
-        return check_strength(weight, "weight")
-    except HTError as error:
-        raise HTError(f"the weight of {name!r}: {error}") from None
-
-
 def load(pipe: Any, intervention: Intervention, name: str | None = None, weight: float = 1.0,
          layers: str | None = None) -> str:
     """Load `intervention` on `pipe` under `name` (default: its concept), at `weight`, acting on
@@ -109,7 +103,7 @@ def load(pipe: Any, intervention: Intervention, name: str | None = None, weight:
     if name in current.weights:
         raise HTError(f"an intervention named {name!r} is loaded already: unload(pipe, {name!r}) first, "
                       "or pick another name")
-    loaded = replace(current, weights=current.weights | {name: _weight(name, weight)},
+    loaded = replace(current, weights=current.weights | {name: check_weight(weight, name)},
                      interventions=current.interventions | {name: intervention}, layers=current.layers | {name: layers})
     _attach(pipe, loaded)
     return name
@@ -127,7 +121,7 @@ def set_weights(pipe: Any, weights: Mapping[str, float] | None = None, *, streng
     if unknown:
         raise HTError(f"no intervention named {', '.join(map(repr, unknown))} is loaded; loaded: "
                       f"{', '.join(current.weights) or 'none'}")
-    changed = replace(current, weights=current.weights | {n: _weight(n, w) for n, w in (weights or {}).items()},
+    changed = replace(current, weights=current.weights | {n: check_weight(w, n) for n, w in (weights or {}).items()},
                       strength=current.strength if strength is None else check_strength(strength),
                       steps=current.steps if steps is _UNCHANGED else steering_window(steps))
     _attach(pipe, changed)

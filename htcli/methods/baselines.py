@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from htcli.core.runtime import raise_if_cancelled
 from htcli.core.transport import (
     Maps,
     fit_linear_act,
@@ -128,6 +129,7 @@ def fit_lineas(
     sorted_target = {n: torch.sort(t.float().to(device), dim=0).values for n, t in target.items()}
     history = []
     for step in range(config.steps):
+        raise_if_cancelled()  # a refine whose client has gone (`ht serve`) stops here
         optimizer.zero_grad(set_to_none=True)
         shared = lambda rows: {n: (1 + delta[n], beta[n]) for n in target}  # noqa: E731
         loss = w2_backward(frozen, inputs, shared, {n: t[None] for n, t in sorted_target.items()}, 1, config.micro_batch)

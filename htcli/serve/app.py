@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -38,6 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from htcli import __version__
+from htcli.core.runtime import Cancelled, cancellable
 from htcli.errors import HTError
 from htcli.generate.batch import Planned
 from htcli.generate.steer import Steered
@@ -49,6 +51,8 @@ from htcli.serve.schema import describe, document
 from htcli.serve.service import FieldError, Service
 
 DEFAULT_HOST = "127.0.0.1"
+
+T = TypeVar("T")
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -89,6 +93,23 @@ async def _until_disconnected(request: Request) -> None:
     """Returns when the client has gone (the body is read already: what comes next is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _cancellable(gone: threading.Event, work: Callable[..., T], *args: Any) -> T:
+    with cancellable(gone):
+        return work(*args)
+
+
+async def _unless_gone(request: Request, work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` in a worker thread, stopped at its next step (`Cancelled`) if the client
+    disconnects first: a refine's LinEAS steps and captures are not paid for nobody."""
+    gone = threading.Event()
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    watcher.add_done_callback(lambda _: gone.set())  # also when the request is cancelled (Ray Serve)
+    try:
+        return await run_in_threadpool(_cancellable, gone, work, *args)
+    finally:
+        watcher.cancel()
 
 
 async def _produced(request: Request, futures: list) -> list[Produced] | None:
@@ -165,7 +186,9 @@ def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
         with service.admitted():
             with await parse_request(request, body, service.limits, service.pixels, images) as parsed:
                 try:
-                    planned = await run_in_threadpool(service.prepare, parsed.request)
+                    planned = await _unless_gone(request, service.prepare, parsed.request)
+                except Cancelled:
+                    return Response(status_code=499)  # the client left while its concepts were refined
                 except HTError as error:
                     raise parsed.scrubbed(error) from None
             produced = await _produced(request, service.batcher.submit(planned.samples))
@@ -180,7 +203,9 @@ def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
         with service.admitted():
             with await parse_request(request, body, service.limits, service.pixels, images) as parsed:
                 try:
-                    data = await run_in_threadpool(_intervention_bytes, service, parsed)
+                    data = await _unless_gone(request, _intervention_bytes, service, parsed)
+                except Cancelled:
+                    return Response(status_code=499)
                 except HTError as error:
                     raise parsed.scrubbed(error) from None
         return Response(data, media_type="application/octet-stream", headers=replica | {
