@@ -81,7 +81,7 @@ def test_state_lives_on_the_denoiser_not_in_a_handle(tiny_sdxl):
                              (lambda: ht.load(pipe, deco.maps, name="x"), "load takes an Intervention"),
                              (lambda: ht.load(pipe, deco, name="x", weight=float("nan")), "weight of 'x' must be"),
                              (lambda: ht.set_weights(pipe, {"nope": 1.0}), "no intervention named 'nope'.*loaded: deco, ink"),
-                             (lambda: ht.set_weights(pipe, steps=True), "steps takes"),
+                             (lambda: ht.set_weights(pipe, steps=True), "steps= takes"),
                              (lambda: ht.unload(pipe, "nope"), "no intervention named 'nope'")):
             with pytest.raises(HTError, match=message) as raised:
                 bad()

@@ -49,9 +49,9 @@ def _own_copy(pipe, spec):
 def test_config_is_checked_and_names_its_parameters():
     maps = {"a": (torch.ones(3), torch.zeros(3))}
     for kwargs, message in (({"maps": [1]}, "maps takes"), ({"maps": {"a": (torch.ones(3), torch.zeros(2))}}, r"maps\['a'\]"),
-                            ({"strength": float("inf")}, "strength must be a finite number"),
-                            ({"strength": "1"}, "strength must be a finite number"),
-                            ({"steps": True}, "steps takes"), ({"steps": 1.5}, "steps takes"), ({"steps": [-1]}, "steps takes"),
+                            ({"strength": float("inf")}, "strength= takes a finite number"),
+                            ({"strength": "1"}, "strength= takes a finite number"),
+                            ({"steps": True}, "steps= takes"), ({"steps": 1.5}, "steps= takes"), ({"steps": [-1]}, "steps= takes"),
                             ({"layers": "a"}, "layers takes a list"), ({"layers": ["b"]}, "layers names layers")):
         with pytest.raises(HTError, match=message) as raised:
             SteeringConfig(**{"maps": maps} | kwargs)

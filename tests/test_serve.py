@@ -20,6 +20,7 @@ from serving import hyper_checkpoint, served
 from typer.testing import CliRunner
 
 from htcli.cli import app
+from htcli.core.strength import DEFAULT_STRENGTH
 from htcli.generate.batch import Sample, generate_batch
 from htcli.generate.compose import combine
 from htcli.generate.source_maps import Steerer
@@ -71,6 +72,7 @@ def test_health_concepts_and_page(server, steerer):
     assert health["status"] == "ok" and health["model"] == "tiny" and health["device"] == "cpu"
     assert health["hypernetwork_sha256"] == steerer.predictor.digest and health["queue"] == 0
     assert health["encoder"] == "open_clip:ht-tiny-clip" and health["limits"]["max_image_pixels"] == 300 * 300
+    assert health["defaults"] == {"strength": DEFAULT_STRENGTH}  # the page's slider starts at the policy's default
     concepts = httpx.get(url + "/v1/concepts", timeout=TIMEOUT).json()["concepts"]
     names = {c["name"] for c in concepts}
     assert "Art Deco" in names and {c["held_out"] for c in concepts} == {True, False}

@@ -79,7 +79,7 @@ def steering_window(steps: int | Collection[int] | None) -> range | frozenset[in
     here); None stays None (every step). Bools and floats are refused."""
     if steps is None or isinstance(steps, range) and len(steps) and steps.start >= 0 and steps.step > 0:
         return steps
-    problem = HTError(f"steps takes denoising step numbers from 0 (an int, a range or a set), got {steps!r}")
+    problem = HTError(f"steps= takes denoising step numbers from 0 (an int, a range or a set of ints), got {steps!r:.60}")
     if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
         steps = [steps]
     try:

@@ -90,7 +90,7 @@ def describe(route: str) -> dict:
         refusals["499"] = {"description": _REFUSALS[499]}
         return {"requestBody": REQUEST_BODY, "responses": {"200": ok} | refusals}
     ok = {"page": {"description": "the web page", "content": {"text/html": {"schema": {"type": "string"}}}},
-          "health": _json({"type": "object"}, "model, hypernetwork, device, queue, batching, cache, limits, replica"),
+          "health": _json({"type": "object"}, "model, hypernetwork, device, queue, batching, cache, limits, defaults (the strength the page starts at), replica"),
           "concepts": _json({"type": "object", "properties": {"concepts": {"type": "array"}}}, "the concept library")}
     return {"responses": {"200": ok[route]} | _bad_host()}
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from htcli import __version__
-from htcli.core.strength import MAX_STRENGTH
+from htcli.core.strength import DEFAULT_STRENGTH, MAX_STRENGTH
 from htcli.errors import HTError
 from htcli.generate.batch import Planned, Planner, generate_batch
 from htcli.generate.compose import Sources, check_pattern, resolve_sources, select_layers
@@ -271,7 +271,8 @@ class Service:
                 "queue": batcher.pending, "in_flight": self.in_flight, "uptime_s": round(time.time() - self.started, 1),
                 "batching": {"max_batch": batcher.max_batch, "window_ms": batcher.window_s * 1e3, "batches": batcher.batches,
                              "images": batcher.generated, "largest_batch": batcher.largest, "cancelled": batcher.cancelled},
-                "cache": self.cache.stats(), "decoding_pixels": self.pixels.used, "limits": asdict(self.limits)}
+                "cache": self.cache.stats(), "decoding_pixels": self.pixels.used, "limits": asdict(self.limits),
+                "defaults": {"strength": DEFAULT_STRENGTH}}
 
     def concepts(self) -> list[dict]:
         """The concept library: name, category, and whether it is held out from training."""
