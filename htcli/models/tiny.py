@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from htcli.models.pretrained import FLUX_BLOCKS
 from htcli.models.spec import (
     ModelSpec,
     denoiser_class,
@@ -173,30 +172,29 @@ def _load_tiny_flux(spec: ModelSpec, model_path: str | None, device, dtype) -> A
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
 
-def _tiny(spec_id: str, description: str, family: str, config: str, patterns: tuple[str, ...],
-          timesteps: tuple[int, ...], loader: Any, call_kwargs: dict[str, Any] | None = None,
-          weights: tuple[str, ...] = ()) -> ModelSpec:
+def _tiny(spec_id: str, description: str, family: str, config: str, timesteps: tuple[int, ...], loader: Any,
+          call_kwargs: dict[str, Any] | None = None, weights: tuple[str, ...] = (), schedule: str = "timesteps") -> ModelSpec:
     """An offline 128-px model: float32, random denoiser (shipped `weights`, else seeded), MiniLM
-    as the concept encoder."""
+    as the concept encoder, the layers to steer found in its module tree."""
     shared = {"resolution": 128, "dtype": "float32", "denoiser_loader": _tiny_denoiser, "concept_encoder": "minilm",
               "offline": True}
-    return ModelSpec(id=spec_id, description=description, family=family, denoiser_config=config, hook_patterns=patterns,
-                     timesteps=timesteps, loader=loader, call_kwargs=call_kwargs or {}, weights=weights, **shared)
+    return ModelSpec(id=spec_id, description=description, family=family, denoiser_config=config, timesteps=timesteps,
+                     loader=loader, call_kwargs=call_kwargs or {}, weights=weights, schedule=schedule, **shared)
 
 
 register(_tiny(
     "tiny", "offline 4-block PixArt-Sigma, random weights, real MiniLM text encoder (images are noise)", "pixart",
-    "tiny_pixart_transformer.json", ("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"), (400,), _load_tiny_pixart,
+    "tiny_pixart_transformer.json", (400,), _load_tiny_pixart,
     {"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False}, (str(TINY_TRANSFORMER),),
 ))
 register(_tiny(
     "tiny-sdxl", "offline SDXL-style UNet pipeline, random weights (keeps the UNet code path tested)", "sdxl",
-    "tiny_sdxl_unet.json", ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3"),
-    (999, 749, 499, 249), _load_tiny_sdxl,
+    "tiny_sdxl_unet.json", (999, 749, 499, 249), _load_tiny_sdxl,
 ))
 register(_tiny(
     "tiny-flux", "offline FLUX.1-schnell-style pipeline, random weights (keeps the FLUX code path tested)", "flux",
-    "tiny_flux_transformer.json", FLUX_BLOCKS, (1000, 750, 500, 250), _load_tiny_flux, {"max_sequence_length": 32},
+    "tiny_flux_transformer.json", (1000, 750, 500, 250), _load_tiny_flux, {"max_sequence_length": 32},
+    schedule="sigmas",
 ))
 
 
