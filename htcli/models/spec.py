@@ -97,6 +97,7 @@ class ModelSpec:
     denoiser_type: tuple[str, str] = ()  # (diffusers class, pipeline attribute); () = DENOISERS[family]
     schedule: str = "timesteps"  # how the pipeline takes `timesteps`: "timesteps", "sigmas" (t / 1000), "steps" (a count)
     resolution_kwargs: dict[str, Any] = field(default_factory=dict)  # call arguments away from `resolution`
+    source: str | None = None  # the pipeline folder a spec was derived from (`htcli.models.folder`)
     # Default layers to steer, as module-name patterns; () = found in the module tree (`htcli.models.layers`).
     hook_patterns: tuple[str, ...] = _HookPatterns()
 
@@ -278,9 +279,16 @@ def get_model(name: str | None = None, random_weights: bool | None = None) -> Mo
     random-weights variant (the offline models' weights are random already: they stay as they are)."""
     name = default_model_name() if name is None else name
     if name not in _REGISTRY:
-        raise _unknown(name)
+        derived = _derived(name)
+        if derived is None:
+            raise _unknown(name)
+        name = derived.id  # registered once under its canonical id (`resolution_asked` reads it)
+        _REGISTRY.setdefault(name, derived)
     spec = _REGISTRY[name]
     if (random_weights_requested() if random_weights is None else random_weights) and not spec.offline:
+        if spec.source is not None:
+            raise HTError(f"{spec.id} is a pipeline folder, not a shipped spec: random weights come only with the "
+                          "shipped models; leave out --random-weights (or HT_RANDOM_WEIGHTS)")
         return random_variant(spec)
     return spec
 
@@ -290,10 +298,27 @@ def random_variant(spec: ModelSpec) -> ModelSpec:
     return _RANDOM_VARIANT[0](spec)
 
 
+def model_id(name: str | None) -> str | None:
+    """The id of the spec `name` names: a pipeline folder's or repo's derived spec's (its
+    absolute path, its settings sorted); any other name as it is (None too)."""
+    from htcli.models.folder import is_pipeline_source
+
+    if name is None or name in _REGISTRY or not is_pipeline_source(name):
+        return name
+    return get_model(name, random_weights=False).id
+
+
+def _derived(name: str) -> ModelSpec | None:
+    """The spec derived from the pipeline folder or Hub repo `name` names, None if it names none."""
+    from htcli.models.folder import derive_spec, is_pipeline_source
+
+    return derive_spec(name) if is_pipeline_source(name) else None
+
+
 def default_model_name() -> str:
     """$HT_MODEL, else pixart. An unknown $HT_MODEL is an error that names the variable (the
     user gave no --model, so an error about "the model" alone would puzzle)."""
     name = os.environ.get("HT_MODEL", "pixart")
-    if name not in _REGISTRY:
+    if name not in _REGISTRY and _derived(name) is None:
         raise _unknown(name, " (from $HT_MODEL; pass --model or change the variable)")
     return name
