@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode
 import torch
 
 from htcli.errors import HTError
-from htcli.models.spec import ModelSpec
+from htcli.models.spec import ModelSpec, register_pipeline_source
 
 DENOISER_ATTRS = ("transformer", "unet")
 # Arguments of a pipeline's call that condition on something other than text: such a pipeline
@@ -166,6 +166,14 @@ def derive_spec(name: str) -> ModelSpec:
         schedule="steps",
         source=str(folder),
     )
+
+
+def derived_spec(name: str) -> ModelSpec | None:
+    """`derive_spec(name)` if `name` names a pipeline folder or Hub repo id, else None."""
+    return derive_spec(name) if is_pipeline_source(name) else None
+
+
+register_pipeline_source(derived_spec)
 
 
 def _folder_of(spec: ModelSpec, model_path: str | None) -> Path:

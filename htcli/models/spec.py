@@ -241,6 +241,7 @@ def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: to
 # Filled by the loader modules (`hub`, `tiny`, `random_weights`), which `htcli.models` imports.
 _REGISTRY: dict[str, ModelSpec] = {}
 _RANDOM_VARIANT: list[Callable[[ModelSpec], ModelSpec]] = []  # spec -> its random-weights variant
+_PIPELINE_SOURCE: list[Callable[[str], ModelSpec | None]] = []  # name -> the spec derived from it, or None
 
 RANDOM_WEIGHTS_VARIABLE = "HT_RANDOM_WEIGHTS"
 _TRUE = ("1", "true", "t", "yes", "y", "on")  # what click reads as true
@@ -301,18 +302,18 @@ def random_variant(spec: ModelSpec) -> ModelSpec:
 def model_id(name: str | None) -> str | None:
     """The id of the spec `name` names: a pipeline folder's or repo's derived spec's (its
     absolute path, its settings sorted); any other name as it is (None too)."""
-    from htcli.models.folder import is_pipeline_source
+    derived = None if name is None or name in _REGISTRY else _derived(name)
+    return name if derived is None else derived.id
 
-    if name is None or name in _REGISTRY or not is_pipeline_source(name):
-        return name
-    return get_model(name, random_weights=False).id
+
+def register_pipeline_source(derive: Callable[[str], ModelSpec | None]) -> None:
+    """Set how a name that is no registered spec derives one (`htcli.models.folder`)."""
+    _PIPELINE_SOURCE[:] = [derive]
 
 
 def _derived(name: str) -> ModelSpec | None:
     """The spec derived from the pipeline folder or Hub repo `name` names, None if it names none."""
-    from htcli.models.folder import derive_spec, is_pipeline_source
-
-    return derive_spec(name) if is_pipeline_source(name) else None
+    return _PIPELINE_SOURCE[0](name) if _PIPELINE_SOURCE else None
 
 
 def default_model_name() -> str:
