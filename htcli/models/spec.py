@@ -320,6 +320,9 @@ def default_model_name() -> str:
     """$HT_MODEL, else pixart. An unknown $HT_MODEL is an error that names the variable (the
     user gave no --model, so an error about "the model" alone would puzzle)."""
     name = os.environ.get("HT_MODEL", "pixart")
-    if name not in _REGISTRY and _derived(name) is None:
+    if name in _REGISTRY:
+        return name
+    derived = _derived(name)
+    if derived is None:
         raise _unknown(name, " (from $HT_MODEL; pass --model or change the variable)")
-    return name
+    return derived.id
