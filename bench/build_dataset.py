@@ -18,8 +18,9 @@ import torch  # noqa: E402
 
 from bench.common import paired_ratio, quiet  # noqa: E402
 from htcli.core.hooks import hooked, resolve_layers  # noqa: E402
-from htcli.data.forward import encode_inputs, pooled_activations  # noqa: E402
+from htcli.data.forward import pooled_activations  # noqa: E402
 from htcli.models import denoiser, get_model, load_pipeline  # noqa: E402
+from htcli.models.record import record_call  # noqa: E402
 
 
 def main() -> None:
@@ -32,9 +33,9 @@ def main() -> None:
     seeds = list(range(16))
 
     def capture():
-        inputs = encode_inputs(spec, pipe, prompts, seeds)
+        inputs = record_call(pipe, spec, prompts, seeds)
         with torch.no_grad():
-            return pooled_activations(spec, model, layers, inputs)
+            return pooled_activations(model, layers, inputs)
 
     def full():
         generators = [torch.Generator().manual_seed(s) for s in seeds]

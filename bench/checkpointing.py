@@ -17,10 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.common import paired_ratio, quiet  # noqa: E402
-from htcli.data.forward import Frozen, encode_inputs  # noqa: E402
+from htcli.data.forward import Frozen  # noqa: E402
 from htcli.methods.objective import w2_backward  # noqa: E402
 from htcli.models import get_model, load_pipeline  # noqa: E402
 from htcli.models.plan import human_bytes, make_plan  # noqa: E402
+from htcli.models.record import record_call  # noqa: E402
 
 
 def kept_ratio(model_id: str) -> float:
@@ -34,7 +35,7 @@ def kept_ratio(model_id: str) -> float:
 def time_ratio() -> float:
     spec = get_model("tiny")
     pipe = load_pipeline(spec)
-    inputs = encode_inputs(spec, pipe, [f"a photo of object {i}" for i in range(32)], list(range(32)))
+    inputs = record_call(pipe, spec, [f"a photo of object {i}" for i in range(32)], list(range(32)))
     runs = []
     for flag in (True, False):
         frozen = Frozen.load(spec, spec.hook_patterns, "cpu", "float32", grad_checkpointing=flag)

@@ -52,11 +52,12 @@ def main() -> None:
     from htcli.core.hooks import resolve_layers
     from htcli.core.transport import at_strength, residual_ratio
     from htcli.data.concepts import load_library
-    from htcli.data.forward import Frozen, encode_inputs
+    from htcli.data.forward import Frozen
     from htcli.generate.compose import select_layers
     from htcli.methods.baselines import LineasConfig, fit_method
     from htcli.methods.predict import Predictor, shipped_checkpoint
     from htcli.models import denoiser, get_model, load_pipeline
+    from htcli.models.record import record_call
 
     spec = get_model("tiny")
     pipe = load_pipeline(spec)
@@ -71,7 +72,7 @@ def main() -> None:
     fit_seeds, eval_seeds = list(range(n)), list(range(500_000, 500_000 + m))  # disjoint, as datasets use
 
     def inputs(texts, seeds):
-        return encode_inputs(spec, pipe, list(texts), seeds)
+        return record_call(pipe, spec, list(texts), seeds)
 
     def cat(acts, names):  # (N, sum of D) over `names`
         return torch.cat([acts[name] for name in names], dim=-1)

@@ -16,17 +16,19 @@ from htcli.cli.options import (
     DeviceOption,
     DtypeOption,
     EvalSamplesOption,
+    GuidanceOption,
     JsonOption,
     LayersOption,
     MicroBatchOption,
     ModelOption,
     RandomWeightsOption,
     ResolutionOption,
+    StepsOption,
     TrainingDtype,
 )
 from htcli.cli.output import console, note, print_table, steps
 from htcli.core.files import dumps_json
-from htcli.models import get_model, list_models
+from htcli.models import default_model_name, get_model, list_models
 
 if TYPE_CHECKING:
     from htcli.methods.measure import Measurement
@@ -58,6 +60,8 @@ def plan_command(
     eval_samples: EvalSamplesOption = BUILD_EVAL_SAMPLES,
     concepts_per_step: Annotated[int, typer.Option(help="Concepts per training step (as train-hyper).")] = CONCEPTS_PER_STEP,
     resolution: ResolutionOption = None,
+    denoising_steps: StepsOption = None,
+    guidance: GuidanceOption = None,
     measure: Annotated[
         bool, typer.Option("--measure", help="Also run capture, a LinEAS step and a training step (with and without "
                            "--grad-checkpointing) on the model's architecture with random weights (no download), "
@@ -76,7 +80,10 @@ def plan_command(
     Measured: ht plan --model pixart --measure --resolution 256 --samples 4 --concepts-per-step 2
     """
     from htcli.methods.measure import MeasureRequest, plan
+    from htcli.models.folder import with_settings
 
+    if denoising_steps is not None or guidance is not None:
+        model = with_settings(model or default_model_name(), steps=denoising_steps, guidance=guidance)
     request = MeasureRequest(model, resolution, device, dtype.value, samples, concepts_per_step, micro_batch,
                              layers) if measure else None
     with steps("measure", enabled=measure) as bar:
@@ -93,11 +100,11 @@ def plan_command(
 def _print_plan(plan: dict) -> None:
     from htcli.models.plan import human_bytes, human_count
 
-    table = Table(title=f"{plan['model']}: hooked modules")
-    for column in ("module", "neurons", "tokens/sample"):
-        table.add_column(column, justify="right" if column != "module" else "left")
+    table = Table(title=f"{plan['model']}: hooked modules ({plan['layers_from']})")
+    for column in ("module", "class", "neurons", "tokens/sample", "output per sample"):
+        table.add_column(column, justify="right" if column in ("neurons", "tokens/sample") else "left")
     for layer in plan["layers"]:
-        table.add_row(layer["name"], str(layer["width"]), str(layer["tokens"]))
+        table.add_row(layer["name"], layer["kind"], str(layer["width"]), str(layer["tokens"]), layer["output"])
     print_table(table)
     console.print(f"layers: {len(plan['layers'])}   neurons: {plan['neurons']:,}   resolution: {plan['resolution']} px")
     console.print(f"hypernetwork output size: {plan['hyper_outputs']:,} (omega - 1 and beta per neuron)")

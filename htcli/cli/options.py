@@ -8,10 +8,19 @@ from typing import Annotated
 
 import typer
 
-from htcli.models.spec import RANDOM_WEIGHTS_VARIABLE
+from htcli.models.spec import RANDOM_WEIGHTS_VARIABLE, model_id
+
+
+def _model_id(name: str | None) -> str | None:
+    """--model as the id its spec is stored under: a pipeline folder's absolute path and sorted settings."""
+    return model_id(name)
+
 
 ModelOption = Annotated[
-    str | None, typer.Option("--model", "-m", help="Model spec id (see `ht models`). Default: $HT_MODEL or pixart.")
+    str | None, typer.Option("--model", "-m", callback=_model_id,
+                             help="Model spec id (see `ht models`), or a diffusers pipeline folder or Hub repo id, "
+                                  "optionally with settings: PATH?steps=4&guidance=1.5&resolution=512. "
+                                  "Default: $HT_MODEL or pixart.")
 ]
 DataOption = Annotated[
     Path | None, typer.Option("--data", "-d", help="Dataset directory from `ht build-dataset`. Default: runs/<model>/data.")
@@ -31,6 +40,14 @@ DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu, cuda, c
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 ModelPathOption = Annotated[str | None, typer.Option("--model-path", help="Local pipeline directory instead of the Hub.")]
+StepsOption = Annotated[
+    int | None, typer.Option("--steps", help="Denoising steps of a pipeline folder's model (adds steps=N to its id). "
+                                "Default: the pipeline's.")
+]
+GuidanceOption = Annotated[
+    float | None, typer.Option("--guidance", help="Guidance scale of a pipeline folder's model (adds guidance=G to "
+                                  "its id). Default: the pipeline's.")
+]
 ResolutionOption = Annotated[
     int | None, typer.Option("--resolution", help="Image size in pixels, a multiple of 64. Default: the model's.")
 ]

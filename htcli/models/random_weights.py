@@ -44,6 +44,7 @@ from htcli.errors import HTError
 from htcli.models.pretrained import EmptyParameters, _distilled_denoiser
 from htcli.models.spec import (
     ModelSpec,
+    build_meta_denoiser,
     denoiser_class,
     denoiser_config,
     register_random_variant,
@@ -207,16 +208,25 @@ def _scheduler(family: str):
     import diffusers
 
     name, config = SCHEDULERS[family]
-    return getattr(diffusers, name).from_config(config)
+    with torch.device("cpu"):  # also when the rest is built on the meta device: schedulers compute their tables
+        return getattr(diffusers, name).from_config(config)
 
 
 def load_random_pipeline(spec: ModelSpec, model_path: str | None, device, dtype: torch.dtype) -> Any:
     """The spec's diffusers pipeline with its random denoiser (`load_random_denoiser`), shallow
-    random text encoders of the real widths and the real VAE config, in `dtype` on `device`."""
+    random text encoders of the real widths and the real VAE config, in `dtype` on `device` (on
+    the meta device: its structure, no weights drawn)."""
+    _no_model_path(spec, model_path)
+    if torch.device(device).type == "meta":  # the structure alone (`htcli.models.plan`): nothing drawn
+        with torch.device("meta"):
+            return _random_pipeline(spec, torch.nn.Module.to(build_meta_denoiser(spec), dtype=dtype), dtype)
+    return _random_pipeline(spec, load_random_denoiser(spec, dtype, device), dtype).to(device)
+
+
+def _random_pipeline(spec: ModelSpec, denoiser: torch.nn.Module, dtype: torch.dtype) -> Any:
+    """The spec's pipeline around `denoiser`, with the other components random, in `dtype`."""
     import diffusers
 
-    _no_model_path(spec, model_path)
-    denoiser = load_random_denoiser(spec, dtype, device)
     vae, scheduler = _vae(spec.family, SEED + 1), _scheduler(spec.family)
     if spec.family == "pixart":
         components = {"tokenizer": minilm_tokenizer(512), "text_encoder": _t5(dtype, SEED + 2)}
@@ -230,8 +240,7 @@ def load_random_pipeline(spec: ModelSpec, model_path: str | None, device, dtype:
                       "tokenizer_2": minilm_tokenizer(512), "text_encoder_2": _t5(dtype, SEED + 3)}
         pipeline = diffusers.FluxPipeline
     vae = torch.nn.Module.to(vae, dtype=dtype)  # not diffusers' `to`, which warns on every cast
-    pipe = pipeline(vae=vae, scheduler=scheduler, **{spec.denoiser_attr: denoiser}, **components)
-    return pipe.to(device)
+    return pipeline(vae=vae, scheduler=scheduler, **{spec.denoiser_attr: denoiser}, **components)
 
 
 def check_same_weights(spec: ModelSpec, random_weights: bool, what: str) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from htcli.models.pretrained import FLUX_BLOCKS
 from htcli.models.spec import (
     ModelSpec,
     denoiser_class,
@@ -78,15 +77,20 @@ def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32, device: str | torch.dev
 
 def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+    from transformers import AutoConfig, AutoModel
 
-    from htcli.models.encoders import load_minilm
+    from htcli.models.encoders import load_minilm, minilm_path
     from htcli.models.pretrained import load_module
 
     transformer = _tiny_denoiser(spec)
     vae = load_module(_vae, TINY_VAE, torch.float32, "cpu")
+    # On the meta device (the structure alone, `htcli.models.plan`) MiniLM's weights are not read.
+    structure_only = torch.device(device).type == "meta"
+    text_encoder = (AutoModel.from_config(AutoConfig.from_pretrained(minilm_path())) if structure_only
+                    else load_minilm())
     pipe = PixArtSigmaPipeline(
         tokenizer=minilm_tokenizer(),
-        text_encoder=load_minilm(),
+        text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
@@ -168,30 +172,29 @@ def _load_tiny_flux(spec: ModelSpec, model_path: str | None, device, dtype) -> A
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
 
-def _tiny(spec_id: str, description: str, family: str, config: str, patterns: tuple[str, ...],
-          timesteps: tuple[int, ...], loader: Any, call_kwargs: dict[str, Any] | None = None,
-          weights: tuple[str, ...] = ()) -> ModelSpec:
+def _tiny(spec_id: str, description: str, family: str, config: str, timesteps: tuple[int, ...], loader: Any,
+          call_kwargs: dict[str, Any] | None = None, weights: tuple[str, ...] = (), schedule: str = "timesteps") -> ModelSpec:
     """An offline 128-px model: float32, random denoiser (shipped `weights`, else seeded), MiniLM
-    as the concept encoder."""
+    as the concept encoder, the layers to steer found in its module tree."""
     shared = {"resolution": 128, "dtype": "float32", "denoiser_loader": _tiny_denoiser, "concept_encoder": "minilm",
               "offline": True}
-    return ModelSpec(id=spec_id, description=description, family=family, denoiser_config=config, hook_patterns=patterns,
-                     timesteps=timesteps, loader=loader, call_kwargs=call_kwargs or {}, weights=weights, **shared)
+    return ModelSpec(id=spec_id, description=description, family=family, denoiser_config=config, timesteps=timesteps,
+                     loader=loader, call_kwargs=call_kwargs or {}, weights=weights, schedule=schedule, **shared)
 
 
 register(_tiny(
     "tiny", "offline 4-block PixArt-Sigma, random weights, real MiniLM text encoder (images are noise)", "pixart",
-    "tiny_pixart_transformer.json", ("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"), (400,), _load_tiny_pixart,
+    "tiny_pixart_transformer.json", (400,), _load_tiny_pixart,
     {"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False}, (str(TINY_TRANSFORMER),),
 ))
 register(_tiny(
     "tiny-sdxl", "offline SDXL-style UNet pipeline, random weights (keeps the UNet code path tested)", "sdxl",
-    "tiny_sdxl_unet.json", ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3"),
-    (999, 749, 499, 249), _load_tiny_sdxl,
+    "tiny_sdxl_unet.json", (999, 749, 499, 249), _load_tiny_sdxl,
 ))
 register(_tiny(
     "tiny-flux", "offline FLUX.1-schnell-style pipeline, random weights (keeps the FLUX code path tested)", "flux",
-    "tiny_flux_transformer.json", FLUX_BLOCKS, (1000, 750, 500, 250), _load_tiny_flux, {"max_sequence_length": 32},
+    "tiny_flux_transformer.json", (1000, 750, 500, 250), _load_tiny_flux, {"max_sequence_length": 32},
+    schedule="sigmas",
 ))
 
 
