@@ -37,6 +37,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """How many of the job's processes share this machine: torchrun's LOCAL_WORLD_SIZE, 1 outside
+    torchrun. Read here only."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def rank() -> int:
     """This process's rank in the job: torchrun's RANK, 0 outside torchrun. Read here only."""
     return int(os.environ.get("RANK", "0"))

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from htcli import __version__
 from htcli.core.files import check_output_dir, read_json, save_tensors, write_json
-from htcli.core.runtime import Progress, barrier, process_group, resolve_device, run_path
+from htcli.core.runtime import Progress, barrier, process_group, rank, resolve_device, run_path, world_size
+from htcli.core.settings import settings_differences
 from htcli.data.concepts import Concept, ConceptLibrary, load_library, slugify
 from htcli.data.dataset import FORMAT, SOURCE_CALL, DatasetSettings, select_concepts
 from htcli.errors import HTError
@@ -158,7 +159,6 @@ def build(
 ) -> BuildSummary | None:
     """Build (or resume) the dataset `request` describes; under torchrun, sharded over ranks.
     Returns the summary on rank 0, None on the other ranks."""
-    import torch.distributed as dist
 
     from htcli.core.hooks import resolve_layers
     from htcli.models import load_pipeline
@@ -167,14 +167,14 @@ def build(
     spec, out, library, concepts, settings = request.resolve()
     torch_device = resolve_device(device)  # this rank's GPU under torchrun
     with process_group(torch_device) as distributed:
-        rank = dist.get_rank() if distributed else 0
-        if rank == 0:
+        main = rank() == 0 or not distributed
+        if main:
             check_existing(out, settings, overwrite)
         pipe = load_pipeline(spec, model_path=model_path, device=torch_device)
         layers = resolve_layers(denoiser(pipe, spec), settings.layers)
         builder = Builder(spec, pipe, layers, settings, get_encoder(settings.encoder, str(torch_device)))
-        summary = build_dataset(builder, library, concepts, out, progress if rank == 0 else None)
-    return summary if rank == 0 else None
+        summary = build_dataset(builder, library, concepts, out, progress if main else None)
+    return summary if main else None
 
 
 def dataset_builder(settings: DatasetSettings, device: str | torch.device = "cpu") -> Builder:
@@ -194,7 +194,7 @@ def _dist() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return rank(), world_size()
     return 0, 1
 
 
@@ -291,9 +291,9 @@ def check_existing(out: Path, settings: DatasetSettings, overwrite: bool) -> Non
         return
     if not overwrite and not current:
         raise HTError(f"{out} holds a dataset of an older format ({existing.get('format')}); "
-                      "pass --overwrite to rebuild it, or choose another --out")
+                      "pass overwrite=True to rebuild it, or choose another out=")
     if not overwrite:
-        differ = settings_differences(existing.get("settings") or {}, settings)
+        differ = dataset_differences(existing.get("settings") or {}, settings)
         raise HTError(
             f"{out} holds a dataset built with other settings ({', '.join(differ)}); "
             "choose another out= or pass overwrite=True"
@@ -309,34 +309,31 @@ def _seed_of(seeds: Sequence[int]) -> int | None:
     return seeds[0] // 1_000_000 if seeds else None
 
 
-def settings_differences(saved: Mapping, settings: DatasetSettings) -> list[str]:
-    """What differs between a saved dataset's settings and `settings`, named by the option that
-    sets it where there is one: 'model tiny (saved pixart)', 'samples=4 (saved 8)'..."""
+def _comparable(settings: Mapping) -> dict:
+    """A dataset's settings as the parameters that set them, for `settings_differences`."""
+    fit, evaluation = settings.get("fit_seeds") or (), settings.get("eval_seeds") or ()
+    return {"model": settings.get("model"), "layers": tuple(settings.get("layers") or ()),
+            "widths": tuple(settings.get("widths") or ()), "encoder": settings.get("encoder"), "samples": len(fit),
+            "eval_samples": len(evaluation), "seed": _seed_of(fit), "batch_size": settings.get("batch_size"),
+            "storage_dtype": settings.get("storage_dtype"), "random_weights": bool(settings.get("random_weights")),
+            "resolution": settings.get("resolution") or "the model's"}
+
+
+def _shown(name: str, value) -> object:
+    """Long settings by their size: 'layers=16 layers (saved 8 layers)'."""
+    if name == "layers":
+        return f"{len(value or ())} layers"
+    if name == "widths":
+        return f"{sum(value or ())} neurons"
+    return value
+
+
+def dataset_differences(saved: Mapping, settings: DatasetSettings) -> list[str]:
+    """What differs between a saved dataset's settings and `settings`, each named by the parameter
+    that sets it ('samples=4 (saved 8)'; `htcli.core.settings`)."""
     current = asdict(settings)
-    old = {key: tuple(value) if isinstance(value, list) else value for key, value in saved.items()}
-    differ = []
-
-    def compare(label: str, new, before) -> None:
-        if new != before:
-            differ.append(f"{label}{new} (saved {before})")
-
-    compare("model ", settings.model, old.get("model"))
-    saved_layers = tuple(old.get("layers") or ())
-    if tuple(settings.layers) != saved_layers:
-        same_count = len(settings.layers) == len(saved_layers)
-        differ.append(f"layers: {len(settings.layers)} {'other ' if same_count else ''}layers (saved {len(saved_layers)})")
-    elif tuple(settings.widths) != old.get("widths"):
-        differ.append("layer widths (the model's weights changed)")
-    compare("encoder=", settings.encoder, old.get("encoder"))
-    compare("samples=", len(settings.fit_seeds), len(old.get("fit_seeds") or ()))
-    compare("eval_samples=", len(settings.eval_seeds), len(old.get("eval_seeds") or ()))
-    compare("seed=", _seed_of(settings.fit_seeds), _seed_of(old.get("fit_seeds") or ()))
-    compare("batch_size=", settings.batch_size, old.get("batch_size"))
-    compare("storage dtype ", settings.storage_dtype, old.get("storage_dtype"))
-    on_off = lambda flag: "on" if flag else "off"  # noqa: E731
-    compare("random_weights=", on_off(settings.random_weights), on_off(old.get("random_weights")))
-    compare("resolution=", settings.resolution or "the model's", old.get("resolution") or "the model's")
-    if not differ and any(current[key] != old.get(key) for key in ("fit_prompts", "eval_prompts")):
+    differ = settings_differences(_comparable(saved), _comparable(current), _shown)
+    if not differ and any(list(current[key]) != list(saved.get(key) or ()) for key in ("fit_prompts", "eval_prompts")):
         differ.append("the source prompts (the concept library's source prompts changed)")
     return differ or ["settings saved by another version of ht"]
 

@@ -11,7 +11,6 @@ latents, masks, pooled embeddings, position ids, guidance) is what the replay pa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ class Frozen:
         once the weights are loaded (`htcli.models.memory`, from the meta-device plan)."""
         from htcli.core.hooks import resolve_layers
         from htcli.core.precision import training_dtype
-        from htcli.core.runtime import resolve_device
+        from htcli.core.runtime import local_world_size, resolve_device
         from htcli.models import load_denoiser
         from htcli.models.memory import choose_batches, free_bytes
         from htcli.models.plan import make_plan
@@ -80,7 +79,7 @@ class Frozen:
             model.train()  # diffusers checkpoints only in training mode; its denoisers have no dropout
         free = free_bytes(device)
         if device.type == "cpu":  # torchrun's ranks on one machine share its RAM
-            free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            free //= local_world_size()
         batches = choose_batches(make_plan(spec, patterns), device, dtype_, grad_checkpointing=grad_checkpointing,
                                  free=free)
         return cls(spec, model, resolve_layers(model, patterns), batches.forward_batch, batches.micro_batch)
