@@ -35,6 +35,9 @@ DENOISERS = {
     "pixart": ("PixArtTransformer2DModel", "transformer"),
     "sdxl": ("UNet2DConditionModel", "unet"),
     "flux": ("FluxTransformer2DModel", "transformer"),
+    "sd3": ("SD3Transformer2DModel", "transformer"),
+    "sana": ("SanaTransformer2DModel", "transformer"),
+    "wan": ("WanTransformer3DModel", "transformer"),
 }
 
 
@@ -62,6 +65,10 @@ class ModelSpec:
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call arguments
     config_overrides: dict[str, Any] = field(default_factory=dict)  # values replacing the denoiser config file's
     random_weights: bool = False  # the real architecture with seeded random weights (`--random-weights`)
+    # The pipeline draws its own schedule from the number of steps (it takes no `timesteps`, or
+    # they would be shifted again): `timesteps` then only record what it draws.
+    own_schedule: bool = False
+    video: bool = False  # the pipeline makes videos (`.frames`, each a list of frames), not images
 
     def __post_init__(self) -> None:
         if self.family not in DENOISERS:
@@ -110,15 +117,15 @@ class ModelSpec:
         if resolution < 64 or resolution % 64:
             raise HTError(f"--resolution must be a positive multiple of 64 (pixels), got {resolution}")
         call_kwargs = dict(self.call_kwargs)
-        if self.family == "pixart":  # else PixArt's pipeline generates at the nearest 1024-px size and resizes
+        if self.family in ("pixart", "sana"):  # else their pipelines generate at the nearest 1024-px size and resize
             call_kwargs["use_resolution_binning"] = False
         return replace(self, resolution=resolution, call_kwargs=call_kwargs)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for one sampling call of the spec's pipeline."""
         # FLUX's pipeline takes its schedule as flow-matching noise levels: sigma = timestep / 1000.
-        schedule = ({"sigmas": [t / 1000 for t in self.timesteps]} if self.family == "flux"
-                    else {"timesteps": list(self.timesteps)})
+        schedule = ({} if self.own_schedule else {"sigmas": [t / 1000 for t in self.timesteps]}
+                    if self.family == "flux" else {"timesteps": list(self.timesteps)})
         return {
             "num_inference_steps": len(self.timesteps),
             **schedule,
