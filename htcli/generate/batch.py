@@ -30,6 +30,7 @@ from PIL import Image
 from htcli.core.transport import Maps, stack_maps
 from htcli.errors import HTError
 from htcli.generate.apply import steer_pipeline
+from htcli.generate.video import pipeline_outputs
 from htcli.generate.steer import Steered, SteerRequest, parse_steer_steps, steer
 from htcli.generate.source_maps import Steerer
 from htcli.models import ModelSpec, build_meta_denoiser
@@ -132,8 +133,8 @@ def generate_batch(spec: ModelSpec, pipe: Any, samples: Sequence[Sample]) -> lis
     texts = [s.text for s in samples]
     kwargs = dict(generator=generators, **spec.pipeline_kwargs())
     if not any(s.steered for s in samples):
-        return pipe(texts, **kwargs).images
+        return pipeline_outputs(pipe(texts, **kwargs))
     stacked = stack_maps([s.maps if s.steered else None for s in samples])  # (B, D) per layer; identity if unsteered
     strengths = torch.tensor([[s.strength if s.steered else 0.0] for s in samples])  # (B, 1)
     with steer_pipeline(pipe, stacked, strengths, windows.pop()):
-        return pipe(texts, **kwargs).images
+        return pipeline_outputs(pipe(texts, **kwargs))
