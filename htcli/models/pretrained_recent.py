@@ -60,7 +60,7 @@ register(_hub(
     "flux", "flux_dev_transformer.json", FLUX_BLOCKS, FLUX_DEV_TIMESTEPS,
     resolution=1024, dtype="bfloat16", guidance_scale=3.5,  # the distilled guidance, an input of the transformer
     base_repo="black-forest-labs/FLUX.1-dev",
-    licence="FLUX.1 [dev] Non-Commercial License (outputs may be used commercially; the weights may not)",
+    licence="FLUX.1 [dev] Non-Commercial License (the weights: non-commercial use only)",
     hub_license="other", call_kwargs={"max_sequence_length": 512},
 ))
 register(_hub(

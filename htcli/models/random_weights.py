@@ -12,9 +12,11 @@ hooks, timesteps and dtype, and changes where the weights come from:
   folder ($HT_CACHE, default ~/.cache/ht), then loaded by the real weights' own code
   (`htcli.models.pretrained`: the same safetensors reading, dtype conversion and device placement);
 - the text encoders: the real ones' output widths (T5-XXL: 4096; SDXL's CLIP-L and OpenCLIP
-  bigG: 768 and 1280; FLUX's CLIP-L and T5-XXL: 768 and 4096) with one layer each, reading
+  bigG: 768 and 1280; FLUX's CLIP-L and T5-XXL: 768 and 4096; SD3.5's all three; SANA's
+  Gemma-2-2B: 2304; Wan's UMT5-XXL: 4096) with one layer each, reading
   all-MiniLM-L6-v2's tokenizer (the real tokenizers are not available offline), as `tiny` does;
-- the VAE: the real config (latent channels, scaling and shift) with narrow channels;
+- the VAE: the real config and class (latent channels, scaling and shift; SANA's DC-AE, Wan's
+  video VAE) with narrow channels;
 - the scheduler: the real pipeline's, from its config values;
 - the concept encoder: MiniLM (offline).
 
