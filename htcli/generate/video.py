@@ -1,8 +1,10 @@
 """Videos: what a video pipeline (Wan 2.1's) makes, and how `ht` writes it: animated WebP.
 
-A video pipeline returns `.frames` (with output_type "pil": per sample, a list of PIL frames)
-where an image pipeline returns `.images`. `pipeline_outputs` turns either into one item per
-sample, a PIL image or a `Video`, so generation, sidecars and grids treat both alike. Pillow
+A video pipeline returns `.frames` (by default an array of (samples, frames, H, W, 3) values in
+[0, 1]; with output_type "pil", lists of PIL frames) where an image pipeline returns `.images`.
+`pipeline_outputs` turns either into one item per sample, a PIL image or a `Video` (frames
+converted to 8 bits as diffusers converts them for "pil"), so generation, sidecars and grids
+treat both alike. Pillow
 writes animated WebP itself (no ffmpeg, no other package); lossless, so a saved video keeps the
 pipeline's frames bit for bit.
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Union
 
+import numpy as np
 from PIL import Image
 
 from htcli.core.files import atomic_path
@@ -47,6 +50,10 @@ def pipeline_outputs(output: Any) -> list[Media]:
     frames = getattr(output, "frames", None)
     if frames is None:
         return list(output.images)
+    if isinstance(frames, np.ndarray):
+        from diffusers.image_processor import VaeImageProcessor
+
+        return [Video(tuple(VaeImageProcessor.numpy_to_pil(sample))) for sample in frames]
     return [Video(tuple(sample)) for sample in frames]
 
 

@@ -67,5 +67,5 @@ register(_hub(
     "wan-t2v", "Wan 2.1 T2V 1.3B (Alibaba): text-to-VIDEO DiT, UMT5 text encoder, 81 frames, 50 steps, 480 px",
     "wan", "wan21_t2v_1_3b_transformer.json", WAN_NORMS, WAN_TIMESTEPS,
     resolution=480, dtype="bfloat16", guidance_scale=5.0, base_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    licence="Apache-2.0", video=True, call_kwargs={"num_frames": 81, "max_sequence_length": 512, "output_type": "pil"},
+    licence="Apache-2.0", video=True, call_kwargs={"num_frames": 81, "max_sequence_length": 512},
 ))

@@ -300,7 +300,7 @@ register(_tiny(
 register(_tiny(
     "tiny-wan", "offline Wan 2.1-style text-to-video pipeline, 5 frames, random UMT5 and video VAE (keeps video tested)",
     "wan", "tiny_wan_transformer.json", WAN_NORMS, (999, 750), _load_tiny_wan,
-    {"num_frames": 5, "max_sequence_length": 32, "output_type": "pil"}, own_schedule=True, guidance_scale=5.0, video=True,
+    {"num_frames": 5, "max_sequence_length": 32}, own_schedule=True, guidance_scale=5.0, video=True,
 ))
 
 def write_shipped_weights() -> list[Path]:
