@@ -72,3 +72,18 @@ def build_tiny_dataset(out, train: int, test: int, samples: int = 8, eval_sample
                                       "--eval-samples", str(eval_samples), "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     return ActivationDataset(out)
+
+
+def random_intervention(spec, pipe, seed=0):
+    """Random non-identity maps at every default hooked layer of the spec's denoiser, as an
+    `ht.Intervention`."""
+    import htcli as ht
+    from htcli.core.hooks import module_width, resolve_layers
+    from htcli.models import denoiser
+
+    g = torch.Generator().manual_seed(seed)
+    maps = {}
+    for name, module in resolve_layers(denoiser(pipe, spec), spec.hook_patterns).items():
+        width = module_width(module)
+        maps[name] = (1 + 0.3 * torch.randn(width, generator=g), 0.3 * torch.randn(width, generator=g))
+    return ht.Intervention(maps, spec.id, "lineas", "random")

@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import htcli as ht
+from conftest import random_intervention
 from htcli.cli import app
 from htcli.core import hooks
 from htcli.core.hooks import Steering, module_width, resolve_layers
@@ -25,16 +26,6 @@ SUBSETS = {"tiny": "transformer_blocks.[01].*", "tiny-sdxl": "*.norm1", "tiny-fl
 @pytest.fixture(scope="module")
 def pipelines(tiny, tiny_sdxl, tiny_flux):
     return {"tiny": tiny, "tiny-sdxl": tiny_sdxl, "tiny-flux": tiny_flux}
-
-
-def _random_intervention(spec, pipe, seed=0) -> ht.Intervention:
-    """Random non-identity maps at every default hooked layer of the spec's denoiser."""
-    g = torch.Generator().manual_seed(seed)
-    maps = {}
-    for name, module in resolve_layers(denoiser(pipe, spec), spec.hook_patterns).items():
-        width = module_width(module)
-        maps[name] = (1 + 0.3 * torch.randn(width, generator=g), 0.3 * torch.randn(width, generator=g))
-    return ht.Intervention(maps, spec.id, "lineas", "random")
 
 
 def _generate(spec, pipe, seed=SEED, output_type="pil"):
@@ -60,7 +51,7 @@ VARIANTS = [("tiny", [], {}), ("tiny-sdxl", [], {}), ("tiny-flux", [], {}),
 @pytest.mark.parametrize("model,cli,api", VARIANTS, ids=lambda v: str(v))
 def test_apply_makes_the_images_ht_steer_makes(pipelines, tmp_path, model, cli, api):
     spec, pipe = pipelines[model]
-    file = _random_intervention(spec, pipe).save(tmp_path / "maps.safetensors")
+    file = random_intervention(spec, pipe).save(tmp_path / "maps.safetensors")
     expected = _ht_steer(tmp_path, model, "-i", str(file), "--strength", "0.7", *cli)
     with ht.apply(pipe, ht.Intervention.load(file), strength=0.7, **api):
         image = np.asarray(_generate(spec, pipe))
@@ -110,7 +101,7 @@ def test_removing_restores_the_pipeline_bit_for_bit(pipelines, model):
     spec, pipe = pipelines[model]
     model_module = denoiser(pipe, spec)
     untouched = _generate(spec, pipe, output_type="pt")
-    maps = _random_intervention(spec, pipe)
+    maps = random_intervention(spec, pipe)
 
     handle = ht.apply(pipe, maps, strength=1.0, steps={0})
     assert handle.attached and _hook_count(model_module) > 0
@@ -130,7 +121,7 @@ def test_removing_restores_the_pipeline_bit_for_bit(pipelines, model):
 
 def test_strength_set_on_the_handle_takes_effect_on_the_next_call(tiny_sdxl):
     spec, pipe = tiny_sdxl
-    maps = _random_intervention(spec, pipe)
+    maps = random_intervention(spec, pipe)
     with ht.apply(pipe, maps, strength=0.9) as fresh:
         assert fresh.strength == 0.9
         reference = _generate(spec, pipe, output_type="pt")
@@ -153,7 +144,7 @@ def _untouched(spec, pipe, handle):
 def test_a_step_window_restarts_with_every_pipeline_call(tiny_sdxl):
     """The window counts the scheduler's steps, so every call steers the same steps (not only the first)."""
     spec, pipe = tiny_sdxl
-    maps = _random_intervention(spec, pipe)
+    maps = random_intervention(spec, pipe)
     with ht.apply(pipe, maps, strength=1.0, steps=range(2, 4)):
         first, second = _generate(spec, pipe, output_type="pt"), _generate(spec, pipe, output_type="pt")
     assert torch.equal(first, second) and not torch.equal(first, _generate(spec, pipe, output_type="pt"))
@@ -162,7 +153,7 @@ def test_a_step_window_restarts_with_every_pipeline_call(tiny_sdxl):
 def test_maps_that_do_not_fit_the_pipeline_are_refused_in_one_line(pipelines):
     spec, pipe = pipelines["tiny"]
     sdxl_spec, sdxl_pipe = pipelines["tiny-sdxl"]
-    tiny_maps = _random_intervention(spec, pipe)
+    tiny_maps = random_intervention(spec, pipe)
     with pytest.raises(HTError, match=r"made for tiny\) steers layers this pipeline's UNet2DConditionModel does not"):
         ht.apply(sdxl_pipe, tiny_maps)
     name = next(iter(tiny_maps.maps))
@@ -185,7 +176,7 @@ def test_maps_that_do_not_fit_the_pipeline_are_refused_in_one_line(pipelines):
 def test_hooks_go_through_diffusers_registry_and_forward_hooks_without_it(tiny_sdxl, monkeypatch):
     spec, pipe = tiny_sdxl
     model = denoiser(pipe, spec)
-    maps = _random_intervention(spec, pipe)
+    maps = random_intervention(spec, pipe)
     name = next(iter(maps.maps))
     module = dict(model.named_modules())[name]
     with ht.apply(pipe, maps, strength=0.8, steps={1, 2}):
@@ -202,7 +193,7 @@ def test_hooks_go_through_diffusers_registry_and_forward_hooks_without_it(tiny_s
 
 def test_intervention_save_and_load_from_a_folder(tmp_path, tiny):
     spec, pipe = tiny
-    maps = _random_intervention(spec, pipe)
+    maps = random_intervention(spec, pipe)
     (tmp_path / "styles").mkdir()
     maps.save(tmp_path / "styles" / "random.safetensors")
     for loaded in (ht.Intervention.load(tmp_path / "styles" / "random.safetensors"),
@@ -233,7 +224,7 @@ def test_nothing_is_attached_when_apply_refuses(tiny):
     """Every check comes before the first hook: a refused call leaves the pipeline as it was."""
     spec, pipe = tiny
     model = denoiser(pipe, spec)
-    maps = _random_intervention(spec, pipe)
+    maps = random_intervention(spec, pipe)
     for bad in (float("nan"), "0.5", None, True):
         with pytest.raises(HTError, match="strength must be a finite number"):
             ht.apply(pipe, maps, strength=bad)
@@ -249,7 +240,7 @@ def test_nothing_is_attached_when_apply_refuses(tiny):
 
 def test_windows_read_the_scheduler_of_each_call_and_generators_once(tiny_sdxl):
     spec, pipe = tiny_sdxl
-    maps = _random_intervention(spec, pipe)
+    maps = random_intervention(spec, pipe)
     with ht.apply(pipe, maps, steps=(s for s in (2, 3))):  # a generator: read once, steering every call
         first, second = _generate(spec, pipe, output_type="pt"), _generate(spec, pipe, output_type="pt")
     assert torch.equal(first, second)

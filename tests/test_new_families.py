@@ -5,6 +5,8 @@ The tiny pipelines are the real pipeline classes around small random modules: th
 `tiny-wan`'s 5-frame videos) are noise, so these tests check code paths, never steering quality.
 """
 
+import importlib.util
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,11 +16,12 @@ from PIL import Image, ImageSequence
 from typer.testing import CliRunner
 
 import htcli as ht
+from conftest import random_intervention
 from htcli.cli import app
 from htcli.core.hooks import module_width, resolve_layers
 from htcli.generate.steer import SteerRequest
 from htcli.generate.video import Video
-from htcli.models import build_meta_denoiser, denoiser, get_model, load_pipeline
+from htcli.models import build_meta_denoiser, get_model, load_pipeline
 from htcli.serve.service import FieldError, Limits, Service
 
 runner = CliRunner()
@@ -53,15 +56,6 @@ def test_flux_dev_takes_the_guidance_input_schnell_has_not():
     assert get_model("flux-dev").guidance_scale == 3.5 and "Non-Commercial" in get_model("flux-dev").licence
 
 
-def _random_intervention(spec, pipe, seed=0) -> ht.Intervention:
-    g = torch.Generator().manual_seed(seed)
-    maps = {}
-    for name, module in resolve_layers(denoiser(pipe, spec), spec.hook_patterns).items():
-        width = module_width(module)
-        maps[name] = (1 + 0.3 * torch.randn(width, generator=g), 0.3 * torch.randn(width, generator=g))
-    return ht.Intervention(maps, spec.id, "lineas", "random")
-
-
 def _pixels(item) -> np.ndarray:
     """An image as an (H, W, 3) array, a video as (frames, H, W, 3)."""
     frames = item.frames if isinstance(item, Video) else [item]
@@ -89,7 +83,7 @@ def test_apply_makes_what_ht_steer_makes(pipelines, tmp_path, model):
     """`ht steer` with an intervention file writes what `ht.apply` on the same pipeline makes,
     bit for bit: an image (PNG), or a video's every frame (lossless animated WebP)."""
     spec, pipe = pipelines[model]
-    file = _random_intervention(spec, pipe).save(tmp_path / "maps.safetensors")
+    file = random_intervention(spec, pipe).save(tmp_path / "maps.safetensors")
     out = tmp_path / "steered"
     result = runner.invoke(app, ["steer", PROMPT, "--model", model, "--seed", str(SEED), "--out", str(out),
                                  "-i", str(file), "--strength", "0.7"])
@@ -106,7 +100,7 @@ def test_apply_makes_what_ht_steer_makes(pipelines, tmp_path, model):
 
 def test_a_video_sweep_writes_videos_a_grid_and_sidecars(pipelines, tmp_path):
     spec, pipe = pipelines["tiny-wan"]
-    file = _random_intervention(spec, pipe).save(tmp_path / "maps.safetensors")
+    file = random_intervention(spec, pipe).save(tmp_path / "maps.safetensors")
     out = tmp_path / "sweep"
     result = runner.invoke(app, ["steer", PROMPT, "--model", "tiny-wan", "--out", str(out), "-i", str(file),
                                  "--strength", "0,1"])
@@ -124,3 +118,35 @@ def test_serve_refuses_a_video_model_in_one_line():
     with pytest.raises(FieldError, match="tiny-wan makes videos.*ht steer") as error:
         Service.check(service, SteerRequest(PROMPT))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("htcli.models.record") is None,
+                    reason="needs the recorded denoiser call (htcli.models.record): these families have no input code")
+@pytest.mark.parametrize("model", TINY)
+def test_through_the_whole_cli(tmp_path, monkeypatch, model):
+    """build-dataset, fit-linear-baselines, train-hyper, steer and evaluate on each tiny pipeline,
+    each finding the previous one's output under runs/MODEL/ (the denoiser's call recorded from
+    the pipeline itself, classifier-free guidance and video frames included)."""
+    monkeypatch.setenv("HT_RUNS", str(tmp_path))
+    spec = get_model(model)
+
+    def invoke(*args):
+        result = runner.invoke(app, [*args, "--model", model])
+        assert result.exit_code == 0, result.output
+        return result
+
+    invoke("build-dataset", "--limit-concepts", "2", "--samples", "4", "--eval-samples", "4")
+    run = tmp_path / model
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert len(manifest["settings"]["layers"]) == len(resolve_layers(build_meta_denoiser(spec), spec.hook_patterns))
+    invoke("fit-linear-baselines", "--method", "mean-shift", "--split", "all")
+    assert len(list((run / "baselines" / "mean-shift").glob("*.safetensors"))) == 2
+    invoke("train-hyper", "--steps", "3")
+    invoke("steer", "a lighthouse", "--concept", "art deco", "--strength", "0,1")
+    written = sorted((run / "generations").glob(f"*/*-seed0{'.webp' if spec.video else '.png'}"))
+    unsteered, steered = (_read(p) for p in written)
+    assert (unsteered != steered).any()  # strength 0 is the unhooked pipeline; 1 moves it
+    invoke("evaluate", "--split", "all", "--limit-concepts", "1", "--prompts", "1", "--seeds", "1")
+    files = [r["file"] for r in json.loads(next((run / "eval").glob("*/index.json")).read_text())["records"]]
+    assert files and all(f.endswith(".webp" if spec.video else ".png") for f in files)
