@@ -259,8 +259,8 @@ def test_maps_follow_the_model_to_another_device(tiny):
     """Attached on the CPU, then the model moves (pipe.to, CPU offload): the maps follow it on the
     next call instead of failing on mixed devices. The meta device stands in for a GPU."""
     from htcli.core.hooks import attach
-    from htcli.models import build_meta_denoiser, denoiser_config
-    from htcli.models.inputs import denoiser_call, example_inputs
+    from htcli.models import build_meta_denoiser
+    from htcli.models.plan import example_call
 
     spec, _ = tiny
     model = build_meta_denoiser(spec).to_empty(device="cpu")
@@ -269,8 +269,6 @@ def test_maps_follow_the_model_to_another_device(tiny):
     hooks = attach(model, layers, steering=Steering(maps, 0.5))
     assert next(iter(hooks.steering.maps.values()))[0].device.type == "cpu"
     model.to("meta")
-    with torch.device("meta"):
-        inputs = example_inputs(spec, denoiser_config(spec))
-    denoiser_call(spec, model, inputs)
+    example_call(spec).replay(model)
     assert {o.device.type for o, _ in hooks.steering.maps.values()} == {"meta"}
     hooks.remove()

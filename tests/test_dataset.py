@@ -57,7 +57,7 @@ def test_end_to_end_library_and_free_text_concepts(tmp_path):
     emb = data.embeddings(names)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
     inputs = data.source_inputs("fit")
-    assert inputs["noise"].shape == (4, 4, 16, 16) and inputs["text"].shape[-1] == 384
+    assert inputs.rows["args.0"].shape == (4, 4, 16, 16) and inputs.rows["kwargs.encoder_hidden_states"].shape[-1] == 384
     source = data.source_activations("fit")
     # Prompts and seeds for fitting and evaluation are disjoint.
     s = data.settings

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from htcli.cli import app
 from htcli.core.hooks import Steering, hooked, resolve_layers
-from htcli.data.forward import encode_inputs, pooled_activations
+from htcli.data.forward import pooled_activations
 from htcli.errors import HTError
 from htcli.models import denoiser, get_model, load_denoiser, load_pipeline
-from htcli.models.inputs import latent_image_ids, pack_latents
+from htcli.models.record import record_call
 
 PROMPTS = ["An Art Deco lighthouse ", "a Cat in a Garden"]
 SEEDS = [3, 4]
@@ -42,10 +42,11 @@ def _transformer_inputs(model: nn.Module, run) -> dict:
     return seen["kwargs"]
 
 
-def test_cached_inputs_are_what_the_pipeline_feeds_its_transformer(tiny_flux):
-    """`build-dataset`'s cache, run through `pooled_activations`, gives the transformer exactly the
-    inputs of `pipe(prompt)`'s first step: packed latents, all T5 tokens (FLUX takes no mask),
-    CLIP's pooled embedding, sigma as the timestep, position ids, no guidance."""
+def test_recorded_call_is_what_the_pipeline_feeds_its_transformer(tiny_flux):
+    """`build-dataset`'s recorded call, replayed by `pooled_activations`, gives the transformer
+    exactly the inputs of `pipe(prompt)`'s first step: packed latents, all T5 tokens (FLUX takes
+    no mask), CLIP's pooled embedding, sigma as the timestep, position ids (stored once, shared
+    by the samples), no guidance."""
     spec, pipe = tiny_flux
     model = denoiser(pipe, spec)
     layers = resolve_layers(model, spec.hook_patterns)
@@ -53,26 +54,15 @@ def test_cached_inputs_are_what_the_pipeline_feeds_its_transformer(tiny_flux):
     from_pipe = _transformer_inputs(
         model, lambda: pipe(PROMPTS, generator=generators, output_type="latent", **spec.pipeline_kwargs()))
     assert pipe.scheduler.timesteps.tolist() == list(spec.timesteps)  # the spec's schedule is the one that ran
-    cached = encode_inputs(spec, pipe, PROMPTS, SEEDS)
-    assert cached["text"].shape[1] == spec.call_kwargs["max_sequence_length"]  # padding kept: FLUX attends to it
+    cached = record_call(pipe, spec, PROMPTS, SEEDS)
+    assert set(cached.shared) == {"kwargs.img_ids", "kwargs.txt_ids"}
     with torch.no_grad():
-        from_cache = _transformer_inputs(model, lambda: pooled_activations(spec, model, layers, cached))
+        from_cache = _transformer_inputs(model, lambda: pooled_activations(model, layers, cached))
     names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
     for name in names:
         torch.testing.assert_close(from_cache[name], from_pipe[name], rtol=0, atol=0, msg=name)
     assert from_cache["guidance"] is None and from_pipe["guidance"] is None
     assert float(from_cache["timestep"][0]) == spec.timesteps[0] / 1000
-    torch.testing.assert_close(from_cache["hidden_states"], pack_latents(cached["noise"]))
-
-
-def test_latent_packing_and_position_ids():
-    latents = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)  # (B, C, h, w)
-    packed = pack_latents(latents)  # (B, 2 * 3 patches, 4 * 3)
-    assert packed.shape == (2, 6, 12)
-    # Token 4 is the patch at row 1, column 1; its features are channel-major 2x2 pixels.
-    torch.testing.assert_close(packed[1, 4], latents[1, :, 2:4, 2:4].reshape(-1))
-    ids = latent_image_ids(4, 6)
-    assert ids[4].tolist() == [0.0, 1.0, 1.0] and ids.shape == (6, 3)
 
 
 @pytest.mark.parametrize("name", ["transformer_blocks.1", "single_transformer_blocks.0"])
@@ -83,7 +73,7 @@ def test_a_flux_block_steers_and_captures_its_image_stream_only(tiny_flux, name)
     model = denoiser(pipe, spec)
     layers = resolve_layers(model, spec.hook_patterns)
     assert list(layers) == BLOCKS
-    inputs = encode_inputs(spec, pipe, PROMPTS, SEEDS)
+    inputs = record_call(pipe, spec, PROMPTS, SEEDS)
     generator = torch.Generator().manual_seed(0)
     omega, beta = 1 + 0.3 * torch.randn(64, generator=generator), 0.5 * torch.randn(64, generator=generator)
 
@@ -93,7 +83,7 @@ def test_a_flux_block_steers_and_captures_its_image_stream_only(tiny_flux, name)
             # Registered after the steering hook, so it sees what the next block receives.
             handle = layers[name].register_forward_hook(lambda m, a, out: outputs.append(out))
             try:
-                pooled_activations(spec, model, layers, inputs)
+                pooled_activations(model, layers, inputs)
             finally:
                 handle.remove()
         return outputs[0], hooks.pooled[name]

@@ -72,7 +72,7 @@ def test_pixart_at_256_px_build_lineas_train_steer(ht, tmp_path, monkeypatch, ra
     data, hyper, out = tmp_path / "data", tmp_path / "hyper", tmp_path / "steer"
     ht("build-dataset", "-m", "pixart", "--resolution", 256, "-c", a, "-c", b, "--samples", 4, "--eval-samples", 4,
        "-o", data)
-    assert ActivationDataset(data).source_inputs("fit")["noise"].shape == (4, 4, 32, 32)
+    assert len(ActivationDataset(data).source_inputs("fit")) == 4
     ht("fit-linear-baselines", "--data", data, "--method", "lineas", "--steps", 3, "--dtype", "bfloat16",
        "--grad-checkpointing", "--split", "all", "-o", tmp_path / "baselines")
     rows = json.loads((tmp_path / "baselines" / "lineas" / "summary.json").read_text())["concepts"]

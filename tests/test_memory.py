@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from htcli.cli import app
 from htcli.errors import HTError
+from htcli.models.call import DenoiserCall
 from htcli.models import denoiser_config, get_model, load_denoiser
 from htcli.models.pretrained import EmptyParameters, _distilled_denoiser, load_strict
-from htcli.models.inputs import denoiser_call, example_inputs
 from htcli.models.memory import (
     MAX_FORWARD_BATCH,
     MAX_MICRO_BATCH,
@@ -26,7 +26,7 @@ from htcli.models.memory import (
     free_bytes,
     per_sample_bytes,
 )
-from htcli.models.plan import _SavedForBackward, make_plan
+from htcli.models.plan import _SavedForBackward, example_call, make_plan
 
 GiB = 2**30
 
@@ -44,6 +44,20 @@ class Float32Allocations(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 and not t._is_view():
                 self.bytes += t.numel() * t.element_size()
         return out
+
+
+def _random_call(call):
+    """`call` (an example call on the meta device) with seeded random floats, and ones for its
+    integer tensors (masks, timesteps), on the CPU."""
+    generator = torch.Generator().manual_seed(0)
+
+    def fill(t):
+        if t.is_floating_point():
+            return torch.randn(t.shape, generator=generator).to(t.dtype)
+        return torch.ones(t.shape, dtype=t.dtype)
+
+    return DenoiserCall(call.structure, {k: fill(v) for k, v in call.rows.items()},
+                        {k: fill(v) for k, v in call.shared.items()})
 
 
 def _hub_spec(name: str, tmp_path, drop_key: bool = False):
@@ -76,10 +90,9 @@ def test_hub_loader_takes_the_float16_weights_without_a_float32_copy(name, tmp_p
     # Only the sin-cos position table and a few tiny parameters drawn at build time, never the weights.
     assert allocations.bytes < float32_params / 10, (allocations.bytes, float32_params)
 
-    torch.manual_seed(0)
-    inputs = example_inputs(spec, denoiser_config(spec))
+    call = _random_call(example_call(spec))
     with torch.no_grad():
-        assert torch.equal(denoiser_call(spec, loaded, inputs)[0], denoiser_call(spec, reference, inputs)[0])
+        assert torch.equal(call.replay(loaded)[0], call.replay(reference)[0])
 
 
 def test_hub_loader_refuses_weights_missing_a_key(tmp_path):

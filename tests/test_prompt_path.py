@@ -1,4 +1,4 @@
-"""One prompt path: what `build-dataset` caches is what the denoiser receives inside `pipe(prompt)`.
+"""One prompt path: what `build-dataset` records is what the denoiser receives inside `pipe(prompt)`.
 
 PixArt pipelines lowercase and strip every prompt before T5, which is case-sensitive; MiniLM
 (the tiny model's encoder) is uncased and would hide a difference, so the PixArt test swaps in
@@ -8,8 +8,8 @@ a cased word-level tokenizer and a small random T5 encoder.
 import pytest
 import torch
 
-from htcli.data.forward import encode_inputs
 from htcli.models import denoiser
+from htcli.models.record import record_call
 
 PROMPTS = ["An Art Deco lighthouse ", "a Cat in a Garden"]
 SEEDS = [3, 4]
@@ -43,7 +43,7 @@ def _received(spec, pipe, prompts, seeds) -> dict:
 
     def grab(module, args, kwargs):
         seen.setdefault("kwargs", {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-        seen.setdefault("args", [a.detach().clone() for a in args])
+        seen.setdefault("args", [a.detach().clone() if torch.is_tensor(a) else a for a in args])
 
     model = denoiser(pipe, spec)
     handle = model.register_forward_pre_hook(grab, with_kwargs=True)
@@ -55,38 +55,37 @@ def _received(spec, pipe, prompts, seeds) -> dict:
     return seen
 
 
-def test_pixart_cache_equals_what_the_pipeline_feeds_its_transformer(tiny):
-    spec, pipe = _cased_pixart(tiny)
-    cached = encode_inputs(spec, pipe, PROMPTS, SEEDS)
+def _assert_same(recorded, seen, where: str) -> None:
+    """`recorded` (a replayed argument) is `seen` (what the pipeline passed), exactly."""
+    if torch.is_tensor(seen):
+        torch.testing.assert_close(recorded, seen, rtol=0, atol=0, msg=where)
+    elif isinstance(seen, dict):
+        assert recorded.keys() == seen.keys(), where
+        for key in seen:
+            _assert_same(recorded[key], seen[key], f"{where}.{key}")
+    else:
+        assert recorded == seen, where
+
+
+@pytest.mark.parametrize("fixture", ["cased_tiny", "tiny_sdxl", "tiny_flux"])
+def test_the_recorded_call_is_what_the_pipeline_feeds_its_denoiser(fixture, request):
+    """Every argument of the denoiser's first call inside `pipe(prompts)`, tensors and values,
+    nested dicts included, comes back from the recorded call unchanged."""
+    spec, pipe = _cased_pixart(request.getfixturevalue("tiny")) if fixture == "cased_tiny" else request.getfixturevalue(fixture)
+    recorded = record_call(pipe, spec, PROMPTS, SEEDS)
+    args, kwargs = recorded.arguments()
     seen = _received(spec, pipe, PROMPTS, SEEDS)
-    latents, seen = seen["args"][0], seen["kwargs"]
-    text, mask = seen["encoder_hidden_states"], seen["encoder_attention_mask"]
-    length = cached["text"].shape[1]
-    assert length == int(mask.sum(dim=1).max())  # padding past the longest prompt is dropped...
-    assert not mask[:, length:].any()  # ...and it was all masked out in the pipeline's call
-    torch.testing.assert_close(cached["mask"], mask[:, :length].to(cached["mask"].dtype), rtol=0, atol=0)
-    torch.testing.assert_close(cached["text"], text[:, :length], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(cached["noise"], latents)
-
-    # The case matters to this tokenizer: raw text would have cached another conditioning.
-    tokens = pipe.tokenizer(PROMPTS[0]).input_ids
-    assert tokens != pipe.tokenizer(PROMPTS[0].lower().strip()).input_ids
-
-
-def test_sdxl_cache_equals_what_the_pipeline_feeds_its_unet(tiny_sdxl):
-    spec, pipe = tiny_sdxl
-    cached = encode_inputs(spec, pipe, PROMPTS, SEEDS)
-    seen = _received(spec, pipe, PROMPTS, SEEDS)
-    kwargs = seen["kwargs"]
-    torch.testing.assert_close(cached["text"], kwargs["encoder_hidden_states"], rtol=0, atol=0)
-    torch.testing.assert_close(cached["pooled"], kwargs["added_cond_kwargs"]["text_embeds"], rtol=0, atol=0)
-    torch.testing.assert_close(cached["time_ids"], kwargs["added_cond_kwargs"]["time_ids"], rtol=0, atol=0)
-    torch.testing.assert_close(cached["noise"], seen["args"][0])
+    assert len(args) == len(seen["args"])
+    for index, (arg, expected) in enumerate(zip(args, seen["args"])):
+        _assert_same(arg, expected, f"args.{index}")
+    _assert_same(kwargs, seen["kwargs"], "kwargs")
+    if fixture == "cased_tiny":  # the case matters to this tokenizer: raw text would be another conditioning
+        assert pipe.tokenizer(PROMPTS[0]).input_ids != pipe.tokenizer(PROMPTS[0].lower().strip()).input_ids
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_sdxl", "tiny_flux"])
-def test_cached_inputs_reproduce_the_pipelines_first_step_activations(fixture, request):
-    """End to end: the pooled activations built from the cache equal those of `pipe(prompt)`."""
+def test_the_replayed_call_reproduces_the_pipelines_first_step_activations(fixture, request):
+    """End to end: the pooled activations of the replayed call equal those of `pipe(prompt)`."""
     from htcli.core.hooks import hooked, resolve_layers
     from htcli.data.forward import pooled_activations
 
@@ -94,9 +93,9 @@ def test_cached_inputs_reproduce_the_pipelines_first_step_activations(fixture, r
     model = denoiser(pipe, spec)
     layers = resolve_layers(model, spec.hook_patterns)
     with torch.no_grad():
-        cached = pooled_activations(spec, model, layers, encode_inputs(spec, pipe, PROMPTS, SEEDS))
+        cached = pooled_activations(model, layers, record_call(pipe, spec, PROMPTS, SEEDS))
         with hooked(model, layers, capture=True, stop_early=True) as run:
             pipe(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="latent",
                  **spec.pipeline_kwargs())
     for name in layers:
-        torch.testing.assert_close(cached[name], run.pooled[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached[name], run.pooled[name], rtol=0, atol=0)

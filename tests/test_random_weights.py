@@ -104,8 +104,7 @@ def test_the_random_denoiser_loads_through_the_real_weights_loader(random_weight
 def test_the_random_pipeline_has_the_real_widths_and_generates(model, random_weights, monkeypatch):
     """One-layer text encoders of the real output widths, the real VAE config (narrow), the
     real scheduler; the pipeline's own prompt encoding feeds the denoiser's real input widths."""
-    from htcli.data.forward import encode_inputs
-    from htcli.models.inputs import TEXT_WIDTH
+    from htcli.models.record import record_call
 
     monkeypatch.setenv("HT_RANDOM_BLOCKS", "1")
     spec = get_model(model).at_resolution(64)
@@ -121,9 +120,11 @@ def test_the_random_pipeline_has_the_real_widths_and_generates(model, random_wei
         assert pipe.text_encoder_2.config.d_model == 4096 and pipe.text_encoder_2.config.num_layers == 1
         assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor == 0.1159
     assert denoiser(pipe, spec).dtype == spec.torch_dtype
-    inputs = encode_inputs(spec, pipe, ["a lighthouse on a cliff"], [0])
-    assert inputs["text"].shape[-1] == config[TEXT_WIDTH[spec.family]] == 4096
-    assert inputs["noise"].shape[-1] == 64 // 8
+    call = record_call(pipe, spec, ["a lighthouse on a cliff"], [0])
+    text_width = config["caption_channels" if model == "pixart" else "joint_attention_dim"]
+    assert call.rows["kwargs.encoder_hidden_states"].shape[-1] == text_width == 4096
+    latents = call.rows["args.0" if model == "pixart" else "kwargs.hidden_states"]
+    assert latents.shape[1:] == ((4, 8, 8) if model == "pixart" else (16, 64))  # FLUX packs 2x2 patches
     image = pipe("a lighthouse", generator=torch.Generator().manual_seed(0), output_type="pt",
                  **spec.pipeline_kwargs()).images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
@@ -217,7 +218,7 @@ def test_pixart_full_width_through_the_cli(tmp_path, random_weights_cache, monke
             "--eval-samples", 2, "-o", data)
     settings = ActivationDataset(data).settings
     assert settings.random_weights and settings.resolution == 64 and len(settings.layers) == 56
-    assert ActivationDataset(data).source_inputs("fit")["noise"].shape == (2, 4, 8, 8)
+    assert ActivationDataset(data).source_inputs("fit").rows["args.0"].shape == (2, 4, 8, 8)
 
     refused = _run("fit-linear-baselines", "--data", data, "--method", "lineas", "-c", a)
     assert refused.exit_code == 1 and "pass --random-weights" in refused.output and NOTE not in refused.output

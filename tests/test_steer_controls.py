@@ -20,7 +20,8 @@ from htcli.core.transport import (
     residual_ratio,
 )
 from htcli.data.concepts import load_library
-from htcli.data.forward import Frozen, encode_inputs, pooled_activations
+from htcli.data.forward import Frozen, pooled_activations
+from htcli.models.record import record_call
 from htcli.errors import HTError
 from htcli.generate.compose import (
     combine,
@@ -117,13 +118,13 @@ def test_reverse_then_forward_at_one_layer_of_tiny_is_the_identity(tiny):
     layers = resolve_layers(model, spec.hook_patterns)
     name = "transformer_blocks.1.norm2"
     maps = {name: _map(module_width(layers[name]))}
-    inputs = encode_inputs(spec, pipe, ["a lighthouse on a cliff", "a red barn"], [0, 1])
+    inputs = record_call(pipe, spec, ["a lighthouse on a cliff", "a red barn"], [0, 1])
     with torch.no_grad():
-        plain = pooled_activations(spec, model, layers, inputs)
-        away = pooled_activations(spec, model, layers, inputs, Steering(maps, -1.0))
+        plain = pooled_activations(model, layers, inputs)
+        away = pooled_activations(model, layers, inputs, Steering(maps, -1.0))
         # Hooks on one module run in registration order: the outer -1, then the inner +1.
         with hooked(model, {name: layers[name]}, steering=Steering(maps, -1.0)):
-            both = pooled_activations(spec, model, layers, inputs, Steering(maps, 1.0))
+            both = pooled_activations(model, layers, inputs, Steering(maps, 1.0))
     for layer in layers:
         torch.testing.assert_close(both[layer], plain[layer], atol=1e-4, rtol=1e-4)
     assert (away[name] - plain[name]).abs().max() > 0.1 and (away["transformer_blocks.3.norm2"] - plain[
@@ -138,7 +139,7 @@ def test_reverse_strength_moves_a_concepts_targets_towards_its_sources(tiny):
     concept, prompts, n = library.resolve("art deco"), library.source_prompts(), 16
 
     def inputs(texts, seeds):
-        return encode_inputs(spec, pipe, list(texts), seeds)
+        return record_call(pipe, spec, list(texts), seeds)
 
     def cat(acts):  # (N, sum of D) over every hooked layer
         return torch.cat(list(acts.values()), dim=-1)

@@ -10,7 +10,8 @@ from conftest import build_tiny_dataset
 
 from htcli.core.hooks import module_width
 from htcli.core.precision import training_dtype
-from htcli.data.forward import Frozen, encode_inputs
+from htcli.data.forward import Frozen
+from htcli.models.record import record_call
 from htcli.errors import HTError
 from htcli.methods.objective import w2_backward
 
@@ -31,7 +32,7 @@ def test_dtype_policy(monkeypatch):
 
 
 def _inputs(spec, pipe, n=len(PROMPTS)):
-    return encode_inputs(spec, pipe, PROMPTS[:n], list(range(n)))
+    return record_call(pipe, spec, PROMPTS[:n], list(range(n)))
 
 
 def _maps(frozen: Frozen, seed: int = 0) -> dict:
@@ -163,7 +164,7 @@ def test_batches_default_to_what_fits_in_free_memory(monkeypatch, tiny):
     targets = {name: torch.sort(t, dim=0).values[None] + 0.1 for name, t in frozen.pooled(inputs).items()}
     calls = []
     graph = frozen.graph
-    frozen.graph = lambda batch, m: calls.append(batch["noise"].shape[0]) or graph(batch, m)
+    frozen.graph = lambda batch, m: calls.append(len(batch)) or graph(batch, m)
     w2_backward(frozen, inputs, lambda rows: maps, targets, 1)
     assert calls == [3, 3]
     calls.clear()

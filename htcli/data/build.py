@@ -21,9 +21,10 @@ from htcli import __version__
 from htcli.core.files import check_output_dir, read_json, save_tensors, write_json
 from htcli.core.runtime import Progress, barrier, process_group, resolve_device, run_path
 from htcli.data.concepts import Concept, ConceptLibrary, load_library, slugify
-from htcli.data.dataset import FORMAT, DatasetSettings, select_concepts
+from htcli.data.dataset import FORMAT, SOURCE_CALL, DatasetSettings, select_concepts
 from htcli.errors import HTError
 from htcli.models import ModelSpec, build_meta_denoiser, denoiser, get_model
+from htcli.models.call import DenoiserCall, cat_calls
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -198,29 +199,35 @@ def _dist() -> tuple[int, int]:
 
 
 class Builder:
-    """Computes pooled activations for prompts paired with the dataset's fixed seeds."""
+    """Computes pooled activations for prompts paired with the dataset's fixed seeds, replaying
+    the pipeline's recorded call of its denoiser."""
 
     def __init__(self, spec: ModelSpec, pipe, layers: Mapping[str, nn.Module], settings: DatasetSettings, encoder) -> None:
+        from htcli.models.record import CallRecorder
+
         self.spec, self.pipe, self.layers, self.settings, self.encoder = spec, pipe, layers, settings, encoder
         self.model = denoiser(pipe, spec)
+        self.recorder = CallRecorder(pipe, spec)
 
-    def _run(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-        from htcli.data.forward import encode_inputs, pooled_activations
+    def _run(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[dict[str, Tensor], DenoiserCall]:
+        """Pooled activations of `prompts` under `seeds`, and the recorded calls (on the CPU), in
+        the settings' batches."""
+        from htcli.data.forward import pooled_activations
 
         pooled: dict[str, list[Tensor]] = {name: [] for name in self.layers}
-        inputs = []
+        calls = []
         size = self.settings.batch_size
         for start in range(0, len(prompts), size):
-            batch = encode_inputs(self.spec, self.pipe, prompts[start : start + size], seeds[start : start + size])
+            call = self.recorder.record(prompts[start : start + size], seeds[start : start + size])
             with torch.no_grad():
-                out = pooled_activations(self.spec, self.model, self.layers, batch)
+                out = pooled_activations(self.model, self.layers, call)
             for name in self.layers:
                 pooled[name].append(out[name])
-            inputs.append(batch)
-        return {name: torch.cat(parts) for name, parts in pooled.items()}, inputs
+            calls.append(call.to("cpu"))
+        return {name: torch.cat(parts) for name, parts in pooled.items()}, cat_calls(calls)
 
     def _parts(self, concept: Concept):
-        """(part, pooled activations, encoder inputs) for the fit and the eval samples of `concept`."""
+        """(part, pooled activations, recorded call) for the fit and the eval samples of `concept`."""
         for part in ("fit", "eval"):
             yield (part, *self._run(*self._samples(concept, part)))
 
@@ -232,8 +239,8 @@ class Builder:
 
     def capture(self, concept: Concept) -> dict[str, Tensor]:
         """Pooled (N, D) target activations of `concept` on the fitting samples, from its text:
-        prompt encoding and the denoiser up to the last hooked layer (early stop). What every
-        per-concept fit needs first, and the hypernetwork does not."""
+        the pipeline up to its denoiser's call, then the denoiser up to the last hooked layer
+        (early stop). What every per-concept fit needs first, and the hypernetwork does not."""
         return self._run(*self._samples(concept, "fit"))[0]
 
     def concept_tensors(self, concept: Concept) -> dict[str, Tensor]:
@@ -244,19 +251,16 @@ class Builder:
         tensors["embedding"] = self.encoder.encode_text([concept.phrase])[0]
         return tensors
 
-    def source_tensors(self, source: Concept) -> dict[str, Tensor]:
-        from htcli.data.forward import pad_text
-
+    def source_tensors(self, source: Concept) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The source's pooled activations (in the storage dtype) and recorded calls (as the
+        pipeline made them), and the metadata that holds the calls' structure."""
         dtype = STORAGE_DTYPES[self.settings.storage_dtype]
-        tensors = {}
-        for part, pooled, inputs in self._parts(source):
+        tensors, structure = {}, None
+        for part, pooled, call in self._parts(source):
             tensors |= {f"act.{part}.{name}": t.to(dtype) for name, t in pooled.items()}
-            batches = pad_text(inputs)
-            for key in batches[0]:
-                joined = torch.cat([b[key] for b in batches])
-                keep_exact = key in ("noise", "mask", "time_ids")
-                tensors[f"{part}.{key}"] = joined.float() if keep_exact else joined.to(dtype)
-        return tensors
+            tensors |= call.tensors(f"{part}.call.")
+            structure = call.structure_json()
+        return tensors, {SOURCE_CALL: structure}
 
 
 def _manifest(settings: DatasetSettings, concepts: Sequence[Concept], library: ConceptLibrary, complete: bool) -> dict:
@@ -282,8 +286,12 @@ def check_existing(out: Path, settings: DatasetSettings, overwrite: bool) -> Non
     if not manifest.exists():
         return
     existing = read_json(manifest)
-    if existing.get("settings_digest") == settings.digest():
+    current = existing.get("format") == FORMAT
+    if current and existing.get("settings_digest") == settings.digest():
         return
+    if not overwrite and not current:
+        raise HTError(f"{out} holds a dataset of an older format ({existing.get('format')}); "
+                      "pass --overwrite to rebuild it, or choose another --out")
     if not overwrite:
         differ = settings_differences(existing.get("settings") or {}, settings)
         raise HTError(
@@ -365,7 +373,8 @@ def build_dataset(
     # The source file is one more unit of work, for the last rank (the fewest concepts when
     # they do not divide evenly): no rank waits in a collective while another computes it.
     if rank == world - 1 and _stored_digest(out / "source.safetensors") != digest:
-        save_tensors(out / "source.safetensors", builder.source_tensors(library.source), {"settings_digest": digest})
+        tensors, metadata = builder.source_tensors(library.source)
+        save_tensors(out / "source.safetensors", tensors, metadata | {"settings_digest": digest})
     mine = list(concepts)[rank::world]
     built = skipped = 0
     for index, concept in enumerate(mine):

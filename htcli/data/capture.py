@@ -3,8 +3,8 @@
 Refining (LinEAS warm-started from a prediction, `htcli.methods.refine`) fits on a concept's
 paired targets: the fitting prompts with the concept's template applied, under the fitting
 seeds. A concept built into a dataset has them on disk; for any other text, `CapturedTargets`
-captures them once (the prompts through the pipeline's own prompt encoding, then one forward
-pass of the frozen denoiser with early stop) and keeps them, so that the next request for the
+captures them once (the pipeline's own call of its denoiser recorded, `htcli.models.record`,
+then replayed through the frozen denoiser with early stop) and keeps them, so that the next request for the
 concept costs nothing.
 
 The fitting samples are a dataset's (the one the caller names, with its prompts, seeds and
@@ -19,7 +19,7 @@ that refining reads: `fitting_samples`, `source_inputs("fit")`, `targets(names, 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,13 +29,13 @@ from htcli.core.files import read_tensors, save_tensors
 from htcli.core.runtime import run_path
 from htcli.data.build import STORAGE_DTYPES, make_seeds, split_prompts
 from htcli.data.concepts import Concept, ConceptLibrary, slugify
-from htcli.data.dataset import DatasetSettings
-from htcli.data.forward import pad_text
+from htcli.data.dataset import SOURCE_CALL, DatasetSettings
 from htcli.errors import HTError
+from htcli.models.call import DenoiserCall, cat_calls
 
 DEFAULT_SAMPLES = 32  # what `ht build-dataset` draws per concept by default
-Encode = Callable[[Sequence[str], Sequence[int]], dict[str, Tensor]]  # (prompts, seeds) -> cached inputs
-Forward = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]  # cached inputs -> pooled (N, D) per layer
+Encode = Callable[[Sequence[str], Sequence[int]], DenoiserCall]  # (prompts, seeds) -> the denoiser's recorded call
+Forward = Callable[[DenoiserCall], dict[str, Tensor]]  # recorded call -> pooled (N, D) per layer
 
 
 def default_settings(model: str, layers: Sequence[tuple[str, int]], encoder: str, library: ConceptLibrary,
@@ -55,37 +55,39 @@ class CapturedTargets:
     """Targets of concepts on `settings`' fitting samples, captured by `ensure` and cached in `root`."""
 
     def __init__(self, settings: DatasetSettings, encode: Encode, forward: Forward, root: Path | None = None,
-                 source: Mapping[str, Tensor] | None = None, max_concepts: int | None = None) -> None:
-        """encode: the pipeline's prompt encoding (`htcli.data.forward.encode_inputs`); forward: the
-        frozen denoiser's pooled activations; source: the fitting samples' cached inputs when a
-        dataset already has them (else they are encoded once and cached); max_concepts: how many
+                 source: DenoiserCall | None = None, max_concepts: int | None = None) -> None:
+        """encode: the pipeline's call of its denoiser, recorded (`htcli.models.record`); forward:
+        the frozen denoiser's pooled activations; source: the fitting samples' recorded call when
+        a dataset already has it (else it is recorded once and cached); max_concepts: how many
         concepts' files the folder keeps at most (the oldest written go first; None: no bound)."""
         self.settings, self._encode, self._forward, self.max_concepts = settings, encode, forward, max_concepts
         self.root = Path(root) if root is not None else run_path(settings.model, "refine-cache") / settings.digest()
-        self._source = dict(source) if source is not None else None
+        self._source = source
         self._files: dict[str, Path] = {}  # concept name -> its targets file
 
-    def _encoded(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """Cached inputs of `prompts` under the fitting seeds, encoded in the settings' batches."""
+    def _recorded(self, prompts: Sequence[str]) -> DenoiserCall:
+        """The denoiser's call for `prompts` under the fitting seeds, recorded in the settings' batches."""
         size, seeds = self.settings.batch_size, self.settings.fit_seeds
-        batches = [self._encode(prompts[i:i + size], seeds[i:i + size]) for i in range(0, len(prompts), size)]
-        padded = pad_text(batches)
-        return {key: torch.cat([b[key] for b in padded]) for key in padded[0]}
+        return cat_calls([self._encode(prompts[i:i + size], seeds[i:i + size]).to("cpu")
+                          for i in range(0, len(prompts), size)])
 
-    def source_inputs(self, part: str = "fit") -> dict[str, Tensor]:
+    def source_inputs(self, part: str = "fit") -> DenoiserCall:
         if part != "fit":
             raise HTError("captured targets have fitting samples only (refining evaluates on a dataset)")
         if self._source is None:
             path = self.root / "source.safetensors"
-            self._source = self._read(path, ["noise", "text"])
-            if self._source is None:
-                self._source = self._encoded(list(self.settings.fit_prompts))
-                save_tensors(path, self._source, {"settings_digest": self.settings.digest()})
+            read = self._read(path, [])
+            if read is not None and SOURCE_CALL in read[1]:
+                self._source = DenoiserCall.from_tensors(read[1][SOURCE_CALL], read[0])
+            if self._source is None or len(self._source) != len(self.settings.fit_seeds):
+                self._source = self._recorded(list(self.settings.fit_prompts))
+                save_tensors(path, self._source.tensors(),
+                             {"settings_digest": self.settings.digest(), SOURCE_CALL: self._source.structure_json()})
         return self._source
 
-    def _read(self, path: Path, keys: Sequence[str]) -> dict[str, Tensor] | None:
-        """The tensors of a cache file if it is whole and made with these settings, with `keys` of
-        one row per fitting sample; else None, after removing it (it is captured again)."""
+    def _read(self, path: Path, keys: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        """The tensors and metadata of a cache file if it is whole and made with these settings,
+        with `keys` of one row per fitting sample; else None, after removing it (it is captured again)."""
         if not path.is_file():
             return None
         rows = len(self.settings.fit_seeds)
@@ -96,7 +98,7 @@ class CapturedTargets:
         except HTError:
             fits = False
         if fits:
-            return tensors
+            return tensors, meta
         path.unlink(missing_ok=True)
         return None
 
@@ -114,7 +116,7 @@ class CapturedTargets:
             path = self._file(concept)
             if self._read(path, keys) is None:
                 prompts = [concept.apply(p, i) for i, p in enumerate(self.settings.fit_prompts)]
-                pooled = self._forward(self._encoded(prompts))  # the fitting seeds: paired with the sources
+                pooled = self._forward(self._recorded(prompts))  # the fitting seeds: paired with the sources
                 dtype = STORAGE_DTYPES[self.settings.storage_dtype]
                 save_tensors(path, {f"fit.{layer}": pooled[layer].to(dtype) for layer in self.settings.layers},
                              {"concept": concept.name, "settings_digest": self.settings.digest()})

@@ -3,7 +3,9 @@
 Layout of a dataset directory:
 
     manifest.json               settings (model, layers, prompts, seeds, encoder), concept list
-    source.safetensors          source inputs (fit.* and eval.*) and pooled source activations
+    source.safetensors          the denoiser's recorded calls on the source prompts (fit.call.*,
+                                eval.call.*; their structure in the metadata, `htcli.models.call`)
+                                and pooled source activations act.fit.<layer>, act.eval.<layer>
     concepts/<slug>.safetensors pooled target activations fit.<layer> (N, D), eval.<layer>
                                 (M, D), and the concept embedding (E,)
 
@@ -28,9 +30,11 @@ from htcli.core.files import read_json
 from htcli.core.runtime import run_path
 from htcli.data.concepts import Concept, ConceptLibrary, slugify
 from htcli.errors import HTError
+from htcli.models.call import DenoiserCall
 from htcli.models.spec import ModelSpec
 
-FORMAT = "ht-dataset/1"
+FORMAT = "ht-dataset/2"  # 2: the pipeline's recorded denoiser calls; 1: cached inputs per model family
+SOURCE_CALL = "call"  # source.safetensors' metadata key of the recorded calls' structure
 SPLITS = ("train", "test", "all")
 
 
@@ -131,9 +135,11 @@ class ActivationDataset:
         if not (self.root / "manifest.json").exists():
             raise HTError(f"{self.root} is not an ht dataset (no manifest.json); build one with `ht build-dataset`")
         self.manifest = read_json(self.root / "manifest.json")
-        if self.manifest.get("format") != FORMAT:
-            raise HTError(f"{self.root}: unsupported dataset format {self.manifest.get('format')!r}")
         self.settings = DatasetSettings.from_json(self.manifest["settings"])
+        found = self.manifest.get("format")
+        if found != FORMAT:
+            raise HTError(f"{self.root} is a dataset of format {found!r}, which this ht cannot read ({FORMAT!r}); rebuild "
+                          f"it with `ht build-dataset --model {self.settings.model} --out {self.root} --overwrite`")
         self._entries = {c["name"]: c for c in self.manifest["concepts"]}
 
     @property
@@ -219,12 +225,14 @@ class ActivationDataset:
                 rows.append(f.get_tensor("embedding"))
         return torch.stack(rows)
 
-    def source_inputs(self, part: str = "fit") -> dict[str, Tensor]:
+    def source_inputs(self, part: str = "fit") -> DenoiserCall:
+        """The denoiser's recorded call on the source samples of `part` ("fit" or "eval")."""
         from safetensors import safe_open
 
         with safe_open(str(self.root / "source.safetensors"), "pt") as f:
-            prefix = f"{part}."
-            return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            prefix = f"{part}.call."
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+            return DenoiserCall.from_tensors((f.metadata() or {})[SOURCE_CALL], tensors, prefix)
 
     def source_activations(self, part: str = "fit") -> dict[str, Tensor]:
         from safetensors import safe_open

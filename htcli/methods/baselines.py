@@ -25,6 +25,7 @@ from htcli.core.transport import (
 from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.methods.objective import w2_backward
+from htcli.models.call import DenoiserCall
 
 
 @dataclass
@@ -63,7 +64,7 @@ def fit_linear_act_maps(source: Mapping[str, Tensor], target: Mapping[str, Tenso
     return {name: fit_linear_act(source[name], target[name]) for name in target}
 
 
-def fit_linear_act_incremental(frozen: Frozen, inputs: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Maps:
+def fit_linear_act_incremental(frozen: Frozen, inputs: DenoiserCall, target: Mapping[str, Tensor]) -> Maps:
     """Linear-AcT, layer l fitted on source activations with layers < l already steered."""
     maps: Maps = {}
     for name in frozen.execution_order(inputs):
@@ -97,7 +98,7 @@ def check_init(init: Maps, target: Mapping[str, Tensor]) -> None:
 
 def fit_lineas(
     frozen: Frozen,
-    inputs: Mapping[str, Tensor],
+    inputs: DenoiserCall,
     target: Mapping[str, Tensor],
     config: LineasConfig,
     on_step: Callable[[int, float], None] | None = None,
@@ -155,7 +156,7 @@ METHOD_FITS = {"linear-act", "lineas", "mean-shift"}
 def fit_method(
     method: str,
     frozen: Frozen,
-    inputs: Mapping[str, Tensor],
+    inputs: DenoiserCall,
     source: Mapping[str, Tensor],
     target: Mapping[str, Tensor],
     lineas: LineasConfig | None = None,

@@ -157,7 +157,7 @@ def fit_baselines(
     folder = out / label if out is not None else None
     summary = (prepare_folder(folder, label, frozen.spec.id, settings, overwrite) if folder is not None
                else {"concepts": {}})
-    fit_inputs = {k: v[:n] for k, v in dataset.source_inputs("fit").items()}  # (N, ...) per input
+    fit_inputs = dataset.source_inputs("fit")[:n]
     source_fit = {k: v[:n] for k, v in dataset.source_activations("fit").items()}  # (N, D) per layer
     eval_inputs, source_eval = dataset.source_inputs("eval"), dataset.source_activations("eval")
     result = MethodResult(label, [], [])

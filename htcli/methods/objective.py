@@ -16,6 +16,7 @@ from torch import Tensor
 
 from htcli.core.transport import residual_ratio, w2_loss
 from htcli.data.forward import Frozen, Maps
+from htcli.models.call import DenoiserCall
 
 
 def _w2(pooled: Mapping[str, Tensor], sorted_targets: Mapping[str, Tensor], groups: int) -> Tensor:
@@ -28,7 +29,7 @@ def _w2(pooled: Mapping[str, Tensor], sorted_targets: Mapping[str, Tensor], grou
 
 def w2_backward(
     frozen: Frozen,
-    inputs: Mapping[str, Tensor],
+    inputs: DenoiserCall,
     maps_for: Callable[[slice], Maps],
     sorted_targets: Mapping[str, Tensor],
     groups: int,
@@ -51,7 +52,7 @@ def w2_backward(
     `no_sync` (DDP's): every micro-batch but the last runs inside it, its `maps_for` forward
     pass included, so DDP all-reduces the gradients once per call rather than per micro-batch.
     """
-    total = inputs["noise"].shape[0]
+    total = len(inputs)
     micro_batch = frozen.micro_batch if micro_batch is None else micro_batch
     if not micro_batch or micro_batch >= total:
         with frozen.graph(inputs, maps_for(slice(0, total))) as pooled:
@@ -67,7 +68,7 @@ def w2_backward(
     for start in range(0, total, micro_batch):
         rows = slice(start, start + micro_batch)
         last = start + micro_batch >= total
-        batch = {key: value[rows] for key, value in inputs.items()}
+        batch = inputs[rows]
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             with frozen.graph(batch, maps_for(rows)) as out:
                 surrogate = sum((out[layer].float() * grads[layer][rows]).sum() for layer in out)
@@ -76,7 +77,7 @@ def w2_backward(
 
 
 def residuals(
-    frozen: Frozen, inputs: Mapping[str, Tensor], source: Mapping[str, Tensor], target: Mapping[str, Tensor], maps: Maps
+    frozen: Frozen, inputs: DenoiserCall, source: Mapping[str, Tensor], target: Mapping[str, Tensor], maps: Maps
 ) -> tuple[float, dict[str, float]]:
     """Residual ratio W2(steered, target) / W2(source, target), overall and per layer.
 

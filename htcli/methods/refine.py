@@ -27,13 +27,15 @@ from htcli.core.transport import Maps
 from htcli.data.capture import CapturedTargets, default_settings
 from htcli.data.concepts import Concept, ConceptLibrary, load_library
 from htcli.data.dataset import ActivationDataset, open_dataset
-from htcli.data.forward import Frozen, encode_inputs
+from htcli.data.forward import Frozen
 from htcli.errors import HTError
 from htcli.methods.baselines import LineasConfig, fit_method
 from htcli.methods.objective import residuals
 from htcli.methods.predict import Predictor, resolve_checkpoint
 from htcli.models import ModelSpec, default_model_name, get_model
+from htcli.models.call import DenoiserCall
 from htcli.models.interventions import Intervention, check_intervention_out
+from htcli.models.record import CallRecorder
 from htcli.models.spec import local_model_path
 
 
@@ -94,7 +96,7 @@ def refine_maps(
     n = dataset.fitting_samples(samples)
     predicted = predictor.maps([concept])[0]
     predict_seconds = predictor.last_ms / 1e3
-    inputs = {k: v[:n] for k, v in dataset.source_inputs("fit").items()}  # (N, ...) per input
+    inputs = dataset.source_inputs("fit")[:n]
     target = {k: v[0, :n] for k, v in dataset.targets([concept.name], "fit").items()}  # (N, D) per layer
     config = replace(lineas or LineasConfig(), steps=steps)
     maps, fit_seconds, fitted = fit_method("lineas", frozen, inputs, {}, target, config, init=predicted)
@@ -130,6 +132,7 @@ class Refiner:
         self.lock = threading.RLock()
         self.max_cached: int | None = None  # concepts whose captured targets stay on disk (None: all)
         self._frozen: Frozen | None = None
+        self._recorder: CallRecorder | None = None
         self._captured: dict[str, CapturedTargets] = {}
 
     def frozen(self, layers: Sequence[str]) -> Frozen:
@@ -139,9 +142,13 @@ class Refiner:
             self._frozen = Frozen.load(self.spec, layers, self.device, model_path=self.model_path)
         return self._frozen
 
-    def _encode(self, prompts: Sequence[str], seeds: Sequence[int]) -> dict:
+    def _encode(self, prompts: Sequence[str], seeds: Sequence[int]) -> DenoiserCall:
+        """The pipeline's call of its denoiser for `prompts` under `seeds`, recorded."""
         with self.lock:
-            return encode_inputs(self.spec, self._pipe(), prompts, seeds)
+            pipe = self._pipe()
+            if self._recorder is None or self._recorder.pipe is not pipe:
+                self._recorder = CallRecorder(pipe, self.spec)
+            return self._recorder.record(prompts, seeds)
 
     def captured(self, dataset: ActivationDataset | None, predictor: Predictor) -> CapturedTargets:
         """Captured targets on `dataset`'s fitting samples (its prompts, seeds and layers), or on the

@@ -149,7 +149,7 @@ class Trainer:
         self.encoder = get_encoder(dataset.settings.encoder, str(frozen.model.device))
         self.embeddings = dict(zip(names, concept_embeddings(dataset, self.encoder, names, hyper)))
         inputs = dataset.source_inputs("fit")
-        self.inputs = {k: v[: config.samples] for k, v in inputs.items()}
+        self.inputs = inputs[: config.samples]
         self.eval_inputs = dataset.source_inputs("eval")
         self.source_eval = dataset.source_activations("eval")
         device = frozen.model.device
@@ -182,7 +182,7 @@ class Trainer:
         k, n = len(names), self.config.samples
         embedding = torch.stack([self.embeddings[name] for name in names]).to(device)
         network = self.ddp or self.network
-        inputs = {key: value.repeat(k, *([1] * (value.ndim - 1))) for key, value in self.inputs.items()}
+        inputs = self.inputs.repeat(k)
         targets = self.dataset.targets(names, "fit")
         sorted_targets = {layer: torch.sort(t[:, :n].to(device), dim=1).values for layer, t in targets.items()}
 

@@ -2,17 +2,21 @@
 
 Nothing is downloaded and no memory is allocated: the denoiser is built from the shipped
 config on the meta device and run once there, with the steering maps requiring gradients, to
-measure the activations training would keep for backpropagation.
+measure the activations training would keep for backpropagation. What it is called with is
+recorded from the spec's pipeline built on the meta device too (`example_call`: a real model's
+random-weights structure, whose text encoders have the real widths), as datasets record it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from htcli.core.hooks import (
     Steering,
@@ -22,8 +26,9 @@ from htcli.core.hooks import (
     module_width,
     resolve_layers,
 )
-from htcli.models.inputs import denoiser_call, example_inputs
-from htcli.models.spec import ModelSpec, build_meta_denoiser, denoiser_config
+from htcli.models.call import DenoiserCall
+from htcli.models.record import CallRecorder
+from htcli.models.spec import ModelSpec, build_meta_denoiser, load_pipeline, random_variant
 
 
 @dataclass
@@ -97,7 +102,6 @@ def human_count(n: int) -> str:
 def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_checkpointing: bool = False) -> Plan:
     """Build the spec's denoiser on the meta device and measure one steered forward pass (with
     `grad_checkpointing`, as diffusers checkpoints its blocks: only their inputs are kept)."""
-    config = denoiser_config(spec)
     model = build_meta_denoiser(spec).to(spec.torch_dtype).requires_grad_(False)
     if grad_checkpointing:
         model.enable_gradient_checkpointing()
@@ -108,7 +112,7 @@ def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_check
             name: (torch.ones(module_width(m), requires_grad=True), torch.zeros(module_width(m), requires_grad=True))
             for name, m in layers.items()
         }
-        inputs = example_inputs(spec, config)
+    call = example_call(spec)
     shapes: dict[str, tuple[int, ...]] = {}
     saved = _SavedForBackward()
 
@@ -122,13 +126,41 @@ def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_check
     try:
         with saved, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             with hooked(model, layers, capture=True, steering=Steering(maps), stop_early=True):
-                denoiser_call(spec, model, inputs)
+                call.replay(model)
     finally:
         for remove in detach:
             remove()
     planned = [Layer(n, module_width(m), _tokens(shapes[n])) for n, m in layers.items()]
     params = sum(p.numel() for p in model.parameters())
     return Plan(spec, planned, params, params * torch.finfo(spec.torch_dtype).bits // 8, saved.bytes)
+
+
+_EXAMPLES: dict[str, DenoiserCall] = {}  # example_call's, per spec (as `_example_key` tells them apart)
+
+
+def example_call(spec: ModelSpec) -> DenoiserCall:
+    """One sample's call of the spec's denoiser on the meta device, recorded from the spec's
+    pipeline built there (a real model's: its random-weights variant's, which has the real
+    text encoders' widths); nothing is downloaded or allocated. Kept for the process."""
+    key = json.dumps([spec.id, spec.resolution, spec.dtype, spec.random_weights, spec.denoiser_config,
+                      spec.config_overrides, spec.call_kwargs], sort_keys=True, default=str)
+    if key not in _EXAMPLES:
+        structure = spec if spec.offline else random_variant(spec)
+        pipe = load_pipeline(structure, device="meta")
+        with _MetaScalars():
+            _EXAMPLES[key] = CallRecorder(pipe, structure).record(["a photograph"], [0], device="meta")
+    return _EXAMPLES[key]
+
+
+class _MetaScalars(TorchDispatchMode):
+    """Reads every meta tensor's scalar (`.item()`, `bool()`) as 1 or True: text encoders check
+    their masks (e.g. whether any token is padding) before the call that counts, whose shapes
+    these checks do not change."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return True if args[0].dtype == torch.bool else 1
+        return func(*args, **(kwargs or {}))
 
 
 class _SavedForBackward(TorchFunctionMode):

@@ -47,6 +47,7 @@ from htcli.models.pretrained import PIPELINES, EmptyParameters, _distilled_denoi
 from htcli.models.spec import (
     CONFIG_DIR,
     ModelSpec,
+    build_meta_denoiser,
     denoiser_class,
     denoiser_config,
     register_random_variant,
@@ -240,7 +241,8 @@ def _scheduler(spec: ModelSpec):
     import diffusers
 
     name, config = SCHEDULERS.get(spec.id) or SCHEDULERS[spec.family]
-    return getattr(diffusers, name).from_config(config)
+    with torch.device("cpu"):  # also when the rest is built on the meta device: schedulers compute their tables
+        return getattr(diffusers, name).from_config(config)
 
 
 def _text_encoders(family: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -267,16 +269,23 @@ def _text_encoders(family: str, dtype: torch.dtype) -> dict[str, Any]:
 
 def load_random_pipeline(spec: ModelSpec, model_path: str | None, device, dtype: torch.dtype) -> Any:
     """The spec's diffusers pipeline with its random denoiser (`load_random_denoiser`), shallow
-    random text encoders of the real widths and the real VAE config, in `dtype` on `device`."""
+    random text encoders of the real widths and the real VAE config, in `dtype` on `device` (on
+    the meta device: its structure, no weights drawn)."""
+    _no_model_path(spec, model_path)
+    if torch.device(device).type == "meta":  # the structure alone (`htcli.models.plan`): nothing drawn
+        with torch.device("meta"):
+            return _random_pipeline(spec, torch.nn.Module.to(build_meta_denoiser(spec), dtype=dtype), dtype)
+    return _random_pipeline(spec, load_random_denoiser(spec, dtype, device), dtype).to(device)
+
+
+def _random_pipeline(spec: ModelSpec, denoiser: torch.nn.Module, dtype: torch.dtype) -> Any:
+    """The spec's pipeline around `denoiser`, with the other components random, in `dtype`."""
     import diffusers
 
-    _no_model_path(spec, model_path)
-    denoiser = load_random_denoiser(spec, dtype, device)
     pipelines = {"pixart": "PixArtSigmaPipeline", "sdxl": "StableDiffusionXLPipeline", **PIPELINES}
     vae = torch.nn.Module.to(_vae(spec.family, SEED + 1), dtype=dtype)  # not diffusers' `to`, which warns on every cast
-    pipe = getattr(diffusers, pipelines[spec.family])(vae=vae, scheduler=_scheduler(spec), **{spec.denoiser_attr: denoiser},
+    return getattr(diffusers, pipelines[spec.family])(vae=vae, scheduler=_scheduler(spec), **{spec.denoiser_attr: denoiser},
                                                       **_text_encoders(spec.family, dtype))
-    return pipe.to(device)
 
 
 def check_same_weights(spec: ModelSpec, random_weights: bool, what: str) -> None:

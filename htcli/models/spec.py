@@ -244,8 +244,13 @@ def get_model(name: str | None = None, random_weights: bool | None = None) -> Mo
         raise _unknown(name)
     spec = _REGISTRY[name]
     if (random_weights_requested() if random_weights is None else random_weights) and not spec.offline:
-        return _RANDOM_VARIANT[0](spec)
+        return random_variant(spec)
     return spec
+
+
+def random_variant(spec: ModelSpec) -> ModelSpec:
+    """`spec` with seeded random weights at full width (`htcli.models.random_weights`)."""
+    return _RANDOM_VARIANT[0](spec)
 
 
 def default_model_name() -> str:

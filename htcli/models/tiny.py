@@ -79,16 +79,20 @@ def _tiny_denoiser(spec: ModelSpec, dtype=torch.float32, device: str | torch.dev
 
 def _load_tiny_pixart(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     from htcli.models.encoders import minilm_path
     from htcli.models.pretrained import load_module
 
     transformer = _tiny_denoiser(spec)
     vae = load_module(_vae, TINY_VAE, torch.float32, "cpu")
+    # On the meta device (the structure alone, `htcli.models.plan`) MiniLM's weights are not read.
+    structure_only = torch.device(device).type == "meta"
+    text_encoder = (AutoModel.from_config(AutoConfig.from_pretrained(minilm_path())) if structure_only
+                    else AutoModel.from_pretrained(minilm_path()))
     pipe = PixArtSigmaPipeline(
         tokenizer=minilm_tokenizer(),
-        text_encoder=AutoModel.from_pretrained(minilm_path()),
+        text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
