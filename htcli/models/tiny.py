@@ -7,12 +7,16 @@ noise. `tiny-sdxl` keeps the SDXL UNet code path (feature maps, tuple outputs) t
 CLIP text encoders are random too, and it reuses MiniLM's tokenizer. `tiny-flux` does the same
 for FLUX.1-schnell: a `FluxPipeline` with a small random `FluxTransformer2DModel` (dual-stream
 and single-stream blocks), a random CLIP text encoder and a random T5 encoder, both reading
-MiniLM's tokens, and a flow-matching scheduler.
+MiniLM's tokens, and a flow-matching scheduler. `tiny-sd3`, `tiny-sana` and `tiny-wan` do the
+same for the recent families (`htcli.models.pretrained_recent`): a `StableDiffusion3Pipeline`
+(three random text encoders), a `SanaPipeline` (random Gemma-2, SANA's DC-AE shrunk) and a
+`WanPipeline` (random UMT5, Wan's video VAE shrunk; 5-frame videos), each with classifier-free
+guidance and its real model's scheduler.
 `tiny`'s transformer and VAE load from safetensors files shipped in `weights/` (drawn once from
 a fixed seed; `python -c "from htcli.models.tiny import write_shipped_weights as w; w()"`
 rewrites them), so a hypernetwork trained on `tiny`
-stays valid whatever PyTorch's random number generator does; `tiny-sdxl` and `tiny-flux` are
-still drawn from their seeds at every build (their VAEs: `tiny`'s file for `tiny-flux`).
+stays valid whatever PyTorch's random number generator does; the others are
+still drawn from their seeds at every build (their VAEs: `tiny`'s file for `tiny-flux` and `tiny-sd3`).
 """
 
 from __future__ import annotations
