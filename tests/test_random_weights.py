@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from htcli.cli import app
 from htcli.data.concepts import load_library
-from htcli.data.dataset import ActivationDataset, open_dataset
+from htcli.data.dataset import FORMAT, ActivationDataset, open_dataset
 from htcli.errors import HTError
 from htcli.methods.hypernetwork import HyperCheckpoint, HyperConfig, build_hypernetwork
 from htcli.methods.predict import Predictor
@@ -136,7 +136,7 @@ def _manifest(root, model, random):
     settings = {"model": model, "layers": ["transformer_blocks.0.norm1"], "widths": [1152], "encoder": "minilm",
                 "fit_prompts": ["a"], "eval_prompts": ["b"], "fit_seeds": [0], "eval_seeds": [1],
                 "random_weights": random}
-    (root / "manifest.json").write_text(json.dumps({"format": "ht-dataset/1", "settings": settings, "concepts": [],
+    (root / "manifest.json").write_text(json.dumps({"format": FORMAT, "settings": settings, "concepts": [],
                                                     "settings_digest": "x", "complete": True}))
     return root
 

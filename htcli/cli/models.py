@@ -100,11 +100,11 @@ def plan_command(
 def _print_plan(plan: dict) -> None:
     from htcli.models.plan import human_bytes, human_count
 
-    table = Table(title=f"{plan['model']}: hooked modules")
-    for column in ("module", "neurons", "tokens/sample"):
-        table.add_column(column, justify="right" if column != "module" else "left")
+    table = Table(title=f"{plan['model']}: hooked modules ({plan['layers_from']})")
+    for column in ("module", "class", "neurons", "tokens/sample", "output per sample"):
+        table.add_column(column, justify="right" if column in ("neurons", "tokens/sample") else "left")
     for layer in plan["layers"]:
-        table.add_row(layer["name"], str(layer["width"]), str(layer["tokens"]))
+        table.add_row(layer["name"], layer["kind"], str(layer["width"]), str(layer["tokens"]), layer["output"])
     print_table(table)
     console.print(f"layers: {len(plan['layers'])}   neurons: {plan['neurons']:,}   resolution: {plan['resolution']} px")
     console.print(f"hypernetwork output size: {plan['hyper_outputs']:,} (omega - 1 and beta per neuron)")

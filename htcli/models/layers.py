@@ -6,8 +6,11 @@ The rule, the same for DiT, MMDiT (dual-stream), single-stream and UNet denoiser
    module among their direct children (a UNet's `down_blocks` hold no attention themselves:
    their transformer blocks, inside, do; a block's resnets and feed-forward layers are no
    blocks), lists whose name says they hold the text stream (`*context*`) excepted;
-2. in a block that returns several streams (`htcli.core.hooks.STREAMS`: FLUX's dual- and
-   single-stream blocks, whose image stream no submodule outputs on its own), the whole block;
+2. in a block that returns several streams (`htcli.core.hooks.STREAMS`: FLUX's 19 dual-stream
+   blocks, where the text reaches the image through joint attention, and its 38 single-stream
+   blocks), the whole block, whose image stream `STREAMS` takes: no submodule of a dual-stream
+   block outputs its image stream, and a single-stream block's norm holds text and image tokens
+   together (why not the text stream: docs/models.md);
 3. in any other block, its normalisation layers among its direct children: LayerNorm,
    GroupNorm and RMSNorm, and their subclasses, with a tensor output; adaptive norms (AdaLayerNorm*,
    *Zero*: they return a tuple of the normed tokens and their modulation) and norms of the text

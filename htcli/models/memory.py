@@ -158,5 +158,8 @@ def plan_report(model: str | None, layers: Sequence[str] | None, samples: int, e
                 concepts_per_step: int, resolution: int | None = None) -> dict:
     """What `ht plan` prints: the meta-device plan's `summary` at `resolution` (None: the
     model's), with the batch sizes this machine would choose (`batches_here`)."""
-    measured = make_plan(get_model(model).at_resolution(resolution), layers)
-    return measured.summary(samples, eval_samples, concepts_per_step) | {"batches": batches_here(measured)}
+    spec = get_model(model).at_resolution(resolution)
+    measured = make_plan(spec, layers)
+    found = "found in the module tree" if spec.hook_patterns_found else "the spec's patterns"
+    return measured.summary(samples, eval_samples, concepts_per_step) | {
+        "batches": batches_here(measured), "layers_from": "chosen by --layers" if layers else found}

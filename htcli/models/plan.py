@@ -19,11 +19,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from htcli.core.hooks import (
+    STREAMS,
     Steering,
     attach_hook,
     hooked,
     layer_output,
     module_width,
+    output_element,
     resolve_layers,
 )
 from htcli.models.call import DenoiserCall
@@ -36,6 +38,8 @@ class Layer:
     name: str
     width: int
     tokens: int  # tokens (or pixels) per sample the layer emits
+    kind: str = ""  # the module's class
+    output: str = ""  # what the layer outputs per sample: "tensor (4096, 1152)", "stream 1 of a tuple (4096, 3072)"
 
 
 @dataclass
@@ -130,7 +134,8 @@ def make_plan(spec: ModelSpec, patterns: Sequence[str] | None = None, grad_check
     finally:
         for remove in detach:
             remove()
-    planned = [Layer(n, module_width(m), _tokens(shapes[n])) for n, m in layers.items()]
+    planned = [Layer(n, module_width(m), _tokens(shapes[n]), type(m).__name__, _output(m, shapes[n]))
+               for n, m in layers.items()]
     params = sum(p.numel() for p in model.parameters())
     return Plan(spec, planned, params, params * torch.finfo(spec.torch_dtype).bits // 8, saved.bytes)
 
@@ -196,6 +201,12 @@ class _SavedForBackward(TorchFunctionMode):
         if self._attention_saved:
             self.bytes += sum(t.numel() * t.element_size() for t in (*args[:3], out))
         return out
+
+
+def _output(module: torch.nn.Module, shape: tuple[int, ...]) -> str:
+    """What a layer outputs per sample, as `ht plan` lists it: a tensor, or which stream of a tuple."""
+    stream = f"stream {output_element(module)} of a tuple" if type(module).__name__ in STREAMS else "tensor"
+    return f"{stream} {tuple(shape[1:])}"
 
 
 def _tokens(shape: tuple[int, ...]) -> int:

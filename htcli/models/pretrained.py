@@ -206,18 +206,6 @@ def _load_hub_pipeline(spec: ModelSpec, model_path: str | None, device, dtype) -
     return pipe.to(device)
 
 
-SDXL_NORMS = ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3")
-
-
-# The image stream of every FLUX block (`htcli.core.hooks.STREAMS` takes it from the blocks'
-# (text, image) outputs): the 19 dual-stream blocks, where the text reaches the image through
-# joint attention, and the 38 single-stream blocks that follow. Whole blocks (their residual
-# stream), not norms: no submodule of a dual-stream block outputs its image stream, and a
-# single-stream block's norm holds text and image tokens together. Regexes, since a glob `*`
-# would also match every submodule. Why not the text stream: docs/models.md.
-FLUX_BLOCKS = (r"re:transformer_blocks\.\d+", r"re:single_transformer_blocks\.\d+")
-
-
 def _dmd2(spec_id: str, description: str, timesteps: tuple[int, ...], variant: str) -> ModelSpec:
     """A DMD2 UNet on the SDXL base pipeline; `variant` names its weights file (4step, 1step)."""
     weights = f"tianweiy/DMD2:dmd2_sdxl_{variant}_unet_fp16"
@@ -226,7 +214,6 @@ def _dmd2(spec_id: str, description: str, timesteps: tuple[int, ...], variant: s
         description=description,
         family="sdxl",
         denoiser_config="sdxl_unet.json",
-        hook_patterns=SDXL_NORMS,
         timesteps=timesteps,
         resolution=1024,
         dtype="float16",
@@ -245,7 +232,6 @@ register(
         description="Nitro-1-PixArt (AMD): one-step distilled PixArt-Sigma, 1024 px",
         family="pixart",
         denoiser_config="pixart_sigma_transformer.json",
-        hook_patterns=("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"),
         timesteps=(400,),
         resolution=1024,
         dtype="float16",
@@ -256,6 +242,7 @@ register(
         licence="PixArt-Sigma: openrail++; Nitro-1-PixArt: Apache-2.0",
         hub_license="openrail++",
         call_kwargs={"clean_caption": False},
+        resolution_kwargs={"use_resolution_binning": False},  # else it generates at the nearest 1024-px size, resized
     )
 )
 register(_dmd2("dmd2", "DMD2 on SDXL (Yin et al. 2024): 4-step distilled UNet, 1024 px", (999, 749, 499, 249), "4step"))
@@ -266,7 +253,7 @@ register(
         description="FLUX.1-schnell (Black Forest Labs): 4-step distilled rectified-flow transformer, 1024 px",
         family="flux",
         denoiser_config="flux_schnell_transformer.json",
-        hook_patterns=FLUX_BLOCKS,
+        schedule="sigmas",
         timesteps=(1000, 750, 500, 250),  # sigmas 1, 0.75, 0.5, 0.25: the pipeline's own 4-step schedule
         resolution=1024,
         dtype="bfloat16",  # FLUX's activations overflow float16

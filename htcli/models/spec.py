@@ -1,7 +1,9 @@
-"""Model specs: how to load each diffusion model, which modules to hook, and how to sample;
-the registry of specs (filled by `htcli.models.pretrained` and `htcli.models.tiny`).
+"""Model specs: how to load each diffusion model and how to sample it; the registry of specs
+(filled by `htcli.models.pretrained` and `htcli.models.tiny`).
 
-A spec is data (`ModelSpec`) plus a loader. The denoiser architectures ship as JSON configs in
+A spec is data (`ModelSpec`) plus a loader: no model's inputs are written anywhere (the
+pipeline's own call of its denoiser is recorded, `htcli.models.record`), and the layers to steer
+are found in the denoiser's module tree unless a spec names them (`htcli.models.layers`). The denoiser architectures ship as JSON configs in
 `configs/`, so every model, real or tiny, can be built on the meta device without weights:
 
     spec = get_model("pixart")
@@ -30,7 +32,8 @@ from htcli.errors import HTError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# family -> (its denoiser's diffusers class, the pipeline attribute that holds it)
+# family -> (its denoiser's diffusers class, the pipeline attribute that holds it): the default
+# of a spec's `denoiser_type`
 DENOISERS = {
     "pixart": ("PixArtTransformer2DModel", "transformer"),
     "sdxl": ("UNet2DConditionModel", "unet"),
@@ -41,15 +44,44 @@ DENOISERS = {
 }
 
 
+SCHEDULES = ("timesteps", "sigmas", "steps")
+
+
+class _Found(tuple):
+    """Hook patterns found in a module tree, not given: `dataclasses.replace` passes them on as found."""
+
+
+class _HookPatterns:
+    """The descriptor behind `ModelSpec.hook_patterns`: the patterns a spec was given, else those
+    found in its denoiser's module tree (built on the meta device on first read, then kept for
+    the process per architecture: `htcli.models.layers.found_patterns`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, spec: ModelSpec | None, owner: type | None = None) -> tuple[str, ...]:
+        if spec is None:
+            return ()  # the dataclass field's default
+        given = spec.__dict__.get(self.slot, ())
+        if given:
+            return given
+        from htcli.models.layers import architecture_key, found_patterns
+
+        key = architecture_key(spec.denoiser_type[0], denoiser_config(spec))
+        return _Found(found_patterns(build_meta_denoiser(spec), key))
+
+    def __set__(self, spec: ModelSpec, value: tuple[str, ...]) -> None:
+        spec.__dict__[self.slot] = () if isinstance(value, _Found) else tuple(value)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything `ht` needs to know about one diffusion model."""
 
     id: str
     description: str
-    family: str  # "pixart", "flux" (transformers, token outputs) or "sdxl" (UNet, feature maps): see DENOISERS
-    denoiser_config: str  # file in configs/: the denoiser's architecture
-    hook_patterns: tuple[str, ...]  # default layers to steer (globs over module names)
+    family: str  # a label ("pixart", "sdxl", "flux", a pipeline's class...); DENOISERS gives known ones' denoiser_type
+    denoiser_config: str  # file in configs/ (or an absolute path): the denoiser's architecture
     timesteps: tuple[int, ...]
     resolution: int
     dtype: str
@@ -65,18 +97,30 @@ class ModelSpec:
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call arguments
     config_overrides: dict[str, Any] = field(default_factory=dict)  # values replacing the denoiser config file's
     random_weights: bool = False  # the real architecture with seeded random weights (`--random-weights`)
-    # The pipeline draws its own schedule from the number of steps (it takes no `timesteps`, or
-    # they would be shifted again): `timesteps` then only record what it draws.
-    own_schedule: bool = False
-    video: bool = False  # the pipeline makes videos (`.frames`, each a list of frames), not images
+    denoiser_type: tuple[str, str] = ()  # (diffusers class, pipeline attribute); () = DENOISERS[family]
+    schedule: str = "timesteps"  # how the pipeline takes `timesteps`: "timesteps", "sigmas" (t / 1000), "steps" (a count)
+    resolution_kwargs: dict[str, Any] = field(default_factory=dict)  # call arguments away from `resolution`
+    # Default layers to steer, as module-name patterns; () = found in the module tree (`htcli.models.layers`).
+    hook_patterns: tuple[str, ...] = _HookPatterns()
+    video: bool = False  # the pipeline makes videos (`.frames`: frames per sample), not images
 
     def __post_init__(self) -> None:
-        if self.family not in DENOISERS:
-            raise ValueError(f"model spec {self.id!r}: unknown family {self.family!r}; known: {', '.join(DENOISERS)}")
+        if not self.denoiser_type:
+            if self.family not in DENOISERS:
+                raise ValueError(f"model spec {self.id!r}: no denoiser_type, and family {self.family!r} is none of "
+                                 f"{', '.join(DENOISERS)}")
+            object.__setattr__(self, "denoiser_type", DENOISERS[self.family])
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"model spec {self.id!r}: schedule {self.schedule!r} is none of {', '.join(SCHEDULES)}")
+
+    @property
+    def hook_patterns_found(self) -> bool:
+        """Whether `hook_patterns` are found in the denoiser's module tree (the spec names none)."""
+        return not self.__dict__.get("_hook_patterns")
 
     @property
     def denoiser_attr(self) -> str:
-        return DENOISERS[self.family][1]
+        return self.denoiser_type[1]
 
     @property
     def base_model(self) -> str | None:
@@ -116,16 +160,13 @@ class ModelSpec:
             return self
         if resolution < 64 or resolution % 64:
             raise HTError(f"--resolution must be a positive multiple of 64 (pixels), got {resolution}")
-        call_kwargs = dict(self.call_kwargs)
-        if self.family in ("pixart", "sana"):  # else their pipelines generate at the nearest 1024-px size and resize
-            call_kwargs["use_resolution_binning"] = False
-        return replace(self, resolution=resolution, call_kwargs=call_kwargs)
+        return replace(self, resolution=resolution, call_kwargs=self.call_kwargs | self.resolution_kwargs)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for one sampling call of the spec's pipeline."""
-        # FLUX's pipeline takes its schedule as flow-matching noise levels: sigma = timestep / 1000.
-        schedule = ({} if self.own_schedule else {"sigmas": [t / 1000 for t in self.timesteps]}
-                    if self.family == "flux" else {"timesteps": list(self.timesteps)})
+        # Flow-matching pipelines (FLUX) take their schedule as noise levels: sigma = timestep / 1000.
+        schedule = {"timesteps": {"timesteps": list(self.timesteps)},
+                    "sigmas": {"sigmas": [t / 1000 for t in self.timesteps]}, "steps": {}}[self.schedule]
         return {
             "num_inference_steps": len(self.timesteps),
             **schedule,
@@ -151,7 +192,7 @@ def denoiser_config(spec: ModelSpec) -> dict[str, Any]:
 def denoiser_class(spec: ModelSpec) -> type[nn.Module]:
     import diffusers
 
-    return getattr(diffusers, DENOISERS[spec.family][0])
+    return getattr(diffusers, spec.denoiser_type[0])
 
 
 def build_meta_denoiser(spec: ModelSpec) -> nn.Module:

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from htcli.models.pretrained import FLUX_BLOCKS
-from htcli.models.pretrained_recent import BLOCK_NORMS, WAN_NORMS
 from htcli.models.spec import (
     ModelSpec,
     denoiser_class,
@@ -264,51 +262,51 @@ def _load_tiny_wan(spec: ModelSpec, model_path: str | None, device, dtype) -> An
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
 
-def _tiny(spec_id: str, description: str, family: str, config: str, patterns: tuple[str, ...],
-          timesteps: tuple[int, ...], loader: Any, call_kwargs: dict[str, Any] | None = None,
-          weights: tuple[str, ...] = (), **values: Any) -> ModelSpec:
+def _tiny(spec_id: str, description: str, family: str, config: str, timesteps: tuple[int, ...], loader: Any,
+          call_kwargs: dict[str, Any] | None = None, weights: tuple[str, ...] = (), schedule: str = "timesteps",
+          **values: Any) -> ModelSpec:
     """An offline 128-px model: float32, random denoiser (shipped `weights`, else seeded), MiniLM
-    as the concept encoder; `values`: other spec fields."""
+    as the concept encoder, the layers to steer found in its module tree; `values`: other spec fields."""
     shared = {"resolution": 128, "dtype": "float32", "denoiser_loader": _tiny_denoiser, "concept_encoder": "minilm",
               "offline": True}
-    return ModelSpec(id=spec_id, description=description, family=family, denoiser_config=config, hook_patterns=patterns,
-                     timesteps=timesteps, loader=loader, call_kwargs=call_kwargs or {}, weights=weights, **shared,
+    return ModelSpec(id=spec_id, description=description, family=family, denoiser_config=config, timesteps=timesteps,
+                     loader=loader, call_kwargs=call_kwargs or {}, weights=weights, schedule=schedule, **shared,
                      **values)
 
 
 register(_tiny(
     "tiny", "offline 4-block PixArt-Sigma, random weights, real MiniLM text encoder (images are noise)", "pixart",
-    "tiny_pixart_transformer.json", ("transformer_blocks.*.norm1", "transformer_blocks.*.norm2"), (400,), _load_tiny_pixart,
+    "tiny_pixart_transformer.json", (400,), _load_tiny_pixart,
     {"use_resolution_binning": False, "max_sequence_length": 48, "clean_caption": False}, (str(TINY_TRANSFORMER),),
 ))
 register(_tiny(
     "tiny-sdxl", "offline SDXL-style UNet pipeline, random weights (keeps the UNet code path tested)", "sdxl",
-    "tiny_sdxl_unet.json", ("*.transformer_blocks.*.norm1", "*.transformer_blocks.*.norm2", "*.transformer_blocks.*.norm3"),
-    (999, 749, 499, 249), _load_tiny_sdxl,
+    "tiny_sdxl_unet.json", (999, 749, 499, 249), _load_tiny_sdxl,
 ))
 register(_tiny(
     "tiny-flux", "offline FLUX.1-schnell-style pipeline, random weights (keeps the FLUX code path tested)", "flux",
-    "tiny_flux_transformer.json", FLUX_BLOCKS, (1000, 750, 500, 250), _load_tiny_flux, {"max_sequence_length": 32},
+    "tiny_flux_transformer.json", (1000, 750, 500, 250), _load_tiny_flux, {"max_sequence_length": 32},
+    schedule="sigmas",
 ))
 
 # The recent families, each sampling on its pipeline's own schedule (2 steps) with classifier-free
 # guidance, as their real models do (htcli.models.pretrained_recent).
 register(_tiny(
     "tiny-sd3", "offline SD3.5-style MMDiT pipeline, three random text encoders (keeps the SD3 code path tested)",
-    "sd3", "tiny_sd3_transformer.json", BLOCK_NORMS, (1000, 9), _load_tiny_sd3, {"max_sequence_length": 32},
-    own_schedule=True, guidance_scale=4.5,
+    "sd3", "tiny_sd3_transformer.json", (1000, 9), _load_tiny_sd3, {"max_sequence_length": 32}, schedule="steps",
+    guidance_scale=4.5,
 ))
 register(_tiny(
     "tiny-sana", "offline SANA-style pipeline: linear-attention DiT, random Gemma-2 and DC-AE (keeps SANA tested)",
-    "sana", "tiny_sana_transformer.json", BLOCK_NORMS, (999, 749), _load_tiny_sana,
+    "sana", "tiny_sana_transformer.json", (999, 749), _load_tiny_sana,
     # no prompt-enhancing instruction: 300 tokens of it would be most of a tiny run's time
     {"max_sequence_length": 32, "use_resolution_binning": False, "complex_human_instruction": None},
-    own_schedule=True, guidance_scale=4.5,
+    schedule="steps", guidance_scale=4.5,
 ))
 register(_tiny(
     "tiny-wan", "offline Wan 2.1-style text-to-video pipeline, 5 frames, random UMT5 and video VAE (keeps video tested)",
-    "wan", "tiny_wan_transformer.json", WAN_NORMS, (999, 750), _load_tiny_wan,
-    {"num_frames": 5, "max_sequence_length": 32}, own_schedule=True, guidance_scale=5.0, video=True,
+    "wan", "tiny_wan_transformer.json", (999, 750), _load_tiny_wan, {"num_frames": 5, "max_sequence_length": 32},
+    schedule="steps", guidance_scale=5.0, video=True,
 ))
 
 def write_shipped_weights() -> list[Path]:
