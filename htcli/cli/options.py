@@ -8,10 +8,18 @@ from typing import Annotated
 
 import typer
 
-from htcli.models.spec import RANDOM_WEIGHTS_VARIABLE
+from htcli.models.spec import RANDOM_WEIGHTS_VARIABLE, model_id
+
+def _model_id(name: str | None) -> str | None:
+    """--model as the id its spec is stored under: a pipeline folder's absolute path and sorted settings."""
+    return model_id(name)
+
 
 ModelOption = Annotated[
-    str | None, typer.Option("--model", "-m", help="Model spec id (see `ht models`). Default: $HT_MODEL or pixart.")
+    str | None, typer.Option("--model", "-m", callback=_model_id,
+                             help="Model spec id (see `ht models`), or a diffusers pipeline folder or Hub repo id, "
+                                  "optionally with settings: PATH?steps=4&guidance=1.5&resolution=512. "
+                                  "Default: $HT_MODEL or pixart.")
 ]
 DataOption = Annotated[
     Path | None, typer.Option("--data", "-d", help="Dataset directory from `ht build-dataset`. Default: runs/<model>/data.")

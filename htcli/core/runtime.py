@@ -24,8 +24,9 @@ def runs_root() -> Path:
 
 
 def run_path(model: str, kind: str) -> Path:
-    """Default location of a run artefact: `runs/<model>/<kind>` (dataset, baselines, hyper...)."""
-    return runs_root() / model / kind
+    """Default location of a run artefact: `runs/<model>/<kind>` (dataset, baselines, hyper...);
+    a model named by a pipeline folder's absolute path nests that path under runs/."""
+    return runs_root() / model.lstrip("/") / kind
 
 
 def world_size() -> int:

@@ -8,10 +8,12 @@ A spec is data (`ModelSpec`) plus a loader. The denoiser architectures ship as J
     pipe = load_pipeline(spec)             # the real thing (downloads from the Hub, or cache)
 
 The spec type and registry live in `spec.py`; importing this package registers the real
-models (`pretrained.py`), the offline tiny ones (`tiny.py`) and the real models' random-weights
-variants (`random_weights.py`, for `--random-weights`).
+models (`pretrained.py`), the offline tiny ones (`tiny.py`), the real models' random-weights
+variants (`random_weights.py`, for `--random-weights`) and the specs derived from pipeline
+folders (`folder.py`).
 """
 
+from htcli.models import folder as _folder  # noqa: E402,F401  (derives specs from pipeline folders)
 from htcli.models import pretrained as _pretrained  # noqa: E402,F401  (registers pixart, dmd2, flux-schnell)
 from htcli.models import pretrained_recent as _recent  # noqa: E402,F401  (registers sd35-medium, sana, flux-dev, wan-t2v)
 from htcli.models import random_weights as _random  # noqa: E402,F401  (registers the random-weights variants)

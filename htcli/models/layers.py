@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from htcli.core.hooks import STREAMS, module_width, output_element
+from htcli.core.hooks import STREAMS
 from htcli.errors import HTError
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -96,16 +96,6 @@ def found_patterns(model: nn.Module, key: str | None = None) -> tuple[str, ...]:
     if key is not None:
         _FOUND[key] = patterns
     return patterns
-
-
-def describe(layers: Mapping[str, nn.Module]) -> list[dict]:
-    """Name, class, width and output of each layer, as `ht plan` lists them."""
-    rows = []
-    for name, module in layers.items():
-        kind = type(module).__name__
-        output = (f"element {output_element(module)} of its tuple of streams" if kind in STREAMS else "a tensor")
-        rows.append({"name": name, "class": kind, "width": module_width(module), "output": output})
-    return rows
 
 
 def architecture_key(denoiser_class: str, config: Mapping) -> str:

@@ -145,13 +145,15 @@ _EXAMPLES: dict[str, DenoiserCall] = {}  # example_call's, per spec (as `_exampl
 
 def example_call(spec: ModelSpec) -> DenoiserCall:
     """One sample's call of the spec's denoiser on the meta device, recorded from the spec's
-    pipeline built there (a real model's: its random-weights variant's, which has the real
-    text encoders' widths); nothing is downloaded or allocated. Kept for the process."""
+    pipeline built there (a shipped real model's: its random-weights variant's, which has the
+    real text encoders' widths); nothing is downloaded or allocated. A pipeline folder's
+    (`htcli.models.folder`) is recorded from the folder's pipeline on the CPU: some pipelines
+    make tensors of their timesteps' values, which the meta device has not. Kept for the process."""
     key = json.dumps([spec.id, spec.resolution, spec.dtype, spec.random_weights, spec.denoiser_config,
                       spec.config_overrides, spec.call_kwargs], sort_keys=True, default=str)
     if key not in _EXAMPLES:
-        structure = spec if spec.offline else random_variant(spec)
-        pipe = load_pipeline(structure, device="meta")
+        structure = spec if spec.offline or spec.source else random_variant(spec)
+        pipe = load_pipeline(structure, device="cpu" if spec.source else "meta")
         with _MetaScalars():
             _EXAMPLES[key] = CallRecorder(pipe, structure).record(["a photograph"], [0], device="meta")
     return _EXAMPLES[key]

@@ -100,6 +100,7 @@ class ModelSpec:
     denoiser_type: tuple[str, str] = ()  # (diffusers class, pipeline attribute); () = DENOISERS[family]
     schedule: str = "timesteps"  # how the pipeline takes `timesteps`: "timesteps", "sigmas" (t / 1000), "steps" (a count)
     resolution_kwargs: dict[str, Any] = field(default_factory=dict)  # call arguments away from `resolution`
+    source: str | None = None  # the pipeline folder a spec was derived from (`htcli.models.folder`)
     # Default layers to steer, as module-name patterns; () = found in the module tree (`htcli.models.layers`).
     hook_patterns: tuple[str, ...] = _HookPatterns()
     video: bool = False  # the pipeline makes videos (`.frames`: frames per sample), not images
@@ -244,6 +245,7 @@ def load_denoiser(spec: ModelSpec, device: str | torch.device = "cpu", dtype: to
 # Filled by the loader modules (`hub`, `tiny`, `random_weights`), which `htcli.models` imports.
 _REGISTRY: dict[str, ModelSpec] = {}
 _RANDOM_VARIANT: list[Callable[[ModelSpec], ModelSpec]] = []  # spec -> its random-weights variant
+_PIPELINE_SOURCE: list[Callable[[str], ModelSpec | None]] = []  # name -> the spec derived from it, or None
 
 RANDOM_WEIGHTS_VARIABLE = "HT_RANDOM_WEIGHTS"
 _TRUE = ("1", "true", "t", "yes", "y", "on")  # what click reads as true
@@ -282,9 +284,16 @@ def get_model(name: str | None = None, random_weights: bool | None = None) -> Mo
     random-weights variant (the offline models' weights are random already: they stay as they are)."""
     name = default_model_name() if name is None else name
     if name not in _REGISTRY:
-        raise _unknown(name)
+        derived = _derived(name)
+        if derived is None:
+            raise _unknown(name)
+        name = derived.id  # registered once under its canonical id (`resolution_asked` reads it)
+        _REGISTRY.setdefault(name, derived)
     spec = _REGISTRY[name]
     if (random_weights_requested() if random_weights is None else random_weights) and not spec.offline:
+        if spec.source is not None:
+            raise HTError(f"{spec.id} is a pipeline folder, not a shipped spec: random weights come only with the "
+                          "shipped models; leave out --random-weights (or HT_RANDOM_WEIGHTS)")
         return random_variant(spec)
     return spec
 
@@ -294,10 +303,30 @@ def random_variant(spec: ModelSpec) -> ModelSpec:
     return _RANDOM_VARIANT[0](spec)
 
 
+def model_id(name: str | None) -> str | None:
+    """The id of the spec `name` names: a pipeline folder's or repo's derived spec's (its
+    absolute path, its settings sorted); any other name as it is (None too)."""
+    derived = None if name is None or name in _REGISTRY else _derived(name)
+    return name if derived is None else derived.id
+
+
+def register_pipeline_source(derive: Callable[[str], ModelSpec | None]) -> None:
+    """Set how a name that is no registered spec derives one (`htcli.models.folder`)."""
+    _PIPELINE_SOURCE[:] = [derive]
+
+
+def _derived(name: str) -> ModelSpec | None:
+    """The spec derived from the pipeline folder or Hub repo `name` names, None if it names none."""
+    return _PIPELINE_SOURCE[0](name) if _PIPELINE_SOURCE else None
+
+
 def default_model_name() -> str:
     """$HT_MODEL, else pixart. An unknown $HT_MODEL is an error that names the variable (the
     user gave no --model, so an error about "the model" alone would puzzle)."""
     name = os.environ.get("HT_MODEL", "pixart")
-    if name not in _REGISTRY:
+    if name in _REGISTRY:
+        return name
+    derived = _derived(name)
+    if derived is None:
         raise _unknown(name, " (from $HT_MODEL; pass --model or change the variable)")
-    return name
+    return derived.id
