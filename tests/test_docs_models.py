@@ -52,5 +52,5 @@ def test_the_section_runs_as_written(tmp_path):
     script = f'set -euo pipefail\nht() {{ "{python}" -m htcli "$@"; }}\npython() {{ "{python}" "$@"; }}\n' + section_script()
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    images = list((tmp_path / "runs" / "my-pipeline" / "generations").glob("*/*.png"))
-    assert len(images) == 2
+    images = list((tmp_path / "runs").rglob("generations/*/0*.png"))
+    assert len(images) == 2 and all("my-pipeline" in str(image) for image in images)
