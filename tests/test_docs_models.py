@@ -33,7 +33,7 @@ def _model_paths_supported(folder: Path) -> bool:
     from htcli.models import get_model
 
     folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "SanaPipeline"}')
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     try:
         get_model(str(folder))
     except HTError as error:
