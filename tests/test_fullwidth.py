@@ -93,7 +93,7 @@ def test_pixart_at_256_px_build_lineas_train_steer(ht, tmp_path, monkeypatch, ra
 
 
 # model -> (its block cap, the hooked layers that leaves)
-CAPTURED = {"dmd2": (None, 210), "flux-schnell": (2, 4), "flux-dev": (2, 4), "sd35-medium": (2, 4), "sana": (2, 4),
+CAPTURED = {"dmd2": (None, 210), "flux-schnell": (2, 4), "flux-dev": (2, 4), "sd35-medium": (2, 2), "sana": (2, 4),
             "wan-t2v": (2, 6)}
 
 
