@@ -90,3 +90,13 @@ def test_a_pipeline_folder_through_the_whole_cli_and_apply(folders, family, tmp_
     with ht.apply(pipe, ht.Intervention.load(file), strength=0.7):
         assert np.array_equal(generate(), expected)
     assert not np.array_equal(generate(), expected)
+
+
+def test_steps_and_guidance_options_go_into_the_models_id(folders):
+    folder = folders["cogview4"]
+    result = CliRunner().invoke(app, ["plan", "--model", str(folder), "--steps", "3", "--guidance", "1.5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("{"):])["model"] == f"{folder}?guidance=1.5&steps=3"
+    assert len(get_model(f"{folder}?guidance=1.5&steps=3").timesteps) == 3
+    refused = CliRunner().invoke(app, ["build-dataset", "--model", "tiny", "--steps", "2", "--dry-run"])
+    assert refused.exit_code == 1 and "steps= apply to a pipeline folder" in refused.output

@@ -17,6 +17,7 @@ from htcli.cli.options import (
     DeviceOption,
     EvalSamplesOption,
     ExtraConceptsOption,
+    GuidanceOption,
     LayersOption,
     LimitConceptsOption,
     ModelOption,
@@ -25,6 +26,7 @@ from htcli.cli.options import (
     ResolutionOption,
     SeedOption,
     SplitOption,
+    StepsOption,
 )
 from htcli.cli.output import console, steps
 from htcli.core.runtime import is_main_process
@@ -53,6 +55,8 @@ def build_dataset_command(
     model_path: ModelPathOption = None,
     random_weights: RandomWeightsOption = False,
     resolution: ResolutionOption = None,
+    denoising_steps: StepsOption = None,
+    guidance: GuidanceOption = None,
     device: DeviceOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset built with other settings.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and disk estimate; load and write nothing.")] = False,
@@ -66,10 +70,12 @@ def build_dataset_command(
     """
     from htcli.data.build import build, estimate
     from htcli.models import default_model_name
+    from htcli.models.folder import with_settings
     from htcli.models.plan import human_bytes
 
     extra = read_concept_names(extra_concepts) if extra_concepts else ()
-    request = DatasetRequest(model or default_model_name(), out, split.value, concept or (), extra, concept_dirs or (),
+    model = with_settings(model or default_model_name(), steps=denoising_steps, guidance=guidance)
+    request = DatasetRequest(model, out, split.value, concept or (), extra, concept_dirs or (),
                              limit_concepts, samples, eval_samples, layers, seed, batch_size, encoder, resolution)
     if dry_run:
         plan = estimate(request)

@@ -16,17 +16,19 @@ from htcli.cli.options import (
     DeviceOption,
     DtypeOption,
     EvalSamplesOption,
+    GuidanceOption,
     JsonOption,
     LayersOption,
     MicroBatchOption,
     ModelOption,
     RandomWeightsOption,
     ResolutionOption,
+    StepsOption,
     TrainingDtype,
 )
 from htcli.cli.output import console, note, print_table, steps
 from htcli.core.files import dumps_json
-from htcli.models import get_model, list_models
+from htcli.models import default_model_name, get_model, list_models
 
 if TYPE_CHECKING:
     from htcli.methods.measure import Measurement
@@ -65,6 +67,8 @@ def plan_command(
     eval_samples: EvalSamplesOption = BUILD_EVAL_SAMPLES,
     concepts_per_step: Annotated[int, typer.Option(help="Concepts per training step (as train-hyper).")] = CONCEPTS_PER_STEP,
     resolution: ResolutionOption = None,
+    denoising_steps: StepsOption = None,
+    guidance: GuidanceOption = None,
     measure: Annotated[
         bool, typer.Option("--measure", help="Also run capture, a LinEAS step and a training step (with and without "
                            "--grad-checkpointing) on the model's architecture with random weights (no download), "
@@ -83,7 +87,10 @@ def plan_command(
     Measured: ht plan --model pixart --measure --resolution 256 --samples 4 --concepts-per-step 2
     """
     from htcli.methods.measure import MeasureRequest, plan
+    from htcli.models.folder import with_settings
 
+    if denoising_steps is not None or guidance is not None:
+        model = with_settings(model or default_model_name(), steps=denoising_steps, guidance=guidance)
     request = MeasureRequest(model, resolution, device, dtype.value, samples, concepts_per_step, micro_batch,
                              layers) if measure else None
     with steps("measure", enabled=measure) as bar:

@@ -39,6 +39,14 @@ DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu, cuda, c
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 ModelPathOption = Annotated[str | None, typer.Option("--model-path", help="Local pipeline directory instead of the Hub.")]
+StepsOption = Annotated[
+    int | None, typer.Option("--steps", help="Denoising steps of a pipeline folder's model (adds steps=N to its id). "
+                                "Default: the pipeline's.")
+]
+GuidanceOption = Annotated[
+    float | None, typer.Option("--guidance", help="Guidance scale of a pipeline folder's model (adds guidance=G to "
+                                  "its id). Default: the pipeline's.")
+]
 ResolutionOption = Annotated[
     int | None, typer.Option("--resolution", help="Image size in pixels, a multiple of 64. Default: the model's.")
 ]

@@ -176,6 +176,19 @@ def derived_spec(name: str) -> ModelSpec | None:
 register_pipeline_source(derived_spec)
 
 
+def with_settings(name: str, **settings: int | float | None) -> str:
+    """The id of the pipeline `name` names with `settings` (`OVERRIDES`; None: as they are) added
+    to its query. Only a pipeline folder or repo takes settings: a shipped spec's are its own."""
+    given = {key: value for key, value in settings.items() if value is not None}
+    if not given:
+        return name
+    if not is_pipeline_source(name):
+        raise HTError(f"{', '.join(f'{key}=' for key in given)} apply to a pipeline folder or Hub repo id, not to "
+                      f"the model {name!r}, whose settings are its spec's")
+    base, _, query = name.partition("?")
+    return derive_spec(f"{base}?{urlencode(dict(parse_qsl(query)) | given)}").id
+
+
 def _folder_of(spec: ModelSpec, model_path: str | None) -> Path:
     return Path(model_path or spec.source)
 
