@@ -49,10 +49,12 @@ def tiny_flux():
 
 
 def generate(spec, pipe, prompt, seed=0, **kwargs) -> torch.Tensor:
-    """Images as a (B, 3, H, W) float tensor; sample i of a batch uses seed + i."""
+    """Images as a (B, 3, H, W) float tensor (a video model's videos: (B, frames, 3, H, W));
+    sample i of a batch uses seed + i."""
     count = len(prompt) if isinstance(prompt, list) else 1
     generator = [torch.Generator().manual_seed(seed + i) for i in range(count)]
-    return pipe(prompt, generator=generator, output_type="pt", **spec.pipeline_kwargs(), **kwargs).images
+    output = pipe(prompt, generator=generator, output_type="pt", **spec.pipeline_kwargs(), **kwargs)
+    return output.frames if spec.video else output.images
 
 
 def random_intervention(spec, pipe, seed: int = 0):

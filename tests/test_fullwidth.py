@@ -92,18 +92,25 @@ def test_pixart_at_256_px_build_lineas_train_steer(ht, tmp_path, monkeypatch, ra
     assert np.array_equal(zero, np.asarray(unsteered)) and not np.array_equal(one, zero)
 
 
-@pytest.mark.parametrize("model, blocks", [("dmd2", None), ("flux-schnell", 2)])
-def test_capture_and_one_training_step(ht, tmp_path, model, blocks):
-    """`dmd2` (the SDXL UNet, 2.6B parameters) at full size; `flux-schnell` at full width with
-    its first 2 dual-stream and 2 single-stream blocks (its 12B parameters do not fit here):
-    capture at 256 px, then one training step in bfloat16 with checkpointing."""
+# model -> (its block cap, the hooked layers that leaves)
+CAPTURED = {"dmd2": (None, 210), "flux-schnell": (2, 4), "flux-dev": (2, 4), "sd35-medium": (2, 2), "sana": (2, 4),
+            "wan-t2v": (2, 6)}
+
+
+@pytest.mark.parametrize("model", CAPTURED)
+def test_capture_and_one_training_step(ht, tmp_path, model):
+    """`dmd2` (the SDXL UNet, 2.6B parameters) at full size; the transformers at full width with
+    their first 2 blocks of each kind (`flux-schnell`'s and `flux-dev`'s 12B parameters do not
+    fit here; the others are capped alike to keep minutes, not hours; `wan-t2v` makes its 81
+    frames): capture at 256 px, then one training step in bfloat16 with checkpointing."""
+    blocks, hooked = CAPTURED[model]
     extra = {"HT_RANDOM_BLOCKS": str(blocks)} if blocks else {}
     data, hyper = tmp_path / "data", tmp_path / "hyper"
     (concept,) = _train_concepts(1)
     ht("build-dataset", "-m", model, "--resolution", 256, "-c", concept, "--samples", 2, "--eval-samples", 2, "-o", data,
        extra_env=extra)
     layers = ActivationDataset(data).settings.layers
-    assert len(layers) == (210 if model == "dmd2" else 4)
+    assert len(layers) == hooked
     ht("train-hyper", "--data", data, "--steps", 1, "--concepts-per-step", 1, "--micro-batch", 1, "--dtype", "bfloat16",
        "--grad-checkpointing", "--val-fraction", 0, "-o", hyper, extra_env=extra)
     (entry,) = json.loads((hyper / "history.json").read_text())

@@ -177,7 +177,8 @@ def test_real_model_offline_is_a_one_line_error_pointing_to_tiny(spec, tmp_path,
 def test_tiny_models_generate_offline(spec):
     pipe = load_pipeline(spec)
     image = generate(spec, pipe, "a lighthouse on a cliff")
-    assert image.shape == (1, 3, spec.resolution, spec.resolution)
+    frames = (spec.call_kwargs["num_frames"],) if spec.video else ()
+    assert image.shape == (1, *frames, 3, spec.resolution, spec.resolution)
     assert torch.isfinite(image).all()
     again = generate(spec, pipe, "a lighthouse on a cliff")
     assert torch.equal(image, again)  # seeded, deterministic

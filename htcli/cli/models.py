@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     from htcli.methods.measure import Measurement
 
 
+def _schedule(timesteps: tuple[int, ...]) -> str:
+    """A schedule in one short cell: every timestep up to 4 steps, else the count and the ends."""
+    if len(timesteps) <= 4:
+        return ",".join(map(str, timesteps))
+    return f"{len(timesteps)} steps: {timesteps[0]}..{timesteps[-1]}"
+
+
 @app.command("models")
 def models_command(as_json: JsonOption = False) -> None:
     """List the model specs.
@@ -48,7 +55,7 @@ def models_command(as_json: JsonOption = False) -> None:
     for column in ("id", "timesteps", "px", "description"):
         table.add_column(column, no_wrap=column != "description")
     for s in specs:
-        table.add_row(s.id, ",".join(map(str, s.timesteps)), str(s.resolution), s.description)
+        table.add_row(s.id, _schedule(s.timesteps), str(s.resolution), s.description)
     print_table(table)
 
 

@@ -86,7 +86,7 @@ def module_width(module: nn.Module) -> int:
     if isinstance(module, nn.Conv2d):
         return int(module.out_channels)
     norm = getattr(module, "norm", None)
-    if type(module).__name__.startswith("AdaLayerNorm") and isinstance(norm, nn.Module):
+    if "AdaLayerNorm" in type(module).__name__ and isinstance(norm, nn.Module):  # SD3.5: SD35AdaLayerNormZeroX
         return module_width(norm)  # diffusers' adaptive norms: not the width of their modulation's linear layer
     # Composite modules (blocks, attention, feed-forward): their last linear or conv layer. (In a
     # FLUX dual-stream block that is the text stream's, as wide as the image stream it outputs.)

@@ -4,7 +4,7 @@ A run is a folder:
 
     index.json                                     format, model, methods, one record per image
     metadata.jsonl                                 the same records for `datasets` (imagefolder)
-    images/<concept-slug>/<method>/<prompt-hash>-<seed>[-s<strength>].png
+    images/<concept-slug>/<method>/<prompt-hash>-<seed>[-s<strength>].png   (a video model's: .webp)
 
 Methods: `none` is the unsteered image (strength 0), made once per concept, prompt and seed
 whatever else is asked: it is the reference of the preservation score and the start of every
@@ -246,10 +246,10 @@ def _strengths(method: Method, strengths: Sequence[float]) -> list[float | None]
     return [s for s in dict.fromkeys(float(s) for s in strengths) if s != 0]  # 0 is `none`'s image
 
 
-def _file(concept: Concept, method: str, prompt: str, seed: int, strength: float | None) -> str:
+def _file(concept: Concept, method: str, prompt: str, seed: int, strength: float | None, suffix: str = ".png") -> str:
     digest = hashlib.sha1(prompt.encode()).hexdigest()[:8]
     tag = "" if strength is None else f"-s{strength:g}"
-    return f"images/{concept.slug}/{method}/{digest}-{seed}{tag}.png"
+    return f"images/{concept.slug}/{method}/{digest}-{seed}{tag}{suffix}"
 
 
 def plan_batches(run: EvalRun, concepts: Sequence[Concept], prompts: Sequence[str], seeds: Sequence[int],
@@ -280,6 +280,7 @@ def run_evaluation(spec, run: EvalRun, concepts: Sequence[Concept], prompts: Seq
     """Generate every missing image of the run; returns counts. `load_pipe` is called only if
     there is something to generate."""
     from htcli.generate.steer import generate
+    from htcli.generate.video import media_suffix, save_media
 
     if not any(m.kind == "none" for m in methods):
         methods = [Method("none", "none"), *methods]  # preservation's reference, always made
@@ -311,13 +312,13 @@ def run_evaluation(spec, run: EvalRun, concepts: Sequence[Concept], prompts: Seq
             record = {
                 "concept": concept.name, "category": concept.category, "phrase": concept.phrase, "method": method.name,
                 "prompt": batch.prompt, "text": text, "seed": generated.seed, "strength": batch.strength,
-                "file": _file(concept, method.name, batch.prompt, generated.seed, batch.strength),
+                "file": _file(concept, method.name, batch.prompt, generated.seed, batch.strength,
+                              media_suffix(generated.image)),
                 "weights": method.weights(concept),
             }
             path = run.root / record["file"]
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                generated.image.save(tmp, format="PNG")
+            save_media(generated.image, path)
             run.records.append(record)
         run.save()  # after the images it lists: the index never names a missing file
         done += len(batch.seeds)

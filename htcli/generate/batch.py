@@ -33,6 +33,7 @@ from htcli.errors import HTError
 from htcli.generate.apply import steer_samples
 from htcli.generate.source_maps import Steerer
 from htcli.generate.steer import Steered, SteerRequest, parse_steer_steps, steer
+from htcli.generate.video import pipeline_outputs
 from htcli.models import ModelSpec, build_meta_denoiser
 
 
@@ -133,6 +134,6 @@ def generate_batch(spec: ModelSpec, pipe: Any, samples: Sequence[Sample]) -> lis
     texts = [s.text for s in samples]
     kwargs = dict(generator=generators, **spec.pipeline_kwargs())
     if not any(s.steered for s in samples):
-        return pipe(texts, **kwargs).images
+        return pipeline_outputs(pipe(texts, **kwargs))
     with steer_samples(pipe, [s.maps for s in samples], [s.strength for s in samples], windows.pop()):
-        return pipe(texts, **kwargs).images
+        return pipeline_outputs(pipe(texts, **kwargs))

@@ -1,4 +1,4 @@
-"""Writing steered images: PNGs with JSON sidecars, a labelled grid, the composed intervention.
+"""Writing steered images: PNGs (videos: animated WebPs) with JSON sidecars, a labelled grid, the composed intervention.
 
 `steer_and_save` is all of `ht steer`: check the output paths, steer, write.
 """
@@ -13,10 +13,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from htcli.core.files import atomic_path, check_output_dir, write_json
+from htcli.core.files import check_output_dir, write_json
 from htcli.errors import HTError
 from htcli.generate.source_maps import Steerer
 from htcli.generate.steer import Progress, Steered, SteeredImage, SteerRequest, steer
+from htcli.generate.video import frame_by_frame, media_suffix, save_media
 from htcli.models.interventions import check_intervention_out
 
 CAPTION_PX = 14  # height of the caption band under each grid cell
@@ -72,8 +73,9 @@ def check_outputs(request: SteerRequest, out: Path | None, export: Path | None) 
 
 
 def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> list[Path]:
-    """Write each image as PNG + JSON sidecar, a grid when there are several, and optionally the
-    composed intervention to `export`. Every file is written atomically. Returns the PNGs."""
+    """Write each image as PNG (a video as animated WebP) + JSON sidecar, a grid when there are
+    several, and optionally the composed intervention to `export`. Every file is written
+    atomically. Returns the PNGs (WebPs)."""
     check_output_dir(folder)
     if export is not None:
         check_intervention_out(export, "export")
@@ -81,17 +83,16 @@ def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for index, item in enumerate(steered.images):
-        path = folder / f"{image_stem(index, item)}.png"
-        with atomic_path(path) as tmp:
-            item.image.save(tmp, format="PNG")
+        path = folder / f"{image_stem(index, item)}{media_suffix(item.image)}"
+        save_media(item.image, path)
         write_json(path.with_suffix(".json"), item.metadata)
         written.append(path)
     if len(steered.images) > 1:
         first = steered.images[0].metadata
         banner = noise_banner(first.get("weights"), first.get("model", "the model"))
-        sheet = grid([i.image for i in steered.images], [i.label for i in steered.images], steered.columns, banner)
-        with atomic_path(folder / "grid.png") as tmp:
-            sheet.save(tmp, format="PNG")
+        media = [i.image for i in steered.images]
+        sheet = frame_by_frame(grid, media, [i.label for i in steered.images], steered.columns, banner)
+        save_media(sheet, folder / f"grid{media_suffix(sheet)}")
     if intervention is not None:
         intervention.save(export)
     return written
@@ -101,7 +102,7 @@ def save_steered(steered: Steered, folder: Path, export: Path | None = None) -> 
 class SteerRun:
     steered: Steered
     folder: Path
-    files: list[Path]  # the PNGs written
+    files: list[Path]  # the PNGs (videos: WebPs) written
 
 
 def steer_and_save(

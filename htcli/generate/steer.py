@@ -39,6 +39,7 @@ from htcli.generate.compose import (
 )
 from htcli.generate.request_fields import FIELDS, SEED_LIMIT
 from htcli.generate.source_maps import Steerer, compose_sources, nearest_records, ood_flag
+from htcli.generate.video import Media, pipeline_outputs
 from htcli.models import ModelSpec
 from htcli.models.interventions import Intervention
 
@@ -90,7 +91,7 @@ def parse_steer_steps(text: str, num_steps: int) -> range | None:
 
 @dataclass
 class Generated:
-    image: Image.Image
+    image: Media  # a PIL image, or a Video from a video pipeline
     strength: float | None
     seed: int
     label: str
@@ -103,9 +104,9 @@ def _pipeline(spec: ModelSpec, pipe: Any, prompt: str, seeds: Sequence[int], map
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     kwargs = dict(generator=generators, **spec.pipeline_kwargs())
     if not maps:
-        return pipe([prompt] * len(seeds), **kwargs).images
+        return pipeline_outputs(pipe([prompt] * len(seeds), **kwargs))
     with steer_pipeline(pipe, maps, strength, steps):
-        return pipe([prompt] * len(seeds), **kwargs).images
+        return pipeline_outputs(pipe([prompt] * len(seeds), **kwargs))
 
 
 def generate(
@@ -193,7 +194,7 @@ class SteerRequest:
 
 @dataclass
 class SteeredImage:
-    image: Image.Image
+    image: Media  # a PIL image, or a Video from a video pipeline
     label: str  # caption: "strength 0.5, seed 7" or "Art Deco, seed 0"
     metadata: dict  # JSON-ready: text, sources, strength, seed, model, method, checkpoint...
 

@@ -15,6 +15,7 @@ folders (`folder.py`).
 
 from htcli.models import folder as _folder  # noqa: E402,F401  (derives specs from pipeline folders)
 from htcli.models import pretrained as _pretrained  # noqa: E402,F401  (registers pixart, dmd2, flux-schnell)
+from htcli.models import pretrained_recent as _recent  # noqa: E402,F401  (registers sd35-medium, sana, flux-dev, wan-t2v)
 from htcli.models import random_weights as _random  # noqa: E402,F401  (registers the random-weights variants)
 from htcli.models import tiny as _tiny  # noqa: E402,F401  (registers tiny, tiny-sdxl, tiny-flux)
 from htcli.models.spec import (

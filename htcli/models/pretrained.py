@@ -165,34 +165,44 @@ def _load_dmd2(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
     return pipe.to(device)
 
 
-def _flux_transformer(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device,
-                      model_path: str | None = None) -> torch.nn.Module:
-    """FLUX's transformer from the `transformer` folder of a local copy of the pipeline
-    (`model_path`, else $HT_MODEL_PATH) or of the Hub repo, built from that folder's config and
-    loaded strictly from its safetensors shards, like the distilled denoisers: 12B parameters
-    never pass through float32 (diffusers' own `from_pretrained` would, without accelerate)."""
+# The diffusers pipeline class of each family whose whole pipeline loads from one Hub repo.
+PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "sana": "SanaPipeline", "wan": "WanPipeline"}
+
+
+def _pipeline_denoiser(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device,
+                       model_path: str | None = None) -> torch.nn.Module:
+    """The denoiser from its folder (`spec.denoiser_attr`: `transformer`) of a local copy of the
+    pipeline (`model_path`, else $HT_MODEL_PATH) or of the Hub repo, built from that folder's
+    config and loaded strictly from its safetensors shards, like the distilled denoisers: 12B
+    parameters never pass through float32 (diffusers' own `from_pretrained` would, without
+    accelerate). Where the folder also holds variants (`*.fp16.safetensors`), the plain files."""
     from huggingface_hub import snapshot_download
 
     source = local_model_path(model_path) or spec.base_repo
+    subfolder = spec.denoiser_attr
     try:
-        root = source if Path(source).is_dir() else snapshot_download(source, allow_patterns=["transformer/*"])
+        root = source if Path(source).is_dir() else snapshot_download(source, allow_patterns=[f"{subfolder}/*"])
     except _hub_errors() as error:
         raise HTError(
-            f"cannot load {spec.id} transformer from {source}: {type(error).__name__}; {OFFLINE_HINT}"
+            f"cannot load {spec.id} {subfolder} from {source}: {type(error).__name__}; {OFFLINE_HINT}"
         ) from None
-    folder = Path(root) / "transformer"
+    folder = Path(root) / subfolder
     files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name.count(".") == 1] or files  # model.fp16.safetensors: a variant
     if not files:
-        raise HTError(f"cannot load {spec.id} transformer: no safetensors files in {folder}")
+        raise HTError(f"cannot load {spec.id} {subfolder}: no safetensors files in {folder}")
     cls = denoiser_class(spec)
     return load_module(lambda: cls.from_config(cls.load_config(folder)), files, dtype, device)
 
 
-def _load_flux(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
-    from diffusers import FluxPipeline
+def _load_hub_pipeline(spec: ModelSpec, model_path: str | None, device, dtype) -> Any:
+    """The spec's whole pipeline from its Hub repo (or `model_path`), the denoiser read by
+    `_pipeline_denoiser`, the other components by diffusers in `dtype`."""
+    import diffusers
 
-    transformer = _flux_transformer(spec, dtype, device, model_path)
-    pipe = _from_pretrained(FluxPipeline, spec, model_path, transformer=transformer, torch_dtype=dtype)
+    denoiser = _pipeline_denoiser(spec, dtype, device, model_path)
+    pipeline_class = getattr(diffusers, PIPELINES[spec.family])
+    pipe = _from_pretrained(pipeline_class, spec, model_path, **{spec.denoiser_attr: denoiser}, torch_dtype=dtype)
     return pipe.to(device)
 
 
@@ -247,8 +257,8 @@ register(
         timesteps=(1000, 750, 500, 250),  # sigmas 1, 0.75, 0.5, 0.25: the pipeline's own 4-step schedule
         resolution=1024,
         dtype="bfloat16",  # FLUX's activations overflow float16
-        loader=_load_flux,
-        denoiser_loader=_flux_transformer,
+        loader=_load_hub_pipeline,
+        denoiser_loader=_pipeline_denoiser,
         base_repo="black-forest-labs/FLUX.1-schnell",
         licence="Apache-2.0",
         call_kwargs={"max_sequence_length": 256},  # T5 tokens: schnell's limit

@@ -12,9 +12,11 @@ hooks, timesteps and dtype, and changes where the weights come from:
   folder ($HT_CACHE, default ~/.cache/ht), then loaded by the real weights' own code
   (`htcli.models.pretrained`: the same safetensors reading, dtype conversion and device placement);
 - the text encoders: the real ones' output widths (T5-XXL: 4096; SDXL's CLIP-L and OpenCLIP
-  bigG: 768 and 1280; FLUX's CLIP-L and T5-XXL: 768 and 4096) with one layer each, reading
+  bigG: 768 and 1280; FLUX's CLIP-L and T5-XXL: 768 and 4096; SD3.5's all three; SANA's
+  Gemma-2-2B: 2304; Wan's UMT5-XXL: 4096) with one layer each, reading
   all-MiniLM-L6-v2's tokenizer (the real tokenizers are not available offline), as `tiny` does;
-- the VAE: the real config (latent channels, scaling and shift) with narrow channels;
+- the VAE: the real config and class (latent channels, scaling and shift; SANA's DC-AE, Wan's
+  video VAE) with narrow channels;
 - the scheduler: the real pipeline's, from its config values;
 - the concept encoder: MiniLM (offline).
 
@@ -41,8 +43,9 @@ from torch import Tensor
 
 from htcli.core.files import save_tensors
 from htcli.errors import HTError
-from htcli.models.pretrained import EmptyParameters, _distilled_denoiser
+from htcli.models.pretrained import PIPELINES, EmptyParameters, _distilled_denoiser
 from htcli.models.spec import (
+    CONFIG_DIR,
     ModelSpec,
     build_meta_denoiser,
     denoiser_class,
@@ -58,7 +61,8 @@ CACHE_VARIABLE = "HT_CACHE"
 BLOCKS_VARIABLE = "HT_RANDOM_BLOCKS"
 # The denoiser config keys that count blocks, per family (SDXL's UNet: transformer blocks per attention).
 BLOCK_COUNTS = {"pixart": ("num_layers",), "flux": ("num_layers", "num_single_layers"),
-                "sdxl": ("transformer_layers_per_block",)}
+                "sdxl": ("transformer_layers_per_block",), "sd3": ("num_layers",), "sana": ("num_layers",),
+                "wan": ("num_layers",)}
 VAE_WIDTH = 32  # channels of every VAE block: the real VAEs' 128-512 only cost time on noise images
 MINILM_VOCABULARY = 30522  # the text encoders read MiniLM's (BERT) tokens
 
@@ -167,8 +171,11 @@ CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 
           "hidden_act": "quick_gelu"}
 CLIP_BIG_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "projection_dim": 1280,
               "hidden_act": "gelu"}
-# Each family's VAE config file, and its scheduler: class and the real pipeline's config values.
-VAES = {"pixart": "sdxl_vae.json", "sdxl": "sdxl_vae.json", "flux": "flux_vae.json"}
+# Each family's VAE config file (its class is the file's _class_name), and its scheduler: class
+# and the real pipeline's config values (by spec id where two specs of a family differ).
+VAES = {"pixart": "sdxl_vae.json", "sdxl": "sdxl_vae.json", "flux": "flux_vae.json", "sd3": "sd3_vae.json",
+        "sana": "sana_vae.json", "wan": "wan_vae.json"}
+FLOW_SIGMAS = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0}
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "pixart": ("DPMSolverMultistepScheduler", {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                                                "num_train_timesteps": 1000, "prediction_type": "epsilon"}),
@@ -176,15 +183,26 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
                               "num_train_timesteps": 1000, "timestep_spacing": "leading", "steps_offset": 1}),
     "flux": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 1.0,
                                                  "use_dynamic_shifting": False}),
+    "flux-dev": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0,
+                                                     "use_dynamic_shifting": True, "base_shift": 0.5,
+                                                     "max_shift": 1.15, "base_image_seq_len": 256,
+                                                     "max_image_seq_len": 4096}),
+    "sd3": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
+    "sana": ("DPMSolverMultistepScheduler", FLOW_SIGMAS),
+    "wan": ("UniPCMultistepScheduler", FLOW_SIGMAS),
 }
+# The text encoders that follow: Gemma-2-2B's (SANA) and UMT5-XXL's (Wan) widths.
+GEMMA2_2B = {"hidden_size": 2304, "intermediate_size": 9216, "num_attention_heads": 8, "num_key_value_heads": 4,
+             "head_dim": 256, "query_pre_attn_scalar": 256}
 
 
-def _t5(dtype: torch.dtype, seed: int):
-    from transformers import T5Config, T5EncoderModel
+def _t5(dtype: torch.dtype, seed: int, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(vocab_size=MINILM_VOCABULARY, num_layers=1, pad_token_id=0, eos_token_id=102,  # BERT's [SEP]
-                      decoder_start_token_id=0, **T5_XXL)
-    return _seeded(lambda: T5EncoderModel._from_config(config, torch_dtype=dtype).eval(), seed)
+    config_class, model = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(vocab_size=MINILM_VOCABULARY, num_layers=1, pad_token_id=0, eos_token_id=102,  # BERT's [SEP]
+                          decoder_start_token_id=0, **T5_XXL)
+    return _seeded(lambda: model._from_config(config, torch_dtype=dtype).eval(), seed)
 
 
 def _clip(widths: dict[str, Any], with_projection: bool, dtype: torch.dtype, seed: int):
@@ -196,20 +214,57 @@ def _clip(widths: dict[str, Any], with_projection: bool, dtype: torch.dtype, see
     return _seeded(lambda: model._from_config(config, torch_dtype=dtype).eval(), seed)
 
 
+def _gemma2(dtype: torch.dtype, seed: int):
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(vocab_size=MINILM_VOCABULARY, num_hidden_layers=1, pad_token_id=0, bos_token_id=101,
+                          eos_token_id=102, **GEMMA2_2B)
+    return _seeded(lambda: Gemma2Model._from_config(config, torch_dtype=dtype).eval(), seed)
+
+
 def _vae(family: str, seed: int):
-    from diffusers import AutoencoderKL
-
-    config = shipped_config(VAES[family])
-    config["block_out_channels"] = [VAE_WIDTH] * len(config["block_out_channels"])
-    return _seeded(lambda: AutoencoderKL.from_config(config), seed)
-
-
-def _scheduler(family: str):
+    """The family's VAE from its real config, every level `VAE_WIDTH` channels wide (Wan's: its
+    base width a quarter of that, its levels multiplying it)."""
     import diffusers
 
-    name, config = SCHEDULERS[family]
+    config = shipped_config(VAES[family])
+    for key in ("block_out_channels", "encoder_block_out_channels", "decoder_block_out_channels"):
+        if key in config:
+            config[key] = [VAE_WIDTH] * len(config[key])
+    if "base_dim" in config:
+        config["base_dim"] = VAE_WIDTH // 4
+    vae_class = getattr(diffusers, json.loads((CONFIG_DIR / VAES[family]).read_text())["_class_name"])
+    return _seeded(lambda: vae_class.from_config(config), seed)
+
+
+def _scheduler(spec: ModelSpec):
+    import diffusers
+
+    name, config = SCHEDULERS.get(spec.id) or SCHEDULERS[spec.family]
     with torch.device("cpu"):  # also when the rest is built on the meta device: schedulers compute their tables
         return getattr(diffusers, name).from_config(config)
+
+
+def _text_encoders(family: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The family's tokenizers and shallow random text encoders, as pipeline components."""
+    def clip_l(seed: int, with_projection: bool = False):
+        return _clip(CLIP_L, with_projection, dtype, seed)
+
+    if family == "pixart":
+        return {"tokenizer": minilm_tokenizer(512), "text_encoder": _t5(dtype, SEED + 2)}
+    if family == "sdxl":
+        return {"tokenizer": minilm_tokenizer(77), "text_encoder": clip_l(SEED + 2),
+                "tokenizer_2": minilm_tokenizer(77), "text_encoder_2": _clip(CLIP_BIG_G, True, dtype, SEED + 3)}
+    if family == "flux":
+        return {"tokenizer": minilm_tokenizer(77), "text_encoder": clip_l(SEED + 2),
+                "tokenizer_2": minilm_tokenizer(512), "text_encoder_2": _t5(dtype, SEED + 3)}
+    if family == "sd3":
+        return {"tokenizer": minilm_tokenizer(77), "text_encoder": clip_l(SEED + 2, with_projection=True),
+                "tokenizer_2": minilm_tokenizer(77), "text_encoder_2": _clip(CLIP_BIG_G, True, dtype, SEED + 3),
+                "tokenizer_3": minilm_tokenizer(512), "text_encoder_3": _t5(dtype, SEED + 4)}
+    if family == "sana":
+        return {"tokenizer": minilm_tokenizer(512), "text_encoder": _gemma2(dtype, SEED + 2)}
+    return {"tokenizer": minilm_tokenizer(512), "text_encoder": _t5(dtype, SEED + 2, umt5=True)}  # wan
 
 
 def load_random_pipeline(spec: ModelSpec, model_path: str | None, device, dtype: torch.dtype) -> Any:
@@ -227,20 +282,10 @@ def _random_pipeline(spec: ModelSpec, denoiser: torch.nn.Module, dtype: torch.dt
     """The spec's pipeline around `denoiser`, with the other components random, in `dtype`."""
     import diffusers
 
-    vae, scheduler = _vae(spec.family, SEED + 1), _scheduler(spec.family)
-    if spec.family == "pixart":
-        components = {"tokenizer": minilm_tokenizer(512), "text_encoder": _t5(dtype, SEED + 2)}
-        pipeline = diffusers.PixArtSigmaPipeline
-    elif spec.family == "sdxl":
-        components = {"tokenizer": minilm_tokenizer(77), "text_encoder": _clip(CLIP_L, False, dtype, SEED + 2),
-                      "tokenizer_2": minilm_tokenizer(77), "text_encoder_2": _clip(CLIP_BIG_G, True, dtype, SEED + 3)}
-        pipeline = diffusers.StableDiffusionXLPipeline
-    else:
-        components = {"tokenizer": minilm_tokenizer(77), "text_encoder": _clip(CLIP_L, False, dtype, SEED + 2),
-                      "tokenizer_2": minilm_tokenizer(512), "text_encoder_2": _t5(dtype, SEED + 3)}
-        pipeline = diffusers.FluxPipeline
-    vae = torch.nn.Module.to(vae, dtype=dtype)  # not diffusers' `to`, which warns on every cast
-    return pipeline(vae=vae, scheduler=scheduler, **{spec.denoiser_attr: denoiser}, **components)
+    pipelines = {"pixart": "PixArtSigmaPipeline", "sdxl": "StableDiffusionXLPipeline", **PIPELINES}
+    vae = torch.nn.Module.to(_vae(spec.family, SEED + 1), dtype=dtype)  # not diffusers' `to`, which warns on every cast
+    return getattr(diffusers, pipelines[spec.family])(vae=vae, scheduler=_scheduler(spec), **{spec.denoiser_attr: denoiser},
+                                                      **_text_encoders(spec.family, dtype))
 
 
 def check_same_weights(spec: ModelSpec, random_weights: bool, what: str) -> None:

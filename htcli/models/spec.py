@@ -38,6 +38,9 @@ DENOISERS = {
     "pixart": ("PixArtTransformer2DModel", "transformer"),
     "sdxl": ("UNet2DConditionModel", "unet"),
     "flux": ("FluxTransformer2DModel", "transformer"),
+    "sd3": ("SD3Transformer2DModel", "transformer"),
+    "sana": ("SanaTransformer2DModel", "transformer"),
+    "wan": ("WanTransformer3DModel", "transformer"),
 }
 
 
@@ -100,6 +103,7 @@ class ModelSpec:
     source: str | None = None  # the pipeline folder a spec was derived from (`htcli.models.folder`)
     # Default layers to steer, as module-name patterns; () = found in the module tree (`htcli.models.layers`).
     hook_patterns: tuple[str, ...] = _HookPatterns()
+    video: bool = False  # the pipeline makes videos (`.frames`: frames per sample), not images
 
     def __post_init__(self) -> None:
         if not self.denoiser_type:

@@ -166,6 +166,8 @@ class Service:
         """Refuse, naming the field, what this server will not do or what `steer()` would reject
         for one field; `steer()` checks the rest (combinations of fields) again."""
         limits = self.limits
+        if self.spec.video:  # responses carry images only (docs/serve.md)
+            raise FieldError(f"{self.spec.id} makes videos and this server answers with images only: use `ht steer`")
         if not request.prompt.strip():
             raise FieldError("the prompt is empty: say what to generate", "prompt")
         if len(request.prompt) > limits.max_prompt_chars:
