@@ -23,7 +23,8 @@ from typing import Any
 from htcli.core.files import atomic_path, write_json
 from htcli.core.hooks import resolve_layers
 from htcli.core.runtime import Progress
-from htcli.data.build import Builder, build_dataset, check_existing, make_settings
+from htcli.data.build import Builder, build_dataset
+from htcli.data.build_settings import check_existing, make_settings
 from htcli.data.concepts import load_library
 from htcli.data.dataset import ActivationDataset
 from htcli.data.forward import Frozen

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from htcli.core.files import read_tensors, save_tensors
 from htcli.core.runtime import raise_if_cancelled, run_path
-from htcli.data.build import STORAGE_DTYPES, make_seeds, split_prompts
+from htcli.data.build import STORAGE_DTYPES
+from htcli.data.build_settings import make_seeds, split_prompts
 from htcli.data.concepts import Concept, ConceptLibrary, slugify
 from htcli.data.dataset import SOURCE_CALL, DatasetSettings
 from htcli.errors import HTError

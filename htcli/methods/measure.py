@@ -267,7 +267,8 @@ def _run_phase(job: MeasureRequest, logging: tuple[int, int, bool], phase: str, 
 def _capture(spec: ModelSpec, job: MeasureRequest, device: torch.device, folder: Path) -> dict:
     """`build-dataset` of the source and one training concept of the library into `folder`."""
     from htcli.core.hooks import resolve_layers
-    from htcli.data.build import Builder, build_dataset, make_settings
+    from htcli.data.build import Builder, build_dataset
+    from htcli.data.build_settings import make_settings
     from htcli.data.concepts import load_library
     from htcli.models import denoiser, load_pipeline
     from htcli.models.encoders import get_encoder
