@@ -161,8 +161,10 @@ def test_an_older_dataset_is_refused_naming_the_command_that_rebuilds_it(tmp_pat
     data = build_tiny_dataset(tmp_path / "data", 1, 0, samples=2, eval_samples=2)
     manifest = data.root / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"ht-dataset/2"', '"ht-dataset/1"'))
-    with pytest.raises(HTError, match=r"rebuild it with `ht build-dataset --model tiny --out .* --overwrite`"):
+    with pytest.raises(HTError, match=r"rebuild it with `ht build-dataset` \(model='tiny', out=.*, overwrite=True\)"):
         ActivationDataset(data.root)
+    refused = CliRunner().invoke(app, ["fit-linear-baselines", "-m", "tiny", "--method", "mean-shift", "--data", str(data.root)])
+    assert refused.exit_code == 1 and "--overwrite" in refused.output and "overwrite=" not in refused.output, refused.output
     result = CliRunner().invoke(app, ["build-dataset", "-m", "tiny", "-o", str(data.root), "--samples", "2",
                                       "--eval-samples", "2", "--batch-size", "8", "--overwrite",
                                       "-c", data.names()[0]])

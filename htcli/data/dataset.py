@@ -139,7 +139,7 @@ class ActivationDataset:
         found = self.manifest.get("format")
         if found != FORMAT:
             raise HTError(f"{self.root} is a dataset of format {found!r}, which this ht cannot read ({FORMAT!r}); rebuild "
-                          f"it with `ht build-dataset --model {self.settings.model} --out {self.root} --overwrite`")
+                          f"it with `ht build-dataset` (model='{self.settings.model}', out={self.root}, overwrite=True)")
         self._entries = {c["name"]: c for c in self.manifest["concepts"]}
 
     @property

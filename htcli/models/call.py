@@ -131,12 +131,12 @@ def cat_calls(calls: Sequence[DenoiserCall]) -> DenoiserCall:
         if call.structure != first.structure or call.shared.keys() != first.shared.keys() or any(
                 not torch.equal(call.shared[k], first.shared[k]) for k in first.shared):
             raise HTError("the pipeline called its denoiser differently for two batches of prompts (other arguments, "
-                          "or other shared tensors); build with one batch: a --batch-size of at least --samples")
+                          "or other shared tensors); build with one batch: batch_size= at least samples=")
         for key, value in call.rows.items():
             if value.shape[1:] != first.rows[key].shape[1:]:
                 raise HTError(f"the pipeline gave its denoiser {key} of shape {tuple(value.shape[1:])} for one batch "
                               f"and {tuple(first.rows[key].shape[1:])} for another (it pads text per batch); build "
-                              "with one batch: a --batch-size of at least --samples")
+                              "with one batch: batch_size= at least samples=")
     return DenoiserCall(first.structure, {k: torch.cat([c.rows[k] for c in calls]) for k in first.rows}, first.shared)
 
 

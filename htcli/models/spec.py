@@ -297,7 +297,7 @@ def get_model(name: str | None = None, random_weights: bool | None = None) -> Mo
     if (random_weights_requested() if random_weights is None else random_weights) and not spec.offline:
         if spec.source is not None:
             raise HTError(f"{spec.id} is a pipeline folder, not a shipped spec: random weights come only with the "
-                          "shipped models; leave out --random-weights (or HT_RANDOM_WEIGHTS)")
+                          "shipped models; leave out random_weights=True (or HT_RANDOM_WEIGHTS)")
         return random_variant(spec)
     return spec
 
