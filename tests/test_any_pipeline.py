@@ -99,4 +99,4 @@ def test_steps_and_guidance_options_go_into_the_models_id(folders):
     assert json.loads(result.output[result.output.index("{"):])["model"] == f"{folder}?guidance=1.5&steps=3"
     assert len(get_model(f"{folder}?guidance=1.5&steps=3").timesteps) == 3
     refused = CliRunner().invoke(app, ["build-dataset", "--model", "tiny", "--steps", "2", "--dry-run"])
-    assert refused.exit_code == 1 and "steps= apply to a pipeline folder" in refused.output
+    assert refused.exit_code == 1 and "--steps apply to a pipeline folder" in refused.output

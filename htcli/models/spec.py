@@ -272,8 +272,9 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def list_models() -> list[ModelSpec]:
-    """Every registered model spec (`ht models`): the real models, then the offline tiny ones."""
-    return list(_REGISTRY.values())
+    """Every shipped model spec (`ht models`): the real models, then the offline tiny ones (not
+    the specs derived from pipeline folders this process has loaded)."""
+    return [spec for spec in _REGISTRY.values() if spec.source is None]
 
 
 def _unknown(name: str, source: str = "") -> HTError:
