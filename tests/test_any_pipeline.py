@@ -100,3 +100,18 @@ def test_steps_and_guidance_options_go_into_the_models_id(folders):
     assert len(get_model(f"{folder}?guidance=1.5&steps=3").timesteps) == 3
     refused = CliRunner().invoke(app, ["build-dataset", "--model", "tiny", "--steps", "2", "--dry-run"])
     assert refused.exit_code == 1 and "--steps apply to a pipeline folder" in refused.output
+
+
+@pytest.mark.parametrize("model", ["tiny-sana", "tiny-wan"])
+def test_a_folder_is_generated_at_the_resolution_asked_and_video_pipelines_are_known(model, tmp_path):
+    """SANA's pipeline snaps sizes to its training buckets unless told not to: a folder asked for
+    another resolution turns binning off. A pipeline that takes `num_frames` makes videos."""
+    folder = tmp_path / model
+    load_pipeline(model).save_pretrained(folder)
+    spec = get_model(f"{folder}?resolution=128")
+    kwargs = spec.pipeline_kwargs()
+    assert (kwargs["height"], kwargs["width"]) == (128, 128)
+    if model == "tiny-sana":
+        assert kwargs["use_resolution_binning"] is False and not spec.video
+    else:
+        assert "use_resolution_binning" not in kwargs and spec.video

@@ -148,6 +148,9 @@ def derive_spec(name: str) -> ModelSpec:
     steps = overrides.get("steps", parameters["num_inference_steps"].default)
     guidance = overrides.get("guidance", parameters["guidance_scale"].default if "guidance_scale" in parameters else 0.0)
     canonical = str(folder) if Path(base).is_dir() else base
+    # Pipelines that snap sizes to their training buckets (PixArt, SANA) must be told not to, or
+    # a resolution other than their own is silently generated at the nearest bucket.
+    unbinned = {"use_resolution_binning": False} if "use_resolution_binning" in parameters else {}
     return ModelSpec(
         id=canonical + (f"?{urlencode(sorted(overrides.items()))}" if overrides else ""),
         description=f"{cls.__name__} from {canonical}: its own defaults ({steps} steps, guidance {guidance:g})",
@@ -164,6 +167,9 @@ def derive_spec(name: str) -> ModelSpec:
         licence="as the pipeline's own model card states",
         denoiser_type=(class_name, attr),
         schedule="steps",
+        call_kwargs=unbinned if "resolution" in overrides else {},
+        resolution_kwargs=unbinned,
+        video="num_frames" in parameters,  # a text-to-video pipeline: its outputs are frames
         source=str(folder),
     )
 
