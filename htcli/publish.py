@@ -175,10 +175,13 @@ that every number of a result table can be checked image by image.
 
 ```python
 from datasets import load_dataset
-images = load_dataset({json.dumps(repo_id)}, split="train")   # image, prompt, text, concept, method, strength, seed...
+from huggingface_hub import snapshot_download
+
+run = snapshot_download({json.dumps(repo_id)}, repo_type="dataset")   # the repo, through the Hub cache
+images = load_dataset(run, split="train")   # image, prompt, text, concept, method, strength, seed...
 ```
 
-Score it again with `ht score --run DIR` on a local copy (`hf download {shlex.quote(repo_id)} --repo-type dataset --local-dir DIR`).
+Score it again with `ht score --run DIR` on that folder (or `hf download {shlex.quote(repo_id)} --repo-type dataset --local-dir DIR`).
 """
     folder.mkdir(parents=True, exist_ok=True)
     for record in records:  # the images the index lists, nothing else the folder may hold

@@ -216,7 +216,7 @@ def test_push_uploads_the_staged_folder_with_one_call(monkeypatch, tmp_path):
     assert weird.exit_code == 1 and "is not something ht shares" in weird.output
 
 
-def test_an_evaluation_run_becomes_an_image_dataset(tmp_path, tiny, monkeypatch):
+def test_an_evaluation_run_becomes_an_image_dataset(tmp_path, tiny, monkeypatch, hub_cache):
     monkeypatch.setattr(htcli.models, "load_pipeline", lambda *a, **k: tiny[1])
     run = tmp_path / "run"
     made = runner.invoke(app, ["evaluate", "-m", "tiny", "-c", "art deco", "--prompts", "1", "--seeds", "2",
@@ -236,14 +236,14 @@ def test_an_evaluation_run_becomes_an_image_dataset(tmp_path, tiny, monkeypatch)
     bad_id = runner.invoke(app, ["hub", "stage", str(run), str(tmp_path / "up3"), "--repo-id", 'a"b/c'])
     assert bad_id.exit_code == 1 and "is not a Hub repo id" in bad_id.output
     assert len(loaded) == 4 and sorted(set(loaded["method"])) == ["none", "prompt"]
-    # The card's code, its repo id read as the staged folder (`load_dataset` reads a folder's card
-    # configs as it reads the repo's; the datasets library cannot read a Hub repo offline).
+    # The card's code as written, the repo in the Hub cache (offline) as a download leaves it.
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    hub_cache("me/tiny-eval", {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file()}, "dataset")
     code = _card_code(folder)
-    assert 'load_dataset("me/tiny-eval", split="train")' in code
+    assert 'snapshot_download("me/tiny-eval", repo_type="dataset")' in code
     namespace = {}
-    exec(code.replace('"me/tiny-eval"', repr(str(folder))), namespace)
-    assert len(namespace["images"]) == 4
+    exec(code, namespace)
+    assert len(namespace["images"]) == 4 and sorted(set(namespace["images"]["method"])) == ["none", "prompt"]
     row = loaded[0]
     assert row["concept"] == "Art Deco" and np.asarray(row["image"]).shape[-1] == 3
     again = runner.invoke(app, ["hub", "stage", str(run), str(folder)])
