@@ -15,6 +15,9 @@ from its module (docs/python.md), but these are the way in (`help(ht.apply)` and
     HyperTransport      a trained hypernetwork: concept text or reference images -> an Intervention
     Intervention        per-layer affine maps, the model they were made for, and metadata; load, save
     apply               steer a diffusers pipeline until the handle is removed (or its `with` ends)
+    load, set_weights   interventions kept on a pipeline under names, weighted, like LoRA adapters;
+    active, unload      what is loaded, and taking one or all of them off
+    apply_per_prompt    each prompt of one batched pipeline call steered by its own intervention
     load_pipeline       the diffusers pipeline of a model ht knows ("tiny" runs offline)
     get_model           a model's spec (ModelSpec): layers to steer, steps, resolution
     list_models         every model spec ht knows (`ht models`)
