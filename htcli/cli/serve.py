@@ -11,7 +11,7 @@ from htcli.cli.options import DeviceOption, HyperOption, ModelOption, ModelPathO
 from htcli.cli.output import console, warn
 from htcli.errors import HTError
 from htcli.models import get_model
-from htcli.serve.service import Limits, load_service
+from htcli.serve.service import Limits
 
 DEFAULTS = Limits()
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -83,6 +83,7 @@ def serve_command(
         raise HTError(f"--port must be from 0 to 65535 (0: any free port), got {port}")
     try:
         from htcli.serve.app import run_server
+        from htcli.serve.model_process import ProcessEngine
     except ImportError as error:  # fastapi or uvicorn missing: one line, with the fix
         raise HTError(f"{error.name or error} is not installed; run: pip install -e \".[serve]\"") from None
     limits = Limits(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue, max_images=max_images,
@@ -100,14 +101,14 @@ def serve_command(
         serve_on_ray(spec.id, hyper, model_path, device, limits, allowed, replicas, host, port, ray_address)
         return
     console.print(f"loading {spec.id}...", highlight=False, markup=False)
-    service = load_service(spec.id, hyper, model_path, device, limits)
-    health = service.health()
+    engine = ProcessEngine(dict(model=spec.id, hyper=hyper, model_path=model_path, device=device), limits)
+    health = engine.loaded
 
     def ready(url: str) -> None:
         console.print(f"serving {health['model']} (hypernetwork {health['hypernetwork_sha256']}, {health['device']}) "
                       f"at {url}/ ; API: {url}/v1/health", highlight=False, markup=False)
 
-    run_server(service, host, port, on_ready=ready, allowed_hosts=allowed)
+    run_server(engine, host, port, on_ready=ready, allowed_hosts=allowed)
 
 
 def serve_on_ray(model: str, hyper, model_path, device, limits: Limits, allowed: list[str], replicas: int, host: str,

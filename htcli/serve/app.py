@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import os
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -39,11 +41,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from htcli import __version__
-from htcli.core.runtime import Cancelled, cancellable
 from htcli.errors import HTError
-from htcli.generate.batch import Planned
 from htcli.generate.steer import Steered
-from htcli.serve.batching import Produced
+from htcli.models.interventions import Intervention
+from htcli.serve.engine import Answer, Engine, LocalEngine
 from htcli.serve.guard import Guard, page_policy
 from htcli.serve.limits import HeaderCount, hung_up, read_body, server_config
 from htcli.serve.parse import Parsed, parse_request
@@ -51,6 +52,7 @@ from htcli.serve.schema import describe, document
 from htcli.serve.service import FieldError, Service
 
 DEFAULT_HOST = "127.0.0.1"
+FRONT_NICENESS = 10  # `ht serve`'s HTTP side runs this far below the model's CPU priority (Linux nice)
 
 T = TypeVar("T")
 
@@ -75,16 +77,15 @@ def _sources(steered: Steered) -> list[dict]:
              "ood": record["ood"]} for record in steered.neighbours]
 
 
-def _generated(planned: Planned, produced: list[Produced], parsed: Parsed, start: float) -> dict:
+def _generated(answer: Answer, parsed: Parsed, start: float) -> dict:
     """The JSON answer of /v1/generate."""
-    steered = planned.fill([p.image for p in produced])
-    images = []
-    for item, made in zip(steered.images, produced):
+    steered, images = answer.steered, []
+    for item, (batch_size, queue_ms, generate_ms) in zip(steered.images, answer.batches):
         metadata = item.metadata | {"sources": parsed.renamed(item.metadata["sources"])}
         images.append({"png": _png(item.image, metadata), "label": item.label, "metadata": metadata,
-                       "batch_size": made.batch_size, "queue_ms": made.queue_ms, "generate_ms": made.generate_ms})
-    timings = {"maps_ms": steered.intervention_ms, "queue_ms": max(p.queue_ms for p in produced),
-               "generate_ms": max(p.generate_ms for p in produced), "total_ms": (time.perf_counter() - start) * 1e3}
+                       "batch_size": batch_size, "queue_ms": queue_ms, "generate_ms": generate_ms})
+    timings = {"maps_ms": steered.intervention_ms, "queue_ms": max(b[1] for b in answer.batches),
+               "generate_ms": max(b[2] for b in answer.batches), "total_ms": (time.perf_counter() - start) * 1e3}
     return {"images": images, "columns": steered.columns, "notes": steered.notes,
             "sources": _sources(steered), "timings": timings}
 
@@ -95,44 +96,26 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-def _cancellable(gone: threading.Event, work: Callable[..., T], *args: Any) -> T:
-    with cancellable(gone):
-        return work(*args)
-
-
-async def _unless_gone(request: Request, work: Callable[..., T], *args: Any) -> T:
-    """`work(*args)` in a worker thread, stopped at its next step (`Cancelled`) if the client
-    disconnects first: a refine's LinEAS steps and captures are not paid for nobody."""
-    gone = threading.Event()
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    watcher.add_done_callback(lambda _: gone.set())  # also when the request is cancelled (Ray Serve)
-    try:
-        return await run_in_threadpool(_cancellable, gone, work, *args)
-    finally:
-        watcher.cancel()
-
-
-async def _produced(request: Request, futures: list) -> list[Produced] | None:
-    """The images of `futures`, or None when the client disconnects first: then the images not
-    yet generated are cancelled, and the batcher drops them."""
-    images = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
+    """The result of `work`, or None when the client disconnects first: then `work` is cancelled,
+    and the engine drops the request's images not yet generated and stops its refine."""
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait((images, gone), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the request itself was cancelled (Ray Serve, when its client left)
-        images.cancel()
+        task.cancel()
         gone.cancel()
         raise
-    if images.done():
-        gone.cancel()
-        return images.result()
-    images.cancel()  # cancels each wrapped future, and so the batcher's own: it drops them
+    gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
     return None
 
 
-def _intervention_bytes(service: Service, parsed: Parsed) -> bytes:
-    """The composed intervention of the request's sources, as the bytes of an intervention file."""
-    intervention = service.intervention(parsed.request)
+def _intervention_bytes(intervention: Intervention, parsed: Parsed) -> bytes:
+    """The composed intervention, its sources named as the client named them, as an intervention file's bytes."""
     intervention.info["sources"] = parsed.renamed(intervention.info.get("sources", []))
     with tempfile.TemporaryDirectory(prefix="ht-serve-") as folder:
         path = Path(folder) / "intervention.safetensors"
@@ -140,19 +123,22 @@ def _intervention_bytes(service: Service, parsed: Parsed) -> bytes:
         return path.read_bytes()
 
 
-def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
-    """The FastAPI application serving `service`, answering to loopback names and `allowed_hosts`."""
+def create_app(engine: Engine | Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI application serving `engine` (a `Service` runs in this process), answering to
+    loopback names and `allowed_hosts`."""
+    engine = LocalEngine(engine) if isinstance(engine, Service) else engine
+    limits = engine.limits
     app = FastAPI(title="ht serve", version=__version__, docs_url=None, redoc_url=None)
+    app.state.engine = engine
     app.add_middleware(Guard, allowed_hosts=allowed_hosts)
     app.add_middleware(HeaderCount)
     page = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
     page_headers = page_policy(page)
-    images = service.predictor.encoder.has_images
-    replica = {"X-HT-Replica": service.replica}
+    replica = {"X-HT-Replica": engine.replica}
 
     @app.exception_handler(FieldError)
     async def refused(request: Request, error: FieldError) -> JSONResponse:
-        return _error(error.status, str(error), error.field, {"Retry-After": "1"} if error.status == 429 else None)
+        return _error(error.status, str(error), error.field, {"Retry-After": "1"} if error.status in (429, 503) else None)
 
     @app.exception_handler(HTError)
     async def rejected(request: Request, error: HTError) -> JSONResponse:
@@ -173,41 +159,41 @@ def create_app(service: Service, allowed_hosts: Sequence[str] = ()) -> FastAPI:
 
     @app.get("/v1/health", openapi_extra=describe("health"))
     async def health() -> JSONResponse:
-        return JSONResponse(service.health(), headers=replica)
+        return JSONResponse(await engine.health(), headers=replica)
 
     @app.get("/v1/concepts", openapi_extra=describe("concepts"))
     async def concepts() -> dict:
-        return {"concepts": service.concepts()}
+        return {"concepts": await engine.concepts()}
+
+    @contextlib.asynccontextmanager
+    async def parsed_request(request: Request) -> AsyncIterator[Parsed]:
+        """The request's body read (before admission: a stalled body holds no place), counted in
+        and parsed; the engine's refusals name uploads as the client named them."""
+        body = await read_body(request, limits)
+        with engine.admission.admitted():
+            with await parse_request(request, body, limits, engine.pixels, engine.images) as parsed:
+                try:
+                    yield parsed
+                except HTError as error:
+                    raise parsed.scrubbed(error) from None
 
     @app.post("/v1/generate", openapi_extra=describe("generate"))
     async def generate(request: Request) -> Response:
         start = time.perf_counter()
-        body = await read_body(request, service.limits)  # before admission: a stalled body holds no place
-        with service.admitted():
-            with await parse_request(request, body, service.limits, service.pixels, images) as parsed:
-                try:
-                    planned = await _unless_gone(request, service.prepare, parsed.request)
-                except Cancelled:
-                    return Response(status_code=499)  # the client left while its concepts were refined
-                except HTError as error:
-                    raise parsed.scrubbed(error) from None
-            produced = await _produced(request, service.batcher.submit(planned.samples))
-            if produced is None:
+        async with parsed_request(request) as parsed:
+            answer = await _unless_gone(request, engine.generate(parsed.request))
+            if answer is None:
                 return Response(status_code=499)  # nginx's "client closed request": for the log, nobody reads it
-            answer = await run_in_threadpool(_generated, planned, produced, parsed, start)
-            return JSONResponse(answer, headers=replica)
+            data = await run_in_threadpool(_generated, answer, parsed, start)
+        return JSONResponse(data, headers=replica)
 
     @app.post("/v1/intervention", openapi_extra=describe("intervention"))
     async def intervention(request: Request) -> Response:
-        body = await read_body(request, service.limits)
-        with service.admitted():
-            with await parse_request(request, body, service.limits, service.pixels, images) as parsed:
-                try:
-                    data = await _unless_gone(request, _intervention_bytes, service, parsed)
-                except Cancelled:
-                    return Response(status_code=499)
-                except HTError as error:
-                    raise parsed.scrubbed(error) from None
+        async with parsed_request(request) as parsed:
+            composed = await _unless_gone(request, engine.intervention(parsed.request))
+            if composed is None:
+                return Response(status_code=499)
+            data = await run_in_threadpool(_intervention_bytes, composed, parsed)
         return Response(data, media_type="application/octet-stream", headers=replica | {
             "Content-Disposition": 'attachment; filename="intervention.safetensors"'})
 
@@ -221,6 +207,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # from here connections wait for uvicorn: a client told the URL is never refused
     except OSError as error:
         sock.close()
         raise HTError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
@@ -232,30 +219,50 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run_server(service: Service, host: str = DEFAULT_HOST, port: int = 8000,
+def lower_priority(niceness: int) -> None:
+    """Lower the calling thread's CPU priority by `niceness`, and so that of the threads it starts
+    (Linux: nice is per thread). A process may lower its own priority, never raise it back."""
+    if niceness:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
+
+
+def run_server(engine: Engine | Service, host: str = DEFAULT_HOST, port: int = 8000,
                on_ready: Callable[[str], None] | None = None, log_level: str = "info",
-               allowed_hosts: Sequence[str] = ()) -> None:
-    """Serve `service` until interrupted; `on_ready(url)` once the port is bound. Closes `service`."""
+               allowed_hosts: Sequence[str] = (), niceness: int = FRONT_NICENESS) -> None:
+    """Serve `engine` until interrupted, or until its model process stops (HTError); `on_ready(url)`
+    once the port is bound. The HTTP side runs `niceness` below the model. Closes `engine`."""
     sock = _bind(host, port)
-    app = create_app(service, allowed_hosts)
-    server = uvicorn.Server(server_config(app, service.limits, log_level))
+    app = create_app(engine, allowed_hosts)
+    engine = app.state.engine
+    server = uvicorn.Server(server_config(app, engine.limits, log_level))
+    engine.on_lost = lambda: setattr(server, "should_exit", True)
     if on_ready is not None:
         on_ready(_url(sock))
+    lower_priority(niceness)
     try:
         server.run(sockets=[sock])
     finally:
-        service.close()
+        engine.close()
         sock.close()
+    if engine.stopped:
+        raise HTError(engine.stopped)
 
 
 @contextmanager
-def running(service: Service, host: str = DEFAULT_HOST, port: int = 0, timeout_s: float = 30.0,
-            allowed_hosts: Sequence[str] = ()) -> Iterator[str]:
-    """Serve `service` from a background thread for the `with` block (tests, benchmarks): yields
-    its base URL (port 0: any free port). The caller closes `service`."""
+def running(engine: Engine | Service, host: str = DEFAULT_HOST, port: int = 0, timeout_s: float = 30.0,
+            allowed_hosts: Sequence[str] = (), niceness: int = 0) -> Iterator[str]:
+    """Serve `engine` from a background thread for the `with` block (tests, benchmarks), its
+    threads `niceness` below the caller's: yields its base URL (port 0: any free port). The caller
+    closes `engine`."""
     sock = _bind(host, port)
-    server = uvicorn.Server(server_config(create_app(service, allowed_hosts), service.limits, "warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ht-serve", daemon=True)
+    app = create_app(engine, allowed_hosts)
+    server = uvicorn.Server(server_config(app, app.state.engine.limits, "warning"))
+
+    def serve() -> None:
+        lower_priority(niceness)
+        server.run(sockets=[sock])
+
+    thread = threading.Thread(target=serve, name="ht-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
     while not server.started:

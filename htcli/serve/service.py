@@ -111,6 +111,27 @@ class PixelBudget:
                 self.used -= pixels
 
 
+class Admission:
+    """Requests being read, planned, queued or generated: at most `max_queue`; more get 429."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue, self.count = max_queue, 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count a request in for the `with` block; FieldError 429 when `max_queue` are in already."""
+        with self._lock:
+            if self.count >= self.max_queue:
+                raise FieldError(f"the server is busy ({self.count} requests in progress); retry shortly", None, 429)
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
 def _glob(pattern: str, field: str) -> str:
     """A layer pattern as a request may give it: a glob (fnmatch runs in linear time); a regex
     (`re:`) could backtrack for minutes with the planning lock held, so HTTP refuses it."""
@@ -139,9 +160,8 @@ class Service:
         self.planner = Planner(steerer, self.predictor)
         steerer.refiner.max_cached = self.limits.cache_size  # refine targets on disk: as many concepts as maps in memory
         self._planning = threading.Lock()  # the planner's recorder and the encoder's tokenizer are single-threaded
-        self._counting = threading.Lock()
         self._refining = threading.Lock()  # the one request refining at a time
-        self.in_flight = 0
+        self.admission = Admission(self.limits.max_queue)
         self.started = time.time()
         self.batcher = Batcher(self._generate, self.limits.max_batch, self.limits.batch_window_ms / 1e3)
 
@@ -149,18 +169,9 @@ class Service:
         with self.steerer.refiner.lock:  # a refine request's capture encodes prompts with this pipeline too
             return generate_batch(self.spec, self.pipe, samples)
 
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Count a request in for the `with` block; FieldError 429 when `max_queue` are in already."""
-        with self._counting:
-            if self.in_flight >= self.limits.max_queue:
-                raise FieldError(f"the server is busy ({self.in_flight} requests in progress); retry shortly", None, 429)
-            self.in_flight += 1
-        try:
-            yield
-        finally:
-            with self._counting:
-                self.in_flight -= 1
+    @property
+    def in_flight(self) -> int:
+        return self.admission.count
 
     def check(self, request: SteerRequest) -> None:
         """Refuse, naming the field, what this server will not do or what `steer()` would reject

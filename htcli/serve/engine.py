@@ -1,0 +1,113 @@
+"""The model side of `ht serve`, as the HTTP side sees it: an `Engine` plans and generates
+requests that have been read, parsed and checked field by field.
+
+    engine = LocalEngine(load_service("tiny"))      # the model in this process (tests, Ray replicas)
+    engine = ProcessEngine(dict(model="tiny"))      # the model in a process of its own (`ht serve`)
+    answer = await engine.generate(SteerRequest("a lighthouse", concepts=["art deco"]))
+
+Every call is a coroutine that honours cancellation: the routes cancel it when the client hangs
+up, and the engine then drops the request's images not yet generated and stops a refine at its
+next LinEAS step or capture. What the HTTP side bounds before a request reaches the engine (how
+many requests are in, how many decoded pixels they hold) lives with the engine's `admission` and
+`pixels`, in the process that reads the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from htcli.core.runtime import cancellable
+from htcli.generate.steer import Steered, SteerRequest
+from htcli.models.interventions import Intervention
+from htcli.serve.service import Admission, Limits, PixelBudget, Service
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated request: `steered` with its images, and how each image was made."""
+
+    steered: Steered
+    batches: list[tuple[int, float, float]]  # per image: samples in its pipeline call, ms queued, ms generating
+
+
+class Engine:
+    """What the routes ask of the model: `generate`, `intervention`, `health`, `concepts`, each
+    cancellable; `images`: whether its encoder takes reference images; `replica`: who answers."""
+
+    limits: Limits
+    images: bool
+    replica: str
+    admission: Admission
+    pixels: PixelBudget
+    on_lost: Callable[[], None] | None = None  # called if the model stops by itself (a process of its own can)
+    stopped: str | None = None  # why it stopped, then
+
+    async def generate(self, request: SteerRequest) -> Answer:
+        raise NotImplementedError
+
+    async def intervention(self, request: SteerRequest) -> Intervention:
+        raise NotImplementedError
+
+    async def health(self) -> dict:
+        raise NotImplementedError
+
+    async def concepts(self) -> list[dict]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _until_cancelled(gone: threading.Event, work: Callable[..., T], *args: Any) -> T:
+    with cancellable(gone):
+        return work(*args)
+
+
+async def in_thread(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` in a worker thread; cancelling the await stops it at its next step (`Cancelled`):
+    a refine's LinEAS steps and captures are not paid for nobody."""
+    gone = threading.Event()
+    try:
+        return await asyncio.to_thread(_until_cancelled, gone, work, *args)
+    except asyncio.CancelledError:
+        gone.set()
+        raise
+
+
+def _intervention(service: Service, request: SteerRequest) -> Intervention:
+    return service.intervention(request)
+
+
+class LocalEngine(Engine):
+    """A `Service` in this process: planning in worker threads, generation in its batcher's thread."""
+
+    def __init__(self, service: Service) -> None:
+        self.service, self.limits = service, service.limits
+        self.images = service.predictor.encoder.has_images
+        self.replica = service.replica
+        self.admission, self.pixels = service.admission, service.pixels
+
+    async def generate(self, request: SteerRequest) -> Answer:
+        planned = await in_thread(self.service.prepare, request)
+        # Cancelled while waiting: each wrapped future cancels the batcher's own, which drops its sample.
+        produced = await asyncio.gather(*(asyncio.wrap_future(f) for f in self.service.batcher.submit(planned.samples)))
+        return Answer(planned.fill([p.image for p in produced]),
+                      [(p.batch_size, p.queue_ms, p.generate_ms) for p in produced])
+
+    async def intervention(self, request: SteerRequest) -> Intervention:
+        return await in_thread(_intervention, self.service, request)
+
+    async def health(self) -> dict:
+        return self.service.health()
+
+    async def concepts(self) -> list[dict]:
+        return self.service.concepts()
+
+    def close(self) -> None:
+        self.service.close()

@@ -1,0 +1,223 @@
+"""The model in a process of its own, so that reading requests never holds up generating images.
+
+`ht serve` reads, parses and checks requests in one process (uvicorn, at a lower CPU priority:
+`htcli.serve.app.FRONT_NICENESS`) and plans and generates them in another, which loads the pipeline and runs a
+`LocalEngine`. In one process the two would share one interpreter lock: a client sending refused
+bodies back to back kept the event loop and the parsing threads holding it, and every torch
+operation of the pipeline waited for it in turn (on 2 cores, generation ran 3x slower under the
+hostile mix of `python -m bench.serve`). This is the split vLLM makes between its API server
+and its engine core.
+
+The two talk over a pipe that only they hold: the front sends checked `SteerRequest`s (the
+prompt, numbers, decoded reference images and the paths of uploads it saved) and receives the
+engine's answers, both pickled by `multiprocessing`; nothing a client sends is unpickled, and
+nothing the engine receives has not been parsed by the front first. A request whose client
+hangs up is cancelled in the engine as in one process. If the model process stops, the requests
+waiting for it are answered 503 (JSON, Retry-After) and `on_lost` is called (`ht serve` then
+exits, naming the exit code); if the front stops, the model process sees its pipe close and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import queue
+import signal
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from htcli.errors import HTError
+from htcli.serve.engine import Answer, Engine, LocalEngine
+from htcli.serve.service import Admission, FieldError, Limits, PixelBudget
+
+METHODS = ("generate", "intervention", "health", "concepts")  # what the front may ask (besides cancel and close)
+Refusal = tuple[int, str, "str | None"]  # (HTTP status, message, field)
+
+
+def _refusal(error: Exception) -> Refusal:
+    if isinstance(error, HTError):
+        return getattr(error, "status", 400), str(error), getattr(error, "field", None)
+    traceback.print_exception(error)  # a bug: the model process's log has it whole
+    return 500, f"the model process failed: {type(error).__name__}: {str(error)[:200]}", None
+
+
+class ProcessEngine(Engine):
+    """An `Engine` whose `Service` runs in a child process, loaded with `load_service(**load, limits=limits)`;
+    `loaded`: its /v1/health when it was ready."""
+
+    def __init__(self, load: dict, limits: Limits) -> None:
+        self.limits = limits
+        self.admission, self.pixels = Admission(limits.max_queue), PixelBudget(limits.max_held_pixels)
+        context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads and locks
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=_main, args=(child, load | {"limits": limits}), name="ht-serve-model")
+        self.process.start()
+        child.close()
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._keys = itertools.count(1)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = False
+        try:
+            ready = self._ready()
+        except BaseException:
+            self.process.terminate()
+            self.process.join(5)
+            self._conn.close()
+            raise
+        self.images, self.replica, self.loaded = ready["images"], ready["replica"], ready["health"]
+        threading.Thread(target=self._read, name="ht-serve-answers", daemon=True).start()
+        self._sender = threading.Thread(target=self._send, name="ht-serve-requests", daemon=True)
+        self._sender.start()
+
+    def _ready(self) -> dict:
+        """The model process's first word: what it loaded, or why it could not."""
+        while not self._conn.poll(0.5):
+            if not self.process.is_alive():
+                raise HTError(f"the model process stopped while loading (exit code {self.process.exitcode})")
+        ok, value = self._conn.recv()
+        if not ok:
+            raise HTError(value[1])
+        return value
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self.stopped:
+            raise FieldError(f"{self.stopped}; the server is shutting down", None, 503)
+        loop = asyncio.get_running_loop()
+        key, future = next(self._keys), loop.create_future()
+        self._pending[key] = (loop, future)
+        self._outbox.put((key, method, args))  # pickled and sent by the sender thread, in order
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._outbox.put((key, "cancel", ()))
+            raise
+        finally:
+            self._pending.pop(key, None)
+
+    def _send(self) -> None:
+        while True:
+            message = self._outbox.get()
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):  # the pipe broke: the reader fails what waits
+                return
+            if message[1] == "close":
+                return
+
+    def _read(self) -> None:
+        try:
+            while True:
+                key, ok, value = self._conn.recv()
+                if (entry := self._pending.get(key)) is not None:
+                    entry[0].call_soon_threadsafe(_settle, entry[1], ok, value)
+        except (EOFError, OSError):
+            pass
+        self.process.join(5)
+        self.stopped = None if self._closing else f"the model process stopped (exit code {self.process.exitcode})"
+        refusal = (503, "the model process stopped before answering; retry shortly", None)
+        for loop, future in list(self._pending.values()):
+            loop.call_soon_threadsafe(_settle, future, False, refusal)
+        if self.on_lost is not None and self.stopped:
+            self.on_lost()
+
+    async def generate(self, request: Any) -> Answer:
+        return await self._call("generate", request)
+
+    async def intervention(self, request: Any) -> Any:
+        return await self._call("intervention", request)
+
+    async def health(self) -> dict:
+        health = await self._call("health")
+        return health | {"in_flight": self.admission.count, "decoding_pixels": self.pixels.used}
+
+    async def concepts(self) -> list[dict]:
+        return await self._call("concepts")
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Ask the model process to stop (it cancels what it runs and exits); stop it if it does not."""
+        self._closing = True
+        self._outbox.put((0, "close", ()))
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self._sender.join(5)
+        self._conn.close()
+
+
+def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
+    if future.done():  # cancelled meanwhile
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        status, message, field = value
+        future.set_exception(FieldError(message, field, status))
+
+
+def _main(conn: Connection, load: dict) -> None:
+    """The model process: load the service, say so, then answer until the front closes the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the front stops us
+    from htcli.serve.service import load_service
+
+    try:
+        engine = LocalEngine(load_service(**load))
+    except Exception as error:
+        conn.send((False, _refusal(error)))
+        return
+    conn.send((True, {"images": engine.images, "replica": engine.replica, "health": engine.service.health()}))
+    try:
+        asyncio.run(_answer(conn, engine))
+    finally:
+        engine.close()
+
+
+async def _answer(conn: Connection, engine: Engine) -> None:
+    """Run each request the front sends as a task, cancel it when the front says so, send its answer."""
+    loop = asyncio.get_running_loop()
+    tasks: dict[int, asyncio.Task] = {}
+    closed = loop.create_future()
+    sending = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with sending:
+            conn.send(message)
+
+    async def run(key: int, method: str, args: tuple) -> None:
+        try:
+            reply = (key, True, await getattr(engine, method)(*args))
+        except asyncio.CancelledError:
+            return  # the front stopped waiting: nobody reads an answer
+        except Exception as error:
+            reply = (key, False, _refusal(error))
+        finally:
+            tasks.pop(key, None)
+        try:
+            await asyncio.to_thread(send, reply)  # pickling images takes a while: off this loop
+        except (OSError, ValueError):  # the front has gone
+            pass
+
+    def dispatch(message: tuple) -> None:
+        key, method, args = message
+        if method == "close" and not closed.done():
+            closed.set_result(None)
+        elif method == "cancel":
+            if (task := tasks.get(key)) is not None:
+                task.cancel()
+        elif method in METHODS:
+            tasks[key] = loop.create_task(run(key, method, args))
+
+    def read() -> None:
+        try:
+            while True:
+                loop.call_soon_threadsafe(dispatch, conn.recv())
+        except (EOFError, OSError):
+            loop.call_soon_threadsafe(lambda: closed.done() or closed.set_result(None))
+
+    threading.Thread(target=read, name="ht-serve-model-requests", daemon=True).start()
+    await closed
+    for task in tasks.values():
+        task.cancel()
