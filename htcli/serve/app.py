@@ -11,7 +11,10 @@ Bodies are JSON or forms (`htcli.serve.parse`), both described in /openapi.json
 a 500, and the server keeps serving; foreign Host names and cross-origin POSTs are refused
 before any route runs (`htcli.serve.guard`). Connections, headers and bodies are bounded below
 the routes (`htcli.serve.limits`): a body is read whole, under a deadline, before its request
-takes a place in the queue. A client that disconnects while its images wait cancels them.
+takes a place in the queue. The routes ask an `Engine` (`htcli.serve.engine`) for the images:
+a `Service` in this process, or, in `ht serve`, the model in a process of its own
+(`htcli.serve.model_process`) while these threads run at a lower CPU priority. A client that
+disconnects while its request is planned or its images wait cancels it.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from htcli.serve.service import FieldError, Limits
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers together (h11's buffer for an incomplete event)
 MAX_HEADERS = 64  # header fields of one request
 MAX_JSON_SEPARATORS = 10_000  # of each of , : [ { in a JSON body; a real request has a few dozen
+MAX_FORM_TEXT_BYTES = 256 * 1024  # a form's text: the prompt, concepts and layers take a few KB
 DESCRIPTORS_KEPT = 128  # file descriptors left for everything but client connections (models, uploads, logs)
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's default)
 log = logging.getLogger("uvicorn.error")  # configured by uvicorn: one line, in its format
@@ -167,12 +168,21 @@ def server_config(app: ASGIApp, limits: Limits, log_level: str) -> uvicorn.Confi
                           h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=5)
 
 
+def _form_text(limit: int) -> FieldError:
+    return FieldError(f"a urlencoded form takes at most {limit} bytes of text; send uploads as multipart/form-data",
+                      None, 413)
+
+
 async def read_body(request: Request, limits: Limits) -> bytes:
     """The whole body, within `body_timeout_s` (else 408), refused (413) as soon as it is known to
-    exceed `max_body_bytes`. Read before the request is admitted: a stalled body holds no queue place."""
-    limit = limits.max_body_bytes
+    exceed `max_body_bytes` (a urlencoded form: `MAX_FORM_TEXT_BYTES`, it holds text only). Read
+    before the request is admitted: a stalled body holds no queue place."""
+    urlencoded = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+    limit = MAX_FORM_TEXT_BYTES if urlencoded else limits.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
+        if urlencoded:
+            raise _form_text(limit)
         raise FieldError(f"the request body is {declared[:30]} bytes; this server takes at most {limit}", None, 413)
     chunks, size = [], 0
     try:
@@ -180,7 +190,8 @@ async def read_body(request: Request, limits: Limits) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise FieldError(f"the request body exceeds {limit} bytes", None, 413)
+                    raise _form_text(limit) if urlencoded else FieldError(f"the request body exceeds {limit} bytes",
+                                                                          None, 413)
                 chunks.append(chunk)
     except TimeoutError:
         raise FieldError(f"the request body did not arrive within {limits.body_timeout_s:g} s "

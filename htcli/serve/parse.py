@@ -37,7 +37,7 @@ from htcli.core.strength import parse_strengths
 from htcli.errors import HTError
 from htcli.generate.request_fields import FIELDS, MAX_TEXT_CHARS
 from htcli.generate.steer import SteerRequest
-from htcli.serve.limits import check_json_size
+from htcli.serve.limits import MAX_FORM_TEXT_BYTES, check_json_size
 from htcli.serve.service import FieldError, Limits, PixelBudget
 
 UPLOADS = ("reference_images", "interventions")
@@ -48,7 +48,6 @@ Files = dict[str, list[tuple[str, bytes]]]  # upload field -> (file name the cli
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Word = Annotated[str, Field(max_length=32)]
 _SURROGATE = re.compile("[\ud800-\udfff]")
-MAX_FORM_TEXT_BYTES = 256 * 1024  # a form's text: the prompt, concepts and layers take a few KB
 MAX_JPEG_SCANS = 64  # a progressive JPEG has about 10; each scan is another pass over the pixels
 
 
@@ -128,10 +127,7 @@ async def parse_request(request: Request, body: bytes, limits: Limits, budget: P
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
         fields, files = body, {name: [] for name in UPLOADS}  # parsed in the thread pool below
-    elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        if kind[-10:] == "urlencoded" and len(body) > MAX_FORM_TEXT_BYTES:  # text only: no upload makes it big
-            raise FieldError(f"a urlencoded form takes at most {MAX_FORM_TEXT_BYTES} bytes of text; send uploads as "
-                             "multipart/form-data", None, 413)
+    elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # read_body bounds urlencoded ones
         # in a thread with its own event loop: a 15 MB form takes seconds to split
         fields, files = await run_in_threadpool(asyncio.run, _form(request.scope, body, limits))
     else:
