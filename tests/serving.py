@@ -43,12 +43,14 @@ def hyper_checkpoint(folder: Path, training_concepts: bool = False, text_only: b
 
 
 @contextmanager
-def ht_serve(*options: str, start_s: float = 180.0) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+def ht_serve(*options: str, start_s: float = 180.0, new_session: bool = False
+             ) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
     """`ht serve --port 0 OPTIONS...` in a subprocess on 127.0.0.1: (process, base URL, its output
-    lines so far, growing while it runs). Stopped (SIGTERM, then SIGKILL) on exit."""
+    lines so far, growing while it runs). Stopped (SIGTERM, then SIGKILL) on exit. `new_session`:
+    in a process group of its own, as a service manager starts it."""
     command = [sys.executable, "-m", "htcli", "serve", "--port", "0", *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=os.environ | {"OMP_NUM_THREADS": "1"})
+                               env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=new_session)
     lines: list[str] = []
     found = threading.Event()
     threading.Thread(target=lambda: [lines.append(line) or (" at http://" in line and found.set())

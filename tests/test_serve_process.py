@@ -5,12 +5,15 @@ These tests run the real command and look at its processes through /proc."""
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from safetensors.torch import load
 from serving import ht_serve
 
 from htcli.serve.app import FRONT_NICENESS
@@ -57,6 +60,13 @@ def test_the_model_runs_in_a_process_of_its_own_above_the_http_side(server):
     assert reply.status_code == 200 and reply.headers["x-ht-replica"].endswith(f":{model}")
     assert _niceness(process.pid) == FRONT_NICENESS  # uvicorn's thread, and the threads it started
     assert {_niceness(model, int(tid.name)) for tid in Path(f"/proc/{model}/task").iterdir()} == {0}
+    descriptors = len(list(Path(f"/proc/{process.pid}/fd").iterdir()))
+    for seed in range(10):  # answers come back pickled plainly: no shared-memory descriptor per tensor
+        assert httpx.post(url + "/v1/generate", json={"prompt": "x", "concepts": ["art deco"], "seed": seed},
+                          timeout=TIMEOUT).status_code == 200
+    assert len(list(Path(f"/proc/{process.pid}/fd").iterdir())) <= descriptors + 2
+    reply = httpx.post(url + "/v1/intervention", json={"prompt": "x", "concepts": ["art deco"]}, timeout=TIMEOUT)
+    assert reply.status_code == 200 and all(t.device.type == "cpu" for t in load(reply.content).values())
 
 
 def test_a_client_that_hangs_up_cancels_its_images_in_the_model_process(server):
@@ -94,10 +104,19 @@ def test_a_model_process_that_dies_is_a_json_503_and_ht_serve_exits_naming_it():
     assert not any("Traceback" in line for line in lines), "".join(lines)
 
 
-def test_sigterm_stops_the_model_process_too():
-    with ht_serve("--model", "tiny") as (process, url, _):
+def test_sigterm_to_the_process_group_finishes_requests_then_stops_both():
+    """A service manager (systemd's default) signals the whole group: the model process waits for
+    the front, which finishes its requests, then stops it."""
+    with ht_serve("--model", "tiny", "--batch-window-ms", "2000", new_session=True) as (process, url, _):
         model = _model_process(process.pid)
-        process.send_signal(signal.SIGTERM)
+        replies = []
+        waiting = threading.Thread(target=lambda: replies.append(httpx.post(
+            url + "/v1/generate", json={"prompt": "x", "concepts": ["art deco"]}, timeout=TIMEOUT)))
+        waiting.start()
+        time.sleep(0.5)  # in the model's batch window
+        os.killpg(process.pid, signal.SIGTERM)
+        waiting.join(TIMEOUT)
+        assert replies and replies[0].status_code == 200, replies and replies[0].text
         assert process.wait(TIMEOUT) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
         deadline = time.monotonic() + 10
         while _alive(model) and time.monotonic() < deadline:
@@ -105,3 +124,16 @@ def test_sigterm_stops_the_model_process_too():
         assert not _alive(model)
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/v1/health", timeout=5)
+
+
+def test_a_port_in_use_is_refused_in_one_line_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "htcli", "serve", "--model", "tiny", "--port", str(port)],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 1 and time.perf_counter() - start < TIMEOUT
+    assert done.stderr.strip().splitlines()[-1].startswith(f"Error: cannot listen on 127.0.0.1:{port}"), done.stderr
+    assert "loading" not in done.stdout, done.stdout  # no model was loaded for it

@@ -47,7 +47,7 @@ from htcli import __version__
 from htcli.errors import HTError
 from htcli.generate.steer import Steered
 from htcli.models.interventions import Intervention
-from htcli.serve.engine import Answer, Engine, LocalEngine
+from htcli.serve.engine import FAILED, Answer, Engine, LocalEngine
 from htcli.serve.guard import Guard, page_policy
 from htcli.serve.limits import HeaderCount, hung_up, read_body, server_config
 from htcli.serve.parse import Parsed, parse_request
@@ -114,6 +114,7 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
     if task.done():
         return task.result()
     task.cancel()
+    await asyncio.wait([task])  # until the engine has stopped it: what the request holds is given back after
     return None
 
 
@@ -150,6 +151,10 @@ def create_app(engine: Engine | Service, allowed_hosts: Sequence[str] = ()) -> F
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return _error(error.status_code, str(error.detail), headers=error.headers)  # 405 keeps its Allow header
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:  # a bug: logged whole, not sent
+        return _error(500, FAILED)
 
     @app.exception_handler(ClientDisconnect)
     async def left(request: Request, error: ClientDisconnect) -> Response:
@@ -204,7 +209,8 @@ def create_app(engine: Engine | Service, allowed_hosts: Sequence[str] = ()) -> F
     return app
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def listen(host: str = DEFAULT_HOST, port: int = 0) -> socket.socket:
+    """A socket listening on host:port (0: any free port); HTError naming the address when it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -229,26 +235,25 @@ def lower_priority(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
 
 
-def run_server(engine: Engine | Service, host: str = DEFAULT_HOST, port: int = 8000,
-               on_ready: Callable[[str], None] | None = None, log_level: str = "info",
-               allowed_hosts: Sequence[str] = (), niceness: int = FRONT_NICENESS) -> None:
-    """Serve `engine` until interrupted, or until its model process stops (HTError); `on_ready(url)`
-    once the port is bound. The HTTP side runs `niceness` below the model. Closes `engine`."""
-    sock = _bind(host, port)
-    app = create_app(engine, allowed_hosts)
-    engine = app.state.engine
-    server = uvicorn.Server(server_config(app, engine.limits, log_level))
-    engine.on_lost = lambda: setattr(server, "should_exit", True)
-    if on_ready is not None:
-        on_ready(_url(sock))
-    lower_priority(niceness)
+def run_server(engine: Engine | Service, sock: socket.socket, on_ready: Callable[[str], None] | None = None,
+               log_level: str = "info", allowed_hosts: Sequence[str] = (), niceness: int = FRONT_NICENESS) -> None:
+    """Serve `engine` on `sock` (from `listen`) until interrupted, or until its model process stops
+    (HTError); `on_ready(url)` once it is about to serve. The HTTP side runs `niceness` below the
+    model. Closes `engine` and `sock`."""
     try:
+        app = create_app(engine, allowed_hosts)
+        engine = app.state.engine
+        server = uvicorn.Server(server_config(app, engine.limits, log_level))
+        engine.on_lost = lambda: setattr(server, "should_exit", True)
+        if on_ready is not None:
+            on_ready(_url(sock))
+        lower_priority(niceness)
         server.run(sockets=[sock])
     finally:
         engine.close()
         sock.close()
-    if engine.stopped:
-        raise HTError(engine.stopped)
+    if engine.lost:
+        raise HTError(engine.lost)
 
 
 @contextmanager
@@ -257,7 +262,7 @@ def running(engine: Engine | Service, host: str = DEFAULT_HOST, port: int = 0, t
     """Serve `engine` from a background thread for the `with` block (tests, benchmarks), its
     threads `niceness` below the caller's: yields its base URL (port 0: any free port). The caller
     closes `engine`."""
-    sock = _bind(host, port)
+    sock = listen(host, port)
     app = create_app(engine, allowed_hosts)
     server = uvicorn.Server(server_config(app, app.state.engine.limits, "warning"))
 

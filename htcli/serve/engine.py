@@ -1,8 +1,8 @@
 """The model side of `ht serve`, as the HTTP side sees it: an `Engine` plans and generates
 requests that have been read, parsed and checked field by field.
 
-    engine = LocalEngine(load_service("tiny"))      # the model in this process (tests, Ray replicas)
-    engine = ProcessEngine(dict(model="tiny"))      # the model in a process of its own (`ht serve`)
+    engine = LocalEngine(load_service("tiny"))               # the model in this process (tests, Ray replicas)
+    engine = ProcessEngine(dict(model="tiny"), Limits())     # the model in a process of its own (`ht serve`)
     answer = await engine.generate(SteerRequest("a lighthouse", concepts=["art deco"]))
 
 Every call is a coroutine that honours cancellation: the routes cancel it when the client hangs
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from htcli.core.runtime import cancellable
@@ -26,6 +26,9 @@ from htcli.models.interventions import Intervention
 from htcli.serve.service import Admission, Limits, PixelBudget, Service
 
 T = TypeVar("T")
+
+
+FAILED = "the server failed on this request (its log says why)"  # a bug's answer (500): no internals to clients
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Engine:
     admission: Admission
     pixels: PixelBudget
     on_lost: Callable[[], None] | None = None  # called if the model stops by itself (a process of its own can)
-    stopped: str | None = None  # why it stopped, then
+    lost: str | None = None  # why it stopped, then
 
     async def generate(self, request: SteerRequest) -> Answer:
         raise NotImplementedError
@@ -70,18 +73,24 @@ def _until_cancelled(gone: threading.Event, work: Callable[..., T], *args: Any) 
 
 
 async def in_thread(work: Callable[..., T], *args: Any) -> T:
-    """`work(*args)` in a worker thread; cancelling the await stops it at its next step (`Cancelled`):
-    a refine's LinEAS steps and captures are not paid for nobody."""
+    """`work(*args)` in a worker thread; cancelling the await stops it at its next step (`Cancelled`)
+    and returns once it has stopped: a refine's LinEAS steps and captures are not paid for nobody,
+    and what the request holds (uploads, queue place) is not given back while it still runs."""
     gone = threading.Event()
+    thread = asyncio.ensure_future(asyncio.to_thread(_until_cancelled, gone, work, *args))
     try:
-        return await asyncio.to_thread(_until_cancelled, gone, work, *args)
+        return await asyncio.shield(thread)
     except asyncio.CancelledError:
         gone.set()
+        await asyncio.wait([thread])
         raise
 
 
 def _intervention(service: Service, request: SteerRequest) -> Intervention:
-    return service.intervention(request)
+    """The composed intervention, its maps on the CPU (as a file holds them, whatever the pipeline's device)."""
+    intervention = service.intervention(request)
+    maps = {layer: (omega.cpu(), beta.cpu()) for layer, (omega, beta) in intervention.maps.items()}
+    return replace(intervention, maps=maps)
 
 
 class LocalEngine(Engine):
@@ -97,8 +106,8 @@ class LocalEngine(Engine):
         planned = await in_thread(self.service.prepare, request)
         # Cancelled while waiting: each wrapped future cancels the batcher's own, which drops its sample.
         produced = await asyncio.gather(*(asyncio.wrap_future(f) for f in self.service.batcher.submit(planned.samples)))
-        return Answer(planned.fill([p.image for p in produced]),
-                      [(p.batch_size, p.queue_ms, p.generate_ms) for p in produced])
+        steered = replace(planned.fill([p.image for p in produced]), maps=None)  # the answer needs the images only
+        return Answer(steered, [(p.batch_size, p.queue_ms, p.generate_ms) for p in produced])
 
     async def intervention(self, request: SteerRequest) -> Intervention:
         return await in_thread(_intervention, self.service, request)

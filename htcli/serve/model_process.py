@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
+import pickle
 import queue
 import signal
 import threading
@@ -30,23 +31,31 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from htcli.errors import HTError
-from htcli.serve.engine import Answer, Engine, LocalEngine
+from htcli.serve.engine import FAILED, Answer, Engine, LocalEngine
 from htcli.serve.service import Admission, FieldError, Limits, PixelBudget
 
 METHODS = ("generate", "intervention", "health", "concepts")  # what the front may ask (besides cancel and close)
+CANCEL_WAIT_S = 30.0  # how long a cancelled request waits for the model process to have stopped it
 Refusal = tuple[int, str, "str | None"]  # (HTTP status, message, field)
 
 
 def _refusal(error: Exception) -> Refusal:
     if isinstance(error, HTError):
         return getattr(error, "status", 400), str(error), getattr(error, "field", None)
-    traceback.print_exception(error)  # a bug: the model process's log has it whole
-    return 500, f"the model process failed: {type(error).__name__}: {str(error)[:200]}", None
+    traceback.print_exception(error)  # a bug: the log has it whole
+    return 500, FAILED, None
+
+
+def _send(conn: Connection, message: tuple) -> None:
+    """Pickled here, plainly: torch's sharing of tensors through file descriptors (what
+    `Connection.send` would use) would tie each answer to the sender staying alive."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class ProcessEngine(Engine):
     """An `Engine` whose `Service` runs in a child process, loaded with `load_service(**load, limits=limits)`;
-    `loaded`: its /v1/health when it was ready."""
+    `loaded`: its /v1/health when it was ready. Start it from a script's `if __name__ == "__main__":`
+    block (the child imports the script again)."""
 
     def __init__(self, load: dict, limits: Limits) -> None:
         self.limits = limits
@@ -57,51 +66,76 @@ class ProcessEngine(Engine):
         self.process.start()
         child.close()
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._lock = threading.Lock()  # `stopped` and `_pending` change together
         self._keys = itertools.count(1)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._closing = False
+        self._closing, self._stopped = False, None
         try:
             ready = self._ready()
         except BaseException:
-            self.process.terminate()
+            self.process.kill()
             self.process.join(5)
             self._conn.close()
             raise
         self.images, self.replica, self.loaded = ready["images"], ready["replica"], ready["health"]
-        threading.Thread(target=self._read, name="ht-serve-answers", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="ht-serve-answers", daemon=True)
         self._sender = threading.Thread(target=self._send, name="ht-serve-requests", daemon=True)
+        self._reader.start()
         self._sender.start()
 
     def _ready(self) -> dict:
         """The model process's first word: what it loaded, or why it could not."""
-        while not self._conn.poll(0.5):
-            if not self.process.is_alive():
-                raise HTError(f"the model process stopped while loading (exit code {self.process.exitcode})")
-        ok, value = self._conn.recv()
+        try:
+            while not self._conn.poll(0.5):
+                if not self.process.is_alive():
+                    break
+            ok, value = pickle.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            self.process.join(5)
+            raise HTError(f"the model process stopped while loading (exit code {self.process.exitcode})") from None
         if not ok:
             raise HTError(value[1])
         return value
 
     async def _call(self, method: str, *args: Any) -> Any:
-        if self.stopped:
-            raise FieldError(f"{self.stopped}; the server is shutting down", None, 503)
         loop = asyncio.get_running_loop()
         key, future = next(self._keys), loop.create_future()
-        self._pending[key] = (loop, future)
+        with self._lock:
+            if self._stopped:
+                raise FieldError(f"{self._stopped}; retry shortly", None, 503)
+            self._pending[key] = (loop, future)
         self._outbox.put((key, method, args))  # pickled and sent by the sender thread, in order
         try:
             return await future
         except asyncio.CancelledError:
+            # Ask the model process to stop, and wait until it has: the request's uploads, queue
+            # place and pixels are given back only then.
             self._outbox.put((key, "cancel", ()))
+            try:
+                await asyncio.wait_for(future, CANCEL_WAIT_S)
+            except BaseException:  # its acknowledgement (499), a failure, or no word in time
+                pass
             raise
         finally:
-            self._pending.pop(key, None)
+            with self._lock:
+                self._pending.pop(key, None)
+
+    def _fail(self, key: int, refusal: Refusal) -> None:
+        with self._lock:
+            entry = self._pending.get(key)
+        if entry is not None:
+            entry[0].call_soon_threadsafe(_settle, entry[1], False, refusal)
 
     def _send(self) -> None:
         while True:
             message = self._outbox.get()
             try:
-                self._conn.send(message)
+                data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as error:  # a request that cannot be pickled fails alone
+                self._fail(message[0], _refusal(error))
+                continue
+            try:
+                self._conn.send_bytes(data)
             except (OSError, ValueError):  # the pipe broke: the reader fails what waits
                 return
             if message[1] == "close":
@@ -110,18 +144,26 @@ class ProcessEngine(Engine):
     def _read(self) -> None:
         try:
             while True:
-                key, ok, value = self._conn.recv()
-                if (entry := self._pending.get(key)) is not None:
+                key, ok, value = pickle.loads(self._conn.recv_bytes())
+                with self._lock:
+                    entry = self._pending.get(key)
+                if entry is not None:
                     entry[0].call_soon_threadsafe(_settle, entry[1], ok, value)
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the model process closed the pipe: it stopped
             pass
-        self.process.join(5)
-        self.stopped = None if self._closing else f"the model process stopped (exit code {self.process.exitcode})"
-        refusal = (503, "the model process stopped before answering; retry shortly", None)
-        for loop, future in list(self._pending.values()):
-            loop.call_soon_threadsafe(_settle, future, False, refusal)
-        if self.on_lost is not None and self.stopped:
-            self.on_lost()
+        except Exception as error:  # an answer that cannot be read: a bug; stop rather than hang
+            traceback.print_exception(error)
+            self.process.kill()
+        with self._lock:
+            self._stopped = "the server is shutting down" if self._closing else "the model process stopped"
+            waiting = list(self._pending.values())
+        for loop, future in waiting:
+            loop.call_soon_threadsafe(_settle, future, False, (503, f"{self._stopped} before answering; retry shortly", None))
+        if not self._closing:
+            self.process.join(5)
+            self.lost = f"the model process stopped (exit code {self.process.exitcode})"
+            if self.on_lost is not None:
+                self.on_lost()
 
     async def generate(self, request: Any) -> Answer:
         return await self._call("generate", request)
@@ -137,19 +179,22 @@ class ProcessEngine(Engine):
         return await self._call("concepts")
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Ask the model process to stop (it cancels what it runs and exits); stop it if it does not."""
-        self._closing = True
+        """Ask the model process to stop (it cancels what it runs and exits); kill it if it does not."""
+        with self._lock:
+            self._closing = True
+            self._stopped = self._stopped or "the server is shutting down"
         self._outbox.put((0, "close", ()))
         self.process.join(timeout_s)
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()
             self.process.join(5)
         self._sender.join(5)
+        self._reader.join(5)
         self._conn.close()
 
 
 def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
-    if future.done():  # cancelled meanwhile
+    if future.done():  # settled already (a cancel, then the model's 503)
         return
     if ok:
         future.set_result(value)
@@ -159,16 +204,19 @@ def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
 
 
 def _main(conn: Connection, load: dict) -> None:
-    """The model process: load the service, say so, then answer until the front closes the pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the front stops us
+    """The model process: load the service, say so, then answer until the front says close or goes."""
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the front finishes
+    # its requests (they need this process) and then stops it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from htcli.serve.service import load_service
 
     try:
         engine = LocalEngine(load_service(**load))
     except Exception as error:
-        conn.send((False, _refusal(error)))
+        _send(conn, (False, _refusal(error)))
         return
-    conn.send((True, {"images": engine.images, "replica": engine.replica, "health": engine.service.health()}))
+    _send(conn, (True, {"images": engine.images, "replica": engine.replica, "health": engine.service.health()}))
     try:
         asyncio.run(_answer(conn, engine))
     finally:
@@ -183,14 +231,18 @@ async def _answer(conn: Connection, engine: Engine) -> None:
     sending = threading.Lock()
 
     def send(message: tuple) -> None:
+        try:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as error:  # an answer that cannot be pickled: the request fails, not the server
+            data = pickle.dumps((message[0], False, _refusal(error)))
         with sending:
-            conn.send(message)
+            conn.send_bytes(data)
 
     async def run(key: int, method: str, args: tuple) -> None:
         try:
             reply = (key, True, await getattr(engine, method)(*args))
         except asyncio.CancelledError:
-            return  # the front stopped waiting: nobody reads an answer
+            reply = (key, False, (499, "cancelled: the client left", None))  # the front waits for this word
         except Exception as error:
             reply = (key, False, _refusal(error))
         finally:
@@ -213,9 +265,12 @@ async def _answer(conn: Connection, engine: Engine) -> None:
     def read() -> None:
         try:
             while True:
-                loop.call_soon_threadsafe(dispatch, conn.recv())
-        except (EOFError, OSError):
-            loop.call_soon_threadsafe(lambda: closed.done() or closed.set_result(None))
+                loop.call_soon_threadsafe(dispatch, pickle.loads(conn.recv_bytes()))
+        except (EOFError, OSError):  # the front has gone
+            pass
+        except Exception as error:  # a request that cannot be read: a bug; the front sees this process stop
+            traceback.print_exception(error)
+        loop.call_soon_threadsafe(lambda: closed.done() or closed.set_result(None))
 
     threading.Thread(target=read, name="ht-serve-model-requests", daemon=True).start()
     await closed
