@@ -3,8 +3,8 @@
 A body is JSON (uploads as base64 strings) or a form (uploads as multipart files: `curl -F`,
 the web page); both go through one pydantic model, `Body`, whose text fields are capped in
 length. The body, read already (`htcli.serve.limits.read_body`), is parsed off the event loop,
-JSON after its separators are counted (`check_json_size`: a million keys are 413 before
-`json.loads` builds them), forms in a thread of their own; deep nesting, integers too long to
+JSON after its separators were counted as it was read (`JsonSeparators`: a million keys are
+413 before `json.loads` builds them), forms in a thread of their own; deep nesting, integers too long to
 read and lone surrogates are 4xx, not crashes. Sources are counted before anything is decoded;
 reference images must be PNG, JPEG (of at most `MAX_JPEG_SCANS` scans) or WebP, are refused
 undecoded when the encoder has no image tower, and every upload's header is read, its size
@@ -37,7 +37,7 @@ from htcli.core.strength import parse_strengths
 from htcli.errors import HTError
 from htcli.generate.request_fields import FIELDS, MAX_TEXT_CHARS
 from htcli.generate.steer import SteerRequest
-from htcli.serve.limits import MAX_FORM_TEXT_BYTES, check_json_size
+from htcli.serve.limits import MAX_FORM_TEXT_BYTES
 from htcli.serve.service import FieldError, Limits, PixelBudget
 
 UPLOADS = ("reference_images", "interventions")
@@ -137,7 +137,7 @@ async def parse_request(request: Request, body: bytes, limits: Limits, budget: P
 
 
 def _json(body: bytes) -> dict:
-    check_json_size(body)
+    """The JSON body (its separators counted already, as it was read: `htcli.serve.limits.read_body`)."""
     try:
         fields = json.loads(body)  # NaN and Infinity parse, and are refused by field below
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
