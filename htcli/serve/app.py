@@ -230,9 +230,9 @@ def _url(sock: socket.socket) -> str:
 
 def lower_priority(niceness: int) -> None:
     """Lower the calling thread's CPU priority by `niceness`, and so that of the threads it starts
-    (Linux: nice is per thread). A process may lower its own priority, never raise it back."""
+    (Linux: nice is per thread; elsewhere this process's). It may never be raised back."""
     if niceness:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
 
 
 def run_server(engine: Engine | Service, sock: socket.socket, on_ready: Callable[[str], None] | None = None,

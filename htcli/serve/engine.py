@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -26,8 +27,6 @@ from htcli.models.interventions import Intervention
 from htcli.serve.service import Admission, Limits, PixelBudget, Service
 
 T = TypeVar("T")
-
-
 FAILED = "the server failed on this request (its log says why)"  # a bug's answer (500): no internals to clients
 
 
@@ -39,7 +38,7 @@ class Answer:
     batches: list[tuple[int, float, float]]  # per image: samples in its pipeline call, ms queued, ms generating
 
 
-class Engine:
+class Engine(ABC):
     """What the routes ask of the model: `generate`, `intervention`, `health`, `concepts`, each
     cancellable; `images`: whether its encoder takes reference images; `replica`: who answers."""
 
@@ -51,20 +50,25 @@ class Engine:
     on_lost: Callable[[], None] | None = None  # called if the model stops by itself (a process of its own can)
     lost: str | None = None  # why it stopped, then
 
+    @abstractmethod
     async def generate(self, request: SteerRequest) -> Answer:
-        raise NotImplementedError
+        """Plan `request` (maps predicted or cached, composed) and generate its images."""
 
+    @abstractmethod
     async def intervention(self, request: SteerRequest) -> Intervention:
-        raise NotImplementedError
+        """The composed intervention of `request`'s sources, its maps on the CPU."""
 
+    @abstractmethod
     async def health(self) -> dict:
-        raise NotImplementedError
+        """What /v1/health answers."""
 
+    @abstractmethod
     async def concepts(self) -> list[dict]:
-        raise NotImplementedError
+        """The concept library: name, category, held out or not."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop generating; what is queued fails."""
 
 
 def _until_cancelled(gone: threading.Event, work: Callable[..., T], *args: Any) -> T:
