@@ -45,7 +45,7 @@ def test_openapi_documents_both_bodies_and_every_status(api):
         assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/Body"}
         form = document["components"]["schemas"]["Form"]["properties"]
         assert form["reference_images"]["items"]["format"] == "binary" and form["seed"]["maximum"] == 2**63 - 1
-        assert set(operation["responses"]) == {"200", "400", "403", "408", "413", "415", "422", "429", "431", "499", "503"}
+        assert set(operation["responses"]) == {"200", "400", "403", "408", "413", "415", "422", "429", "431", "499", "500", "503"}
     body = document["components"]["schemas"]["Body"]["properties"]
     assert {"prompt", "concepts", "strength", "seed", "reference_images", "interventions", "layers"} <= set(body)
     assert body["seed"]["minimum"] == 0 and body["layers"]["items"]["maxLength"] == 200

@@ -56,7 +56,8 @@ _REFUSALS = {  # status -> when (every POST route)
     403: "a cross-origin POST from a browser (`field`: Origin or Sec-Fetch-Site)",
     408: "the body did not arrive within --body-timeout-s, or the headers within --header-timeout-s (the connection "
          "is then closed)",
-    413: "a body over --max-body-mb, a JSON body of more than 10000 items, keys, lists or objects, a reference image "
+    413: "a body over --max-body-mb (a urlencoded form: over 256 KiB), a JSON body of more than 10000 items, keys, "
+         "lists or objects (refused as it arrives), a reference image "
          "over --max-image-pixels (or a JPEG of more than 64 scans), or reference images over --max-request-pixels "
          "together",
     415: "a body that is neither JSON nor a form",
@@ -65,8 +66,9 @@ _REFUSALS = {  # status -> when (every POST route)
          "refining; retry after Retry-After",
     431: "request headers over 16 KiB, or more than 64 header fields",
     499: "the client disconnected before its images were made (their generation is cancelled; nobody receives this)",
-    503: "--max-connections connections open and none idle to close, or (--replicas) the replica answering died "
-         "and so did the retry; retry after Retry-After",
+    500: "a bug in the server: a generic message (the server's log has the traceback)",
+    503: "--max-connections connections open and none idle to close, the model process stopped (ht serve then "
+         "exits), or (--replicas) the replica answering died and so did the retry; retry after Retry-After",
 }
 
 
