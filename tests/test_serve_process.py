@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -43,6 +44,21 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@contextmanager
+def waiting_request(url: str, after_s: float):
+    """A generation request sent from a thread; the `with` block runs `after_s` later, while it
+    waits, and ends once it is answered. Yields the list its reply goes into."""
+    replies: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: replies.append(httpx.post(
+        url + "/v1/generate", json={"prompt": "x", "concepts": ["art deco"]}, timeout=TIMEOUT)))
+    thread.start()
+    time.sleep(after_s)
+    try:
+        yield replies
+    finally:
+        thread.join(TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +105,8 @@ def test_a_client_that_hangs_up_cancels_its_images_in_the_model_process(server):
 def test_a_model_process_that_dies_is_a_json_503_and_ht_serve_exits_naming_it():
     with ht_serve("--model", "tiny", "--batch-window-ms", "3000") as (process, url, lines):
         model = _model_process(process.pid)
-        replies = []
-        waiting = threading.Thread(target=lambda: replies.append(httpx.post(
-            url + "/v1/generate", json={"prompt": "x", "concepts": ["art deco"]}, timeout=TIMEOUT)))
-        waiting.start()
-        time.sleep(1.0)  # in the model's batch window
-        os.kill(model, signal.SIGKILL)
-        waiting.join(TIMEOUT)
+        with waiting_request(url, 1.0) as replies:  # in the model's batch window
+            os.kill(model, signal.SIGKILL)
         assert process.wait(TIMEOUT) == 1
     reply = replies[0]
     assert reply.status_code == 503 and reply.headers["retry-after"] == "1", reply.text
@@ -109,13 +120,8 @@ def test_sigterm_to_the_process_group_finishes_requests_then_stops_both():
     the front, which finishes its requests, then stops it."""
     with ht_serve("--model", "tiny", "--batch-window-ms", "2000", new_session=True) as (process, url, _):
         model = _model_process(process.pid)
-        replies = []
-        waiting = threading.Thread(target=lambda: replies.append(httpx.post(
-            url + "/v1/generate", json={"prompt": "x", "concepts": ["art deco"]}, timeout=TIMEOUT)))
-        waiting.start()
-        time.sleep(0.5)  # in the model's batch window
-        os.killpg(process.pid, signal.SIGTERM)
-        waiting.join(TIMEOUT)
+        with waiting_request(url, 0.5) as replies:  # in the model's batch window
+            os.killpg(process.pid, signal.SIGTERM)
         assert replies and replies[0].status_code == 200, replies and replies[0].text
         assert process.wait(TIMEOUT) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
         deadline = time.monotonic() + 10

@@ -82,8 +82,7 @@ def serve_command(
     if not 0 <= port <= 65535:
         raise HTError(f"--port must be from 0 to 65535 (0: any free port), got {port}")
     try:
-        from htcli.serve.app import listen, run_server
-        from htcli.serve.model_process import ProcessEngine
+        from htcli.serve.model_process import serve
     except ImportError as error:  # fastapi or uvicorn missing: one line, with the fix
         raise HTError(f"{error.name or error} is not installed; run: pip install -e \".[serve]\"") from None
     limits = Limits(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue, max_images=max_images,
@@ -100,20 +99,13 @@ def serve_command(
     if replicas is not None:
         serve_on_ray(spec.id, hyper, model_path, device, limits, allowed, replicas, host, port, ray_address)
         return
-    sock = listen(host, port)  # first: no model loads for a port that cannot be had
-    console.print(f"loading {spec.id}...", highlight=False, markup=False)
-    try:
-        engine = ProcessEngine(dict(model=spec.id, hyper=hyper, model_path=model_path, device=device), limits)
-    except BaseException:
-        sock.close()
-        raise
-    health = engine.loaded
 
-    def ready(url: str) -> None:
+    def ready(url: str, health: dict) -> None:
         console.print(f"serving {health['model']} (hypernetwork {health['hypernetwork_sha256']}, {health['device']}) "
                       f"at {url}/ ; API: {url}/v1/health", highlight=False, markup=False)
 
-    run_server(engine, sock, on_ready=ready, allowed_hosts=allowed)
+    serve(dict(model=spec.id, hyper=hyper, model_path=model_path, device=device), limits, host, port, allowed,
+          on_loading=lambda: console.print(f"loading {spec.id}...", highlight=False, markup=False), on_ready=ready)
 
 
 def serve_on_ray(model: str, hyper, model_path, device, limits: Limits, allowed: list[str], replicas: int, host: str,

@@ -27,10 +27,12 @@ import queue
 import signal
 import threading
 import traceback
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 from htcli.errors import HTError
+from htcli.serve.app import DEFAULT_HOST, listen, run_server
 from htcli.serve.engine import FAILED, Answer, Engine, LocalEngine
 from htcli.serve.service import Admission, FieldError, Limits, PixelBudget
 
@@ -191,6 +193,23 @@ class ProcessEngine(Engine):
         self._sender.join(5)
         self._reader.join(5)
         self._conn.close()
+
+
+def serve(load: dict, limits: Limits, host: str = DEFAULT_HOST, port: int = 8000, allowed_hosts: Sequence[str] = (),
+          on_loading: Callable[[], None] | None = None, on_ready: Callable[[str, dict], None] | None = None) -> None:
+    """`ht serve`: take the port (first: no model loads for a port that cannot be had), load the
+    model in a process of its own (`on_loading()` before), then serve until interrupted
+    (`on_ready(url, health)` once ready); HTError if the model process stops by itself."""
+    sock = listen(host, port)
+    if on_loading is not None:
+        on_loading()
+    try:
+        engine = ProcessEngine(load, limits)
+    except BaseException:
+        sock.close()
+        raise
+    run_server(engine, sock, on_ready=on_ready and (lambda url: on_ready(url, engine.loaded)),
+               allowed_hosts=allowed_hosts)
 
 
 def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
