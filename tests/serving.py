@@ -2,11 +2,12 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,6 +70,20 @@ def ht_serve(*options: str, start_s: float = 180.0, new_session: bool = False
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def hanging_up(url: str, body: bytes, waiting: Callable[[], bool], timeout_s: float = 60.0) -> Iterator[None]:
+    """A raw POST /v1/generate of `body` whose connection stays open until `waiting()` is true
+    (polled, at most `timeout_s`), then the `with` block, then the client hangs up."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + timeout_s
+        while not waiting() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield
 
 
 @contextmanager

@@ -4,7 +4,6 @@ pending images); the command line refuses the same mistakes in one line."""
 
 import base64
 import io
-import socket
 import threading
 import time
 
@@ -12,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from serving import hyper_checkpoint, served
+from serving import hanging_up, hyper_checkpoint, served
 from typer.testing import CliRunner
 
 from htcli.cli import app
@@ -227,13 +226,7 @@ def test_streamed_body_without_content_length_is_cut_at_the_limit(server):
 def test_a_client_that_disconnects_cancels_its_pending_images(steerer):
     with served(steerer, batch_window_ms=1500, max_batch=16) as (service, url):
         body = b'{"prompt": "x", "concepts": ["art deco"], "num_images": 4}'
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
-            sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
-            deadline = time.monotonic() + TIMEOUT
-            while service.batcher.pending < 4 and time.monotonic() < deadline:
-                time.sleep(0.01)
+        with hanging_up(url, body, lambda: service.batcher.pending >= 4, TIMEOUT):
             assert service.batcher.pending == 4
         deadline = time.monotonic() + TIMEOUT
         while service.in_flight and time.monotonic() < deadline:

@@ -32,6 +32,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from htcli.errors import HTError
+from htcli.generate.steer import SteerRequest
+from htcli.models.interventions import Intervention
 from htcli.serve.app import DEFAULT_HOST, listen, run_server
 from htcli.serve.engine import FAILED, Answer, Engine, LocalEngine
 from htcli.serve.service import Admission, FieldError, Limits, PixelBudget
@@ -48,10 +50,10 @@ def _refusal(error: Exception) -> Refusal:
     return 500, FAILED, None
 
 
-def _send(conn: Connection, message: tuple) -> None:
-    """Pickled here, plainly: torch's sharing of tensors through file descriptors (what
-    `Connection.send` would use) would tie each answer to the sender staying alive."""
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+def _pickled(message: tuple) -> bytes:
+    """Plain pickle: torch's sharing of tensors through file descriptors (what `Connection.send`
+    would use) would tie each message to its sender staying alive, and cost a descriptor a tensor."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class ProcessEngine(Engine):
@@ -68,7 +70,7 @@ class ProcessEngine(Engine):
         self.process.start()
         child.close()
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._lock = threading.Lock()  # `stopped` and `_pending` change together
+        self._lock = threading.Lock()  # `_stopped` and `_pending` change together
         self._keys = itertools.count(1)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closing, self._stopped = False, None
@@ -122,19 +124,20 @@ class ProcessEngine(Engine):
             with self._lock:
                 self._pending.pop(key, None)
 
-    def _fail(self, key: int, refusal: Refusal) -> None:
+    def _settle(self, key: int, ok: bool, value: Any) -> None:
+        """Settle request `key`'s future, if it still waits, on its own loop."""
         with self._lock:
             entry = self._pending.get(key)
         if entry is not None:
-            entry[0].call_soon_threadsafe(_settle, entry[1], False, refusal)
+            entry[0].call_soon_threadsafe(_settle, entry[1], ok, value)
 
     def _send(self) -> None:
         while True:
             message = self._outbox.get()
             try:
-                data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+                data = _pickled(message)
             except Exception as error:  # a request that cannot be pickled fails alone
-                self._fail(message[0], _refusal(error))
+                self._settle(message[0], False, _refusal(error))
                 continue
             try:
                 self._conn.send_bytes(data)
@@ -146,11 +149,7 @@ class ProcessEngine(Engine):
     def _read(self) -> None:
         try:
             while True:
-                key, ok, value = pickle.loads(self._conn.recv_bytes())
-                with self._lock:
-                    entry = self._pending.get(key)
-                if entry is not None:
-                    entry[0].call_soon_threadsafe(_settle, entry[1], ok, value)
+                self._settle(*pickle.loads(self._conn.recv_bytes()))
         except (EOFError, OSError):  # the model process closed the pipe: it stopped
             pass
         except Exception as error:  # an answer that cannot be read: a bug; stop rather than hang
@@ -167,10 +166,10 @@ class ProcessEngine(Engine):
             if self.on_lost is not None:
                 self.on_lost()
 
-    async def generate(self, request: Any) -> Answer:
+    async def generate(self, request: SteerRequest) -> Answer:
         return await self._call("generate", request)
 
-    async def intervention(self, request: Any) -> Any:
+    async def intervention(self, request: SteerRequest) -> Intervention:
         return await self._call("intervention", request)
 
     async def health(self) -> dict:
@@ -233,9 +232,9 @@ def _main(conn: Connection, load: dict) -> None:
     try:
         engine = LocalEngine(load_service(**load))
     except Exception as error:
-        _send(conn, (False, _refusal(error)))
+        conn.send_bytes(_pickled((False, _refusal(error))))
         return
-    _send(conn, (True, {"images": engine.images, "replica": engine.replica, "health": engine.service.health()}))
+    conn.send_bytes(_pickled((True, {"images": engine.images, "replica": engine.replica, "health": engine.service.health()})))
     try:
         asyncio.run(_answer(conn, engine))
     finally:
@@ -251,9 +250,9 @@ async def _answer(conn: Connection, engine: Engine) -> None:
 
     def send(message: tuple) -> None:
         try:
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            data = _pickled(message)
         except Exception as error:  # an answer that cannot be pickled: the request fails, not the server
-            data = pickle.dumps((message[0], False, _refusal(error)))
+            data = _pickled((message[0], False, _refusal(error)))
         with sending:
             conn.send_bytes(data)
 
